@@ -1,0 +1,1 @@
+"""Local development tooling: network-namespace topologies for tests, the demo and benches."""

@@ -1,0 +1,1 @@
+"""The Ambit controller: registry, mesh CA, and configuration push to ztunnels and waypoints."""

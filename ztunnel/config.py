@@ -1,0 +1,131 @@
+"""The ztunnel's process configuration: one typed object, built from flags or a YAML file.
+
+Like uvicorn's ``Config``, everything the process needs to start is here, validated up front,
+so that a typo is an exit-2 error at startup rather than a surprise at the first connection.
+The *mesh state* (workloads, services, policies) is not here: it comes from a state source
+(a hot-reloaded file now, the controller later).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid process configuration; the message names the setting and how to fix it."""
+
+
+# Istio-compatible well-known ports.
+OUTBOUND_PORT = 15001
+INBOUND_PLAINTEXT_PORT = 15006
+INBOUND_HBONE_PORT = 15008
+SOCKS5_PORT = 15080
+ADMIN_PORT = 15000
+METRICS_PORT = 15020
+READINESS_PORT = 15021
+
+BIND_SHARED = "shared"
+BIND_WORKLOAD = "workload"
+
+
+@dataclass
+class ZtunnelConfig:
+    """Settings of one ztunnel process. Port 0 disables a listener."""
+
+    node: str
+    state_file: Path | None = None
+    identity_dir: Path | None = None
+    trust_domain: str = "cluster.local"
+    # "shared": one socket per capture port on bind_host (TPROXY / eBPF steer into it).
+    # "workload": 15006/15008 opened on each local workload's own IP (loopback tests, and the
+    # shape the later in-pod mode takes).
+    inbound_bind: str = BIND_SHARED
+    bind_host: str = "0.0.0.0"
+    outbound_port: int = OUTBOUND_PORT
+    inbound_plaintext_port: int = INBOUND_PLAINTEXT_PORT
+    inbound_port: int = INBOUND_HBONE_PORT
+    socks5_port: int = 0  # off by default, as in Istio
+    socks5_host: str = "127.0.0.1"
+    admin_host: str = "127.0.0.1"
+    admin_port: int = ADMIN_PORT
+    stats_host: str = "0.0.0.0"
+    metrics_port: int = METRICS_PORT
+    readiness_port: int = READINESS_PORT
+    # IP_TRANSPARENT on capture listeners (needed under TPROXY / sk_assign; needs CAP_NET_ADMIN).
+    transparent: bool = True
+    # fwmark on sockets the ztunnel opens, so capture rules never loop them back into itself.
+    socket_mark: int = 0x539
+    drain_seconds: float = 5.0
+    connect_timeout: float = 5.0
+    reload_interval: float = 1.0
+    access_log: str = "-"  # "-" is stderr, "" disables, else a file path
+    log_level: str = "info"
+    root_namespace: str = "ambit-system"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> ZtunnelConfig:
+        if not self.node:
+            raise ConfigError("node: must be set (the Kubernetes node name this ztunnel serves)")
+        if self.inbound_bind not in (BIND_SHARED, BIND_WORKLOAD):
+            raise ConfigError(
+                f"inbound_bind: {self.inbound_bind!r} is not one of "
+                f"{BIND_SHARED!r}, {BIND_WORKLOAD!r}"
+            )
+        for f in fields(self):
+            if f.name.endswith("_port"):
+                v = getattr(self, f.name)
+                if not isinstance(v, int) or not 0 <= v <= 65535:
+                    raise ConfigError(f"{f.name}: {v!r} is not a port number (0 disables)")
+            if f.name.endswith("_host"):
+                v = getattr(self, f.name)
+                try:
+                    ipaddress.ip_address(v)
+                except ValueError:
+                    raise ConfigError(f"{f.name}: {v!r} is not an IP address") from None
+        if self.drain_seconds < 0:
+            raise ConfigError("drain_seconds: must be >= 0")
+        if self.state_file is not None and not self.state_file.exists():
+            raise ConfigError(
+                f"state_file: {self.state_file} does not exist; create it or omit the setting"
+            )
+        if self.identity_dir is not None and not self.identity_dir.is_dir():
+            raise ConfigError(
+                f"identity_dir: {self.identity_dir} is not a directory; "
+                "create one with `ambit dev certs --out DIR ...`"
+            )
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level: {self.log_level!r} is not debug|info|warning|error")
+        return self
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], **overrides: Any) -> ZtunnelConfig:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        for key in ("state_file", "identity_dir"):
+            if merged.get(key) is not None:
+                merged[key] = Path(merged[key])
+        if "node" not in merged:
+            raise ConfigError("node: must be set (the Kubernetes node name this ztunnel serves)")
+        return cls(**merged).validate()
+
+    @classmethod
+    def from_file(cls, path: Path, **overrides: Any) -> ZtunnelConfig:
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings")
+        return cls.from_mapping(data, **overrides)
