@@ -92,8 +92,10 @@ class CertificateAuthority:
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
             )
             .add_extension(
+                # RFC 5280 URI constraints name a host: this root only vouches for SPIFFE IDs
+                # of its own trust domain.
                 x509.NameConstraints(
-                    permitted_subtrees=[x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")],
+                    permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)],
                     excluded_subtrees=None,
                 ),
                 critical=False,

@@ -1,0 +1,68 @@
+"""Suite-wide rules: netns tests need root, and a skipped netns test fails the run.
+
+Why: the netns tests are the only proof that capture and the ztunnel work against the real
+kernel. A CI machine that silently lost root, or a test that skipped itself because some tool
+was missing, would otherwise turn the suite green while proving nothing. So:
+
+* a test marked ``netns`` is skipped (with the reason) when not running as root, and then
+* any skipped ``netns`` test makes the session fail, listing the tests.
+
+On a developer machine without root, ``AMBIT_ALLOW_NETNS_SKIP=1`` accepts the skips; it is
+ignored whenever ``CI`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+_skipped_netns: list[str] = []
+
+
+def _skips_allowed() -> bool:
+    return not os.environ.get("CI") and os.environ.get("AMBIT_ALLOW_NETNS_SKIP") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="netns test needs root (it creates network namespaces)")
+    for item in items:
+        if item.get_closest_marker("netns") is not None:
+            item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # An expected failure is reported as "skipped" too; that is a result, not a skip.
+    if report.skipped and "netns" in report.keywords and not hasattr(report, "wasxfail"):
+        _skipped_netns.append(report.nodeid)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    # A whole module skipped at import (pytest.importorskip, allow_module_level) has no items
+    # to carry the marker, so judge it by where it lives.
+    if report.skipped and report.nodeid.replace(os.sep, "/").startswith("tests/netns/"):
+        _skipped_netns.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped_netns and not _skips_allowed() and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _skipped_netns:
+        return
+    if _skips_allowed():
+        terminalreporter.write_line(
+            f"note: {len(_skipped_netns)} netns test(s) skipped (AMBIT_ALLOW_NETNS_SKIP=1)"
+        )
+        return
+    terminalreporter.write_sep("=", "netns tests were skipped: failing the run", red=True)
+    for nodeid in _skipped_netns:
+        terminalreporter.write_line(f"SKIPPED (not allowed) {nodeid}")
+    terminalreporter.write_line(
+        "netns tests must run (as root) and never skip; run `sudo make test`. "
+        "Without CI, AMBIT_ALLOW_NETNS_SKIP=1 accepts the skips."
+    )

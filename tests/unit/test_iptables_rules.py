@@ -1,0 +1,116 @@
+"""The TPROXY rule set, checked line by line: order matters as much as content."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.capture.iptables import CaptureConfigError, render_capture
+
+
+def _rules(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("-A ")]
+
+
+def test_full_rule_set_in_order() -> None:
+    r = render_capture(["veth-a", "veth-b"], ["10.244.1.2", "10.244.1.3"])
+    assert _rules(r.iptables_restore) == [
+        "-A PREROUTING -p tcp -j AMBIT_PREROUTING",
+        "-A AMBIT_DIVERT -j MARK --set-xmark 0x111/0xfff",
+        "-A AMBIT_DIVERT -j ACCEPT",
+        "-A AMBIT_PREROUTING -m mark --mark 0x539/0xfff -j RETURN",
+        "-A AMBIT_PREROUTING -p tcp -m socket -j AMBIT_DIVERT",
+        "-A AMBIT_PREROUTING -i veth-a -p tcp -j TPROXY --on-port 15001 --tproxy-mark 0x111/0xfff",
+        "-A AMBIT_PREROUTING -i veth-b -p tcp -j TPROXY --on-port 15001 --tproxy-mark 0x111/0xfff",
+        "-A AMBIT_PREROUTING -d 10.244.1.2/32 -p tcp -m tcp --dport 15008 "
+        "-j TPROXY --on-port 15008 --tproxy-mark 0x111/0xfff",
+        "-A AMBIT_PREROUTING -d 10.244.1.2/32 -p tcp -j TPROXY --on-port 15006 "
+        "--tproxy-mark 0x111/0xfff",
+        "-A AMBIT_PREROUTING -d 10.244.1.3/32 -p tcp -m tcp --dport 15008 "
+        "-j TPROXY --on-port 15008 --tproxy-mark 0x111/0xfff",
+        "-A AMBIT_PREROUTING -d 10.244.1.3/32 -p tcp -j TPROXY --on-port 15006 "
+        "--tproxy-mark 0x111/0xfff",
+    ]
+    assert r.ip_commands == (
+        ("rule", "add", "priority", "100", "fwmark", "0x111/0xfff", "lookup", "100"),
+        ("route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", "100"),
+    )
+
+
+def test_is_a_complete_mangle_table() -> None:
+    text = render_capture([], []).iptables_restore
+    lines = text.splitlines()
+    # The whole table is declared so that a plain iptables-restore replaces it idempotently.
+    assert "*mangle" in lines and lines[-1] == "COMMIT"
+    for chain in ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"):
+        assert f":{chain} ACCEPT [0:0]" in lines
+    assert ":AMBIT_PREROUTING - [0:0]" in lines and ":AMBIT_DIVERT - [0:0]" in lines
+    assert not [ln for ln in _rules(text) if "TPROXY" in ln]
+    assert "*nat" not in text and "*filter" not in text
+
+
+def test_mark_and_socket_rules_come_before_any_capture() -> None:
+    rules = [ln for ln in _rules(render_capture(["p0"], ["10.0.0.5"]).iptables_restore)]
+    chain = [ln for ln in rules if ln.startswith("-A AMBIT_PREROUTING")]
+    assert "--mark 0x539/0xfff -j RETURN" in chain[0]
+    assert "-m socket" in chain[1]
+    assert all("TPROXY" in ln for ln in chain[2:])
+    # HBONE must be matched before the catch-all plaintext rule of the same pod.
+    assert "--dport 15008" in chain[3] and "--on-port 15006" in chain[4]
+
+
+def test_custom_ports_marks_and_table() -> None:
+    r = render_capture(
+        ["p0"],
+        ["10.0.0.5"],
+        outbound_port=25001,
+        inbound_plaintext_port=25006,
+        inbound_port=25008,
+        socket_mark=0x43,
+        tproxy_mark=0x2,
+        mark_mask=0xF,
+        table=7,
+        rule_priority=50,
+    )
+    text = r.iptables_restore
+    assert "--on-port 25001 --tproxy-mark 0x2/0xf" in text
+    assert "--dport 25008 -j TPROXY --on-port 25008" in text
+    assert "--on-port 25006" in text
+    assert "-m mark --mark 0x43/0xf -j RETURN" in text
+    assert r.ip_commands[0] == ("rule", "add", "priority", "50", "fwmark", "0x2/0xf", "lookup", "7")
+    assert r.ip_commands[1][-1] == "7"
+
+
+def test_duplicates_are_dropped_and_order_kept() -> None:
+    r = render_capture(["b", "a", "b"], ["10.0.0.2", "10.0.0.1", "10.0.0.2"])
+    rules = _rules(r.iptables_restore)
+    assert [ln.split()[3] for ln in rules if "-i " in ln] == ["b", "a"]
+    assert [ln.split()[3] for ln in rules if "--on-port 15006" in ln] == [
+        "10.0.0.2/32",
+        "10.0.0.1/32",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"pod_ips": ["10.0.0.300"]}, "not an IP address"),
+        ({"pod_ips": ["fd00::1"]}, "only IPv4"),
+        ({"pod_ifaces": ["veth-much-too-long"]}, "not an interface name"),
+        ({"pod_ifaces": ["bad/name"]}, "not an interface name"),
+        ({"outbound_port": 0}, "outbound_port"),
+        ({"inbound_port": 70000}, "inbound_port"),
+        ({"inbound_plaintext_port": 15001}, "must differ"),
+        ({"tproxy_mark": 0}, "tproxy_mark"),
+        ({"tproxy_mark": 0x1000}, "inside mark_mask"),
+        ({"socket_mark": 0x111}, "socket_mark"),
+        ({"socket_mark": 0x1111}, "socket_mark"),  # equal to the tproxy mark under the mask
+        ({"mark_mask": 0}, "mark_mask"),
+        ({"table": 254}, "table"),
+        ({"table": 0}, "table"),
+        ({"rule_priority": 32766}, "rule_priority"),
+    ],
+)
+def test_bad_input_is_rejected_with_a_reason(kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {"pod_ifaces": ["p0"], "pod_ips": ["10.0.0.5"], **kwargs}
+    with pytest.raises(CaptureConfigError, match=message):
+        render_capture(**args)  # type: ignore[arg-type]

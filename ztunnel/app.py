@@ -1,0 +1,262 @@
+"""The ztunnel process: startup, serve, drain, shutdown.
+
+``Ztunnel`` owns the listeners and the shared proxy context. Capture listeners are either
+shared (one socket per port on ``bind_host``, fed by TPROXY or eBPF) or per workload (15006 and
+15008 on each local pod IP, reconciled whenever the state changes). On SIGTERM it drains:
+readiness fails, listeners stop accepting, inbound HBONE peers get GOAWAY, open connections get
+``drain_seconds`` to finish, then the rest are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+
+from ztunnel.accesslog import AccessLog
+from ztunnel.config import BIND_WORKLOAD, ZtunnelConfig
+from ztunnel.hbone.pool import HbonePool
+from ztunnel.identity import IdentityError, SecretManager
+from ztunnel.listeners import inbound_plaintext, outbound, socks5
+from ztunnel.listeners.admin import admin_routes, stats_routes
+from ztunnel.listeners.base import BindError, Listener, bind_socket
+from ztunnel.listeners.http import serve_http
+from ztunnel.listeners.inbound import InboundServer
+from ztunnel.metrics import Metrics
+from ztunnel.proxy import ProxyContext
+from ztunnel.state.file_source import FileSource
+from ztunnel.state.model import IPAddress
+from ztunnel.state.store import StateSnapshot, StateStore
+
+log = logging.getLogger("ztunnel")
+
+
+class Ztunnel:
+    def __init__(self, config: ZtunnelConfig) -> None:
+        self.config = config
+        self.store = StateStore(config.root_namespace)
+        self.metrics = Metrics()
+        self.secrets = SecretManager(config.identity_dir)
+        self.ctx = ProxyContext(config, self.store, self.secrets, self.metrics,
+                                AccessLog(config.access_log))
+        self.ctx.pool = HbonePool(self.secrets.client_context, self.ctx.make_socket,
+                                  connect_timeout=config.connect_timeout)
+        self.ctx.reserved_ports = frozenset(
+            p for p in (config.outbound_port, config.inbound_plaintext_port, config.inbound_port,
+                        config.socks5_port, config.admin_port, config.metrics_port,
+                        config.readiness_port) if p)
+        self.inbound = InboundServer(self.ctx)
+        self.listeners: dict[str, Listener] = {}
+        self._workload_listeners: dict[IPAddress, list[Listener]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.draining = False
+        self.started = False
+        self.file_source: FileSource | None = None
+
+    # -- listeners -------------------------------------------------------------------------
+
+    def _on_error(self, listener: str, exc: BaseException) -> None:
+        self.metrics.connection_errors.labels(listener, type(exc).__name__).inc()
+
+    def _open(self, name: str, host: str, port: int, transparent: bool,
+              handler: Callable[[socket.socket], Awaitable[None]]) -> Listener:
+        listener = Listener(name, bind_socket(host, port, transparent), handler, self._on_error)
+        listener.start()
+        log.info("listening: %s on %s:%d", name, host, port)
+        return listener
+
+    def add_listener(self, name: str, sock: socket.socket) -> Listener:
+        """Serve an already-bound socket (e.g. opened in a pod's network namespace) as one of
+        the capture listeners: ``outbound``, ``inbound_plaintext`` or ``inbound``."""
+        handlers = self._capture_handlers()
+        sock.setblocking(False)
+        listener = Listener(name, sock, handlers[name.split("@")[0]], self._on_error)
+        listener.start()
+        self.listeners[f"{name}@{sock.getsockname()}"] = listener
+        return listener
+
+    def _capture_handlers(self) -> dict[str, Callable[[socket.socket], Awaitable[None]]]:
+        ctx = self.ctx
+        return {
+            "outbound": functools.partial(outbound.handle_captured, ctx),
+            "inbound_plaintext": functools.partial(inbound_plaintext.handle, ctx),
+            "inbound": self.inbound.handle,
+        }
+
+    def _open_static(self) -> None:
+        c = self.config
+        h = self._capture_handlers()
+        shared = c.inbound_bind != BIND_WORKLOAD
+        specs: list[tuple[str, str, int, bool, Callable[[socket.socket], Awaitable[None]]]] = [
+            ("outbound", c.bind_host, c.outbound_port, c.transparent, h["outbound"]),
+        ]
+        if shared:
+            specs += [
+                ("inbound_plaintext", c.bind_host, c.inbound_plaintext_port, c.transparent,
+                 h["inbound_plaintext"]),
+                ("inbound", c.bind_host, c.inbound_port, c.transparent, h["inbound"]),
+            ]
+        specs += [
+            ("socks5", c.socks5_host, c.socks5_port, False,
+             functools.partial(socks5.handle, self.ctx)),
+            ("admin", c.admin_host, c.admin_port, False,
+             serve_http(admin_routes(self.ctx))),
+            ("metrics", c.stats_host, c.metrics_port, False,
+             serve_http(stats_routes(self.ctx, self.readiness))),
+        ]
+        if c.readiness_port != c.metrics_port:
+            specs.append(("readiness", c.stats_host, c.readiness_port, False,
+                          serve_http(stats_routes(self.ctx, self.readiness))))
+        for name, host, port, transparent, handler in specs:
+            if port:
+                self.listeners[name] = self._open(name, host, port, transparent, handler)
+
+    def _reconcile_workload_listeners(self, _old: StateSnapshot, new: StateSnapshot) -> None:
+        """Per-workload mode: 15006/15008 on every local mesh pod IP, nothing else."""
+        if self.config.inbound_bind != BIND_WORKLOAD or self.draining:
+            return
+        wanted = {ip for w in new.local_workloads(self.config.node) if new.in_mesh(w)
+                  for ip in w.addresses}
+        for ip in set(self._workload_listeners) - wanted:
+            for listener in self._workload_listeners.pop(ip):
+                listener.close()
+            log.info("closed listeners of %s (workload gone)", ip)
+        h = self._capture_handlers()
+        c = self.config
+        for ip in wanted - set(self._workload_listeners):
+            opened = []
+            try:
+                for name, port in (("inbound", c.inbound_port),
+                                   ("inbound_plaintext", c.inbound_plaintext_port)):
+                    if port:
+                        opened.append(self._open(f"{name}", str(ip), port, c.transparent,
+                                                 h[name]))
+            except BindError as e:
+                log.error("cannot open listeners for workload %s: %s", ip, e)
+                for listener in opened:
+                    listener.close()
+                continue
+            self._workload_listeners[ip] = opened
+
+    def all_listeners(self) -> list[Listener]:
+        return [*self.listeners.values(),
+                *(x for ls in self._workload_listeners.values() for x in ls)]
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.started:
+            return False, "starting"
+        if not self.store.ready:
+            return False, "no mesh state loaded yet"
+        return True, "ready"
+
+    def _on_state(self, ok: bool, message: str) -> None:
+        if ok:
+            self.metrics.config_loaded.inc()
+        else:
+            self.metrics.config_rejected.inc()
+
+    def _after_state(self, old: StateSnapshot, new: StateSnapshot) -> None:
+        self.metrics.state_workloads.set(len(new.config.workloads))
+        # Load certificates of local identities early so a missing one is reported now, not
+        # at the first connection.
+        for w in new.local_workloads(self.config.node):
+            if new.in_mesh(w):
+                try:
+                    info = self.secrets.server_context(w.identity) and [
+                        c for c in self.secrets.certificates() if c.identity == w.identity]
+                    for c in info:
+                        self.metrics.cert_expiry.labels(str(c.identity)).set(
+                            c.not_after.timestamp())
+                except IdentityError as e:
+                    log.warning("workload %s: %s", w.uid, e)
+
+    async def start(self) -> None:
+        self.store.subscribe(self._after_state)
+        self.store.subscribe(self._reconcile_workload_listeners)
+        self._open_static()
+        if self.config.state_file is not None:
+            self.file_source = FileSource(self.config.state_file, self.store,
+                                          self.config.reload_interval, self._on_state)
+            self.file_source.load()
+            self._tasks.append(asyncio.create_task(self.file_source.watch()))
+        self._tasks.append(asyncio.create_task(self._gauges()))
+        self.started = True
+        log.info("ztunnel for node %s started", self.config.node)
+
+    async def _gauges(self) -> None:
+        while True:
+            if self.ctx.pool is not None:
+                self.metrics.hbone_pool_connections.set(self.ctx.pool.size)
+            await asyncio.sleep(1)
+
+    async def shutdown(self) -> None:
+        """Drain: stop accepting, GOAWAY inbound peers, let connections finish, then close."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining for up to %.1fs", self.config.drain_seconds)
+        capture = [x for x in self.all_listeners()
+                   if x.name not in ("admin", "metrics", "readiness")]
+        for listener in capture:
+            listener.close()
+        self.inbound.goaway()
+        deadline = self.config.drain_seconds
+        results = await asyncio.gather(
+            *(x.drain(deadline) for x in capture), self.inbound.drain(deadline))
+        cancelled = sum(r for r in results if isinstance(r, int))
+        if cancelled:
+            log.warning("drain deadline passed: closed %d connection(s)", cancelled)
+        for listener in self.all_listeners():
+            listener.close()
+        for t in self._tasks:
+            t.cancel()
+        if self.ctx.pool is not None:
+            await self.ctx.pool.close()
+        self.ctx.access_log.close()
+        log.info("ztunnel stopped")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def serve(config: ZtunnelConfig, stop: asyncio.Event | None = None) -> None:
+    zt = Ztunnel(config)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await zt.start()
+        await stop.wait()
+    finally:
+        await zt.shutdown()
+
+
+def run(config: ZtunnelConfig) -> int:
+    """Entry point of ``ambit ztunnel``; returns the exit status."""
+    _setup_logging(config.log_level)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        runner = asyncio.run
+    try:
+        runner(serve(config))
+    except BindError as e:
+        log.error("%s", e)
+        return 1
+    return 0

@@ -1,0 +1,320 @@
+"""asyncio adapter around the HBONE core: one Protocol per TLS connection, one stream object
+per tunnel.
+
+The adapter only moves bytes: socket data goes into the core, core events wake the streams,
+core output is written to the transport once per loop iteration (coalescing many small
+frames into one TLS write). Backpressure runs both ways: a writer waits while its stream is
+over the core's high-water mark or the transport is paused; a reader returns flow-control
+credit only after the application has taken the bytes, so a slow consumer slows the sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+
+import h2.errors
+
+from ztunnel.hbone import events as ev
+from ztunnel.hbone.core import DEFAULT_SETTINGS, HboneConnection, HboneSettings
+
+log = logging.getLogger("ztunnel.hbone")
+
+
+class StreamError(Exception):
+    """The tunnel was reset, refused, or its connection died."""
+
+
+class HboneStream:
+    """One CONNECT tunnel: an async byte stream with half-close."""
+
+    def __init__(self, conn: HboneProtocol, stream_id: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._eof = False
+        self._error: str | None = None
+        self.response: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.headers: dict[str, str] = {}
+        self.authority = ""
+
+    # called by the protocol
+    def _feed(self, data: bytes, flow: int) -> None:
+        self._chunks.append((data, flow))
+        self._readable.set()
+
+    def _feed_eof(self) -> None:
+        self._eof = True
+        self._readable.set()
+
+    def _fail(self, reason: str) -> None:
+        if self._error is None:
+            self._error = reason
+        self._readable.set()
+        self._writable.set()
+        if not self.response.done():
+            self.response.set_exception(StreamError(reason))
+            self.response.exception()  # mark retrieved: nobody may be waiting on it
+
+    def _set_writable(self) -> None:
+        self._writable.set()
+
+    @property
+    def failed(self) -> str | None:
+        return self._error
+
+    async def read(self) -> tuple[bytes, int]:
+        """Next chunk and its flow-control length; ``(b"", 0)`` at EOF. Call ``consumed`` after
+        delivering it."""
+        while not self._chunks:
+            if self._error is not None:
+                raise StreamError(self._error)
+            if self._eof:
+                return b"", 0
+            self._readable.clear()
+            await self._readable.wait()
+        return self._chunks.popleft()
+
+    def consumed(self, flow: int) -> None:
+        self.conn._ack(self.id, flow)
+
+    async def write(self, data: bytes) -> None:
+        if self._error is not None:
+            raise StreamError(self._error)
+        below = self.conn._send(self.id, data)
+        if not below:
+            self._writable.clear()
+        while not self._writable.is_set() or self.conn._paused:
+            if not self._writable.is_set():
+                await self._writable.wait()
+            else:
+                await self.conn._resumed.wait()
+            if self._error is not None:
+                raise StreamError(self._error)
+
+    def write_eof(self) -> None:
+        if self._error is None:
+            self.conn._end(self.id)
+
+    def reset(self) -> None:
+        if self._error is None:
+            self._error = "reset locally"
+            self.conn._reset(self.id)
+            self._readable.set()
+            self._writable.set()
+
+    def accept(self) -> None:
+        self.conn._accept(self.id)
+
+    def reject(self, status: int) -> None:
+        self.conn._reject(self.id, status)
+
+
+RequestHandler = Callable[[HboneStream], None]
+
+
+class HboneProtocol(asyncio.Protocol):
+    """Drives one HBONE connection (either side) over an already-secured transport."""
+
+    def __init__(
+        self,
+        client_side: bool,
+        on_request: RequestHandler | None = None,
+        settings: HboneSettings = DEFAULT_SETTINGS,
+        on_close: Callable[[HboneProtocol], None] | None = None,
+        on_rejected: Callable[[ev.RequestRejected], None] | None = None,
+    ) -> None:
+        self.core = HboneConnection(client_side, settings)
+        self.streams: dict[int, HboneStream] = {}
+        self.transport: asyncio.Transport | None = None
+        self._on_request = on_request
+        self._on_close = on_close
+        self._on_rejected = on_rejected
+        self._flush_scheduled = False
+        self._paused = False
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self.closed = asyncio.get_running_loop().create_future()
+        self.last_idle = asyncio.get_running_loop().time()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's SSL transport
+        self.core.initiate()
+        self._flush_now()
+
+    def data_received(self, data: bytes) -> None:
+        events = self.core.receive(data)
+        for e in events:
+            self._dispatch(e)
+        self._prune()
+        self._schedule_flush()
+
+    def eof_received(self) -> bool | None:
+        return False  # close the connection: a TLS half-close means the peer is gone
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"connection lost: {exc}" if exc else "connection closed"
+        for s in list(self.streams.values()):
+            s._fail(reason)
+        self.streams.clear()
+        self._resumed.set()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        self._resumed.clear()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._resumed.set()
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return (self.transport is not None and not self.transport.is_closing()
+                and self.core.can_open_stream())
+
+    def open_stream(self, authority: str, headers: list[tuple[str, str]] | None = None) \
+            -> HboneStream:
+        sid = self.core.open_stream(authority, headers)
+        stream = HboneStream(self, sid)
+        stream.authority = authority
+        self.streams[sid] = stream
+        self._schedule_flush()
+        return stream
+
+    def goaway(self, reason: str = "draining") -> None:
+        """Tell the peer to open no new streams; existing ones may finish."""
+        self.core.close(0, reason)
+        self._flush_now()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- called by streams -----------------------------------------------------------------
+
+    def _send(self, sid: int, data: bytes) -> bool:
+        below = self.core.send(sid, data)
+        self._schedule_flush()
+        return below
+
+    def _end(self, sid: int) -> None:
+        self.core.end(sid)
+        self._stream_maybe_done(sid)
+        self._schedule_flush()
+
+    def _ack(self, sid: int, flow: int) -> None:
+        self.core.ack(sid, flow)
+        self._schedule_flush()
+
+    def _reset(self, sid: int) -> None:
+        self.core.reset(sid, h2.errors.ErrorCodes.CANCEL)
+        self.streams.pop(sid, None)
+        self._schedule_flush()
+        self._note_idle()
+
+    def _accept(self, sid: int) -> None:
+        self.core.accept_stream(sid)
+        self._schedule_flush()
+
+    def _reject(self, sid: int, status: int) -> None:
+        self.core.reject_stream(sid, status)
+        stream = self.streams.pop(sid, None)
+        if stream is not None:
+            stream._fail(f"rejected with {status}")
+        self._schedule_flush()
+        self._note_idle()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _note_idle(self) -> None:
+        if not self.streams:
+            self.last_idle = asyncio.get_running_loop().time()
+
+    def _stream_maybe_done(self, sid: int) -> None:
+        if not self.core.has_stream(sid):
+            self.streams.pop(sid, None)
+            self._note_idle()
+
+    def _prune(self) -> None:
+        """Forget tunnels the core has finished (both directions closed)."""
+        for sid in [sid for sid in self.streams if not self.core.has_stream(sid)]:
+            del self.streams[sid]
+        self._note_idle()
+
+    def _dispatch(self, e: ev.Event) -> None:
+        if isinstance(e, ev.DataReceived):
+            s = self.streams.get(e.stream_id)
+            if s is not None:
+                s._feed(e.data, e.flow_length)
+            else:
+                self.core.ack(e.stream_id, e.flow_length)
+        elif isinstance(e, ev.ConnectRequest):
+            s = HboneStream(self, e.stream_id)
+            s.authority = e.authority
+            s.headers = e.headers
+            self.streams[e.stream_id] = s
+            if self._on_request is None:
+                self.core.reject_stream(e.stream_id, 501)
+            else:
+                self._on_request(s)
+        elif isinstance(e, ev.StreamAccepted):
+            s = self.streams.get(e.stream_id)
+            if s is not None and not s.response.done():
+                s.response.set_result(200)
+        elif isinstance(e, ev.StreamRefused):
+            s = self.streams.pop(e.stream_id, None)
+            if s is not None:
+                s._fail(f"peer refused the tunnel with HTTP {e.status}")
+            self._note_idle()
+        elif isinstance(e, ev.StreamEnded):
+            s = self.streams.get(e.stream_id)
+            if s is not None:
+                s._feed_eof()
+                self._stream_maybe_done(e.stream_id)
+        elif isinstance(e, ev.StreamReset):
+            s = self.streams.pop(e.stream_id, None)
+            if s is not None:
+                s._fail(f"reset by peer (code {e.error_code})")
+            self._note_idle()
+        elif isinstance(e, ev.StreamWritable):
+            s = self.streams.get(e.stream_id)
+            if s is not None:
+                s._set_writable()
+        elif isinstance(e, ev.RequestRejected):
+            self.streams.pop(e.stream_id, None)
+            if self._on_rejected is not None:
+                self._on_rejected(e)
+        elif isinstance(e, ev.ConnectionTerminated):
+            if e.fatal:
+                log.info("HBONE connection terminated: %s", e.reason)
+                self._flush_now()
+                if self.transport is not None:
+                    self.transport.close()
+            else:
+                for sid, s in list(self.streams.items()):
+                    if sid > e.last_stream_id and self.core.client_side:
+                        s._fail("peer is going away (GOAWAY)")
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
+        data = self.core.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)

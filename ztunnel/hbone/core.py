@@ -1,0 +1,361 @@
+"""The HBONE protocol core, sans I/O: feed it bytes, get events and bytes to send back.
+
+It wraps ``h2`` and adds what a TCP tunnel needs on top of HTTP/2: CONNECT-only semantics and
+authority validation on the server, per-stream send buffers that respect flow control (with a
+high-water mark so adapters can apply backpressure), and half-close mapping (END_STREAM is FIN,
+RST_STREAM is RST). Windows and frame sizes are large because tunnels carry bulk data: small
+HTTP/2 windows cap single-stream throughput at window/RTT.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from ztunnel.hbone.events import (
+    ConnectionTerminated,
+    ConnectRequest,
+    DataReceived,
+    Event,
+    RequestRejected,
+    StreamAccepted,
+    StreamEnded,
+    StreamRefused,
+    StreamReset,
+    StreamWritable,
+)
+
+
+@dataclass(frozen=True)
+class HboneSettings:
+    """HTTP/2 parameters, sized like Istio's ztunnel (4 MiB stream, 16 MiB connection)."""
+
+    stream_window: int = 4 * 1024 * 1024
+    connection_window: int = 16 * 1024 * 1024
+    max_frame_size: int = 256 * 1024
+    max_concurrent_streams: int = 100
+    max_header_list_size: int = 16 * 1024
+    # Above this many unsent bytes, a stream reports itself blocked to its writer.
+    send_high_water: int = 1024 * 1024
+
+
+DEFAULT_SETTINGS = HboneSettings()
+
+
+def parse_authority(authority: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``10.0.0.1:80`` or ``[fd00::1]:80`` to (address, port); ``ValueError`` otherwise."""
+    host, sep, port_text = authority.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"authority {authority!r} is not ip:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    addr = ipaddress.ip_address(host)
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"authority {authority!r} has an invalid port")
+    return addr, port
+
+
+def format_authority(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+def forwarded_for(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """RFC 7239 ``Forwarded`` value naming the original client address."""
+    return f'for="[{addr}]"' if addr.version == 6 else f"for={addr}"
+
+
+def parse_forwarded_for(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The first ``for=`` address of a ``Forwarded`` header, or None if absent/unparsable."""
+    for element in value.split(","):
+        for pair in element.split(";"):
+            key, _, v = pair.strip().partition("=")
+            if key.lower() == "for":
+                v = v.strip('"')
+                if v.startswith("["):
+                    v = v[1:].partition("]")[0]
+                try:
+                    return ipaddress.ip_address(v)
+                except ValueError:
+                    return None
+    return None
+
+
+@dataclass
+class _Stream:
+    pending: deque[bytes] = field(default_factory=deque)
+    pending_bytes: int = 0
+    end_requested: bool = False
+    local_ended: bool = False
+    remote_ended: bool = False
+    blocked: bool = False
+    open: bool = False  # 2xx sent or received
+
+
+class HboneConnection:
+    """One HBONE (HTTP/2) connection, client or server side, with no I/O."""
+
+    def __init__(self, client_side: bool, settings: HboneSettings = DEFAULT_SETTINGS) -> None:
+        self.client_side = client_side
+        self.settings = settings
+        config = h2.config.H2Configuration(
+            client_side=client_side, header_encoding="utf-8", validate_inbound_headers=True
+        )
+        self._h2 = h2.connection.H2Connection(config=config)
+        self._h2.local_settings = h2.settings.Settings(
+            client=client_side,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: settings.stream_window,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: settings.max_frame_size,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self._h2.max_inbound_frame_size = settings.max_frame_size
+        self._streams: dict[int, _Stream] = {}
+        self.goaway_received = False
+        self.closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def initiate(self) -> None:
+        """Queue the connection preface and our settings; call once, first."""
+        self._h2.initiate_connection()
+        extra = self.settings.connection_window - 65535
+        if extra > 0:
+            self._h2.increment_flow_control_window(extra)
+
+    def close(self, error_code: int = 0, reason: str = "") -> None:
+        """Queue GOAWAY: the peer must open no new streams; open ones may finish."""
+        if not self.closed:
+            self._h2.close_connection(error_code=error_code,
+                                      additional_data=reason.encode()[:256] or None)
+            self.closed = True
+
+    def data_to_send(self) -> bytes:
+        data: bytes = self._h2.data_to_send()
+        return data
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    def can_open_stream(self) -> bool:
+        if self.closed or self.goaway_received:
+            return False
+        limit: int = self._h2.remote_settings.max_concurrent_streams
+        return len(self._streams) < limit
+
+    # -- client ----------------------------------------------------------------------------
+
+    def open_stream(self, authority: str, headers: list[tuple[str, str]] | None = None) -> int:
+        """Send a CONNECT for ``authority``; the answer arrives as StreamAccepted/Refused."""
+        stream_id: int = self._h2.get_next_available_stream_id()
+        self._h2.send_headers(
+            stream_id, [(":method", "CONNECT"), (":authority", authority), *(headers or [])]
+        )
+        self._streams[stream_id] = _Stream()
+        return stream_id
+
+    # -- server ----------------------------------------------------------------------------
+
+    def accept_stream(self, stream_id: int) -> None:
+        st = self._streams.get(stream_id)
+        if st is None:
+            return
+        self._h2.send_headers(stream_id, [(":status", "200")])
+        st.open = True
+
+    def reject_stream(self, stream_id: int, status: int) -> None:
+        if stream_id in self._streams:
+            self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+            self._forget(stream_id)
+
+    # -- both sides ------------------------------------------------------------------------
+
+    def send(self, stream_id: int, data: bytes) -> bool:
+        """Queue tunnel bytes; returns False when the stream is over its high-water mark."""
+        st = self._streams.get(stream_id)
+        if st is None or st.end_requested:
+            return True
+        if data:
+            st.pending.append(data)
+            st.pending_bytes += len(data)
+            self._flush(stream_id, st)
+        if st.pending_bytes > self.settings.send_high_water:
+            st.blocked = True
+            return False
+        return True
+
+    def has_stream(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    def pending(self, stream_id: int) -> int:
+        st = self._streams.get(stream_id)
+        return st.pending_bytes if st else 0
+
+    def end(self, stream_id: int) -> None:
+        """Half-close our side once queued bytes are sent (the tunnel's FIN)."""
+        st = self._streams.get(stream_id)
+        if st is None or st.end_requested:
+            return
+        st.end_requested = True
+        self._flush(stream_id, st)
+
+    def reset(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        if stream_id in self._streams:
+            try:
+                self._h2.reset_stream(stream_id, error_code)
+            except h2.exceptions.StreamClosedError:
+                pass
+            self._forget(stream_id)
+
+    def ack(self, stream_id: int, flow_length: int) -> None:
+        """Return flow-control credit for bytes the application has consumed."""
+        if flow_length <= 0:
+            return
+        self._return_credit(stream_id, flow_length)
+
+    def _return_credit(self, stream_id: int, flow_length: int) -> None:
+        try:
+            self._h2.acknowledge_received_data(flow_length, stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            # The stream is gone, but the connection window still needs the credit back or
+            # the other streams on this connection would stall.
+            self._h2.increment_flow_control_window(flow_length)
+
+    def receive(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer; returns what happened."""
+        try:
+            h2_events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            code = getattr(e, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            try:
+                self._h2.close_connection(error_code=code)
+            except h2.exceptions.ProtocolError:
+                pass
+            self.closed = True
+            return [ConnectionTerminated(int(code), f"protocol error: {e}", fatal=True)]
+        out: list[Event] = []
+        for ev in h2_events:
+            self._handle(ev, out)
+        return out
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+
+    def _maybe_done(self, stream_id: int, st: _Stream) -> None:
+        if st.local_ended and st.remote_ended:
+            self._forget(stream_id)
+
+    def _flush(self, stream_id: int, st: _Stream, out: list[Event] | None = None) -> None:
+        h2c = self._h2
+        while st.pending:
+            window = h2c.local_flow_control_window(stream_id)
+            if window <= 0:
+                break
+            chunk = st.pending[0]
+            n = min(window, h2c.max_outbound_frame_size, len(chunk))
+            if n == len(chunk):
+                st.pending.popleft()
+            else:
+                st.pending[0] = chunk[n:]
+                chunk = chunk[:n]
+            st.pending_bytes -= n
+            h2c.send_data(stream_id, chunk)
+        if not st.pending and st.end_requested and not st.local_ended:
+            h2c.end_stream(stream_id)
+            st.local_ended = True
+            self._maybe_done(stream_id, st)
+        if st.blocked and st.pending_bytes <= self.settings.send_high_water // 2:
+            st.blocked = False
+            if out is not None:
+                out.append(StreamWritable(stream_id))
+
+    def _flush_all(self, out: list[Event]) -> None:
+        for sid, st in list(self._streams.items()):
+            if st.pending or st.end_requested or st.blocked:
+                self._flush(sid, st, out)
+
+    def _handle(self, ev: h2.events.Event, out: list[Event]) -> None:
+        if isinstance(ev, h2.events.RequestReceived):
+            self._on_request(ev, out)
+        elif isinstance(ev, h2.events.ResponseReceived):
+            st = self._streams.get(ev.stream_id)
+            if st is None:
+                return
+            status = int(dict(ev.headers or []).get(":status", "0"))
+            if 200 <= status < 300:
+                st.open = True
+                out.append(StreamAccepted(ev.stream_id))
+                self._flush(ev.stream_id, st, out)
+            else:
+                self._forget(ev.stream_id)
+                out.append(StreamRefused(ev.stream_id, status))
+        elif isinstance(ev, h2.events.DataReceived):
+            if ev.stream_id in self._streams:
+                if not ev.data and not ev.flow_controlled_length:
+                    return  # an empty END_STREAM frame; StreamEnded follows
+                out.append(DataReceived(ev.stream_id, ev.data or b"",
+                                        ev.flow_controlled_length or 0))
+            elif ev.flow_controlled_length:
+                self._return_credit(ev.stream_id, ev.flow_controlled_length)
+        elif isinstance(ev, h2.events.StreamEnded):
+            st = self._streams.get(ev.stream_id)
+            if st is not None:
+                st.remote_ended = True
+                out.append(StreamEnded(ev.stream_id))
+                self._maybe_done(ev.stream_id, st)
+        elif isinstance(ev, h2.events.StreamReset):
+            if ev.stream_id in self._streams:
+                self._forget(ev.stream_id)
+                out.append(StreamReset(ev.stream_id, int(ev.error_code or 0)))
+        elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self._flush_all(out)
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.goaway_received = True
+            code = int(ev.error_code or 0)
+            out.append(ConnectionTerminated(
+                code, (ev.additional_data or b"").decode(errors="replace") or "GOAWAY",
+                fatal=code != 0, last_stream_id=ev.last_stream_id or 0))
+        elif isinstance(ev, h2.events.TrailersReceived):
+            # Trailers end a stream like END_STREAM; tunnels never carry them.
+            pass
+
+    def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
+        sid = ev.stream_id
+        headers = {k: v for k, v in (ev.headers or [])}
+        self._streams[sid] = _Stream()
+        method = headers.get(":method", "")
+        if self.client_side:
+            self.reset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        if method != "CONNECT" or ":protocol" in headers:
+            self.reject_stream(sid, 405)
+            out.append(RequestRejected(sid, 405, f"method {method!r} is not CONNECT"))
+            return
+        authority = headers.get(":authority", "")
+        try:
+            parse_authority(authority)
+        except ValueError as e:
+            self.reject_stream(sid, 400)
+            out.append(RequestRejected(sid, 400, str(e)))
+            return
+        if ev.stream_ended:
+            # A CONNECT that half-closes before it starts still opens a tunnel (FIN first).
+            self._streams[sid].remote_ended = True
+        out.append(ConnectRequest(sid, authority,
+                                  {k: v for k, v in headers.items() if not k.startswith(":")}))
+        if ev.stream_ended:
+            out.append(StreamEnded(sid))

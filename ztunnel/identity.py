@@ -1,0 +1,133 @@
+"""Workload certificates and the TLS contexts built from them.
+
+The ztunnel holds one certificate per SPIFFE identity it serves (every service account with a
+pod on its node). It presents the *source* workload's identity when it opens HBONE and the
+*destination* workload's identity when it accepts, and checks the peer's SPIFFE ID itself
+(hostnames mean nothing here). Material comes from an identity directory for now and is
+re-read when the files change, so rotation needs no restart; the controller's CA replaces the
+directory in a later issue.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from ambit.spiffe import SpiffeError, SpiffeId
+from controller.ca import CERT_CHAIN_FILE, KEY_FILE, TRUST_BUNDLE_FILE, identity_paths
+
+log = logging.getLogger("ztunnel.identity")
+
+ALPN = ["h2"]
+
+
+class IdentityError(Exception):
+    """No usable certificate for an identity, or a peer presenting the wrong one."""
+
+
+def peer_identity(peercert: dict[str, Any] | None) -> SpiffeId:
+    """The SPIFFE ID in a verified peer certificate (``SSLObject.getpeercert()``)."""
+    if not peercert:
+        raise IdentityError("peer presented no certificate")
+    uris = [v for k, v in peercert.get("subjectAltName", ()) if k == "URI"]
+    spiffe = [u for u in uris if u.startswith("spiffe://")]
+    if len(spiffe) != 1:
+        raise IdentityError(f"peer certificate must carry exactly one SPIFFE URI SAN, has {uris}")
+    try:
+        return SpiffeId.parse(spiffe[0])
+    except SpiffeError as e:
+        raise IdentityError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    identity: SpiffeId
+    not_after: dt.datetime
+    serial: str
+
+
+@dataclass
+class _Loaded:
+    stamp: tuple[float, float, float]
+    info: CertInfo
+    client: ssl.SSLContext
+    server: ssl.SSLContext
+
+
+def _context(server_side: bool, chain: Path, key: Path, bundle: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False  # identities are SPIFFE IDs, checked after the handshake
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(bundle))
+    ctx.load_cert_chain(str(chain), str(key))
+    ctx.set_alpn_protocols(ALPN)
+    return ctx
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except FileNotFoundError:
+        return -1.0
+
+
+class SecretManager:
+    """Loads and caches per-identity TLS contexts from an identity directory."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+        self._loaded: dict[SpiffeId, _Loaded] = {}
+
+    @property
+    def bundle(self) -> Path:
+        if self.root is None:
+            raise IdentityError("no identity directory configured (--identity-dir)")
+        return self.root / TRUST_BUNDLE_FILE
+
+    def _get(self, identity: SpiffeId) -> _Loaded:
+        if self.root is None:
+            raise IdentityError("no identity directory configured (--identity-dir)")
+        chain, key = identity_paths(self.root, identity)
+        stamp = (_mtime(chain), _mtime(key), _mtime(self.bundle))
+        cached = self._loaded.get(identity)
+        if cached is not None and cached.stamp == stamp:
+            return cached
+        if stamp[0] < 0 or stamp[1] < 0:
+            raise IdentityError(
+                f"no certificate for {identity}: expected {chain} and {key} "
+                f"({CERT_CHAIN_FILE}, {KEY_FILE}); issue one with "
+                f"`ambit dev certs --out {self.root} --identity "
+                f"{identity.namespace}/{identity.service_account}`"
+            )
+        try:
+            leaf = x509.load_pem_x509_certificate(chain.read_bytes())
+            client = _context(False, chain, key, self.bundle)
+            server = _context(True, chain, key, self.bundle)
+        except (OSError, ValueError, ssl.SSLError) as e:
+            raise IdentityError(f"cannot load certificate for {identity} from {chain}: {e}") \
+                from None
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+        if str(identity) not in uris:
+            raise IdentityError(f"{chain} is for {uris}, not for {identity}")
+        info = CertInfo(identity, leaf.not_valid_after_utc, format(leaf.serial_number, "x"))
+        if cached is not None:
+            log.info("reloaded certificate for %s (expires %s)", identity, info.not_after)
+        self._loaded[identity] = _Loaded(stamp, info, client, server)
+        return self._loaded[identity]
+
+    def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        return self._get(identity).client
+
+    def server_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        return self._get(identity).server
+
+    def certificates(self) -> list[CertInfo]:
+        return [v.info for v in self._loaded.values()]

@@ -1,0 +1,168 @@
+"""Inbound HBONE (15008): terminate mutual TLS as the destination workload, then serve each
+CONNECT tunnel to a pod on this node after L4 authorization.
+
+The certificate presented is chosen by the connection's local address (the destination pod IP,
+preserved by capture), not by SNI. The client's SPIFFE ID comes from its verified certificate.
+The source IP for policy is the ``Forwarded: for=`` address when it belongs to a workload with
+that same identity, else the TCP peer address, so a node cannot claim another pod's IP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+
+from ambit.spiffe import SpiffeId
+from ztunnel.authz import ConnectionInfo, authorize
+from ztunnel.hbone.conn import HboneProtocol, HboneStream
+from ztunnel.hbone.core import parse_authority, parse_forwarded_for
+from ztunnel.hbone.events import RequestRejected
+from ztunnel.identity import IdentityError, peer_identity
+from ztunnel.proxy import ConnectionRecord, ProxyContext, sock_addr
+from ztunnel.relay import relay_stream
+from ztunnel.routing import resolve_inbound
+from ztunnel.state.model import IPAddress
+
+log = logging.getLogger("ztunnel.inbound")
+LISTENER = "inbound"
+
+
+class InboundServer:
+    """Tracks inbound HBONE connections so draining can send them GOAWAY."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.connections: set[HboneProtocol] = set()
+        self.tunnels: set[asyncio.Task[None]] = set()
+
+    def _error(self, reason: str, detail: str, peer: str) -> None:
+        self.ctx.metrics.connection_errors.labels(LISTENER, reason).inc()
+        log.info("inbound HBONE from %s closed: %s: %s", peer, reason, detail)
+
+    async def handle(self, sock: socket.socket) -> None:
+        ctx = self.ctx
+        peer_ip, peer_port = sock_addr(sock.getpeername())
+        local_ip, _ = sock_addr(sock.getsockname())
+        peer = f"{peer_ip}:{peer_port}"
+        state = ctx.store.current
+        dest = state.workload_by_ip(ipaddress.ip_address(local_ip))
+        if dest is None or dest.node != ctx.node or not state.in_mesh(dest):
+            self._error("unknown_destination", f"{local_ip} is not a mesh pod on this node", peer)
+            return
+        try:
+            tls = ctx.secrets.server_context(dest.identity)
+        except IdentityError as e:
+            self._error("no_certificate", str(e), peer)
+            return
+        loop = asyncio.get_running_loop()
+        proto_box: list[HboneProtocol] = []
+
+        def on_request(stream: HboneStream) -> None:
+            task = asyncio.create_task(
+                self._tunnel(proto_box[0], stream, ipaddress.ip_address(peer_ip), dest.identity))
+            self.tunnels.add(task)
+            task.add_done_callback(self.tunnels.discard)
+
+        def on_rejected(e: RequestRejected) -> None:
+            self._error("bad_request", f"HTTP {e.status}: {e.reason}", peer)
+
+        def factory() -> HboneProtocol:
+            p = HboneProtocol(False, on_request=on_request, on_rejected=on_rejected)
+            proto_box.append(p)
+            return p
+
+        try:
+            await loop.connect_accepted_socket(factory, sock=sock.dup(), ssl=tls,
+                                               ssl_handshake_timeout=10)
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
+            self._error("tls_handshake", f"{type(e).__name__}: {e}", peer)
+            return
+        proto = proto_box[0]
+        self.connections.add(proto)
+        try:
+            await proto.closed
+        finally:
+            self.connections.discard(proto)
+
+    async def _tunnel(self, proto: HboneProtocol, stream: HboneStream, peer_ip: IPAddress,
+                      served: SpiffeId) -> None:
+        ctx = self.ctx
+        assert proto.transport is not None
+        try:
+            client = peer_identity(proto.transport.get_extra_info("peercert"))
+        except IdentityError as e:
+            stream.reject(401)
+            self._error("peer_identity", str(e), str(peer_ip))
+            return
+        try:
+            dest = parse_authority(stream.authority)
+        except ValueError as e:
+            stream.reject(400)
+            self._error("bad_request", str(e), str(peer_ip))
+            return
+        state = ctx.store.current
+        source_ip = peer_ip
+        claimed = parse_forwarded_for(stream.headers.get("forwarded", ""))
+        if claimed is not None:
+            owner = state.workload_by_ip(claimed)
+            if owner is not None and owner.identity == client:
+                source_ip = claimed
+        rec = ConnectionRecord(ctx, "destination", LISTENER, source_ip, dest)
+        rec.mtls = True
+        rec.source = state.workload_by_ip(source_ip)
+        rec.source_principal = client.principal
+        try:
+            target = resolve_inbound(state, ctx.node, dest, ctx.reserved_ports)
+            rec.dest_workload = target.destination
+            if target.address is None or target.destination is None:
+                stream.reject(400)
+                rec.fail("unknown_destination", target.reason, "NR")
+                return
+            if target.destination.identity != served:
+                # The TLS connection proved one pod's identity; it may only reach that pod.
+                stream.reject(400)
+                rec.fail("wrong_destination",
+                         f"tunnel to {target.destination.identity} over a connection for "
+                         f"{served}", "NR")
+                return
+            decision = authorize(state.policies_for(target.destination), ConnectionInfo(
+                source_ip, dest[1], client.principal, client.namespace))
+            if decision.audit:
+                rec.extra["audit"] = list(decision.audit)
+            if not decision.allowed:
+                stream.reject(403)
+                rec.extra["policy"] = decision.policy
+                rec.fail("denied", decision.reason, "DENY")
+                return
+            try:
+                reader, writer = await ctx.connect_tcp(target.address)
+            except OSError as e:
+                stream.reject(503)
+                rec.fail("connect_failed", f"{dest[0]}:{dest[1]}: {e.strerror or e}", "UF")
+                return
+            stream.accept()
+            rec.opened()
+            try:
+                await relay_stream(reader, writer, stream, rec.count_received, rec.count_sent)
+            except Exception as e:
+                rec.fail("error", f"{type(e).__name__}: {e}", "UC")
+            finally:
+                writer.close()
+        finally:
+            rec.finish()
+
+    def goaway(self) -> None:
+        for proto in list(self.connections):
+            proto.goaway("ztunnel draining")
+
+    async def drain(self, deadline: float) -> None:
+        pending = set(self.tunnels)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=deadline)
+        for t in pending:
+            t.cancel()
+        for proto in list(self.connections):
+            proto.abort()

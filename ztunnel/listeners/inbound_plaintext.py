@@ -1,0 +1,68 @@
+"""Inbound plaintext (15006): a connection to a mesh pod that did not arrive over HBONE
+(from a client outside the mesh). PeerAuthentication decides: STRICT refuses it before any
+byte is forwarded; PERMISSIVE (the default) admits it, subject to authorization with no
+source identity (so principal and namespace rules cannot match it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+from ztunnel.authz import ConnectionInfo, authorize
+from ztunnel.proxy import ConnectionRecord, ProxyContext, sock_addr
+from ztunnel.relay import relay_tcp
+from ztunnel.routing import resolve_inbound
+from ztunnel.state.model import MtlsMode
+
+LISTENER = "inbound_plaintext"
+
+
+async def handle(ctx: ProxyContext, sock: socket.socket) -> None:
+    src, _ = sock_addr(sock.getpeername())
+    dst_ip, dst_port = sock_addr(sock.getsockname())
+    source_ip = ipaddress.ip_address(src)
+    dest = (ipaddress.ip_address(dst_ip), dst_port)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=256 * 1024)
+    state = ctx.store.current
+    rec = ConnectionRecord(ctx, "destination", LISTENER, source_ip, dest)
+    rec.source = state.workload_by_ip(source_ip)
+    try:
+        target = resolve_inbound(state, ctx.node, dest, ctx.reserved_ports)
+        rec.dest_workload = target.destination
+        if target.address is None or target.destination is None:
+            rec.fail("unknown_destination", target.reason, "NR")
+            writer.transport.abort()
+            return
+        mode = state.mtls_mode(target.destination, dest[1])
+        if mode is MtlsMode.STRICT:
+            rec.fail("denied", f"plaintext refused: PeerAuthentication is STRICT for "
+                     f"{target.destination.uid}", "DENY")
+            rec.extra["policy"] = "peer-authentication"
+            writer.transport.abort()
+            return
+        decision = authorize(state.policies_for(target.destination),
+                             ConnectionInfo(source_ip, dest[1]))
+        if not decision.allowed:
+            rec.extra["policy"] = decision.policy
+            rec.fail("denied", decision.reason, "DENY")
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await ctx.connect_tcp(target.address)
+        except OSError as e:
+            rec.fail("connect_failed", f"{dst_ip}:{dst_port}: {e.strerror or e}", "UF")
+            writer.transport.abort()
+            return
+        rec.opened()
+        try:
+            await relay_tcp(reader, writer, up_reader, up_writer, rec.count_received,
+                            rec.count_sent)
+        except (ConnectionError, OSError) as e:
+            rec.fail("error", f"{type(e).__name__}: {e}", "UC")
+        finally:
+            up_writer.close()
+    finally:
+        rec.finish()
+        writer.close()

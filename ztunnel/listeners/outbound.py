@@ -1,0 +1,130 @@
+"""Outbound: a local workload's connection, captured (15001) or via SOCKS5 (15080), carried
+to its destination as the routing plan says: HBONE to a remote node, policy-checked direct
+delivery to a pod on this node, or passthrough for destinations outside the mesh.
+
+Under capture, the original destination is ``getsockname()`` of the accepted socket (TPROXY
+and eBPF ``sk_assign`` both preserve it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+from ztunnel.authz import ConnectionInfo, authorize
+from ztunnel.hbone.conn import StreamError
+from ztunnel.hbone.core import format_authority, forwarded_for
+from ztunnel.hbone.pool import PoolKey, UpstreamConnectError
+from ztunnel.proxy import ConnectionRecord, ProxyContext, sock_addr
+from ztunnel.relay import relay_stream, relay_tcp
+from ztunnel.routing import OutboundPlan, PlanKind, plan_outbound
+from ztunnel.state.model import IPAddress
+
+LISTENER = "outbound"
+
+
+async def handle_captured(ctx: ProxyContext, sock: socket.socket) -> None:
+    src_ip, _ = sock_addr(sock.getpeername())
+    dst_ip, dst_port = sock_addr(sock.getsockname())
+    reader, writer = await asyncio.open_connection(sock=sock, limit=256 * 1024)
+    await proxy_outbound(ctx, reader, writer, ipaddress.ip_address(src_ip),
+                         (ipaddress.ip_address(dst_ip), dst_port), LISTENER)
+
+
+async def proxy_outbound(
+    ctx: ProxyContext,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    source_ip: IPAddress,
+    dest: tuple[IPAddress, int],
+    listener: str,
+) -> None:
+    state = ctx.store.current
+    plan = plan_outbound(state, ctx.node, source_ip, dest, ctx.pick,
+                         hbone_port=ctx.config.inbound_port or 15008)
+    rec = ConnectionRecord(ctx, "source", listener, source_ip, dest)
+    rec.source, rec.dest_workload, rec.service = plan.source, plan.destination, plan.service
+    rec.source_principal = plan.source.identity.principal if plan.source else None
+    rec.extra["plan"] = plan.kind.value
+    try:
+        if plan.kind is PlanKind.DENY:
+            rec.fail("no_route", plan.reason, "NR")
+            writer.transport.abort()
+        elif plan.kind is PlanKind.HBONE:
+            await _via_hbone(ctx, plan, reader, writer, rec)
+        else:
+            await _direct(ctx, plan, reader, writer, rec)
+    except (ConnectionError, OSError, StreamError) as e:
+        if rec.outcome == "ok":
+            rec.fail("error", f"{type(e).__name__}: {e}", "UC")
+        writer.transport.abort()
+    finally:
+        rec.finish()
+        writer.close()
+
+
+async def _direct(ctx: ProxyContext, plan: OutboundPlan, reader: asyncio.StreamReader,
+                  writer: asyncio.StreamWriter, rec: ConnectionRecord) -> None:
+    assert plan.address is not None and plan.target is not None
+    if plan.kind is PlanKind.LOCAL:
+        # Same node: we are also the destination's ztunnel, so enforce its inbound policy here.
+        assert plan.destination is not None and plan.source is not None
+        state = ctx.store.current
+        ident = plan.source.identity
+        decision = authorize(state.policies_for(plan.destination), ConnectionInfo(
+            rec.source_ip, plan.target[1], ident.principal, ident.namespace))
+        rec.mtls = True  # identity is established by the node itself, as in Istio's fast path
+        if decision.audit:
+            rec.extra["audit"] = list(decision.audit)
+        if not decision.allowed:
+            rec.extra["policy"] = decision.policy
+            rec.fail("denied", decision.reason, "DENY")
+            writer.transport.abort()
+            return
+    try:
+        up_reader, up_writer = await ctx.connect_tcp(plan.address)
+    except OSError as e:
+        rec.fail("connect_failed", f"{plan.address[0]}:{plan.address[1]}: {e.strerror or e}",
+                 "UF")
+        writer.transport.abort()
+        return
+    rec.opened()
+    try:
+        await relay_tcp(reader, writer, up_reader, up_writer, rec.count_sent,
+                        rec.count_received)
+    finally:
+        up_writer.close()
+
+
+async def _via_hbone(ctx: ProxyContext, plan: OutboundPlan, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter, rec: ConnectionRecord) -> None:
+    assert ctx.pool is not None and plan.source is not None
+    assert plan.address is not None and plan.target is not None
+    assert plan.expected_identity is not None
+    rec.mtls = True
+    key = PoolKey(plan.source.identity, plan.expected_identity,
+                  (str(plan.address[0]), plan.address[1]))
+    authority = format_authority(*plan.target)
+    try:
+        stream = await ctx.pool.open_stream(
+            key, authority, [("forwarded", forwarded_for(rec.source_ip))]
+        )
+        async with asyncio.timeout(ctx.config.connect_timeout):
+            await stream.response
+    except UpstreamConnectError as e:
+        rec.fail("connect_failed", str(e), e.flag)
+        writer.transport.abort()
+        return
+    except StreamError as e:
+        flags = "DENY" if "403" in str(e) else "UF"
+        rec.fail("denied" if flags == "DENY" else "connect_failed",
+                 f"{key.address[0]}:{key.address[1]}: {e}", flags)
+        writer.transport.abort()
+        return
+    except TimeoutError:
+        rec.fail("connect_failed", f"no answer to CONNECT {authority} from {key.address}", "UF")
+        writer.transport.abort()
+        return
+    rec.opened()
+    await relay_stream(reader, writer, stream, rec.count_sent, rec.count_received)

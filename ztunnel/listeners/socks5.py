@@ -1,0 +1,136 @@
+"""SOCKS5 outbound listener (15080, off by default): lets a client use the mesh without any
+capture, and lets tests drive the outbound path. RFC 1928, no authentication, CONNECT only.
+Hostnames resolve against mesh service hostnames first, then the system resolver.
+
+The message parsing is pure (``parse_greeting``/``parse_request``) so malformed input is unit
+tested without sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+
+from ztunnel.listeners.outbound import proxy_outbound
+from ztunnel.proxy import ProxyContext, sock_addr
+from ztunnel.state.model import IPAddress
+
+LISTENER = "socks5"
+VERSION = 5
+NO_AUTH = 0
+NO_ACCEPTABLE = 0xFF
+CMD_CONNECT = 1
+ATYP_V4, ATYP_DOMAIN, ATYP_V6 = 1, 3, 4
+REP_OK, REP_FAILURE, REP_NOT_ALLOWED, REP_HOST_UNREACHABLE = 0, 1, 2, 4
+REP_CMD_UNSUPPORTED, REP_ATYP_UNSUPPORTED = 7, 8
+
+
+class SocksError(Exception):
+    def __init__(self, message: str, reply: int = REP_FAILURE) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class SocksRequest:
+    host: str
+    port: int
+    is_domain: bool
+
+
+def parse_greeting(data: bytes) -> list[int]:
+    """``VER NMETHODS METHODS...`` -> methods; raises SocksError on anything else."""
+    if len(data) < 2 or data[0] != VERSION:
+        raise SocksError(f"not a SOCKS5 greeting (first bytes {data[:2]!r})")
+    n = data[1]
+    if len(data) != 2 + n or n == 0:
+        raise SocksError("SOCKS5 greeting has a wrong method count")
+    return list(data[2:])
+
+
+def request_length(head: bytes) -> int:
+    """Total length of a request given its first 5 bytes."""
+    if len(head) < 5 or head[0] != VERSION:
+        raise SocksError("not a SOCKS5 request")
+    atyp = head[3]
+    if atyp == ATYP_V4:
+        return 10
+    if atyp == ATYP_V6:
+        return 22
+    if atyp == ATYP_DOMAIN:
+        return 7 + head[4]
+    raise SocksError(f"address type {atyp} is not supported", REP_ATYP_UNSUPPORTED)
+
+
+def parse_request(data: bytes) -> SocksRequest:
+    if len(data) < 5 or data[0] != VERSION:
+        raise SocksError("not a SOCKS5 request")
+    if data[1] != CMD_CONNECT:
+        raise SocksError(f"command {data[1]} is not supported (CONNECT only)",
+                         REP_CMD_UNSUPPORTED)
+    atyp = data[3]
+    if len(data) != request_length(data[:5]):
+        raise SocksError("SOCKS5 request has a wrong length")
+    (port,) = struct.unpack("!H", data[-2:])
+    if atyp == ATYP_V4:
+        return SocksRequest(str(ipaddress.IPv4Address(data[4:8])), port, False)
+    if atyp == ATYP_V6:
+        return SocksRequest(str(ipaddress.IPv6Address(data[4:20])), port, False)
+    try:
+        host = data[5:5 + data[4]].decode("ascii")
+    except UnicodeDecodeError:
+        raise SocksError("SOCKS5 hostname is not ASCII") from None
+    return SocksRequest(host, port, True)
+
+
+def reply(code: int) -> bytes:
+    return bytes([VERSION, code, 0, ATYP_V4, 0, 0, 0, 0, 0, 0])
+
+
+async def _resolve(ctx: ProxyContext, req: SocksRequest) -> IPAddress:
+    if not req.is_domain:
+        return ipaddress.ip_address(req.host)
+    for svc in ctx.store.current.config.services:
+        if svc.hostname == req.host or f"{svc.name}.{svc.namespace}" == req.host:
+            return svc.vips[0]
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(req.host, req.port,
+                                                             type=socket.SOCK_STREAM)
+    except OSError:
+        raise SocksError(f"cannot resolve {req.host}", REP_HOST_UNREACHABLE) from None
+    return ipaddress.ip_address(infos[0][4][0])
+
+
+async def handle(ctx: ProxyContext, sock: socket.socket) -> None:
+    src_ip, _ = sock_addr(sock.getpeername())
+    reader, writer = await asyncio.open_connection(sock=sock, limit=256 * 1024)
+    try:
+        async with asyncio.timeout(10):
+            head = await reader.readexactly(2)
+            methods = parse_greeting(head + await reader.readexactly(head[1]))
+            if NO_AUTH not in methods:
+                writer.write(bytes([VERSION, NO_ACCEPTABLE]))
+                await writer.drain()
+                raise SocksError("client offers no acceptable auth method (only 'no auth')")
+            writer.write(bytes([VERSION, NO_AUTH]))
+            head = await reader.readexactly(5)
+            req = parse_request(head + await reader.readexactly(request_length(head) - 5))
+            dest_ip = await _resolve(ctx, req)
+    except SocksError as e:
+        if not writer.is_closing():
+            writer.write(reply(e.reply))
+        ctx.metrics.connection_errors.labels(LISTENER, "bad_request").inc()
+        writer.close()
+        raise
+    except (asyncio.IncompleteReadError, TimeoutError):
+        ctx.metrics.connection_errors.labels(LISTENER, "bad_request").inc()
+        writer.close()
+        raise SocksError("incomplete SOCKS5 handshake") from None
+    # The reply is sent before the upstream is known, as most SOCKS proxies do for speed; a
+    # refused upstream shows up as an immediate close.
+    writer.write(reply(REP_OK))
+    await proxy_outbound(ctx, reader, writer, ipaddress.ip_address(src_ip),
+                         (dest_ip, req.port), LISTENER)

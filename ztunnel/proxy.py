@@ -1,0 +1,181 @@
+"""What every listener shares: the proxy context and per-connection accounting.
+
+``ProxyContext`` bundles the state store, certificates, HBONE pool, metrics and access log.
+``ConnectionRecord`` follows one proxied connection from accept to close, so that every
+connection, whether it succeeds, is denied or fails, yields exactly one opened/closed metric
+pair and one access-log line with its outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ztunnel.accesslog import AccessLog
+from ztunnel.config import ZtunnelConfig
+from ztunnel.hbone.pool import HbonePool
+from ztunnel.identity import SecretManager
+from ztunnel.metrics import ConnectionLabels, Metrics
+from ztunnel.state.model import IPAddress, Service, Workload
+from ztunnel.state.store import StateStore
+
+log = logging.getLogger("ztunnel.proxy")
+
+SO_MARK = 36
+
+
+@dataclass
+class ProxyContext:
+    config: ZtunnelConfig
+    store: StateStore
+    secrets: SecretManager
+    metrics: Metrics
+    access_log: AccessLog
+    pool: HbonePool | None = None
+    reserved_ports: frozenset[int] = frozenset()
+    rng: random.Random = field(default_factory=random.Random)
+    _mark_ok: bool = True
+
+    @property
+    def node(self) -> str:
+        return self.config.node
+
+    def pick(self, n: int) -> int:
+        return self.rng.randrange(n) if n > 1 else 0
+
+    def make_socket(self, family: int) -> socket.socket:
+        """A socket for the ztunnel's own outgoing connections, marked so that capture rules
+        never steer them back into the ztunnel."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.config.socket_mark and self._mark_ok:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.config.socket_mark)
+            except PermissionError:
+                self._mark_ok = False
+                log.warning("cannot set SO_MARK (needs CAP_NET_ADMIN): outgoing connections are "
+                            "unmarked and must not be captured by other means")
+        return sock
+
+    async def connect_tcp(self, address: tuple[IPAddress, int]) \
+            -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        ip, port = address
+        sock = self.make_socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                await asyncio.get_running_loop().sock_connect(sock, (str(ip), port))
+        except TimeoutError:
+            sock.close()
+            raise ConnectionRefusedError(errno.ETIMEDOUT, f"timed out connecting to {ip}:{port}")\
+                from None
+        except OSError:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock, limit=256 * 1024)
+
+
+def sock_addr(sockaddr: Any) -> tuple[str, int]:
+    return str(sockaddr[0]), int(sockaddr[1])
+
+
+class ConnectionRecord:
+    """Metrics and the access-log line for one proxied connection."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        reporter: str,
+        listener: str,
+        source_ip: IPAddress,
+        destination: tuple[IPAddress, int],
+    ) -> None:
+        self.ctx = ctx
+        self.reporter = reporter
+        self.listener = listener
+        self.source_ip = source_ip
+        self.destination = destination
+        self.start = time.monotonic()
+        self.source: Workload | None = None
+        self.source_principal: str | None = None
+        self.dest_workload: Workload | None = None
+        self.service: Service | None = None
+        self.mtls = False
+        self.sent = 0
+        self.received = 0
+        self.outcome = "ok"
+        self.reason = ""
+        self.flags = "-"
+        self.extra: dict[str, Any] = {}
+        self._opened = False
+        self._labels: tuple[str, ...] | None = None
+
+    def labels(self) -> tuple[str, ...]:
+        if self._labels is None:
+            self._labels = ConnectionLabels(
+                self.reporter, self.source, self.source_principal, self.dest_workload,
+                self.service, self.mtls, self.flags).values()
+        return self._labels
+
+    def opened(self) -> None:
+        """Count the connection as established (it will carry bytes)."""
+        self._opened = True
+        self.ctx.metrics.opened.labels(*self.labels()).inc()
+        self.ctx.metrics.active.labels(self.listener).inc()
+
+    def count_sent(self, n: int) -> None:
+        self.sent += n
+        self.ctx.metrics.sent.labels(*self.labels()).inc(n)
+
+    def count_received(self, n: int) -> None:
+        self.received += n
+        self.ctx.metrics.received.labels(*self.labels()).inc(n)
+
+    def fail(self, outcome: str, reason: str, flags: str) -> None:
+        self.outcome, self.reason, self.flags = outcome, reason, flags
+        self._labels = None
+
+    def finish(self) -> None:
+        m = self.ctx.metrics
+        if self._opened:
+            m.active.labels(self.listener).dec()
+            # Closed is counted with the labels it was opened with, so the pairs match.
+            m.closed.labels(*self.labels()).inc()
+        else:
+            # Never established (denied, no route, upstream failure): opened+closed together
+            # with the failure's response flag, as Istio reports refused connections.
+            m.opened.labels(*self.labels()).inc()
+            m.closed.labels(*self.labels()).inc()
+        if self.outcome == "denied":
+            m.denied.labels(self.reporter, self.extra.get("policy") or "-").inc()
+        elif self.outcome not in ("ok",):
+            m.connection_errors.labels(self.listener, self.outcome).inc()
+        self.ctx.access_log.write({
+            "listener": self.listener,
+            "reporter": self.reporter,
+            "src": f"{self.source_ip}",
+            "src_workload": self.source.uid if self.source else None,
+            "src_identity": f"spiffe://{self.source_principal}" if self.source_principal
+            else None,
+            "dst": f"{self.destination[0]}:{self.destination[1]}",
+            "dst_workload": self.dest_workload.uid if self.dest_workload else None,
+            "dst_identity": str(self.dest_workload.identity) if self.dest_workload else None,
+            "dst_service": self.service.hostname if self.service else None,
+            "mtls": self.mtls,
+            "bytes_sent": self.sent,
+            "bytes_received": self.received,
+            "duration_ms": round((time.monotonic() - self.start) * 1000, 3),
+            "outcome": self.outcome,
+            "response_flags": self.flags,
+            "reason": self.reason or None,
+            **self.extra,
+        })
+        if self.outcome != "ok":
+            log.info("%s %s -> %s:%s %s: %s", self.listener, self.source_ip,
+                     self.destination[0], self.destination[1], self.outcome, self.reason)

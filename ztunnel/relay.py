@@ -1,0 +1,102 @@
+"""Copy bytes both ways between a TCP connection and a peer (TCP or HBONE stream).
+
+Half-close is preserved in both directions (a FIN on one side becomes a FIN on the other), so
+protocols that shut down their sending side early keep working. The byte counts feed metrics
+as they flow. Reads grow to 256 KiB, as in Istio's ztunnel: big reads mean fewer, larger
+HTTP/2 frames and TLS records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from ztunnel.hbone.conn import HboneStream, StreamError
+
+READ_SIZE = 256 * 1024
+
+Counter = Callable[[int], None]
+
+
+async def _tcp_to_stream(reader: asyncio.StreamReader, stream: HboneStream,
+                         count: Counter) -> None:
+    while True:
+        data = await reader.read(READ_SIZE)
+        if not data:
+            stream.write_eof()
+            return
+        count(len(data))
+        await stream.write(data)
+
+
+async def _stream_to_tcp(stream: HboneStream, writer: asyncio.StreamWriter,
+                         count: Counter) -> None:
+    while True:
+        data, flow = await stream.read()
+        if not data:
+            if flow:
+                stream.consumed(flow)
+            if writer.can_write_eof():
+                writer.write_eof()
+            return
+        writer.write(data)
+        await writer.drain()
+        count(len(data))
+        stream.consumed(flow)
+
+
+async def _tcp_to_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      count: Counter) -> None:
+    while True:
+        data = await reader.read(READ_SIZE)
+        if not data:
+            if writer.can_write_eof():
+                writer.write_eof()
+            return
+        writer.write(data)
+        await writer.drain()
+        count(len(data))
+
+
+async def _both(a: asyncio.Task[None], b: asyncio.Task[None]) -> None:
+    """Wait for both directions; if one fails, abort the other (an RST, not a hang)."""
+    try:
+        done, pending = await asyncio.wait({a, b}, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            exc = t.exception()
+            if exc is not None:
+                raise exc
+        if pending:
+            await asyncio.gather(*pending)
+    finally:
+        for t in (a, b):
+            if not t.done():
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+
+async def relay_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       stream: HboneStream, sent: Counter, received: Counter) -> None:
+    """TCP ``reader/writer`` <-> HBONE ``stream``. ``sent`` counts TCP->stream bytes."""
+    try:
+        await _both(asyncio.create_task(_tcp_to_stream(reader, stream, sent)),
+                    asyncio.create_task(_stream_to_tcp(stream, writer, received)))
+    except (StreamError, ConnectionError, OSError):
+        stream.reset()
+        writer.transport.abort()
+        raise
+
+
+async def relay_tcp(a_reader: asyncio.StreamReader, a_writer: asyncio.StreamWriter,
+                    b_reader: asyncio.StreamReader, b_writer: asyncio.StreamWriter,
+                    sent: Counter, received: Counter) -> None:
+    """TCP a <-> TCP b. ``sent`` counts a->b bytes."""
+    try:
+        await _both(asyncio.create_task(_tcp_to_tcp(a_reader, b_writer, sent)),
+                    asyncio.create_task(_tcp_to_tcp(b_reader, a_writer, received)))
+    except (ConnectionError, OSError):
+        a_writer.transport.abort()
+        b_writer.transport.abort()
+        raise

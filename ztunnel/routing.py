@@ -1,0 +1,133 @@
+"""Routing decisions, as pure functions of (source, destination, state).
+
+Every connection the ztunnel sees is first turned into a plan here, with no I/O, so each case
+(service VIP, local pod, remote pod, non-mesh destination, no endpoints) is a row in a table
+test. The listeners only carry plans out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from ambit.spiffe import SpiffeId
+from ztunnel.state.model import IPAddress, Service, Workload
+from ztunnel.state.store import StateSnapshot
+
+
+class PlanKind(Enum):
+    LOCAL = "local"  # destination pod on this node: enforce its policy here, connect directly
+    HBONE = "hbone"  # destination pod on another node: HBONE to its ztunnel
+    PASSTHROUGH = "passthrough"  # not a mesh destination: plain TCP, as if not captured
+    DENY = "deny"
+
+
+@dataclass(frozen=True)
+class OutboundPlan:
+    kind: PlanKind
+    # Where to connect: the final address for LOCAL/PASSTHROUGH, the HBONE endpoint for HBONE.
+    address: tuple[IPAddress, int] | None = None
+    # The original destination after service resolution (HBONE :authority).
+    target: tuple[IPAddress, int] | None = None
+    source: Workload | None = None
+    destination: Workload | None = None
+    service: Service | None = None
+    expected_identity: SpiffeId | None = None
+    reason: str = ""
+
+
+HBONE_PORT = 15008
+
+
+def _deny(reason: str, source: Workload | None = None,
+          service: Service | None = None) -> OutboundPlan:
+    return OutboundPlan(PlanKind.DENY, source=source, service=service, reason=reason)
+
+
+def plan_outbound(
+    state: StateSnapshot,
+    node: str,
+    source_ip: IPAddress,
+    dest: tuple[IPAddress, int],
+    pick: Callable[[int], int] = lambda n: 0,
+    hbone_port: int = HBONE_PORT,
+) -> OutboundPlan:
+    """Decide how to carry a connection from ``source_ip`` to ``dest``.
+
+    ``pick(n)`` chooses an index in ``range(n)`` for load balancing; the caller passes
+    randomness or a round robin, tests pass something fixed.
+    """
+    source = state.workload_by_ip(source_ip)
+    if source is None:
+        return _deny(f"unknown source {source_ip}: not a workload in the mesh state")
+    if source.node != node:
+        return _deny(f"source {source.uid} runs on node {source.node}, not on {node}", source)
+    if not state.in_mesh(source):
+        return _deny(f"source {source.uid} is not enrolled in the mesh (protocol TCP)", source)
+
+    ip, port = dest
+    service = state.service_by_vip(ip)
+    if service is not None:
+        target_port = service.target_port(port)
+        if target_port is None:
+            return _deny(f"service {service.key} has no port {port}", source, service)
+        endpoints = [w for w in state.service_endpoints(service) if w.addresses]
+        if not endpoints:
+            return _deny(f"service {service.key} has no endpoints", source, service)
+        chosen = endpoints[pick(len(endpoints)) % len(endpoints)]
+        return _to_workload(state, node, source, chosen, (chosen.addresses[0], target_port),
+                            service, hbone_port)
+
+    workload = state.workload_by_ip(ip)
+    if workload is None:
+        return OutboundPlan(PlanKind.PASSTHROUGH, address=dest, target=dest, source=source,
+                            reason="destination is not in the mesh")
+    return _to_workload(state, node, source, workload, dest, None, hbone_port)
+
+
+def _to_workload(
+    state: StateSnapshot,
+    node: str,
+    source: Workload,
+    dest: Workload,
+    target: tuple[IPAddress, int],
+    service: Service | None,
+    hbone_port: int,
+) -> OutboundPlan:
+    if not state.in_mesh(dest):
+        return OutboundPlan(PlanKind.PASSTHROUGH, address=target, target=target, source=source,
+                            destination=dest, service=service,
+                            reason="destination workload is not enrolled (protocol TCP)")
+    kind = PlanKind.LOCAL if dest.node == node else PlanKind.HBONE
+    address = target if kind is PlanKind.LOCAL else (target[0], hbone_port)
+    return OutboundPlan(kind, address=address, target=target, source=source, destination=dest,
+                        service=service, expected_identity=dest.identity)
+
+
+@dataclass(frozen=True)
+class InboundTarget:
+    """Resolution of an inbound (HBONE or plaintext) connection's destination."""
+
+    destination: Workload | None
+    address: tuple[IPAddress, int] | None
+    reason: str = ""
+
+
+def resolve_inbound(
+    state: StateSnapshot, node: str, dest: tuple[IPAddress, int], reserved_ports: frozenset[int]
+) -> InboundTarget:
+    """Check that an inbound connection is for an enrolled pod on this node."""
+    ip, port = dest
+    workload = state.workload_by_ip(ip)
+    if workload is None:
+        return InboundTarget(None, None, f"unknown destination {ip}: no workload has this IP")
+    if workload.node != node:
+        return InboundTarget(workload, None,
+                             f"destination {workload.uid} runs on node {workload.node}, not {node}")
+    if not state.in_mesh(workload):
+        return InboundTarget(workload, None, f"destination {workload.uid} is not enrolled")
+    if port in reserved_ports:
+        # Forwarding to our own listener port would loop the connection back into us.
+        return InboundTarget(workload, None, f"destination port {port} is a ztunnel port")
+    return InboundTarget(workload, (ip, port))

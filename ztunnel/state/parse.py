@@ -1,0 +1,359 @@
+"""Turn a state document (YAML/JSON, shaped like docs/state-file.md) into a ``MeshConfig``.
+
+Validation is all-or-nothing: the first problem raises ``StateError`` with the path of the
+offending field, so a bad document is rejected whole and the caller keeps its last good state.
+The policy parsers are shared with the controller, which reads the same shapes from CRDs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import yaml
+
+from ambit.spiffe import SpiffeError, SpiffeId
+from ztunnel.state.model import (
+    Action,
+    AuthorizationPolicy,
+    IPAddress,
+    IPNetwork,
+    MeshConfig,
+    MtlsMode,
+    Operation,
+    PeerAuthentication,
+    Protocol,
+    Rule,
+    Service,
+    ServicePort,
+    Source,
+    StringMatch,
+    Workload,
+)
+
+T = TypeVar("T")
+
+
+class StateError(ValueError):
+    """A state document that cannot be used; ``path`` names the field (``services[0].vips``)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}" if path else problem)
+        self.path = path
+        self.problem = problem
+
+
+def _mapping(value: Any, path: str, allowed: set[str]) -> Mapping[str, Any]:
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise StateError(path, f"expected a mapping, got {type(value).__name__}")
+    for key in value:
+        if key not in allowed:
+            raise StateError(
+                f"{path}.{key}" if path else str(key),
+                f"unknown field; expected one of: {', '.join(sorted(allowed))}",
+            )
+    return value
+
+
+def _list(value: Any, path: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise StateError(path, f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _str(value: Any, path: str, *, required: bool = True, default: str = "") -> str:
+    if value is None:
+        if required:
+            raise StateError(path, "is required")
+        return default
+    if not isinstance(value, str) or (required and not value):
+        raise StateError(path, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _items(value: Any, path: str, item: Callable[[Any, str], T]) -> tuple[T, ...]:
+    return tuple(item(v, f"{path}[{i}]") for i, v in enumerate(_list(value, path)))
+
+
+def _ip(value: Any, path: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(str(value))
+    except ValueError:
+        raise StateError(path, f"{value!r} is not an IP address") from None
+
+
+def _net(value: Any, path: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise StateError(path, f"{value!r} is not an IP address or CIDR block") from None
+
+
+def _port(value: Any, path: str) -> int:
+    try:
+        port = int(str(value))
+    except ValueError:
+        raise StateError(path, f"{value!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise StateError(path, f"{port} is not a port number (1-65535)")
+    return port
+
+
+def _labels(value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise StateError(path, "expected a mapping of label names to values")
+    return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+
+
+def _enum(enum: type[Any], value: Any, path: str, default: Any) -> Any:
+    if value is None:
+        return default
+    try:
+        return enum(str(value).upper())
+    except ValueError:
+        choices = ", ".join(m.value for m in enum)
+        raise StateError(path, f"{value!r} is not one of {choices}") from None
+
+
+def _workload(value: Any, path: str, trust_domain: str) -> Workload:
+    m = _mapping(
+        value,
+        path,
+        {"uid", "name", "namespace", "serviceAccount", "node", "addresses", "labels",
+         "workloadName", "protocol"},
+    )
+    name = _str(m.get("name"), f"{path}.name")
+    namespace = _str(m.get("namespace"), f"{path}.namespace")
+    addresses = _items(m.get("addresses"), f"{path}.addresses", _ip)
+    if not addresses:
+        raise StateError(f"{path}.addresses", "needs at least one pod IP")
+    sa = _str(m.get("serviceAccount"), f"{path}.serviceAccount", required=False,
+              default="default")
+    try:
+        SpiffeId.parse(f"spiffe://{trust_domain}/ns/{namespace}/sa/{sa}")
+    except SpiffeError as e:
+        raise StateError(f"{path}.serviceAccount", str(e)) from None
+    return Workload(
+        uid=_str(m.get("uid"), f"{path}.uid", required=False, default=f"{namespace}/{name}"),
+        name=name,
+        namespace=namespace,
+        service_account=sa,
+        node=_str(m.get("node"), f"{path}.node"),
+        addresses=addresses,
+        trust_domain=trust_domain,
+        labels=_labels(m.get("labels"), f"{path}.labels"),
+        workload_name=_str(m.get("workloadName"), f"{path}.workloadName", required=False),
+        protocol=_enum(Protocol, m.get("protocol"), f"{path}.protocol", Protocol.HBONE),
+    )
+
+
+def _service_port(value: Any, path: str) -> ServicePort:
+    m = _mapping(value, path, {"port", "targetPort", "name", "protocol"})
+    port = _port(m.get("port"), f"{path}.port")
+    target = m.get("targetPort")
+    return ServicePort(port, port if target is None else _port(target, f"{path}.targetPort"))
+
+
+def _service(value: Any, path: str) -> Service:
+    m = _mapping(value, path, {"name", "namespace", "hostname", "vips", "ports", "selector"})
+    name = _str(m.get("name"), f"{path}.name")
+    namespace = _str(m.get("namespace"), f"{path}.namespace")
+    ports = _items(m.get("ports"), f"{path}.ports", _service_port)
+    if not ports:
+        raise StateError(f"{path}.ports", "needs at least one port")
+    vips = _items(m.get("vips"), f"{path}.vips", _ip)
+    if not vips:
+        raise StateError(f"{path}.vips", "needs at least one virtual IP")
+    return Service(
+        name=name,
+        namespace=namespace,
+        hostname=_str(m.get("hostname"), f"{path}.hostname", required=False,
+                      default=f"{name}.{namespace}.svc.cluster.local"),
+        vips=vips,
+        ports=ports,
+        selector=_labels(m.get("selector"), f"{path}.selector"),
+    )
+
+
+def _matches(value: Any, path: str) -> tuple[StringMatch, ...]:
+    def one(v: Any, p: str) -> StringMatch:
+        s = _str(v, p)
+        if s != "*" and "*" in s[1:-1]:
+            raise StateError(p, f"{s!r}: '*' is only allowed as a prefix or suffix")
+        return StringMatch(s.removeprefix("spiffe://"))
+
+    return _items(value, path, one)
+
+
+def _source(value: Any, path: str) -> Source:
+    outer = _mapping(value, path, {"source"})
+    p = f"{path}.source"
+    m = _mapping(outer.get("source"), p, {
+        "principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks",
+        "notIpBlocks", "requestPrincipals", "notRequestPrincipals", "remoteIpBlocks",
+        "notRemoteIpBlocks"})
+    for l7 in ("requestPrincipals", "notRequestPrincipals", "remoteIpBlocks",
+               "notRemoteIpBlocks"):
+        if l7 in m:
+            raise StateError(f"{p}.{l7}", "is an L7 attribute; the ztunnel enforces L4 only "
+                             "(attach the policy to a waypoint instead)")
+    return Source(
+        principals=_matches(m.get("principals"), f"{p}.principals"),
+        not_principals=_matches(m.get("notPrincipals"), f"{p}.notPrincipals"),
+        namespaces=_matches(m.get("namespaces"), f"{p}.namespaces"),
+        not_namespaces=_matches(m.get("notNamespaces"), f"{p}.notNamespaces"),
+        ip_blocks=_items(m.get("ipBlocks"), f"{p}.ipBlocks", _net),
+        not_ip_blocks=_items(m.get("notIpBlocks"), f"{p}.notIpBlocks", _net),
+    )
+
+
+L7_OPERATION_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
+
+
+def _operation(value: Any, path: str) -> Operation:
+    outer = _mapping(value, path, {"operation"})
+    p = f"{path}.operation"
+    m = _mapping(outer.get("operation"), p, {"ports", "notPorts", *L7_OPERATION_FIELDS})
+    for l7 in L7_OPERATION_FIELDS:
+        if l7 in m:
+            raise StateError(f"{p}.{l7}", "is an L7 attribute; the ztunnel enforces L4 only "
+                             "(attach the policy to a waypoint instead)")
+    return Operation(
+        ports=_items(m.get("ports"), f"{p}.ports", _port),
+        not_ports=_items(m.get("notPorts"), f"{p}.notPorts", _port),
+    )
+
+
+def _rule(value: Any, path: str) -> Rule:
+    m = _mapping(value, path, {"from", "to", "when"})
+    if m.get("when"):
+        raise StateError(f"{path}.when", "conditions are not supported by the L4 ztunnel; "
+                         "express them with from/to")
+    return Rule(
+        sources=_items(m.get("from"), f"{path}.from", _source),
+        operations=_items(m.get("to"), f"{path}.to", _operation),
+    )
+
+
+def _selector(value: Any, path: str) -> tuple[tuple[str, str], ...] | None:
+    if value is None:
+        return None
+    m = _mapping(value, path, {"matchLabels"})
+    return _labels(m.get("matchLabels"), f"{path}.matchLabels")
+
+
+def parse_authorization_spec(name: str, namespace: str, spec: Any, path: str) \
+        -> AuthorizationPolicy:
+    """Parse an Istio-shaped AuthorizationPolicy spec (L4 subset)."""
+    m = _mapping(spec, path, {"selector", "action", "rules", "targetRefs", "targetRef"})
+    if "targetRefs" in m or "targetRef" in m:
+        raise StateError(f"{path}.targetRefs", "targets a waypoint; the ztunnel applies only "
+                         "selector policies")
+    return AuthorizationPolicy(
+        name=name,
+        namespace=namespace,
+        action=_enum(Action, m.get("action"), f"{path}.action", Action.ALLOW),
+        rules=_items(m.get("rules"), f"{path}.rules", _rule),
+        selector=_selector(m.get("selector"), f"{path}.selector"),
+    )
+
+
+def _named(value: Any, path: str) -> tuple[str, str, Any]:
+    m = _mapping(value, path, {"name", "namespace", "spec"})
+    return (_str(m.get("name"), f"{path}.name"), _str(m.get("namespace"), f"{path}.namespace"),
+            m.get("spec"))
+
+
+def _authz(value: Any, path: str) -> AuthorizationPolicy:
+    name, namespace, spec = _named(value, path)
+    return parse_authorization_spec(name, namespace, spec, f"{path}.spec")
+
+
+def parse_peer_authentication_spec(name: str, namespace: str, spec: Any, path: str) \
+        -> PeerAuthentication:
+    m = _mapping(spec, path, {"selector", "mtls", "portLevelMtls"})
+    mtls = _mapping(m.get("mtls"), f"{path}.mtls", {"mode"})
+    port_modes: list[tuple[int, MtlsMode]] = []
+    levels = m.get("portLevelMtls") or {}
+    if not isinstance(levels, Mapping):
+        raise StateError(f"{path}.portLevelMtls", "expected a mapping of port to {mode: ...}")
+    for port, v in levels.items():
+        p = f"{path}.portLevelMtls.{port}"
+        mode_map = _mapping(v, p, {"mode"})
+        port_modes.append(
+            (_port(port, p), _enum(MtlsMode, mode_map.get("mode"), f"{p}.mode", MtlsMode.UNSET))
+        )
+    return PeerAuthentication(
+        name=name,
+        namespace=namespace,
+        mode=_enum(MtlsMode, mtls.get("mode"), f"{path}.mtls.mode", MtlsMode.UNSET),
+        selector=_selector(m.get("selector"), f"{path}.selector"),
+        port_modes=tuple(sorted(port_modes, key=lambda pm: pm[0])),
+    )
+
+
+def _peer_auth(value: Any, path: str) -> PeerAuthentication:
+    name, namespace, spec = _named(value, path)
+    return parse_peer_authentication_spec(name, namespace, spec, f"{path}.spec")
+
+
+def _unique(items: tuple[Any, ...], path: str, key: Callable[[Any], str], what: str) -> None:
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        k = key(item)
+        if k in seen:
+            raise StateError(f"{path}[{i}]", f"duplicate {what} {k!r} (first at [{seen[k]}])")
+        seen[k] = i
+
+
+def parse_state(doc: Any) -> MeshConfig:
+    """Validate a whole state document; raise ``StateError`` on the first problem."""
+    m = _mapping(doc, "", {"trustDomain", "workloads", "services", "authorizationPolicies",
+                           "peerAuthentications", "version"})
+    td = _str(m.get("trustDomain"), "trustDomain", required=False, default="cluster.local")
+    workloads = _items(m.get("workloads"), "workloads", lambda v, p: _workload(v, p, td))
+    _unique(workloads, "workloads", lambda w: w.uid, "workload uid")
+    owner: dict[IPAddress, str] = {}
+    for i, w in enumerate(workloads):
+        for j, ip in enumerate(w.addresses):
+            if ip in owner:
+                raise StateError(f"workloads[{i}].addresses[{j}]",
+                                 f"{ip} is already the address of workload {owner[ip]}")
+            owner[ip] = w.uid
+    services = _items(m.get("services"), "services", _service)
+    _unique(services, "services", lambda s: s.key, "service")
+    vips: dict[IPAddress, str] = {}
+    for i, s in enumerate(services):
+        for j, vip in enumerate(s.vips):
+            if vip in vips or vip in owner:
+                other = vips.get(vip) or f"workload {owner[vip]}"
+                raise StateError(f"services[{i}].vips[{j}]", f"{vip} is already used by {other}")
+            vips[vip] = s.key
+    policies = _items(m.get("authorizationPolicies"), "authorizationPolicies", _authz)
+    _unique(policies, "authorizationPolicies", lambda p: p.key, "policy")
+    peer = _items(m.get("peerAuthentications"), "peerAuthentications", _peer_auth)
+    _unique(peer, "peerAuthentications", lambda p: p.key, "peer authentication")
+    return MeshConfig(
+        trust_domain=td,
+        workloads=workloads,
+        services=services,
+        policies=policies,
+        peer_authentications=peer,
+        version=str(m.get("version") or ""),
+    )
+
+
+def load_state_text(text: str) -> MeshConfig:
+    """Parse YAML or JSON text (JSON is YAML) into a validated ``MeshConfig``."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise StateError("", f"not valid YAML/JSON: {e}") from None
+    return parse_state(doc)

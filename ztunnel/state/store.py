@@ -1,0 +1,147 @@
+"""Indexed, immutable snapshots of the mesh state, and the store that swaps them atomically.
+
+The data path asks three questions per connection: who owns this IP, is this IP:port a
+service, and which policies apply to this workload. ``StateSnapshot`` answers each with a dict
+lookup. The store replaces the whole snapshot at once, so a half-applied update is never seen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ztunnel.state.model import (
+    AuthorizationPolicy,
+    IPAddress,
+    MeshConfig,
+    MtlsMode,
+    PeerAuthentication,
+    Protocol,
+    Service,
+    Workload,
+)
+
+
+def _selects(selector: tuple[tuple[str, str], ...], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector)
+
+
+@dataclass(frozen=True)
+class StateSnapshot:
+    config: MeshConfig
+    root_namespace: str = "ambit-system"
+    by_uid: dict[str, Workload] = field(default_factory=dict)
+    by_ip: dict[IPAddress, Workload] = field(default_factory=dict)
+    by_vip: dict[IPAddress, Service] = field(default_factory=dict)
+    by_node: dict[str, tuple[Workload, ...]] = field(default_factory=dict)
+    endpoints: dict[str, tuple[Workload, ...]] = field(default_factory=dict)
+    loaded_at: float = 0.0
+
+    @classmethod
+    def build(cls, config: MeshConfig, root_namespace: str = "ambit-system",
+              now: float | None = None) -> StateSnapshot:
+        by_uid = {w.uid: w for w in config.workloads}
+        by_ip = {ip: w for w in config.workloads for ip in w.addresses}
+        by_vip = {vip: s for s in config.services for vip in s.vips}
+        nodes: dict[str, list[Workload]] = {}
+        for w in config.workloads:
+            nodes.setdefault(w.node, []).append(w)
+        endpoints: dict[str, tuple[Workload, ...]] = {}
+        for s in config.services:
+            # An empty selector selects nothing, as for a Kubernetes Service without selector.
+            endpoints[s.key] = tuple(
+                w for w in config.workloads
+                if s.selector and w.namespace == s.namespace and _selects(s.selector, w.label_map)
+            )
+        return cls(
+            config=config,
+            root_namespace=root_namespace,
+            by_uid=by_uid,
+            by_ip=by_ip,
+            by_vip=by_vip,
+            by_node={k: tuple(v) for k, v in nodes.items()},
+            endpoints=endpoints,
+            loaded_at=time.time() if now is None else now,
+        )
+
+    @property
+    def version(self) -> str:
+        return self.config.version
+
+    def workload_by_ip(self, ip: IPAddress) -> Workload | None:
+        return self.by_ip.get(ip)
+
+    def service_by_vip(self, ip: IPAddress) -> Service | None:
+        return self.by_vip.get(ip)
+
+    def local_workloads(self, node: str) -> tuple[Workload, ...]:
+        return self.by_node.get(node, ())
+
+    def service_endpoints(self, service: Service) -> tuple[Workload, ...]:
+        return self.endpoints.get(service.key, ())
+
+    def policies_for(self, workload: Workload) -> tuple[AuthorizationPolicy, ...]:
+        """Policies selecting ``workload``: mesh-wide (root namespace, no selector),
+        namespace-wide (no selector), and selector matches in its namespace."""
+        labels = workload.label_map
+        out = []
+        for p in self.config.policies:
+            if p.namespace == self.root_namespace and p.selector is None:
+                out.append(p)
+            elif p.namespace == workload.namespace and (
+                p.selector is None or _selects(p.selector, labels)
+            ):
+                out.append(p)
+        return tuple(out)
+
+    def mtls_mode(self, workload: Workload, port: int) -> MtlsMode:
+        """Effective PeerAuthentication mode: workload selector, then namespace, then mesh;
+        port-level settings win within the chosen policy; default PERMISSIVE."""
+        labels = workload.label_map
+        chosen: list[PeerAuthentication] = []
+        for tier in (
+            lambda p: p.namespace == workload.namespace and p.selector is not None
+            and _selects(p.selector, labels),
+            lambda p: p.namespace == workload.namespace and p.selector is None,
+            lambda p: p.namespace == self.root_namespace and p.selector is None,
+        ):
+            matched = sorted((p for p in self.config.peer_authentications if tier(p)),
+                             key=lambda p: p.name)
+            chosen.extend(matched[:1])
+        for p in chosen:
+            mode = dict(p.port_modes).get(port, p.mode)
+            if mode is not MtlsMode.UNSET:
+                return mode
+        return MtlsMode.PERMISSIVE
+
+    def in_mesh(self, workload: Workload | None) -> bool:
+        return workload is not None and workload.protocol is Protocol.HBONE
+
+
+Listener = Callable[[StateSnapshot, StateSnapshot], None]
+
+
+class StateStore:
+    """Holds the current snapshot; ``replace`` swaps it and tells listeners (old, new)."""
+
+    def __init__(self, root_namespace: str = "ambit-system") -> None:
+        self.root_namespace = root_namespace
+        self._current = StateSnapshot.build(MeshConfig(), root_namespace, now=0.0)
+        self._listeners: list[Listener] = []
+        self.ready = False
+
+    @property
+    def current(self) -> StateSnapshot:
+        return self._current
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def replace(self, config: MeshConfig) -> StateSnapshot:
+        old = self._current
+        self._current = StateSnapshot.build(config, self.root_namespace)
+        self.ready = True
+        for listener in self._listeners:
+            listener(old, self._current)
+        return self._current
