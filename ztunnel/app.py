@@ -207,11 +207,15 @@ class Ztunnel:
                    if x.name not in ("admin", "metrics", "readiness")]
         for listener in capture:
             listener.close()
-        self.inbound.goaway()
+        self.inbound.start_drain()
         deadline = self.config.drain_seconds
+        # HBONE connections are long-lived and pooled, so the inbound listener's connection
+        # tasks are not what we wait for: its tunnels are (InboundServer.drain).
+        plain = [x for x in capture if x.name != "inbound"]
         results = await asyncio.gather(
-            *(x.drain(deadline) for x in capture), self.inbound.drain(deadline))
-        cancelled = sum(r for r in results if isinstance(r, int))
+            *(x.drain(deadline) for x in plain), self.inbound.drain(deadline))
+        await asyncio.gather(*(x.drain(1.0) for x in capture if x.name == "inbound"))
+        cancelled = sum(results)
         if cancelled:
             log.warning("drain deadline passed: closed %d connection(s)", cancelled)
         for listener in self.all_listeners():

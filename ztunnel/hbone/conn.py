@@ -194,8 +194,12 @@ class HboneProtocol(asyncio.Protocol):
         self._schedule_flush()
         return stream
 
+    def start_drain(self) -> None:
+        """Refuse new tunnels; open ones continue (see ``HboneConnection.draining``)."""
+        self.core.draining = True
+
     def goaway(self, reason: str = "draining") -> None:
-        """Tell the peer to open no new streams; existing ones may finish."""
+        """Send GOAWAY: the connection carries nothing more after this."""
         self.core.close(0, reason)
         self._flush_now()
 

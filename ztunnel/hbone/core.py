@@ -120,10 +120,18 @@ class HboneConnection:
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
             },
         )
+        # Settings given up front are never "acknowledged", so h2 does not copy them into its
+        # enforcement state: do it here (frame size check, HPACK header-list limit).
         self._h2.max_inbound_frame_size = settings.max_frame_size
+        self._h2.decoder.max_header_list_size = settings.max_header_list_size
         self._streams: dict[int, _Stream] = {}
         self.goaway_received = False
         self.closed = False
+        # Draining: refuse new tunnels with REFUSED_STREAM (safe for the client to retry
+        # elsewhere) while open ones continue. h2 treats GOAWAY as the end of the whole
+        # connection, so GOAWAY is only sent once the open tunnels are done.
+        self.draining = False
+        self.refused_by_peer = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -150,7 +158,7 @@ class HboneConnection:
         return len(self._streams)
 
     def can_open_stream(self) -> bool:
-        if self.closed or self.goaway_received:
+        if self.closed or self.goaway_received or self.refused_by_peer:
             return False
         limit: int = self._h2.remote_settings.max_concurrent_streams
         return len(self._streams) < limit
@@ -318,6 +326,8 @@ class HboneConnection:
                 out.append(StreamEnded(ev.stream_id))
                 self._maybe_done(ev.stream_id, st)
         elif isinstance(ev, h2.events.StreamReset):
+            if ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM and self.client_side:
+                self.refused_by_peer = True  # the peer is draining: open no more streams here
             if ev.stream_id in self._streams:
                 self._forget(ev.stream_id)
                 out.append(StreamReset(ev.stream_id, int(ev.error_code or 0)))
@@ -340,6 +350,10 @@ class HboneConnection:
         method = headers.get(":method", "")
         if self.client_side:
             self.reset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        if self.draining:
+            self.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            out.append(RequestRejected(sid, 503, "draining: new tunnels are refused"))
             return
         if method != "CONNECT" or ":protocol" in headers:
             self.reject_stream(sid, 405)

@@ -37,6 +37,7 @@ class InboundServer:
         self.ctx = ctx
         self.connections: set[HboneProtocol] = set()
         self.tunnels: set[asyncio.Task[None]] = set()
+        self.draining = False
 
     def _error(self, reason: str, detail: str, peer: str) -> None:
         self.ctx.metrics.connection_errors.labels(LISTENER, reason).inc()
@@ -82,6 +83,8 @@ class InboundServer:
             return
         proto = proto_box[0]
         self.connections.add(proto)
+        if self.draining:
+            proto.start_drain()
         try:
             await proto.closed
         finally:
@@ -154,15 +157,23 @@ class InboundServer:
         finally:
             rec.finish()
 
-    def goaway(self) -> None:
+    def start_drain(self) -> None:
+        self.draining = True
         for proto in list(self.connections):
-            proto.goaway("ztunnel draining")
+            proto.start_drain()
 
-    async def drain(self, deadline: float) -> None:
+    async def drain(self, deadline: float) -> int:
+        """Wait for open tunnels up to ``deadline``, then GOAWAY and close every connection.
+        Returns how many tunnels had to be cut."""
         pending = set(self.tunnels)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=deadline)
         for t in pending:
             t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         for proto in list(self.connections):
-            proto.abort()
+            proto.goaway("ztunnel shutting down")
+            if proto.transport is not None:
+                proto.transport.close()
+        return len(pending)

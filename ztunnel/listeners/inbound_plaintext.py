@@ -30,16 +30,17 @@ async def handle(ctx: ProxyContext, sock: socket.socket) -> None:
     rec.source = state.workload_by_ip(source_ip)
     try:
         target = resolve_inbound(state, ctx.node, dest, ctx.reserved_ports)
-        rec.dest_workload = target.destination
-        if target.address is None or target.destination is None:
-            rec.fail("unknown_destination", target.reason, "NR")
+        dst = rec.dest_workload = target.destination
+        # PeerAuthentication first: a STRICT pod refuses plaintext whatever else is wrong.
+        if (dst is not None and dst.node == ctx.node and state.in_mesh(dst)
+                and state.mtls_mode(dst, dest[1]) is MtlsMode.STRICT):
+            rec.fail("denied", f"plaintext refused: PeerAuthentication is STRICT for "
+                     f"{dst.uid}", "DENY")
+            rec.extra["policy"] = "peer-authentication"
             writer.transport.abort()
             return
-        mode = state.mtls_mode(target.destination, dest[1])
-        if mode is MtlsMode.STRICT:
-            rec.fail("denied", f"plaintext refused: PeerAuthentication is STRICT for "
-                     f"{target.destination.uid}", "DENY")
-            rec.extra["policy"] = "peer-authentication"
+        if target.address is None or target.destination is None:
+            rec.fail("unknown_destination", target.reason, "NR")
             writer.transport.abort()
             return
         decision = authorize(state.policies_for(target.destination),

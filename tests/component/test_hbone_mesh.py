@@ -1,0 +1,333 @@
+"""Two ztunnels on loopback: traffic, metrics, policy, identities, reloads, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime as dt
+import json
+import os
+import random
+import ssl
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from ambit.spiffe import SpiffeId
+from controller.ca import CertificateAuthority, write_identity
+from tests.component.harness import (
+    CLIENT_IP,
+    ECHO_IP,
+    ECHO_PORT,
+    OTHER_CLIENT_IP,
+    TD,
+    Mesh,
+    base_state,
+    digest,
+    exchange,
+    mesh,
+    sample,
+)
+
+
+async def roundtrip(m: Mesh, payload: bytes, source: str = CLIENT_IP,
+                    dest: tuple[str, int] = (ECHO_IP, ECHO_PORT)) -> bytes:
+    r, w = await m.connect(dest, source)
+    return await exchange(r, w, payload)
+
+
+async def refused(m: Mesh, source: str = CLIENT_IP,
+                  dest: tuple[str, int] = (ECHO_IP, ECHO_PORT)) -> bool:
+    """True if the tunnel is closed without carrying a byte."""
+    try:
+        got = await asyncio.wait_for(roundtrip(m, b"secret", source, dest), 5)
+    except (ConnectionError, OSError):
+        return True
+    return got == b""
+
+
+async def wait_for(predicate: Any, timeout: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def with_policy(*policies: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    state = base_state()
+    state["authorizationPolicies"] = list(policies)
+    state.update(extra)
+    return state
+
+
+ALLOW_CLIENT = {"name": "allow-client", "namespace": "default", "spec": {
+    "selector": {"matchLabels": {"app": "echo"}},
+    "rules": [{"from": [{"source": {"principals": [f"{TD}/ns/default/sa/client"]}}]}]}}
+DENY_OTHER = {"name": "deny-other", "namespace": "default", "spec": {
+    "action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["other"]}}]}]}}
+
+
+async def test_echo_over_hbone_with_matching_metrics(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        payload = os.urandom(3_000_000)
+        got = await roundtrip(m, payload)
+        assert digest(got) == digest(payload)
+        await asyncio.sleep(0.05)
+        n = float(len(payload))
+        assert sample(m.a, "istio_tcp_sent_bytes_total", reporter="source") == n
+        assert sample(m.a, "istio_tcp_received_bytes_total", reporter="source") == n
+        labels = {"reporter": "destination", "source_workload": "client",
+                  "destination_workload": "echo",
+                  "source_principal": f"spiffe://{TD}/ns/default/sa/client",
+                  "destination_principal": f"spiffe://{TD}/ns/default/sa/echo",
+                  "connection_security_policy": "mutual_tls"}
+        assert sample(m.b, "istio_tcp_received_bytes_total", **labels) == n
+        assert sample(m.b, "istio_tcp_sent_bytes_total", **labels) == n
+        assert sample(m.b, "istio_tcp_connections_opened_total", **labels) == 1
+        assert sample(m.b, "istio_tcp_connections_closed_total", **labels) == 1
+        assert m.echo.received == len(payload)
+        # The echo server saw the ztunnel, never the client directly.
+        assert CLIENT_IP not in m.echo.peers
+
+
+async def test_service_vip_routes_to_endpoint(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        assert await roundtrip(m, b"via service", dest=("127.0.96.10", 80)) == b"via service"
+        assert sample(m.b, "istio_tcp_connections_opened_total", reporter="destination") == 1
+        assert sample(m.a, "istio_tcp_connections_opened_total",
+                      destination_service="echo.default.svc.cluster.local") == 1
+
+
+async def test_allow_policy(tmp_path: Path) -> None:
+    async with mesh(tmp_path, with_policy(ALLOW_CLIENT)) as m:
+        assert await roundtrip(m, b"hello") == b"hello"
+        before = m.echo.received
+        assert await refused(m, source=OTHER_CLIENT_IP)
+        assert m.echo.received == before  # no byte forwarded
+        assert sample(m.b, "ambit_ztunnel_policy_denied_total", direction="destination") == 1
+        assert sample(m.b, "istio_tcp_connections_opened_total", response_flags="DENY") == 1
+        assert sample(m.a, "istio_tcp_connections_opened_total", response_flags="DENY") == 1
+
+
+async def test_deny_policy(tmp_path: Path) -> None:
+    async with mesh(tmp_path, with_policy(DENY_OTHER)) as m:
+        assert await refused(m, source=OTHER_CLIENT_IP)
+        assert await roundtrip(m, b"ok") == b"ok"
+        assert sample(m.b, "ambit_ztunnel_policy_denied_total",
+                      policy="default/deny-other") == 1
+
+
+async def test_wrong_server_identity_is_refused(tmp_path: Path) -> None:
+    state = base_state()
+    async with mesh(tmp_path) as m:
+        # Node A believes the echo pod runs as "imposter"; node B presents "echo".
+        state["workloads"][2]["serviceAccount"] = "imposter"
+        m.write_state(state, "a")
+        await wait_for(lambda: m.a.store.current.config.workloads[2].service_account
+                       == "imposter")
+        assert await refused(m)
+        assert m.echo.received == 0
+        assert sample(m.a, "istio_tcp_connections_opened_total", response_flags="IDENTITY") == 1
+
+
+async def test_strict_rejects_plaintext(tmp_path: Path) -> None:
+    strict = {"name": "strict", "namespace": "default", "spec": {"mtls": {"mode": "STRICT"}}}
+    async with mesh(tmp_path, with_policy(peerAuthentications=[strict])) as m:
+        r, w = await asyncio.open_connection(ECHO_IP, 15006, local_addr=(OTHER_CLIENT_IP, 0))
+        assert await exchange(r, w, b"plaintext") == b""
+        assert sample(m.b, "ambit_ztunnel_policy_denied_total", policy="peer-authentication") == 1
+        # mTLS traffic still flows.
+        assert await roundtrip(m, b"ok") == b"ok"
+        # PERMISSIVE lets plaintext past the mTLS check (here it then meets the loop guard,
+        # because on loopback the original destination is the listener itself).
+        m.write_state(base_state(), "b")
+        await wait_for(lambda: not m.b.store.current.config.peer_authentications)
+        r, w = await asyncio.open_connection(ECHO_IP, 15006, local_addr=(OTHER_CLIENT_IP, 0))
+        assert await exchange(r, w, b"plaintext") == b""
+        assert sample(m.b, "ambit_ztunnel_connection_errors_total",
+                      listener="inbound_plaintext", reason="unknown_destination") == 1
+
+
+async def test_broken_reload_keeps_last_good_state(tmp_path: Path) -> None:
+    async with mesh(tmp_path, with_policy(DENY_OTHER)) as m:
+        good_version = m.b.store.current
+        m.state_b.write_text("workloads:\n  - name: x\n    addresses: [not-an-ip]\n")
+        await wait_for(lambda: sample(m.b, "ambit_config_rejected_total") == 1)
+        assert m.b.store.current is good_version
+        assert m.b.file_source is not None and m.b.file_source.last_error is not None
+        assert "workloads[0]" in m.b.file_source.last_error
+        assert await roundtrip(m, b"still serving") == b"still serving"
+        assert await refused(m, source=OTHER_CLIENT_IP)  # the old policy still applies
+        # A good file is applied again.
+        m.write_state(with_policy(), "b")
+        await wait_for(lambda: sample(m.b, "ambit_config_loaded_total") == 2)
+        assert await roundtrip(m, b"now allowed", source=OTHER_CLIENT_IP) == b"now allowed"
+
+
+async def test_concurrent_connections_arrive_intact(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        rng = random.Random(7)
+        payloads = [rng.randbytes(rng.randrange(1, 200_000)) for _ in range(200)]
+
+        async def one(p: bytes) -> bool:
+            return digest(await roundtrip(m, p)) == digest(p)
+
+        results = await asyncio.wait_for(asyncio.gather(*(one(p) for p in payloads)), 90)
+        assert all(results)
+        assert sample(m.b, "istio_tcp_connections_closed_total", reporter="destination") == 200
+        # Multiplexed: far fewer HBONE connections than tunnels.
+        assert m.a.ctx.pool is not None and m.a.ctx.pool.connections_opened <= 5
+
+
+async def test_garbage_on_15008_closes_only_that_connection(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        r, w = await asyncio.open_connection(ECHO_IP, 15008)
+        w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(500))
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        assert sample(m.b, "ambit_ztunnel_connection_errors_total", reason="tls_handshake") == 1
+        assert await roundtrip(m, b"alive") == b"alive"
+
+
+def _h2_client(m: Mesh, identity: SpiffeId) -> ssl.SSLContext:
+    ctx = m.a.secrets.client_context(identity)
+    return ctx
+
+
+async def _raw_hbone(m: Mesh, headers: list[tuple[str, str]]) -> list[h2.events.Event]:
+    """Speak HTTP/2 over mTLS to ztunnel B by hand; return what it answered."""
+    ctx = _h2_client(m, SpiffeId(TD, "default", "client"))
+    r, w = await asyncio.open_connection(ECHO_IP, 15008, ssl=ctx, server_hostname=ECHO_IP)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, headers, end_stream=True)
+    w.write(conn.data_to_send())
+    events: list[h2.events.Event] = []
+    try:
+        async with asyncio.timeout(5):
+            while not any(isinstance(e, h2.events.ResponseReceived | h2.events.StreamReset |
+                                     h2.events.ConnectionTerminated) for e in events):
+                data = await r.read(65536)
+                if not data:
+                    break
+                events += conn.receive_data(data)
+                w.write(conn.data_to_send())
+    finally:
+        w.close()
+    return events
+
+
+def _status(events: list[h2.events.Event]) -> str | None:
+    for e in events:
+        if isinstance(e, h2.events.ResponseReceived):
+            return dict(e.headers)[b":status"].decode()
+    return None
+
+
+async def test_non_connect_method_gets_405(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        events = await _raw_hbone(m, [(":method", "GET"), (":scheme", "https"), (":path", "/"),
+                                      (":authority", f"{ECHO_IP}:{ECHO_PORT}")])
+        assert _status(events) == "405"
+        assert sample(m.b, "ambit_ztunnel_connection_errors_total", reason="bad_request") == 1
+        assert await roundtrip(m, b"alive") == b"alive"
+
+
+async def test_unknown_destination_gets_400(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        events = await _raw_hbone(m, [(":method", "CONNECT"), (":authority", "127.0.99.9:80")])
+        assert _status(events) == "400"
+        assert sample(m.b, "ambit_ztunnel_connection_errors_total",
+                      reason="unknown_destination") == 1
+
+
+async def test_oversized_headers_close_the_connection(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        events = await _raw_hbone(m, [(":method", "CONNECT"),
+                                      (":authority", f"{ECHO_IP}:{ECHO_PORT}"),
+                                      ("x-big", "a" * 40_000)])
+        assert _status(events) is None
+        assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+        assert await roundtrip(m, b"alive") == b"alive"
+
+
+async def test_expired_client_certificate_is_refused(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        ca_root = m.ids / "trust-bundle.pem"
+        assert ca_root.exists()
+        # Replace the client's certificate with one that expired an hour ago, signed by a CA
+        # the servers trust (re-issue the whole bundle so only expiry is wrong).
+        ca = CertificateAuthority.generate(TD)
+        (m.ids / "trust-bundle.pem").write_bytes(ca.root_pem)
+        for ns, sa in (("default", "echo"), ("other", "other")):
+            write_identity(m.ids, SpiffeId(TD, ns, sa), ca.issue(SpiffeId(TD, ns, sa)))
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
+        ident = SpiffeId(TD, "default", "client")
+        write_identity(m.ids, ident, ca.issue(ident, ttl=dt.timedelta(hours=1), now=past))
+        assert await refused(m)
+        assert sample(m.b, "ambit_ztunnel_connection_errors_total", reason="tls_handshake") >= 1
+        assert m.echo.received == 0
+
+
+async def test_admin_config_dump_and_readiness(tmp_path: Path) -> None:
+    async with mesh(tmp_path, with_policy(ALLOW_CLIENT)) as m:
+        await roundtrip(m, b"x")
+        host, port = m.b.listeners["admin"].address
+        dump = await asyncio.to_thread(lambda: json.load(urllib.request.urlopen(
+            f"http://{host}:{port}/config_dump", timeout=5)))
+        assert dump["node"] == "node-b"
+        assert {w["name"] for w in dump["workloads"]} == {"client", "other", "echo"}
+        assert dump["authorization_policies"][0]["name"] == "allow-client"
+        assert dump["services"][0]["endpoints"] == ["default/echo"]
+        certs = {c["identity"]: c for c in dump["certificates"]}
+        assert certs[f"spiffe://{TD}/ns/default/sa/echo"]["expires_in_seconds"] > 3600
+        rhost, rport = m.b.listeners["readiness"].address
+        ready = await asyncio.to_thread(lambda: urllib.request.urlopen(
+            f"http://{rhost}:{rport}/healthz/ready", timeout=5).status)
+        assert ready == 200
+        mhost, mport = m.b.listeners["metrics"].address
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(
+            f"http://{mhost}:{mport}/metrics", timeout=5).read().decode())
+        assert "istio_tcp_connections_opened_total{" in text
+        assert "process_resident_memory_bytes" in text
+
+
+async def test_drain_lets_open_connections_finish(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        r, w = await m.connect()
+        w.write(b"before ")
+        await w.drain()
+        assert await r.readexactly(7) == b"before "
+        m.b.config.drain_seconds = 3
+        shutdown = asyncio.create_task(m.b.shutdown())
+        await asyncio.sleep(0.2)
+        assert m.b.readiness() == (False, "draining")
+        # The open tunnel still works while draining...
+        w.write(b"during")
+        await w.drain()
+        assert await r.readexactly(6) == b"during"
+        w.write_eof()
+        assert await r.read() == b""
+        w.close()
+        await asyncio.wait_for(shutdown, 5)
+        # ...and new connections are refused once B stopped accepting.
+        assert await refused(m)
+
+
+@pytest.mark.parametrize("payload_size", [0, 1, 16_384, 1_048_577])
+async def test_payload_edge_sizes(tmp_path: Path, payload_size: int) -> None:
+    async with mesh(tmp_path) as m:
+        payload = os.urandom(payload_size)
+        assert await roundtrip(m, payload) == payload
+
+
+def test_state_fixture_is_valid() -> None:
+    from ztunnel.state.parse import parse_state
+
+    parse_state(copy.deepcopy(base_state()))

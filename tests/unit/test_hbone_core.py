@@ -1,0 +1,222 @@
+"""HBONE core: frames in, events out; no sockets."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from ztunnel.hbone import events as ev
+from ztunnel.hbone.core import (
+    HboneConnection,
+    HboneSettings,
+    forwarded_for,
+    parse_authority,
+    parse_forwarded_for,
+)
+
+
+def pump(a: HboneConnection, b: HboneConnection) -> list[ev.Event]:
+    data = a.data_to_send()
+    return b.receive(data) if data else []
+
+
+def pair() -> tuple[HboneConnection, HboneConnection]:
+    c, s = HboneConnection(True), HboneConnection(False)
+    c.initiate()
+    s.initiate()
+    assert pump(c, s) == []
+    assert pump(s, c) == []
+    pump(c, s)  # settings ack
+    return c, s
+
+
+def open_tunnel(c: HboneConnection, s: HboneConnection, authority: str = "10.0.0.1:80") -> int:
+    sid = c.open_stream(authority, [("forwarded", "for=10.0.0.9")])
+    events = pump(c, s)
+    assert events == [ev.ConnectRequest(sid, authority, {"forwarded": "for=10.0.0.9"})]
+    s.accept_stream(sid)
+    assert pump(s, c) == [ev.StreamAccepted(sid)]
+    return sid
+
+
+def transfer(src: HboneConnection, dst: HboneConnection) -> tuple[bytes, list[ev.Event]]:
+    """Move everything queued from src to dst, acking as an application would."""
+    got, other = bytearray(), []
+    for _ in range(1000):
+        events = pump(src, dst)
+        for e in events:
+            if isinstance(e, ev.DataReceived):
+                got += e.data
+                dst.ack(e.stream_id, e.flow_length)
+            else:
+                other.append(e)
+        back = pump(dst, src)
+        other += [e for e in back if not isinstance(e, ev.StreamWritable)]
+        if not events and not back:
+            break
+    return bytes(got), other
+
+
+def test_connect_then_bytes_both_ways_with_half_close() -> None:
+    c, s = pair()
+    sid = open_tunnel(c, s)
+    c.send(sid, b"ping")
+    c.end(sid)
+    got, other = transfer(c, s)
+    assert got == b"ping"
+    assert ev.StreamEnded(sid) in other
+    s.send(sid, b"pong")
+    s.end(sid)
+    got, other = transfer(s, c)
+    assert got == b"pong"
+    assert ev.StreamEnded(sid) in other
+    assert c.active_streams == 0 and s.active_streams == 0
+
+
+def test_large_transfer_respects_flow_control_and_reports_backpressure() -> None:
+    settings = HboneSettings(stream_window=65535, connection_window=65535,
+                             max_frame_size=16384, send_high_water=100_000)
+    c, s = HboneConnection(True, settings), HboneConnection(False, settings)
+    c.initiate()
+    s.initiate()
+    pump(c, s)
+    pump(s, c)
+    pump(c, s)
+    sid = c.open_stream("10.0.0.1:80")
+    pump(c, s)
+    s.accept_stream(sid)
+    pump(s, c)
+    payload = bytes(range(256)) * 4000  # 1 MB, far above the 64 KiB window
+    assert c.send(sid, payload) is False  # over the high-water mark: writer must wait
+    assert c.pending(sid) > 0
+    got, other = transfer(c, s)
+    assert got == payload
+    assert c.pending(sid) == 0
+
+
+def test_unacked_data_stalls_the_sender() -> None:
+    settings = HboneSettings(stream_window=65535, connection_window=65535, max_frame_size=16384)
+    c, s = HboneConnection(True, settings), HboneConnection(False, settings)
+    for x in (c, s):
+        x.initiate()
+    pump(c, s)
+    pump(s, c)
+    pump(c, s)
+    sid = c.open_stream("10.0.0.1:80")
+    pump(c, s)
+    s.accept_stream(sid)
+    pump(s, c)
+    c.send(sid, b"x" * 200_000)
+    received = sum(len(e.data) for e in pump(c, s) if isinstance(e, ev.DataReceived))
+    assert received == 65535  # exactly one window, then nothing until the receiver acks
+    assert pump(c, s) == []
+    assert c.pending(sid) == 200_000 - 65535
+
+
+def test_reset_maps_to_stream_reset() -> None:
+    c, s = pair()
+    sid = open_tunnel(c, s)
+    c.reset(sid)
+    events = pump(c, s)
+    assert len(events) == 1 and isinstance(events[0], ev.StreamReset)
+
+
+def test_refused_tunnel() -> None:
+    c, s = pair()
+    sid = c.open_stream("10.0.0.1:80")
+    pump(c, s)
+    s.reject_stream(sid, 403)
+    assert pump(s, c) == [ev.StreamRefused(sid, 403)]
+
+
+def raw_client() -> h2.connection.H2Connection:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    return conn
+
+
+def test_non_connect_method_is_rejected_with_405() -> None:
+    s = HboneConnection(False)
+    s.initiate()
+    client = raw_client()
+    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "https"),
+                            (":authority", "10.0.0.1:80")], end_stream=True)
+    events = s.receive(client.data_to_send())
+    assert events == [ev.RequestRejected(1, 405, "method 'GET' is not CONNECT")]
+    answers = client.receive_data(s.data_to_send())
+    status = [dict(a.headers)[b":status"] for a in answers
+              if isinstance(a, h2.events.ResponseReceived)]
+    assert status == [b"405"]
+
+
+@pytest.mark.parametrize("authority", ["example.com:80", "10.0.0.1", "10.0.0.1:99999", ":80"])
+def test_bad_authority_is_rejected_with_400(authority: str) -> None:
+    s = HboneConnection(False)
+    s.initiate()
+    client = raw_client()
+    client.send_headers(1, [(":method", "CONNECT"), (":authority", authority)])
+    events = s.receive(client.data_to_send())
+    assert len(events) == 1 and isinstance(events[0], ev.RequestRejected)
+    assert events[0].status == 400
+
+
+def test_garbage_is_a_fatal_protocol_error() -> None:
+    s = HboneConnection(False)
+    s.initiate()
+    events = s.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(events) == 1 and isinstance(events[0], ev.ConnectionTerminated)
+    assert events[0].fatal
+    assert s.data_to_send()  # a GOAWAY goes back
+
+
+def test_oversized_headers_terminate_the_connection() -> None:
+    s = HboneConnection(False, HboneSettings(max_header_list_size=4096))
+    s.initiate()
+    client = raw_client()
+    client.send_headers(1, [(":method", "CONNECT"), (":authority", "10.0.0.1:80"),
+                            ("x-big", "a" * 20000)])
+    events = s.receive(client.data_to_send())
+    assert any(isinstance(e, ev.ConnectionTerminated) and e.fatal for e in events)
+
+
+def test_goaway_stops_new_streams() -> None:
+    c, s = pair()
+    s.close(0, "draining")
+    events = pump(s, c)
+    assert any(isinstance(e, ev.ConnectionTerminated) and not e.fatal for e in events)
+    assert not c.can_open_stream()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("10.1.2.3:8080", (ipaddress.ip_address("10.1.2.3"), 8080)),
+    ("[fd00::1]:443", (ipaddress.ip_address("fd00::1"), 443)),
+])
+def test_parse_authority(text: str, expected: object) -> None:
+    assert parse_authority(text) == expected
+
+
+@pytest.mark.parametrize("ip", ["10.0.0.7", "fd00::7"])
+def test_forwarded_round_trip(ip: str) -> None:
+    addr = ipaddress.ip_address(ip)
+    assert parse_forwarded_for(forwarded_for(addr)) == addr
+    assert parse_forwarded_for("proto=https;for=" + ip if ":" not in ip else "") in (addr, None)
+    assert parse_forwarded_for("by=x") is None
+
+
+def test_draining_server_refuses_new_tunnels_but_keeps_open_ones() -> None:
+    c, s = pair()
+    sid = open_tunnel(c, s)
+    s.draining = True
+    new = c.open_stream("10.0.0.1:80")
+    events = pump(c, s)
+    assert events == [ev.RequestRejected(new, 503, "draining: new tunnels are refused")]
+    back = pump(s, c)
+    assert [type(e) for e in back] == [ev.StreamReset]
+    assert not c.can_open_stream()  # the pool must open a new connection
+    c.send(sid, b"still flowing")
+    got, _ = transfer(c, s)
+    assert got == b"still flowing"

@@ -1,0 +1,144 @@
+"""State documents: what parses, what is rejected (naming the field), and the indexes."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+from typing import Any
+
+import pytest
+
+from ztunnel.state.model import MtlsMode, Protocol
+from ztunnel.state.parse import StateError, load_state_text, parse_state
+from ztunnel.state.store import StateSnapshot, StateStore
+
+GOOD: dict[str, Any] = {
+    "trustDomain": "example.org",
+    "workloads": [
+        {"name": "a", "namespace": "ns1", "serviceAccount": "sa-a", "node": "n1",
+         "addresses": ["10.0.0.1"], "labels": {"app": "a"}, "workloadName": "a-deploy"},
+        {"name": "b", "namespace": "ns1", "node": "n2", "addresses": ["10.0.0.2", "fd00::2"],
+         "labels": {"app": "b", "tier": "x"}, "protocol": "tcp"},
+    ],
+    "services": [{"name": "svc", "namespace": "ns1", "vips": ["10.96.0.1"],
+                  "selector": {"app": "a"}, "ports": [{"port": 80, "targetPort": "8080"}]}],
+    "authorizationPolicies": [
+        {"name": "p1", "namespace": "ns1", "spec": {"selector": {"matchLabels": {"app": "a"}},
+                                                    "rules": [{}]}},
+        {"name": "mesh", "namespace": "ambit-system", "spec": {"action": "DENY", "rules": [
+            {"from": [{"source": {"ipBlocks": ["192.168.0.0/16"]}}]}]}},
+        {"name": "other-ns", "namespace": "ns2", "spec": {"rules": [{}]}},
+    ],
+    "peerAuthentications": [
+        {"name": "ns", "namespace": "ns1", "spec": {"mtls": {"mode": "STRICT"}}},
+        {"name": "wl", "namespace": "ns1", "spec": {
+            "selector": {"matchLabels": {"app": "a"}}, "mtls": {"mode": "UNSET"},
+            "portLevelMtls": {"9090": {"mode": "PERMISSIVE"}}}},
+    ],
+}
+
+
+def test_good_document() -> None:
+    cfg = parse_state(GOOD)
+    assert cfg.trust_domain == "example.org"
+    a, b = cfg.workloads
+    assert a.uid == "ns1/a" and a.owner_name == "a-deploy"
+    assert str(a.identity) == "spiffe://example.org/ns/ns1/sa/sa-a"
+    assert b.service_account == "default" and b.protocol is Protocol.TCP
+    assert cfg.services[0].target_port(80) == 8080
+    assert cfg.services[0].hostname == "svc.ns1.svc.cluster.local"
+
+
+def test_indexes_and_policy_selection() -> None:
+    snap = StateSnapshot.build(parse_state(GOOD))
+    a = snap.workload_by_ip(ipaddress.ip_address("10.0.0.1"))
+    b = snap.workload_by_ip(ipaddress.ip_address("fd00::2"))
+    assert a is not None and b is not None
+    assert [w.name for w in snap.service_endpoints(snap.config.services[0])] == ["a"]
+    assert [p.name for p in snap.policies_for(a)] == ["p1", "mesh"]
+    assert [p.name for p in snap.policies_for(b)] == ["mesh"]
+    assert snap.local_workloads("n2") == (b,)
+    # Workload policy is UNSET, so the namespace STRICT applies, except the port override.
+    assert snap.mtls_mode(a, 8080) is MtlsMode.STRICT
+    assert snap.mtls_mode(a, 9090) is MtlsMode.PERMISSIVE
+    assert snap.mtls_mode(b, 8080) is MtlsMode.STRICT
+
+
+def test_default_mtls_mode_is_permissive() -> None:
+    snap = StateSnapshot.build(parse_state({"workloads": GOOD["workloads"]}))
+    assert snap.mtls_mode(snap.config.workloads[0], 80) is MtlsMode.PERMISSIVE
+
+
+def _bad(path: list[Any], value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(GOOD)
+    target: Any = doc
+    for p in path[:-1]:
+        target = target[p]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return doc
+
+
+REJECTS = [
+    (["workloads", 0, "addresses", 0], "10.0.0.300", "workloads[0].addresses[0]"),
+    (["workloads", 0, "addresses"], [], "workloads[0].addresses"),
+    (["workloads", 0, "node"], KeyError, "workloads[0].node"),
+    (["workloads", 1, "protocol"], "QUIC", "workloads[1].protocol"),
+    (["workloads", 0, "colour"], "red", "workloads[0].colour"),
+    (["workloads", 1, "addresses"], ["10.0.0.1"], "workloads[1].addresses[0]"),
+    (["services", 0, "ports", 0, "targetPort"], "http", "services[0].ports[0].targetPort"),
+    (["services", 0, "vips", 0], "10.0.0.2", "services[0].vips[0]"),
+    (["authorizationPolicies", 0, "spec", "action"], "MAYBE",
+     "authorizationPolicies[0].spec.action"),
+    (["authorizationPolicies", 0, "spec", "rules"], [{"to": [{"operation": {
+        "methods": ["GET"]}}]}], "authorizationPolicies[0].spec.rules[0].to[0].operation.methods"),
+    (["authorizationPolicies", 1, "spec", "rules", 0, "from", 0, "source", "ipBlocks"],
+     ["nonsense"], "authorizationPolicies[1].spec.rules[0].from[0].source.ipBlocks[0]"),
+    (["authorizationPolicies", 0, "spec", "rules"], [{"from": [{"source": {
+        "principals": ["a*b"]}}]}], "authorizationPolicies[0].spec.rules[0].from[0].source"
+     ".principals[0]"),
+    (["authorizationPolicies", 2, "name"], "p1", None),  # different namespace: fine
+    (["peerAuthentications", 0, "spec", "mtls", "mode"], "SOMETIMES",
+     "peerAuthentications[0].spec.mtls.mode"),
+    (["peerAuthentications", 1, "spec", "portLevelMtls"], {"http": {"mode": "STRICT"}},
+     "peerAuthentications[1].spec.portLevelMtls.http"),
+    (["services"], {"name": "x"}, "services"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "field"), REJECTS)
+def test_rejections_name_the_field(path: list[Any], value: Any, field: str | None) -> None:
+    doc = _bad(path, value)
+    if field is None:
+        parse_state(doc)
+        return
+    with pytest.raises(StateError) as err:
+        parse_state(doc)
+    assert err.value.path == field, str(err.value)
+    assert str(err.value).startswith(field + ":")
+
+
+def test_duplicate_policy_rejected() -> None:
+    doc = copy.deepcopy(GOOD)
+    doc["authorizationPolicies"].append(copy.deepcopy(doc["authorizationPolicies"][0]))
+    with pytest.raises(StateError, match=r"authorizationPolicies\[3\]: duplicate policy"):
+        parse_state(doc)
+
+
+def test_yaml_errors_are_state_errors() -> None:
+    with pytest.raises(StateError, match="not valid YAML"):
+        load_state_text("workloads: [")
+    with pytest.raises(StateError, match="expected a mapping"):
+        load_state_text("- 1\n- 2\n")
+
+
+def test_store_swaps_whole_snapshots_and_notifies() -> None:
+    store = StateStore()
+    seen: list[tuple[int, int]] = []
+    store.subscribe(lambda old, new: seen.append((len(old.config.workloads),
+                                                  len(new.config.workloads))))
+    assert not store.ready
+    store.replace(parse_state(GOOD))
+    assert store.ready and seen == [(0, 2)]
