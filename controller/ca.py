@@ -173,7 +173,8 @@ class CertificateAuthority:
             .sign(self.key, hashes.SHA256())
         )
         chain = cert.public_bytes(serialization.Encoding.PEM) + self.root_pem
-        return IssuedCert(key_pem=_pem_key(key) if key else b"", chain_pem=chain, not_after=not_after)
+        key_pem = _pem_key(key) if key else b""
+        return IssuedCert(key_pem=key_pem, chain_pem=chain, not_after=not_after)
 
 
 # Layout of an identity directory, read by the ztunnel's file-based secret source.

@@ -170,13 +170,11 @@ class Ztunnel:
         for w in new.local_workloads(self.config.node):
             if new.in_mesh(w):
                 try:
-                    info = self.secrets.server_context(w.identity) and [
-                        c for c in self.secrets.certificates() if c.identity == w.identity]
-                    for c in info:
-                        self.metrics.cert_expiry.labels(str(c.identity)).set(
-                            c.not_after.timestamp())
+                    self.secrets.server_context(w.identity)
                 except IdentityError as e:
                     log.warning("workload %s: %s", w.uid, e)
+        for c in self.secrets.certificates():
+            self.metrics.cert_expiry.labels(str(c.identity)).set(c.not_after.timestamp())
 
     async def start(self) -> None:
         self.store.subscribe(self._after_state)
@@ -252,14 +250,10 @@ async def serve(config: ZtunnelConfig, stop: asyncio.Event | None = None) -> Non
 def run(config: ZtunnelConfig) -> int:
     """Entry point of ``ambit ztunnel``; returns the exit status."""
     _setup_logging(config.log_level)
-    try:
-        import uvloop
+    import uvloop
 
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a declared dependency
-        runner = asyncio.run
     try:
-        runner(serve(config))
+        uvloop.run(serve(config))
     except BindError as e:
         log.error("%s", e)
         return 1

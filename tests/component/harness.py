@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import hashlib
 import ipaddress
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -160,7 +160,8 @@ class Mesh:
             node=node, state_file=state, identity_dir=self.ids, inbound_bind="workload",
             bind_host=host, outbound_port=0, admin_host=host, admin_port=free_port(host),
             stats_host=host, metrics_port=free_port(host), readiness_port=free_port(host),
-            transparent=False, socket_mark=0, reload_interval=0.05, access_log=os.environ.get("AMBIT_TEST_ACCESS_LOG", ""),
+            transparent=False, socket_mark=0, reload_interval=0.05,
+            access_log=os.environ.get("AMBIT_TEST_ACCESS_LOG", ""),
             drain_seconds=1.0, **kw,
         ).validate()
 

@@ -51,8 +51,8 @@ async def refused(m: Mesh, source: str = CLIENT_IP,
     return got == b""
 
 
-async def wait_for(predicate: Any, timeout: float = 3.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_for(predicate: Any, limit: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + limit
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")

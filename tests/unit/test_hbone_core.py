@@ -93,7 +93,7 @@ def test_large_transfer_respects_flow_control_and_reports_backpressure() -> None
     payload = bytes(range(256)) * 4000  # 1 MB, far above the 64 KiB window
     assert c.send(sid, payload) is False  # over the high-water mark: writer must wait
     assert c.pending(sid) > 0
-    got, other = transfer(c, s)
+    got, _ = transfer(c, s)
     assert got == payload
     assert c.pending(sid) == 0
 

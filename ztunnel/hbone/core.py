@@ -9,6 +9,7 @@ HTTP/2 windows cap single-stream throughput at window/RTT.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
@@ -87,6 +88,15 @@ def parse_forwarded_for(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Add
                 except ValueError:
                     return None
     return None
+
+
+def _text(value: bytes | str) -> str:
+    # With header_encoding set, h2 hands us str at runtime; its annotations say bytes.
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _header_map(headers: object) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in (headers or [])}  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -221,10 +231,8 @@ class HboneConnection:
 
     def reset(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         if stream_id in self._streams:
-            try:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
                 self._h2.reset_stream(stream_id, error_code)
-            except h2.exceptions.StreamClosedError:
-                pass
             self._forget(stream_id)
 
     def ack(self, stream_id: int, flow_length: int) -> None:
@@ -247,10 +255,8 @@ class HboneConnection:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             code = getattr(e, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            try:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._h2.close_connection(error_code=code)
-            except h2.exceptions.ProtocolError:
-                pass
             self.closed = True
             return [ConnectionTerminated(int(code), f"protocol error: {e}", fatal=True)]
         out: list[Event] = []
@@ -303,7 +309,8 @@ class HboneConnection:
             st = self._streams.get(ev.stream_id)
             if st is None:
                 return
-            status = int(dict(ev.headers or []).get(":status", "0"))
+            status_text = _header_map(ev.headers).get(":status", "0")
+            status = int(status_text) if status_text.isdigit() else 0
             if 200 <= status < 300:
                 st.open = True
                 out.append(StreamAccepted(ev.stream_id))
@@ -345,7 +352,7 @@ class HboneConnection:
 
     def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
         sid = ev.stream_id
-        headers = {k: v for k, v in (ev.headers or [])}
+        headers = _header_map(ev.headers)
         self._streams[sid] = _Stream()
         method = headers.get(":method", "")
         if self.client_side:

@@ -36,7 +36,7 @@ def bind_socket(host: str, port: int, transparent: bool = False, backlog: int = 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if transparent:
             try:
-                level = socket.SOL_IPV6 if family == socket.AF_INET6 else socket.SOL_IP
+                level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.SOL_IP
                 opt = 75 if family == socket.AF_INET6 else IP_TRANSPARENT  # IPV6_TRANSPARENT
                 sock.setsockopt(level, opt, 1)
             except PermissionError:

@@ -42,9 +42,11 @@ class FileSource:
         try:
             config = load_state_text(self.path.read_text())
         except OSError as e:
-            return self._reject(f"cannot read {self.path}: {e.strerror}")
+            self._reject(f"cannot read {self.path}: {e.strerror}")
+            return None
         except StateError as e:
-            return self._reject(f"{self.path}: {e}")
+            self._reject(f"{self.path}: {e}")
+            return None
         self.store.replace(config)
         self.last_error = None
         log.info("applied state from %s: %d workloads, %d services, %d policies", self.path,

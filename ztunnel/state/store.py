@@ -87,11 +87,10 @@ class StateSnapshot:
         labels = workload.label_map
         out = []
         for p in self.config.policies:
-            if p.namespace == self.root_namespace and p.selector is None:
-                out.append(p)
-            elif p.namespace == workload.namespace and (
-                p.selector is None or _selects(p.selector, labels)
-            ):
+            mesh_wide = p.namespace == self.root_namespace and p.selector is None
+            selected = p.namespace == workload.namespace and (
+                p.selector is None or _selects(p.selector, labels))
+            if mesh_wide or selected:
                 out.append(p)
         return tuple(out)
 
@@ -99,14 +98,18 @@ class StateSnapshot:
         """Effective PeerAuthentication mode: workload selector, then namespace, then mesh;
         port-level settings win within the chosen policy; default PERMISSIVE."""
         labels = workload.label_map
+        def tier(p: PeerAuthentication) -> int:
+            if p.namespace == workload.namespace and p.selector is not None:
+                return 0 if _selects(p.selector, labels) else 3
+            if p.namespace == workload.namespace:
+                return 1
+            if p.namespace == self.root_namespace and p.selector is None:
+                return 2
+            return 3
+
         chosen: list[PeerAuthentication] = []
-        for tier in (
-            lambda p: p.namespace == workload.namespace and p.selector is not None
-            and _selects(p.selector, labels),
-            lambda p: p.namespace == workload.namespace and p.selector is None,
-            lambda p: p.namespace == self.root_namespace and p.selector is None,
-        ):
-            matched = sorted((p for p in self.config.peer_authentications if tier(p)),
+        for level in (0, 1, 2):
+            matched = sorted((p for p in self.config.peer_authentications if tier(p) == level),
                              key=lambda p: p.name)
             chosen.extend(matched[:1])
         for p in chosen:
