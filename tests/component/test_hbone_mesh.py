@@ -331,3 +331,16 @@ def test_state_fixture_is_valid() -> None:
     from ztunnel.state.parse import parse_state
 
     parse_state(copy.deepcopy(base_state()))
+
+
+async def test_draining_peer_refuses_new_tunnels_and_client_retries(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        r, w = await m.connect()  # opens the pooled HBONE connection to B
+        w.write(b"x")
+        assert await r.readexactly(1) == b"x"
+        for proto in m.b.inbound.connections:  # B refuses new tunnels on this connection
+            proto.start_drain()
+        # The retry lands on a new connection, which B (not shut down) still accepts.
+        assert await roundtrip(m, b"retried") == b"retried"
+        assert m.a.ctx.pool is not None and m.a.ctx.pool.connections_opened == 2
+        w.close()

@@ -42,6 +42,8 @@ class HboneStream:
         self.response: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.headers: dict[str, str] = {}
         self.authority = ""
+        self.reset_code: int | None = None
+        self.refused_status: int | None = None
 
     # called by the protocol
     def _feed(self, data: bytes, flow: int) -> None:
@@ -281,6 +283,7 @@ class HboneProtocol(asyncio.Protocol):
         elif isinstance(e, ev.StreamRefused):
             s = self.streams.pop(e.stream_id, None)
             if s is not None:
+                s.refused_status = e.status
                 s._fail(f"peer refused the tunnel with HTTP {e.status}")
             self._note_idle()
         elif isinstance(e, ev.StreamEnded):
@@ -291,6 +294,7 @@ class HboneProtocol(asyncio.Protocol):
         elif isinstance(e, ev.StreamReset):
             s = self.streams.pop(e.stream_id, None)
             if s is not None:
+                s.reset_code = e.error_code
                 s._fail(f"reset by peer (code {e.error_code})")
             self._note_idle()
         elif isinstance(e, ev.StreamWritable):

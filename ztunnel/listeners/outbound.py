@@ -12,6 +12,8 @@ import asyncio
 import ipaddress
 import socket
 
+import h2.errors
+
 from ztunnel.authz import ConnectionInfo, authorize
 from ztunnel.hbone.conn import StreamError
 from ztunnel.hbone.core import format_authority, forwarded_for
@@ -22,6 +24,7 @@ from ztunnel.routing import OutboundPlan, PlanKind, plan_outbound
 from ztunnel.state.model import IPAddress
 
 LISTENER = "outbound"
+REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
 
 
 async def handle_captured(ctx: ProxyContext, sock: socket.socket) -> None:
@@ -106,24 +109,25 @@ async def _via_hbone(ctx: ProxyContext, plan: OutboundPlan, reader: asyncio.Stre
     key = PoolKey(plan.source.identity, plan.expected_identity,
                   (str(plan.address[0]), plan.address[1]))
     authority = format_authority(*plan.target)
-    try:
-        stream = await ctx.pool.open_stream(
-            key, authority, [("forwarded", forwarded_for(rec.source_ip))]
-        )
-        async with asyncio.timeout(ctx.config.connect_timeout):
-            await stream.response
-    except UpstreamConnectError as e:
-        rec.fail("connect_failed", str(e), e.flag)
-        writer.transport.abort()
-        return
-    except StreamError as e:
-        flags = "DENY" if "403" in str(e) else "UF"
-        rec.fail("denied" if flags == "DENY" else "connect_failed",
-                 f"{key.address[0]}:{key.address[1]}: {e}", flags)
-        writer.transport.abort()
-        return
-    except TimeoutError:
-        rec.fail("connect_failed", f"no answer to CONNECT {authority} from {key.address}", "UF")
+    headers = [("forwarded", forwarded_for(rec.source_ip))]
+    for attempt in (1, 2):
+        try:
+            stream = await ctx.pool.open_stream(key, authority, headers)
+            async with asyncio.timeout(ctx.config.connect_timeout):
+                await stream.response
+            break
+        except UpstreamConnectError as e:
+            rec.fail("connect_failed", str(e), e.flag)
+        except StreamError as e:
+            if stream.reset_code == REFUSED_STREAM and attempt == 1:
+                continue  # the peer is draining that connection; the pool opens another
+            flags = "DENY" if stream.refused_status == 403 else "UF"
+            rec.fail("denied" if flags == "DENY" else "connect_failed",
+                     f"{key.address[0]}:{key.address[1]}: {e}", flags)
+        except TimeoutError:
+            rec.fail("connect_failed", f"no answer to CONNECT {authority} from {key.address}",
+                     "UF")
+            stream.reset()
         writer.transport.abort()
         return
     rec.opened()
