@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import ipaddress
 import os
+import random
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -25,9 +26,12 @@ from controller.ca import CertificateAuthority, write_identity, write_trust_bund
 from ztunnel.app import Ztunnel
 from ztunnel.config import ZtunnelConfig
 
-CLIENT_IP = "127.0.10.1"
-OTHER_CLIENT_IP = "127.0.10.2"
-ECHO_IP = "127.0.20.1"
+# A random 127.N.0.0/16 per test process, so parallel runs on one machine never collide.
+NET = random.Random(os.getpid()).randrange(16, 250)
+CLIENT_IP = f"127.{NET}.10.1"
+OTHER_CLIENT_IP = f"127.{NET}.10.2"
+ECHO_IP = f"127.{NET}.20.1"
+SERVICE_VIP = f"127.{NET}.96.10"
 ECHO_PORT = 8080
 TD = "cluster.local"
 
@@ -44,7 +48,7 @@ def base_state() -> dict[str, Any]:
              "node": "node-b", "addresses": [ECHO_IP], "labels": {"app": "echo"}},
         ],
         "services": [
-            {"name": "echo", "namespace": "default", "vips": ["127.0.96.10"],
+            {"name": "echo", "namespace": "default", "vips": [SERVICE_VIP],
              "selector": {"app": "echo"}, "ports": [{"port": 80, "targetPort": ECHO_PORT}]},
         ],
     }
@@ -142,10 +146,11 @@ class Mesh:
         self.write_state(state or base_state())
         write_certs(self.ids, [("default", "client"), ("other", "other"),
                                ("default", "echo")])
-        self.socks = ("127.0.10.254", free_port("127.0.10.254"))
-        self.a = Ztunnel(self._config("node-a", "127.0.10.254", self.state_a,
+        host_a, host_b = f"127.{NET}.10.254", f"127.{NET}.20.254"
+        self.socks = (host_a, free_port(host_a))
+        self.a = Ztunnel(self._config("node-a", host_a, self.state_a,
                                       socks5_port=self.socks[1], socks5_host=self.socks[0]))
-        self.b = Ztunnel(self._config("node-b", "127.0.20.254", self.state_b))
+        self.b = Ztunnel(self._config("node-b", host_b, self.state_b))
         self.echo = EchoServer()
 
     def write_state(self, state: dict[str, Any], which: str = "ab") -> None:

@@ -24,7 +24,9 @@ from tests.component.harness import (
     CLIENT_IP,
     ECHO_IP,
     ECHO_PORT,
+    NET,
     OTHER_CLIENT_IP,
+    SERVICE_VIP,
     TD,
     Mesh,
     base_state,
@@ -98,7 +100,7 @@ async def test_echo_over_hbone_with_matching_metrics(tmp_path: Path) -> None:
 
 async def test_service_vip_routes_to_endpoint(tmp_path: Path) -> None:
     async with mesh(tmp_path) as m:
-        assert await roundtrip(m, b"via service", dest=("127.0.96.10", 80)) == b"via service"
+        assert await roundtrip(m, b"via service", dest=(SERVICE_VIP, 80)) == b"via service"
         assert sample(m.b, "istio_tcp_connections_opened_total", reporter="destination") == 1
         assert sample(m.a, "istio_tcp_connections_opened_total",
                       destination_service="echo.default.svc.cluster.local") == 1
@@ -241,7 +243,7 @@ async def test_non_connect_method_gets_405(tmp_path: Path) -> None:
 
 async def test_unknown_destination_gets_400(tmp_path: Path) -> None:
     async with mesh(tmp_path) as m:
-        events = await _raw_hbone(m, [(":method", "CONNECT"), (":authority", "127.0.99.9:80")])
+        events = await _raw_hbone(m, [(":method", "CONNECT"), (":authority", f"127.{NET}.99.9:80")])
         assert _status(events) == "400"
         assert sample(m.b, "ambit_ztunnel_connection_errors_total",
                       reason="unknown_destination") == 1
