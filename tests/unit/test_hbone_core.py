@@ -220,3 +220,19 @@ def test_draining_server_refuses_new_tunnels_but_keeps_open_ones() -> None:
     c.send(sid, b"still flowing")
     got, _ = transfer(c, s)
     assert got == b"still flowing"
+
+
+@pytest.mark.parametrize("size", [0, 1, 9, 10, 11, 5000])
+def test_fast_frame_repr_is_identical(size: int) -> None:
+    import binascii
+
+    from ztunnel.hbone._h2fast import _raw_data_repr
+
+    data = bytes(range(256)) * 20
+    data = data[:size]
+    if not data:
+        expected = "None"
+    else:
+        r = binascii.hexlify(data).decode("ascii")
+        expected = "<hex:" + (r[:20] + "..." if len(r) > 20 else r) + ">"
+    assert _raw_data_repr(data) == expected

@@ -21,6 +21,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from ztunnel.hbone import _h2fast
 from ztunnel.hbone.events import (
     ConnectionTerminated,
     ConnectRequest,
@@ -33,6 +34,8 @@ from ztunnel.hbone.events import (
     StreamReset,
     StreamWritable,
 )
+
+_h2fast.install()
 
 
 @dataclass(frozen=True)
