@@ -47,7 +47,9 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _skipped_netns and not _skips_allowed() and session.exitstatus == pytest.ExitCode.OK:
+    # Only turn success into failure; a run that already failed or errored keeps its status.
+    passing = (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+    if _skipped_netns and not _skips_allowed() and session.exitstatus in passing:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

@@ -85,5 +85,5 @@ def authorize(policies: tuple[AuthorizationPolicy, ...], c: ConnectionInfo) -> D
     for p in allows:
         if policy_matches(p, c):
             return Decision(True, p.key, f"allowed by {p.key}", audit)
-    names = ", ".join(p.key for p in allows)
-    return Decision(False, "", f"no ALLOW policy matched (checked {names})", audit)
+    names = ",".join(p.key for p in allows)
+    return Decision(False, names, f"no ALLOW policy matched (checked {names})", audit)

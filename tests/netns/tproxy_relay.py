@@ -74,7 +74,7 @@ async def main(log: Path, ready: Path, ports: list[int]) -> None:
             await _handle(port, log, r, w)
 
         servers.append(await asyncio.start_server(handler, sock=s))
-    ready.write_text("ready\n")
+    await asyncio.to_thread(ready.write_text, "ready\n")
     await asyncio.Event().wait()
 
 

@@ -1,0 +1,23 @@
+# Entry points for developers and CI. Every target first runs hack/setup.sh, which installs
+# missing Debian packages and (re)builds .venv only when pyproject.toml changed.
+
+.PHONY: setup test lint demo bench
+
+setup:
+	hack/setup.sh
+
+# The whole suite: unit, component and netns tests (netns tests need root and never skip).
+test: setup
+	.venv/bin/pytest -q tests
+
+# ruff lint everywhere, mypy --strict over the packages listed in pyproject [tool.mypy].
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+
+# Two-node mesh in network namespaces: cross-node HBONE, a denied client, ztunnel metrics.
+demo: setup
+	.venv/bin/ambit dev demo
+
+bench: setup
+	.venv/bin/python -m bench

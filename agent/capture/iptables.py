@@ -1,0 +1,184 @@
+"""TPROXY capture rules for one node, as pure text: iptables-restore input plus `ip` commands.
+
+Why it exists: in node (shared) mode the ztunnel listens on 15001/15006/15008 in the node's
+network namespace and the kernel must steer enrolled pods' TCP into those listeners without
+rewriting addresses, so the ztunnel can read the original destination from the accepted
+socket. That is TPROXY plus policy routing. Rendering the rules is kept free of I/O so the
+exact rule set is unit-tested; whoever owns the node namespace (the dev topology today, the
+node agent later) applies it with ``iptables-restore`` and ``ip``.
+
+The rule set, all in the ``mangle`` table of the node namespace:
+
+1. Packets carrying the ztunnel's socket mark (``SO_MARK`` 0x539 on every socket it opens) are
+   left alone, so the proxy's own connections can never be captured back into itself.
+2. ``-m socket``: a packet belonging to a socket that already exists here (a reply to one of
+   the ztunnel's connections, or a later segment of an already-captured connection) is marked
+   and delivered to it. Without this, TPROXY would look those packets up as new connections.
+3. TCP entering from an enrolled pod's veth goes to the outbound listener (15001).
+4. TCP for an enrolled pod's IP arriving from anywhere else goes to 15008 if it is HBONE
+   (destination port 15008), else to the plaintext inbound listener (15006).
+
+TPROXY marks what it captures; ``ip rule fwmark MARK lookup TABLE`` with ``local 0.0.0.0/0
+dev lo`` in that table makes the kernel deliver those packets locally even though their
+destination address is not one of the node's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+OUTBOUND_PORT = 15001
+INBOUND_PLAINTEXT_PORT = 15006
+INBOUND_HBONE_PORT = 15008
+# Must equal the ztunnel's ``socket_mark`` (ztunnel/config.py).
+ZTUNNEL_SOCKET_MARK = 0x539
+# Istio's choice too: distinct from 0x539 under the 0xfff mask, so the proxy's own packets
+# never match the policy-routing rule.
+TPROXY_MARK = 0x111
+MARK_MASK = 0xFFF
+ROUTE_TABLE = 100
+RULE_PRIORITY = 100
+
+CHAIN = "AMBIT_PREROUTING"
+DIVERT_CHAIN = "AMBIT_DIVERT"
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_RESERVED_TABLES = {0, 253, 254, 255}  # unspec, default, main, local
+
+
+class CaptureConfigError(ValueError):
+    """The capture settings cannot produce a correct rule set; the message says why."""
+
+
+@dataclass(frozen=True)
+class CaptureRules:
+    """What to apply inside the node namespace.
+
+    ``iptables_restore`` is a complete ``mangle`` table for ``iptables-restore`` (without
+    ``--noflush`` it replaces that table, so re-applying after enrolling another pod is
+    idempotent). ``ip_commands`` are argument lists for ``ip`` (``ip -n NODE <args>``).
+    """
+
+    iptables_restore: str
+    ip_commands: tuple[tuple[str, ...], ...]
+
+
+def _ipv4(text: str) -> str:
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise CaptureConfigError(f"pod IP {text!r} is not an IP address") from None
+    if addr.version != 4:
+        raise CaptureConfigError(f"pod IP {text}: only IPv4 capture is supported (no ip6tables)")
+    return str(addr)
+
+
+def _ifname(text: str) -> str:
+    if not _IFNAME.match(text):
+        raise CaptureConfigError(
+            f"pod interface {text!r} is not an interface name (1-15 of [A-Za-z0-9_.-])"
+        )
+    return text
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))  # keeps order, so the output is deterministic
+
+
+def render_capture(
+    pod_ifaces: Iterable[str],
+    pod_ips: Iterable[str],
+    *,
+    outbound_port: int = OUTBOUND_PORT,
+    inbound_plaintext_port: int = INBOUND_PLAINTEXT_PORT,
+    inbound_port: int = INBOUND_HBONE_PORT,
+    socket_mark: int = ZTUNNEL_SOCKET_MARK,
+    tproxy_mark: int = TPROXY_MARK,
+    mark_mask: int = MARK_MASK,
+    table: int = ROUTE_TABLE,
+    rule_priority: int = RULE_PRIORITY,
+) -> CaptureRules:
+    """Render the capture of the enrolled pods of one node.
+
+    ``pod_ifaces`` are the node-side veth names of the enrolled pods (their outbound traffic
+    enters the node there); ``pod_ips`` are their addresses (inbound traffic is addressed to
+    them). Either may be empty.
+    """
+    ifaces = _unique(_ifname(i) for i in pod_ifaces)
+    ips = _unique(_ipv4(a) for a in pod_ips)
+    ports = {
+        "outbound_port": outbound_port,
+        "inbound_plaintext_port": inbound_plaintext_port,
+        "inbound_port": inbound_port,
+    }
+    for name, port in ports.items():
+        if not 1 <= port <= 65535:
+            raise CaptureConfigError(f"{name}: {port} is not a TCP port (1-65535)")
+    if len(set(ports.values())) != len(ports):
+        raise CaptureConfigError(f"capture ports must differ, got {ports}")
+    if not 0 < mark_mask <= 0xFFFFFFFF:
+        raise CaptureConfigError(f"mark_mask: {mark_mask:#x} must be a non-zero 32-bit mask")
+    if tproxy_mark == 0 or tproxy_mark & ~mark_mask:
+        raise CaptureConfigError(
+            f"tproxy_mark: {tproxy_mark:#x} must be non-zero and inside mark_mask {mark_mask:#x}"
+        )
+    if socket_mark & mark_mask in (0, tproxy_mark):
+        raise CaptureConfigError(
+            f"socket_mark: {socket_mark:#x} must be non-zero and differ from tproxy_mark "
+            f"{tproxy_mark:#x} under mark_mask {mark_mask:#x}, or the proxy's own packets "
+            "would be captured"
+        )
+    if not 0 < table < 2**32 or table in _RESERVED_TABLES:
+        raise CaptureConfigError(
+            f"table: {table} must be a routing table id other than 0, 253, 254, 255"
+        )
+    if not 0 < rule_priority < 32766:
+        raise CaptureConfigError(
+            f"rule_priority: {rule_priority} must be in 1-32765 (before the main table)"
+        )
+
+    mark = f"{tproxy_mark:#x}/{mark_mask:#x}"
+    lines = [
+        "# Ambit TPROXY capture (agent/capture/iptables.py); replaces the mangle table.",
+        "*mangle",
+        ":PREROUTING ACCEPT [0:0]",
+        ":INPUT ACCEPT [0:0]",
+        ":FORWARD ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]",
+        f":{CHAIN} - [0:0]",
+        f":{DIVERT_CHAIN} - [0:0]",
+        f"-A PREROUTING -p tcp -j {CHAIN}",
+        f"-A {DIVERT_CHAIN} -j MARK --set-xmark {mark}",
+        f"-A {DIVERT_CHAIN} -j ACCEPT",
+        "# The ztunnel's own connections (SO_MARK) are never captured.",
+        f"-A {CHAIN} -m mark --mark {socket_mark:#x}/{mark_mask:#x} -j RETURN",
+        "# Packets of sockets that already exist here go straight to them.",
+        f"-A {CHAIN} -p tcp -m socket -j {DIVERT_CHAIN}",
+    ]
+    if ifaces:
+        lines.append("# Outbound: TCP leaving enrolled pods.")
+    for iface in ifaces:
+        lines.append(
+            f"-A {CHAIN} -i {iface} -p tcp -j TPROXY --on-port {outbound_port} --tproxy-mark {mark}"
+        )
+    if ips:
+        lines.append("# Inbound: TCP to enrolled pods, HBONE on its port, everything else plain.")
+    for ip in ips:
+        lines.append(
+            f"-A {CHAIN} -d {ip}/32 -p tcp -m tcp --dport {inbound_port} "
+            f"-j TPROXY --on-port {inbound_port} --tproxy-mark {mark}"
+        )
+        lines.append(
+            f"-A {CHAIN} -d {ip}/32 -p tcp "
+            f"-j TPROXY --on-port {inbound_plaintext_port} --tproxy-mark {mark}"
+        )
+    lines += ["COMMIT", ""]
+    ip_commands = (
+        ("rule", "add", "priority", str(rule_priority), "fwmark", mark, "lookup", str(table)),
+        ("route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", str(table)),
+    )
+    return CaptureRules("\n".join(lines), ip_commands)

@@ -1,0 +1,22 @@
+"""`ambit dev demo` end to end: every check passes and nothing is left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ambit.dev import demo, netns
+
+pytestmark = pytest.mark.netns
+
+
+def test_demo_passes_and_cleans_up(tmp_path: Path) -> None:
+    lines: list[str] = []
+    status = demo.run(tmp_path, out=lines.append)
+    text = "\n".join(lines)
+    assert status == 0, text
+    assert "4/4 checks passed" in text
+    assert "PASS  denied client is refused" in text
+    assert "istio_tcp_connections_opened_total{reporter=destination" in text
+    assert not [n for n in netns.list_netns() if n.startswith(netns.netns_prefix())]
