@@ -72,9 +72,9 @@ def plan_outbound(
         target_port = service.target_port(port)
         if target_port is None:
             return _deny(f"service {service.key} has no port {port}", source, service)
-        endpoints = [w for w in state.service_endpoints(service) if w.addresses]
+        endpoints = [w for w in state.service_endpoints(service) if w.healthy]
         if not endpoints:
-            return _deny(f"service {service.key} has no endpoints", source, service)
+            return _deny(f"service {service.key} has no healthy endpoints", source, service)
         chosen = endpoints[pick(len(endpoints)) % len(endpoints)]
         return _to_workload(state, node, source, chosen, (chosen.addresses[0], target_port),
                             service, hbone_port)

@@ -346,3 +346,76 @@ async def test_draining_peer_refuses_new_tunnels_and_client_retries(tmp_path: Pa
         assert await roundtrip(m, b"retried") == b"retried"
         assert m.a.ctx.pool is not None and m.a.ctx.pool.connections_opened == 2
         w.close()
+
+
+async def test_listener_on_a_socket_opened_elsewhere(tmp_path: Path) -> None:
+    """A capture listener can be any bound socket (e.g. one opened in a pod's netns)."""
+    from ztunnel.listeners.base import bind_socket
+
+    async with mesh(tmp_path) as m:
+        sock = bind_socket(ECHO_IP, 25008)
+        listener = m.b.add_listener("inbound", sock)
+        try:
+            assert listener.address == (ECHO_IP, 25008)
+            # Speak HBONE to it as ztunnel A would: the pool dials the address we give it.
+            assert m.a.ctx.pool is not None
+            from ztunnel.hbone.pool import PoolKey
+
+            key = PoolKey(SpiffeId(TD, "default", "client"), SpiffeId(TD, "default", "echo"),
+                          (ECHO_IP, 25008))
+            stream = await m.a.ctx.pool.open_stream(key, f"{ECHO_IP}:{ECHO_PORT}")
+            assert await asyncio.wait_for(stream.response, 5) == 200
+            await stream.write(b"hi")
+            stream.write_eof()
+            data, flow = await stream.read()
+            stream.consumed(flow)
+            assert data == b"hi"
+        finally:
+            listener.close()
+
+
+async def test_cli_process_serves_and_drains_on_sigterm(tmp_path: Path) -> None:
+    """`ambit ztunnel` as a process: ready on 15021, exits 0 on SIGTERM within the drain."""
+    import signal
+    import sys
+
+    from tests.component.harness import free_port, write_certs
+
+    ids = tmp_path / "ids"
+    write_certs(ids, [("default", "echo")])
+    state = tmp_path / "state.yaml"
+    import yaml
+
+    state.write_text(yaml.safe_dump(base_state()))
+    host = f"127.{NET}.30.1"
+    ready_port = free_port(host)
+    argv = [sys.executable, "-m", "ambit.cli", "ztunnel", "--node", "node-b", "--state",
+            str(state), "--identity-dir", str(ids), "--inbound-bind", "workload",
+            "--outbound-port", "0", "--no-transparent", "--admin-host", host, "--admin-port",
+            str(free_port(host)), "--stats-host", host, "--metrics-port",
+            str(free_port(host)), "--readiness-port", str(ready_port), "--drain-seconds", "1",
+            "--inbound-port", str(free_port(host)), "--inbound-plaintext-port",
+            str(free_port(host))]
+    proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            try:
+                status = await asyncio.to_thread(lambda: urllib.request.urlopen(
+                    f"http://{host}:{ready_port}/healthz/ready", timeout=1).status)
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.returncode is None, "ztunnel exited early"
+            assert asyncio.get_running_loop().time() < deadline, "never became ready"
+            await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        assert proc.stderr is not None
+        log = (await proc.stderr.read()).decode()
+        assert "draining" in log and "ztunnel stopped" in log
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -23,6 +23,8 @@ STATE = parse_state({
         {"name": "elsewhere", "namespace": "default", "node": "b", "addresses": ["10.0.2.4"]},
         {"name": "unenrolled-client", "namespace": "default", "node": "a",
          "addresses": ["10.0.1.9"], "protocol": "TCP"},
+        {"name": "sick", "namespace": "default", "node": "b", "addresses": ["10.0.2.9"],
+         "labels": {"app": "sick"}, "status": "Unhealthy"},
     ],
     "services": [
         {"name": "srv", "namespace": "default", "vips": ["10.96.0.1"],
@@ -31,6 +33,8 @@ STATE = parse_state({
          "selector": {"app": "legacy"}, "ports": [{"port": 80}]},
         {"name": "empty", "namespace": "default", "vips": ["10.96.0.3"],
          "selector": {"app": "nothing"}, "ports": [{"port": 80}]},
+        {"name": "sick", "namespace": "default", "vips": ["10.96.0.4"],
+         "selector": {"app": "sick"}, "ports": [{"port": 80}]},
     ],
 })
 SNAP = StateSnapshot.build(STATE)
@@ -47,6 +51,8 @@ CASES = [
     ("10.0.1.1", ("1.1.1.1", 443), 0, PlanKind.PASSTHROUGH, ("1.1.1.1", 443), None),
     ("10.0.1.1", ("10.96.0.1", 81), 0, PlanKind.DENY, None, None),  # no such service port
     ("10.0.1.1", ("10.96.0.3", 80), 0, PlanKind.DENY, None, None),  # no endpoints
+    ("10.0.1.1", ("10.96.0.4", 80), 0, PlanKind.DENY, None, None),  # only unhealthy ones
+    ("10.0.1.1", ("10.0.2.9", 80), 0, PlanKind.HBONE, ("10.0.2.9", 15008), "default"),
     ("10.0.9.9", ("10.0.2.2", 8080), 0, PlanKind.DENY, None, None),  # unknown source
     ("10.0.2.4", ("10.0.2.2", 8080), 0, PlanKind.DENY, None, None),  # source on other node
     ("10.0.1.9", ("10.0.2.2", 8080), 0, PlanKind.DENY, None, None),  # source not enrolled

@@ -35,6 +35,8 @@ class Workload:
     labels: tuple[tuple[str, str], ...] = ()
     workload_name: str = ""
     protocol: Protocol = Protocol.HBONE
+    # Readiness as the registry reports it; unhealthy pods get no service traffic.
+    healthy: bool = True
 
     @property
     def identity(self) -> SpiffeId:

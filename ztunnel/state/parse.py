@@ -127,7 +127,7 @@ def _workload(value: Any, path: str, trust_domain: str) -> Workload:
         value,
         path,
         {"uid", "name", "namespace", "serviceAccount", "node", "addresses", "labels",
-         "workloadName", "protocol"},
+         "workloadName", "protocol", "status"},
     )
     name = _str(m.get("name"), f"{path}.name")
     namespace = _str(m.get("namespace"), f"{path}.namespace")
@@ -151,7 +151,17 @@ def _workload(value: Any, path: str, trust_domain: str) -> Workload:
         labels=_labels(m.get("labels"), f"{path}.labels"),
         workload_name=_str(m.get("workloadName"), f"{path}.workloadName", required=False),
         protocol=_enum(Protocol, m.get("protocol"), f"{path}.protocol", Protocol.HBONE),
+        healthy=_status(m.get("status"), f"{path}.status"),
     )
+
+
+def _status(value: Any, path: str) -> bool:
+    if value is None:
+        return True
+    text = str(value).lower()
+    if text not in ("healthy", "unhealthy"):
+        raise StateError(path, f"{value!r} is not Healthy or Unhealthy")
+    return text == "healthy"
 
 
 def _service_port(value: Any, path: str) -> ServicePort:
