@@ -1,0 +1,92 @@
+"""The two measurements, run between the client and server pod namespaces.
+
+Why separate from the setups: direct, Envoy and ambit differ only in which proxies run and which
+address the client dials; throughput and latency are measured identically for all three, by the
+same tools with the same settings, which is what makes the columns of the table comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.procs import BenchError, Proc, ProcessSet, in_netns, wait_until
+
+IPERF_PORT = 5201
+RR_PORT = 7000
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Knobs shared by every setup of one run (recorded in results.json)."""
+
+    duration: float = 10.0
+    rate: float = 1000.0
+    connections: int = 1
+    size: int = 1024
+    warmup: float = 1.0
+    iperf_omit: int = 1  # seconds of TCP slow start left out of the throughput
+
+
+def start_servers(procs: ProcessSet, server_ns: str, server_ip: str, workdir: Path,
+                  tag: str) -> list[Proc]:
+    """iperf3 and the echo server in the server pod; returns once both listen."""
+    iperf = procs.start(f"{tag}-iperf3-server", in_netns(server_ns, [
+        "iperf3", "-s", "-B", server_ip, "-p", str(IPERF_PORT), "--forceflush"]))
+    ready = workdir / f"{tag}-rr-ready"
+    ready.unlink(missing_ok=True)
+    rr = procs.start(f"{tag}-rr-server", in_netns(server_ns, [
+        sys.executable, "-m", "bench.rr", "server", "--bind", server_ip, "--port", str(RR_PORT),
+        "--max-seconds", "3600", "--ready-file", str(ready)]), cwd=REPO_ROOT)
+    wait_until("iperf3 server to listen", iperf,
+               lambda: "Server listening" in iperf.log_path.read_text(errors="replace"),
+               timeout=10)
+    wait_until("echo server to listen", rr, ready.exists, timeout=15)
+    return [iperf, rr]
+
+
+def _run_json(argv: list[str], timeout: float, what: str) -> dict[str, Any]:
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                            cwd=REPO_ROOT)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what} did not finish within {timeout:.0f}s") from None
+    try:
+        data = json.loads(cp.stdout) if cp.stdout.strip() else {}
+    except json.JSONDecodeError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    if cp.returncode != 0 or not data or "error" in data:
+        detail = data.get("error") or cp.stderr.strip() or cp.stdout.strip()[-500:]
+        raise BenchError(f"{what} failed (exit {cp.returncode}): {detail}")
+    return data
+
+
+def throughput(client_ns: str, host: str, port: int, s: Settings) -> tuple[float, int]:
+    """Single-stream iperf3 from the client pod; (Gbit/s at the receiver, retransmits)."""
+    data = _run_json(
+        in_netns(client_ns, ["iperf3", "-c", host, "-p", str(port), "-t", f"{s.duration:g}",
+                             "-O", str(s.iperf_omit), "-P", "1", "-J",
+                             "--connect-timeout", "5000"]),
+        timeout=s.duration + s.iperf_omit + 30, what="iperf3 client")
+    end = data["end"]
+    bps = float(end["sum_received"]["bits_per_second"])
+    retr = int(end.get("sum_sent", {}).get("retransmits", 0))
+    return bps / 1e9, retr
+
+
+def latency(client_ns: str, host: str, port: int, s: Settings) -> dict[str, Any]:
+    """Fixed-rate 1 KiB request/response from the client pod (bench/rr.py); its JSON summary."""
+    return _run_json(
+        in_netns(client_ns, [
+            sys.executable, "-m", "bench.rr", "client", "--host", host, "--port", str(port),
+            "--rate", f"{s.rate:g}", "--duration", f"{s.duration:g}",
+            "--warmup", f"{s.warmup:g}", "--connections", str(s.connections),
+            "--size", str(s.size)]),
+        timeout=s.warmup + s.duration + 40, what="latency client (bench.rr)")
