@@ -10,13 +10,14 @@ certificate looks like".
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ambit.spiffe import SpiffeId
@@ -27,11 +28,17 @@ ROOT_TTL = dt.timedelta(days=3650)
 BACKDATE = dt.timedelta(minutes=5)
 
 
+# Keys the CA signs with, and workload keys it certifies (the gRPC CA accepts P-256 or RSA>=2048
+# CSRs; `ambit dev certs` generates P-256).
+CaKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+WorkloadPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _pem_key(key: CaKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -49,9 +56,10 @@ class IssuedCert:
 
 
 class CertificateAuthority:
-    """A self-signed root that signs workload certificates (ECDSA P-256)."""
+    """A self-signed root that signs workload certificates (generated roots are ECDSA P-256;
+    a user-supplied root may also be RSA)."""
 
-    def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+    def __init__(self, key: CaKey, cert: x509.Certificate) -> None:
         self.key = key
         self.cert = cert
 
@@ -107,8 +115,8 @@ class CertificateAuthority:
     @classmethod
     def load(cls, key_pem: bytes, cert_pem: bytes) -> CertificateAuthority:
         key = serialization.load_pem_private_key(key_pem, password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError("the CA key must be an ECDSA key")
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise ValueError("the CA key must be an ECDSA or RSA key")
         return cls(key, x509.load_pem_x509_certificate(cert_pem))
 
     @property
@@ -124,10 +132,15 @@ class CertificateAuthority:
         identity: SpiffeId,
         ttl: dt.timedelta = DEFAULT_WORKLOAD_TTL,
         now: dt.datetime | None = None,
-        public_key: ec.EllipticCurvePublicKey | None = None,
+        public_key: WorkloadPublicKey | None = None,
         key: ec.EllipticCurvePrivateKey | None = None,
+        dns_names: tuple[str, ...] = (),
+        ip_addresses: tuple[str, ...] = (),
     ) -> IssuedCert:
-        """Sign a certificate for ``identity``; generate the key pair unless one is given."""
+        """Sign a certificate for ``identity``; generate the key pair unless one is given.
+
+        ``dns_names``/``ip_addresses`` add SANs for a serving certificate (the controller's
+        gRPC endpoint is dialled by address, so clients check those, not the SPIFFE ID)."""
         now = now or _now()
         if public_key is None:
             key = key or ec.generate_private_key(ec.SECP256R1())
@@ -142,7 +155,11 @@ class CertificateAuthority:
             .not_valid_before(now - BACKDATE)
             .not_valid_after(not_after)
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
+                x509.SubjectAlternativeName([
+                    x509.UniformResourceIdentifier(str(identity)),
+                    *(x509.DNSName(d) for d in dns_names),
+                    *(x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses),
+                ]),
                 critical=True,  # the subject is empty, so RFC 5280 wants the SAN critical
             )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

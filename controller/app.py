@@ -1,0 +1,166 @@
+"""The ``ambit controller`` process: registry in, state push and certificates out.
+
+It watches a registry (embedded SQLite by default, Kubernetes when configured), translates each
+change into the ztunnels' mesh state and publishes it on the gRPC ``StateService``; it also
+serves the mesh CA (``CertificateService``) on the same port. gRPC runs over TLS with a serving
+certificate from the mesh root, so a ztunnel that holds the trust bundle can verify it;
+``insecure`` serves plaintext for loopback development and tests only. Monitoring (Prometheus
+``/metrics`` and ``/ready``) is on its own port, as istiod's 15014.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+from ambit.spiffe import SpiffeId
+from controller.api.ambit.v1 import state_pb2_grpc
+from controller.ca import CertificateAuthority
+from controller.push import StatePublisher, StateService
+from ztunnel.listeners.base import Listener, bind_socket
+from ztunnel.listeners.http import Response, serve_http
+from ztunnel.state.model import MeshConfig
+
+log = logging.getLogger("controller")
+
+GRPC_PORT = 15012
+MONITORING_PORT = 15014
+CONTROLLER_IDENTITY = ("ambit-system", "ambit-controller")
+
+
+class StateFeed(Protocol):
+    """A registry, seen as a stream of translated mesh states (one per change)."""
+
+    def states(self) -> AsyncIterator[MeshConfig]: ...
+
+
+@dataclasses.dataclass
+class ControllerConfig:
+    trust_domain: str = "cluster.local"
+    listen_host: str = "0.0.0.0"
+    grpc_port: int = GRPC_PORT
+    monitoring_host: str = "0.0.0.0"
+    monitoring_port: int = MONITORING_PORT
+    # Names ztunnels use to dial the controller; they go into the serving certificate.
+    serving_names: tuple[str, ...] = ("ambit-controller.ambit-system.svc", "localhost")
+    serving_ips: tuple[str, ...] = ("127.0.0.1",)
+    insecure: bool = False
+
+
+def serving_credentials(ca: CertificateAuthority, config: ControllerConfig) \
+        -> grpc.ServerCredentials:
+    ident = SpiffeId(config.trust_domain, *CONTROLLER_IDENTITY)
+    ips = tuple(dict.fromkeys((*config.serving_ips,
+                               *([config.listen_host] if config.listen_host not in
+                                 ("0.0.0.0", "::") else []))))
+    issued = ca.issue(ident, ttl=dt.timedelta(days=365), dns_names=config.serving_names,
+                      ip_addresses=ips)
+    return grpc.ssl_server_credentials([(issued.key_pem, issued.chain_pem)])
+
+
+class Controller:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        feed: StateFeed,
+        ca: CertificateAuthority,
+        add_services: Callable[[grpc.aio.Server], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.feed = feed
+        self.ca = ca
+        self.metrics = CollectorRegistry(auto_describe=True)
+        self.publisher = StatePublisher(self.metrics)
+        self.feed_errors = Counter("ambit_controller_feed_errors",
+                                   "Registry watch failures (the last state keeps serving)",
+                                   registry=self.metrics)
+        self._add_services = add_services
+        self.server: grpc.aio.Server | None = None
+        self.grpc_port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._monitoring: Listener | None = None
+
+    def _route(self, method: str, target: str) -> Response:
+        path = target.split("?", 1)[0]
+        if path == "/metrics":
+            return Response(200, generate_latest(self.metrics),
+                            "text/plain; version=0.0.4; charset=utf-8")
+        if path in ("/ready", "/healthz/ready"):
+            ok = self.publisher.ready.is_set()
+            return Response(200 if ok else 503,
+                            b"ready\n" if ok else b"waiting for the first registry state\n")
+        return Response(404, b"try /metrics or /ready\n")
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async for config in self.feed.states():
+                    self.publisher.publish(config)
+                    log.info("state version %s: %d workloads, %d services, %d policies",
+                             config.version, len(config.workloads), len(config.services),
+                             len(config.policies))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the registry failing must not stop the push
+                self.feed_errors.inc()
+                log.error("registry watch failed (%s: %s); retrying, last state keeps serving",
+                          type(e).__name__, e)
+            await asyncio.sleep(1)
+
+    async def start(self) -> None:
+        c = self.config
+        self.server = grpc.aio.server()
+        state_pb2_grpc.add_StateServiceServicer_to_server(StateService(self.publisher),
+                                                          self.server)
+        if self._add_services is not None:
+            self._add_services(self.server)
+        address = f"{c.listen_host}:{c.grpc_port}"
+        if c.insecure:
+            self.grpc_port = self.server.add_insecure_port(address)
+        else:
+            self.grpc_port = self.server.add_secure_port(address,
+                                                         serving_credentials(self.ca, c))
+        if not self.grpc_port:
+            raise OSError(f"cannot listen on {address} for gRPC")
+        await self.server.start()
+        log.info("gRPC (state push, CA) on %s:%d (%s)", c.listen_host, self.grpc_port,
+                 "plaintext" if c.insecure else "TLS")
+        if c.monitoring_port:
+            self._monitoring = Listener("monitoring",
+                                        bind_socket(c.monitoring_host, c.monitoring_port),
+                                        serve_http(self._route))
+            self._monitoring.start()
+        self._tasks.append(asyncio.create_task(self._follow()))
+
+    async def stop(self, grace: float = 1.0) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._monitoring is not None:
+            self._monitoring.close()
+        if self.server is not None:
+            await self.server.stop(grace)
+
+
+async def serve(controller: Controller, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await controller.start()
+    try:
+        await stop.wait()
+    finally:
+        await controller.stop()
+
+
