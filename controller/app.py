@@ -17,7 +17,6 @@ import datetime as dt
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Protocol
 
 import grpc
