@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ambit import __version__
+from controller.registry import commands as registry_commands
 
 
 class UsageError(Exception):
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_ztunnel(sub)
     _add_dev(sub)
+    registry_commands.add_commands(sub)
     return parser
 
 
@@ -158,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ambit.dev.demo import main as demo_main
 
             return demo_main(keep=args.keep, workdir=args.workdir, do_cleanup=args.cleanup)
-    except UsageError as e:
+        if args.command in registry_commands.COMMANDS:
+            return registry_commands.run(args)
+    except (UsageError, registry_commands.CommandError) as e:
         parser.exit(2, f"ambit: error: {e}\n")
     parser.error(f"unknown command {args.command!r}")
     return 2

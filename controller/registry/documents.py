@@ -1,0 +1,433 @@
+"""Kubernetes-shaped YAML documents to registry records and back.
+
+Why: embedded mode is managed with the same YAML people write for Kubernetes (``kind``,
+``metadata``, ``spec``; policies exactly as the CRDs take them), so a file moves between the
+two modes unchanged. Validation is strict and names the field (``spec.addresses[1]: ...``):
+embedded mode has no API server to catch mistakes, and an unnoticed typo in a label or policy
+is a silent hole in the mesh. Records are stored as the canonical documents ``to_document``
+produces and read back through ``parse_document``, so there is one parser for both.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from controller.registry.model import (
+    AMBIENT,
+    DATAPLANE_MODE_LABEL,
+    OPT_OUT,
+    AuthorizationPolicy,
+    Labels,
+    Namespace,
+    PeerAuthentication,
+    Pod,
+    Record,
+    Service,
+    ServicePort,
+)
+from ztunnel.state.model import IPAddress
+from ztunnel.state.parse import StateError, parse_authorization_spec, parse_peer_authentication_spec
+
+DEFAULT_NAMESPACE = "default"
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    api_version: str
+    namespaced: bool
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("Namespace", "v1", namespaced=False),
+    Kind("Workload", "ambit.dev/v1", namespaced=True),
+    Kind("Service", "v1", namespaced=True),
+    Kind("AuthorizationPolicy", "security.ambit.dev/v1", namespaced=True),
+    Kind("PeerAuthentication", "security.ambit.dev/v1", namespaced=True),
+)}
+
+
+def kind_of(record: Record) -> str:
+    return "Workload" if isinstance(record, Pod) else type(record).__name__
+
+
+def key_of(record: Record) -> tuple[str, str, str]:
+    """(kind, namespace, name): the identity of an object; namespace is "" for a Namespace."""
+    if isinstance(record, Namespace):
+        return ("Namespace", "", record.name)
+    return (kind_of(record), record.namespace, record.name)
+
+
+def describe(kind: str, namespace: str, name: str) -> str:
+    return f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
+
+
+class DocumentError(ValueError):
+    """A document in a batch that cannot be applied; the message says which one and where."""
+
+    def __init__(self, index: int, what: str, error: StateError) -> None:
+        # Documents are counted from 1, as a reader counts the parts of a file.
+        super().__init__(f"document {index + 1} ({what}): {error}")
+        self.index = index
+        self.path = error.path
+        self.problem = error.problem
+
+
+# --- field validation ----------------------------------------------------------------------
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+
+
+def _mapping(value: Any, path: str, allowed: Iterable[str]) -> Mapping[str, Any]:
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise StateError(path, f"expected a mapping, got {type(value).__name__}")
+    allowed = set(allowed)
+    for key in value:
+        if key not in allowed:
+            raise StateError(f"{path}.{key}" if path else str(key),
+                             f"unknown field; expected one of: {', '.join(sorted(allowed))}")
+    return value
+
+
+def _str(value: Any, path: str) -> str:
+    if value is None:
+        raise StateError(path, "is required")
+    if not isinstance(value, str) or not value:
+        raise StateError(path, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def dns_name(value: Any, path: str, *, label: bool = False) -> str:
+    """A Kubernetes object name: a DNS-1123 label (namespaces, services) or subdomain."""
+    text = _str(value, path)
+    pattern, limit = (_DNS_LABEL, 63) if label else (_DNS_SUBDOMAIN, 253)
+    if len(text) > limit or not pattern.fullmatch(text):
+        what = "DNS label" if label else "DNS name"
+        raise StateError(path, f"{text!r} is not a valid {what}: lowercase letters, digits "
+                         f"and '-'{'' if label else ' or .'}, starting and ending with a "
+                         f"letter or digit, at most {limit} characters")
+    return text
+
+
+def _label_key(key: Any, path: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise StateError(path, f"label name {key!r} must be a non-empty string")
+    prefix, _, name = key.rpartition("/")
+    if prefix:
+        dns_name(prefix, f"{path}.{key}")
+    if len(name) > 63 or not _LABEL_NAME.fullmatch(name):
+        raise StateError(f"{path}.{key}", "is not a valid label name: at most 63 letters, "
+                         "digits, '-', '_' or '.', starting and ending with a letter or digit, "
+                         "optionally after a DNS prefix and '/'")
+    return key
+
+
+def labels(value: Any, path: str) -> Labels:
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise StateError(path, "expected a mapping of label names to values")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        key = _label_key(k, path)
+        if not isinstance(v, str):
+            # YAML reads `version: 1` or `enabled: true` as a number or boolean; Kubernetes
+            # rejects those too, and silently stringifying would make `true` and "True" differ.
+            raise StateError(f"{path}.{key}", f"label values are strings; quote it: '{v}'")
+        if v and (len(v) > 63 or not _LABEL_NAME.fullmatch(v)):
+            raise StateError(f"{path}.{key}", f"{v!r} is not a valid label value: at most 63 "
+                             "letters, digits, '-', '_' or '.', starting and ending with a "
+                             "letter or digit")
+        if key == DATAPLANE_MODE_LABEL and v not in (AMBIENT, OPT_OUT):
+            raise StateError(f"{path}.{key}", f"{v!r} is not a data-plane mode; use "
+                             f"{AMBIENT!r} (in the mesh) or {OPT_OUT!r} (out of it)")
+        out[key] = v
+    return tuple(sorted(out.items()))
+
+
+def _ip(value: Any, path: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(str(value))
+    except ValueError:
+        raise StateError(path, f"{value!r} is not an IP address") from None
+
+
+def _ips(value: Any, path: str) -> tuple[IPAddress, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise StateError(path, f"expected a list of IP addresses, got {type(value).__name__}")
+    out: list[IPAddress] = []
+    for i, v in enumerate(value):
+        ip = _ip(v, f"{path}[{i}]")
+        if ip in out:
+            raise StateError(f"{path}[{i}]", f"{ip} is listed twice")
+        out.append(ip)
+    return tuple(out)
+
+
+def _port(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise StateError(path, f"{value!r} is not a port number")
+    try:
+        port = int(value)
+    except ValueError:
+        raise StateError(path, f"{value!r} is not a port number; named ports are not "
+                         "supported in embedded mode, give the number") from None
+    if not 1 <= port <= 65535:
+        raise StateError(path, f"{port} is not a port number (1-65535)")
+    return port
+
+
+def _bool(value: Any, path: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise StateError(path, f"expected true or false, got {value!r}")
+    return value
+
+
+def _json(value: Any, path: str) -> dict[str, Any]:
+    """A policy spec as plain JSON data (how it is stored and sent to ztunnels)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise StateError(path, f"expected a mapping, got {type(value).__name__}")
+    try:
+        data: dict[str, Any] = json.loads(json.dumps(value))
+    except (TypeError, ValueError) as e:
+        # YAML turns unquoted 2024-01-01 into a date, which JSON has no form for.
+        raise StateError(path, f"is not plain data ({e}); quote dates and timestamps") from None
+    return data
+
+
+# --- documents -------------------------------------------------------------------------------
+
+
+def parse_document(doc: Any) -> Record:
+    """Validate one document and return its record; ``StateError`` names the bad field."""
+    top = _mapping(doc, "", ("apiVersion", "kind", "metadata", "spec"))
+    kind_name = _str(top.get("kind"), "kind")
+    kind = KINDS.get(kind_name)
+    if kind is None:
+        raise StateError("kind", f"{kind_name!r} is not a registry kind; expected one of: "
+                         f"{', '.join(KINDS)}")
+    api_version = _str(top.get("apiVersion"), "apiVersion")
+    if api_version != kind.api_version:
+        raise StateError("apiVersion", f"{api_version!r} does not serve {kind.name}; use "
+                         f"apiVersion: {kind.api_version}")
+    meta = _mapping(top.get("metadata"), "metadata",
+                    ("name", "namespace", "labels", "annotations"))
+    # Annotations are accepted (files exported from a cluster carry them) but not kept.
+    if meta.get("annotations") is not None and not isinstance(meta["annotations"], Mapping):
+        raise StateError("metadata.annotations", "expected a mapping")
+    name = dns_name(meta.get("name"), "metadata.name",
+                    label=kind.name in ("Namespace", "Service"))
+    if kind.namespaced:
+        namespace = dns_name(meta.get("namespace", DEFAULT_NAMESPACE), "metadata.namespace",
+                             label=True)
+    elif "namespace" in meta:
+        raise StateError("metadata.namespace", f"a {kind.name} is not namespaced; remove it")
+    if kind.name not in ("Namespace", "Workload") and "labels" in meta:
+        # Only namespace and workload labels mean anything to the mesh; anything else would be
+        # stored and then silently ignored.
+        raise StateError("metadata.labels", f"labels on a {kind.name} have no effect; remove "
+                         "them")
+    meta_labels = labels(meta.get("labels"), "metadata.labels")
+    spec = top.get("spec")
+    if kind.name == "Namespace":
+        _mapping(spec, "spec", ())
+        return Namespace(name, meta_labels)
+    if kind.name == "Workload":
+        return _workload(name, namespace, meta_labels, spec)
+    if kind.name == "Service":
+        return _service(name, namespace, spec)
+    data = _json(spec, "spec")
+    if kind.name == "AuthorizationPolicy":
+        parse_authorization_spec(name, namespace, data, "spec")
+        return AuthorizationPolicy(name, namespace, data)
+    parse_peer_authentication_spec(name, namespace, data, "spec")
+    return PeerAuthentication(name, namespace, data)
+
+
+def _workload(name: str, namespace: str, meta_labels: Labels, spec: Any) -> Pod:
+    m = _mapping(spec, "spec", ("serviceAccount", "node", "addresses", "ready",
+                                "workloadName"))
+    addresses = _ips(m.get("addresses"), "spec.addresses")
+    if not addresses:
+        raise StateError("spec.addresses", "needs at least one IP address")
+    workload_name = m.get("workloadName")
+    return Pod(
+        name=name,
+        namespace=namespace,
+        service_account=dns_name(m.get("serviceAccount", "default"), "spec.serviceAccount"),
+        node=dns_name(m.get("node"), "spec.node"),
+        ips=addresses,
+        labels=meta_labels,
+        ready=_bool(m.get("ready"), "spec.ready", True),
+        workload_name="" if workload_name is None else dns_name(workload_name,
+                                                                 "spec.workloadName"),
+    )
+
+
+def _service(name: str, namespace: str, spec: Any) -> Service:
+    m = _mapping(spec, "spec", ("type", "clusterIP", "clusterIPs", "ports", "selector"))
+    if m.get("type", "ClusterIP") != "ClusterIP":
+        raise StateError("spec.type", f"{m['type']!r}: only ClusterIP services exist in "
+                         "embedded mode")
+    if m.get("clusterIP") == "None" or m.get("clusterIPs") == ["None"]:
+        raise StateError("spec.clusterIP", "headless services have no virtual IP for the mesh "
+                         "to route; give the service a clusterIP")
+    ips = _ips(m.get("clusterIPs"), "spec.clusterIPs")
+    if "clusterIP" in m:
+        first = _ip(m["clusterIP"], "spec.clusterIP")
+        if ips and ips[0] != first:
+            raise StateError("spec.clusterIP", f"{first} must equal spec.clusterIPs[0] "
+                             f"({ips[0]}) when both are given")
+        ips = ips or (first,)
+    if not ips:
+        raise StateError("spec.clusterIP", "is required: the virtual IP clients connect to")
+    raw_ports = m.get("ports")
+    if not isinstance(raw_ports, list) or not raw_ports:
+        raise StateError("spec.ports", "needs at least one port")
+    ports: list[ServicePort] = []
+    for i, raw in enumerate(raw_ports):
+        path = f"spec.ports[{i}]"
+        p = _mapping(raw, path, ("name", "port", "targetPort", "protocol"))
+        if p.get("protocol", "TCP") != "TCP":
+            raise StateError(f"{path}.protocol", f"{p['protocol']!r}: the mesh carries TCP only")
+        if p.get("port") is None:
+            raise StateError(f"{path}.port", "is required")
+        port = _port(p["port"], f"{path}.port")
+        if any(q.port == port for q in ports):
+            raise StateError(f"{path}.port", f"port {port} is listed twice")
+        target = p.get("targetPort")
+        port_name = p.get("name")
+        ports.append(ServicePort(
+            port=port,
+            target_port=port if target is None else _port(target, f"{path}.targetPort"),
+            name="" if port_name is None else dns_name(port_name, f"{path}.name", label=True),
+        ))
+    return Service(name, namespace, ips, tuple(ports), labels(m.get("selector"),
+                                                              "spec.selector"))
+
+
+def to_document(record: Record) -> dict[str, Any]:
+    """The canonical document of a record: what is stored, and what ``ambit get -o yaml``
+    prints (so its output can be applied again)."""
+    kind, namespace, name = key_of(record)
+    meta: dict[str, Any] = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    doc: dict[str, Any] = {"apiVersion": KINDS[kind].api_version, "kind": kind,
+                           "metadata": meta}
+    if isinstance(record, Namespace):
+        if record.labels:
+            meta["labels"] = dict(record.labels)
+    elif isinstance(record, Pod):
+        if record.labels:
+            meta["labels"] = dict(record.labels)
+        spec: dict[str, Any] = {"serviceAccount": record.service_account, "node": record.node,
+                                "addresses": [str(ip) for ip in record.ips],
+                                "ready": record.ready}
+        if record.workload_name:
+            spec["workloadName"] = record.workload_name
+        doc["spec"] = spec
+    elif isinstance(record, Service):
+        ports: list[dict[str, Any]] = []
+        for p in record.ports:
+            port: dict[str, Any] = {"name": p.name} if p.name else {}
+            port |= {"port": p.port, "targetPort": p.target_port}
+            ports.append(port)
+        doc["spec"] = {"clusterIPs": [str(ip) for ip in record.cluster_ips], "ports": ports,
+                       "selector": dict(record.selector)}
+    else:
+        doc["spec"] = dict(record.spec)
+    return doc
+
+
+def load_documents(text: str, source: str = "input") -> list[Any]:
+    """The documents of a (multi-document, ``---``-separated) YAML text; empty ones skipped,
+    and a ``kind: List`` (what ``kubectl get -o yaml`` prints) unwrapped."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise ValueError(f"{source}: not valid YAML: {e}") from None
+    out: list[Any] = []
+    for d in docs:
+        if isinstance(d, Mapping) and d.get("kind") == "List" and isinstance(d.get("items"),
+                                                                              list):
+            out.extend(d["items"])
+        else:
+            out.append(d)
+    return out
+
+
+def _what(doc: Any) -> str:
+    """Best-effort "Kind namespace/name" of a raw document, for error messages."""
+    if not isinstance(doc, Mapping):
+        return "not a mapping"
+    kind = str(doc.get("kind") or "no kind")
+    meta = doc.get("metadata")
+    if not isinstance(meta, Mapping) or not meta.get("name"):
+        return kind
+    namespaced = KINDS[kind].namespaced if kind in KINDS else "namespace" in meta
+    ns = str(meta.get("namespace") or DEFAULT_NAMESPACE) if namespaced else ""
+    return describe(kind, ns, str(meta["name"]))
+
+
+def parse_documents(docs: Sequence[Any]) -> list[Record]:
+    """Validate a batch: every document, and no object twice; ``DocumentError`` otherwise."""
+    records: list[Record] = []
+    seen: dict[tuple[str, str, str], int] = {}
+    for i, doc in enumerate(docs):
+        try:
+            record = parse_document(doc)
+        except StateError as e:
+            raise DocumentError(i, _what(doc), e) from None
+        key = key_of(record)
+        if key in seen:
+            raise DocumentError(i, describe(*key), StateError(
+                "", f"the same object as document {seen[key] + 1}; keep one of them"))
+        seen[key] = i
+        records.append(record)
+    return records
+
+
+def find_address_conflict(incoming: Sequence[Record], existing: Iterable[Record],
+                          ) -> tuple[int, str, str] | None:
+    """The first IP of ``incoming`` that another object already uses, as (index, field path,
+    problem); ``existing`` is the registry's content (objects replaced by ``incoming`` are
+    ignored). Two pods or services on one address would make routing depend on chance."""
+    replaced = {key_of(r) for r in incoming}
+    owner: dict[IPAddress, str] = {}
+    for r in existing:
+        if key_of(r) not in replaced:
+            for ip in _addresses(r):
+                owner.setdefault(ip, describe(*key_of(r)))
+    for i, r in enumerate(incoming):
+        field = "spec.addresses" if isinstance(r, Pod) else "spec.clusterIPs"
+        for j, ip in enumerate(_addresses(r)):
+            if ip in owner:
+                return i, f"{field}[{j}]", f"{ip} is already used by {owner[ip]}"
+            owner[ip] = describe(*key_of(r))
+    return None
+
+
+def _addresses(record: Record) -> tuple[IPAddress, ...]:
+    if isinstance(record, Pod):
+        return record.ips
+    if isinstance(record, Service):
+        return record.cluster_ips
+    return ()

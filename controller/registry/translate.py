@@ -1,0 +1,193 @@
+"""Registry snapshot to mesh state: the membership rules, as one pure function.
+
+Why pure and separate: both registry sources (embedded SQLite and Kubernetes) feed it, the
+config push sends its output to every ztunnel, and the rules are easiest to get right as a
+table of inputs and expected outputs. Nothing here does I/O or reads a clock.
+
+Rules (docs/registry.md):
+
+* a pod is in the mesh (protocol HBONE) when its namespace is labelled
+  ``ambit.dev/dataplane-mode=ambient`` and the pod is not labelled
+  ``ambit.dev/dataplane-mode=none``; every other pod is still listed, as protocol TCP, so
+  mesh clients reach it by plain passthrough instead of failing;
+* identity = the pod's service account; ``healthy`` = the pod is ready;
+* pods without an IP yet are left out (nothing can address them).
+
+The Kubernetes API does not stop two objects from claiming one address, or a policy from being
+malformed when no admission webhook runs, so this function never fails on content: conflicts
+are resolved deterministically and invalid policies fail closed, each with a line in
+``Translation.problems`` for the caller to log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from controller.registry.model import Pod, RegistrySnapshot, Service
+from ztunnel.state.model import (
+    Action,
+    AuthorizationPolicy,
+    IPAddress,
+    MeshConfig,
+    MtlsMode,
+    PeerAuthentication,
+    Protocol,
+    Rule,
+    ServicePort,
+    Workload,
+)
+from ztunnel.state.model import Service as MeshService
+from ztunnel.state.parse import StateError, parse_authorization_spec, parse_peer_authentication_spec
+
+DEFAULT_DOMAIN_SUFFIX = "cluster.local"
+
+
+@dataclass(frozen=True)
+class Translation:
+    config: MeshConfig
+    # One sentence per object that was dropped, trimmed or replaced; empty when all is well.
+    problems: tuple[str, ...] = ()
+
+
+def mesh_config(snapshot: RegistrySnapshot, trust_domain: str, revision: int) -> MeshConfig:
+    """The mesh state for ``snapshot``; ``version`` is ``str(revision)``."""
+    return translate(snapshot, trust_domain, revision).config
+
+
+def translate(snapshot: RegistrySnapshot, trust_domain: str, revision: int,
+              domain_suffix: str = DEFAULT_DOMAIN_SUFFIX) -> Translation:
+    """Like ``mesh_config``, also reporting what had to be resolved or replaced."""
+    problems: list[str] = []
+    workloads = _workloads(snapshot, trust_domain, problems)
+    taken = {ip: f"workload {w.uid}" for w in workloads for ip in w.addresses}
+    services = _services(snapshot.services, domain_suffix, taken, problems)
+    policies = tuple(_authorization(p.name, p.namespace, p.spec, problems)
+                     for p in sorted(snapshot.authorization_policies, key=lambda p: p.key))
+    peer = tuple(_peer_authentication(p.name, p.namespace, p.spec, problems)
+                 for p in sorted(snapshot.peer_authentications, key=lambda p: p.key))
+    return Translation(
+        MeshConfig(
+            trust_domain=trust_domain,
+            workloads=workloads,
+            services=services,
+            policies=policies,
+            peer_authentications=peer,
+            version=str(revision),
+        ),
+        tuple(problems),
+    )
+
+
+def in_mesh(pod: Pod, snapshot: RegistrySnapshot) -> bool:
+    ns = snapshot.namespace(pod.namespace)
+    return ns is not None and ns.ambient and not pod.opted_out
+
+
+def _workloads(snapshot: RegistrySnapshot, trust_domain: str,
+               problems: list[str]) -> tuple[Workload, ...]:
+    owner: dict[IPAddress, str] = {}
+    out: list[Workload] = []
+    # Ready pods first, so when a terminating pod and its replacement briefly share an IP,
+    # the one that can serve keeps it; then by name, so the outcome never depends on order.
+    for pod in sorted(snapshot.pods, key=lambda p: (not p.ready, p.namespace, p.name)):
+        ips: list[IPAddress] = []
+        for ip in pod.ips:
+            if ip in owner:
+                problems.append(f"pod {pod.key}: address {ip} is already used by pod "
+                                f"{owner[ip]}; left out")
+            else:
+                owner[ip] = pod.key
+                ips.append(ip)
+        if not ips:
+            continue
+        out.append(Workload(
+            uid=pod.key,
+            name=pod.name,
+            namespace=pod.namespace,
+            service_account=pod.service_account,
+            node=pod.node,
+            addresses=tuple(ips),
+            trust_domain=trust_domain,
+            labels=pod.labels,
+            workload_name=pod.workload_name,
+            protocol=Protocol.HBONE if in_mesh(pod, snapshot) else Protocol.TCP,
+            healthy=pod.ready,
+        ))
+    return tuple(sorted(out, key=lambda w: w.uid))
+
+
+def _services(services: tuple[Service, ...], domain_suffix: str,
+              taken: dict[IPAddress, str], problems: list[str]) -> tuple[MeshService, ...]:
+    taken = dict(taken)
+    out: list[MeshService] = []
+    for s in sorted(services, key=lambda s: s.key):
+        ports = tuple(ServicePort(p.port, p.target_port) for p in s.ports
+                      if p.protocol.upper() == "TCP")
+        if not s.cluster_ips or not ports:
+            # Headless or UDP-only: there is no TCP virtual IP for a ztunnel to resolve.
+            continue
+        vips: list[IPAddress] = []
+        for ip in s.cluster_ips:
+            if ip in taken:
+                problems.append(f"service {s.key}: virtual IP {ip} is already used by "
+                                f"{taken[ip]}; left out")
+            else:
+                taken[ip] = f"service {s.key}"
+                vips.append(ip)
+        if not vips:
+            continue
+        out.append(MeshService(
+            name=s.name,
+            namespace=s.namespace,
+            hostname=f"{s.name}.{s.namespace}.svc.{domain_suffix}",
+            vips=tuple(vips),
+            ports=ports,
+            selector=s.selector,
+        ))
+    return tuple(out)
+
+
+def _authorization(name: str, namespace: str, spec: Mapping[str, Any],
+                   problems: list[str]) -> AuthorizationPolicy:
+    try:
+        return parse_authorization_spec(name, namespace, spec, "spec")
+    except StateError as e:
+        error = e
+    # Fail closed, as Istio does for rules the ztunnel cannot enforce: an ALLOW policy that
+    # matches nothing denies everything it selects (any ALLOW policy present means one must
+    # match), and a DENY policy with one empty rule denies everything it selects.
+    raw_action = spec.get("action") if isinstance(spec, Mapping) else None
+    action = Action.DENY if str(raw_action).upper() == "DENY" else Action.ALLOW
+    selector = _selector_or_namespace(name, namespace, spec)
+    rules = (Rule(),) if action is Action.DENY else ()
+    scope = "its namespace" if selector is None else "the workloads it selects"
+    problems.append(f"AuthorizationPolicy {namespace}/{name}: {error}; denying all traffic to "
+                    f"{scope} until it is fixed")
+    return AuthorizationPolicy(name, namespace, action, rules, selector)
+
+
+def _peer_authentication(name: str, namespace: str, spec: Mapping[str, Any],
+                         problems: list[str]) -> PeerAuthentication:
+    try:
+        return parse_peer_authentication_spec(name, namespace, spec, "spec")
+    except StateError as e:
+        error = e
+    # Fail closed: STRICT refuses plaintext, the one thing a broken policy must not let in.
+    selector = _selector_or_namespace(name, namespace, spec)
+    problems.append(f"PeerAuthentication {namespace}/{name}: {error}; enforcing STRICT mTLS "
+                    "until it is fixed")
+    return PeerAuthentication(name, namespace, MtlsMode.STRICT, selector)
+
+
+def _selector_or_namespace(name: str, namespace: str,
+                           spec: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
+    """The policy's selector if that part is valid, else None (the whole namespace)."""
+    if not isinstance(spec, Mapping) or spec.get("selector") is None:
+        return None
+    try:
+        return parse_authorization_spec(name, namespace, {"selector": spec["selector"]},
+                                        "spec").selector
+    except StateError:
+        return None

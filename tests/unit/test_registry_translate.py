@@ -1,0 +1,169 @@
+"""Registry snapshot -> MeshConfig: membership, identity, health, conflicts, bad policies."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from controller.registry.model import (
+    AuthorizationPolicy,
+    Namespace,
+    PeerAuthentication,
+    Pod,
+    RegistrySnapshot,
+    Service,
+    ServicePort,
+)
+from controller.registry.translate import mesh_config, translate
+from ztunnel.state.model import Action, MtlsMode, Protocol, Rule
+from ztunnel.state.store import StateSnapshot
+
+AMBIENT = Namespace("mesh", (("ambit.dev/dataplane-mode", "ambient"),))
+PLAIN = Namespace("plain", (("team", "x"),))
+OPTED_OUT = Namespace("optout", (("ambit.dev/dataplane-mode", "none"),))
+
+
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+def pod(name: str, namespace: str = "mesh", *, ips: tuple[str, ...] = ("10.0.0.1",),
+        labels: dict[str, str] | None = None, ready: bool = True, sa: str = "default",
+        node: str = "n1", owner: str = "") -> Pod:
+    return Pod(name, namespace, sa, node, tuple(ip(i) for i in ips),
+               tuple(sorted((labels or {}).items())), ready, owner)
+
+
+@pytest.mark.parametrize(("namespaces", "p", "protocol"), [
+    ((AMBIENT,), pod("a"), Protocol.HBONE),
+    ((AMBIENT,), pod("a", labels={"ambit.dev/dataplane-mode": "none"}), Protocol.TCP),
+    # Any other value of the pod label does not opt out.
+    ((AMBIENT,), pod("a", labels={"ambit.dev/dataplane-mode": "ambient"}), Protocol.HBONE),
+    ((AMBIENT,), pod("a", labels={"app": "x"}), Protocol.HBONE),
+    ((PLAIN,), pod("a", "plain"), Protocol.TCP),
+    ((OPTED_OUT,), pod("a", "optout"), Protocol.TCP),
+    # A namespace nobody registered is not in the mesh; its pods are still reachable.
+    ((), pod("a", "mesh"), Protocol.TCP),
+    ((PLAIN,), pod("a", "plain", labels={"ambit.dev/dataplane-mode": "ambient"}), Protocol.TCP),
+])
+def test_membership(namespaces: tuple[Namespace, ...], p: Pod, protocol: Protocol) -> None:
+    cfg = mesh_config(RegistrySnapshot(namespaces=namespaces, pods=(p,)), "td", 1)
+    (w,) = cfg.workloads
+    assert w.protocol is protocol
+
+
+@pytest.mark.parametrize(("p", "expected"), [
+    (pod("a", sa="web", ready=True, owner="web-deploy", node="n2"),
+     ("mesh/a", "spiffe://td/ns/mesh/sa/web", True, "web-deploy", "n2")),
+    (pod("b", ready=False), ("mesh/b", "spiffe://td/ns/mesh/sa/default", False, "b", "n1")),
+])
+def test_identity_health_and_owner(p: Pod, expected: tuple[str, str, bool, str, str]) -> None:
+    (w,) = mesh_config(RegistrySnapshot(namespaces=(AMBIENT,), pods=(p,)), "td", 7).workloads
+    assert (w.uid, str(w.identity), w.healthy, w.owner_name, w.node) == expected
+
+
+def test_version_trust_domain_and_labels() -> None:
+    p = pod("a", ips=("10.0.0.1", "fd00::1"), labels={"app": "a"})
+    cfg = mesh_config(RegistrySnapshot(namespaces=(AMBIENT,), pods=(p,), revision=3), "ex.org",
+                      42)
+    assert cfg.version == "42" and cfg.trust_domain == "ex.org"
+    assert cfg.workloads[0].addresses == (ip("10.0.0.1"), ip("fd00::1"))
+    assert cfg.workloads[0].label_map == {"app": "a"}
+
+
+def test_pods_without_ips_are_left_out() -> None:
+    assert mesh_config(RegistrySnapshot(pods=(pod("a", ips=()),)), "td", 1).workloads == ()
+
+
+def test_duplicate_ip_goes_to_the_ready_pod_then_by_name() -> None:
+    snap = RegistrySnapshot(namespaces=(AMBIENT,), pods=(
+        pod("old", ips=("10.0.0.1", "10.0.0.9"), ready=False),
+        pod("new", ips=("10.0.0.1",)),
+        pod("z-same", ips=("10.0.0.2",)),
+        pod("a-same", ips=("10.0.0.2",)),
+    ))
+    t = translate(snap, "td", 1)
+    owners = {str(a): w.name for w in t.config.workloads for a in w.addresses}
+    assert owners == {"10.0.0.1": "new", "10.0.0.9": "old", "10.0.0.2": "a-same"}
+    assert [w.name for w in t.config.workloads] == ["a-same", "new", "old"]
+    assert len(t.problems) == 2 and "10.0.0.1 is already used by pod mesh/new" in t.problems[1]
+    # The result is a state the ztunnel indexes unambiguously.
+    StateSnapshot.build(t.config)
+
+
+def test_services() -> None:
+    snap = RegistrySnapshot(
+        pods=(pod("a", ips=("10.0.0.1",)),),
+        services=(
+            Service("web", "mesh", (ip("10.96.0.1"),),
+                    (ServicePort(80, 8080, "http"), ServicePort(53, 53, "dns", "UDP")),
+                    (("app", "web"),)),
+            Service("headless", "mesh", (), (ServicePort(80, 80),)),
+            Service("udp-only", "mesh", (ip("10.96.0.2"),), (ServicePort(53, 53, "", "UDP"),)),
+            Service("clash", "mesh", (ip("10.0.0.1"), ip("10.96.0.3")), (ServicePort(1, 1),)),
+            # Two services on one VIP: the first by namespace/name keeps it.
+            Service("x-clash", "mesh", (ip("10.96.0.1"),), (ServicePort(1, 1),)),
+        ))
+    t = translate(snap, "td", 1, domain_suffix="corp.example")
+    by_name = {s.name: s for s in t.config.services}
+    assert set(by_name) == {"web", "clash"}
+    web = by_name["web"]
+    assert web.hostname == "web.mesh.svc.corp.example"
+    assert web.vips == (ip("10.96.0.1"),) and web.target_port(80) == 8080
+    assert web.target_port(53) is None and web.selector == (("app", "web"),)
+    assert by_name["clash"].vips == (ip("10.96.0.3"),)
+    assert any("10.0.0.1 is already used by workload mesh/a" in p for p in t.problems)
+    assert any("x-clash" in p and "service mesh/web" in p for p in t.problems)
+
+
+def test_valid_policies_parse_with_the_ztunnel_parser() -> None:
+    snap = RegistrySnapshot(
+        authorization_policies=(AuthorizationPolicy("allow", "mesh", {
+            "selector": {"matchLabels": {"app": "a"}}, "action": "ALLOW",
+            "rules": [{"from": [{"source": {"principals": ["td/ns/mesh/sa/c"]}}],
+                       "to": [{"operation": {"ports": ["8080"]}}]}]}),),
+        peer_authentications=(PeerAuthentication("strict", "mesh", {"mtls": {"mode": "STRICT"}}),))
+    t = translate(snap, "td", 1)
+    assert t.problems == ()
+    (p,) = t.config.policies
+    assert p.key == "mesh/allow" and p.selector == (("app", "a"),)
+    assert p.rules[0].operations[0].ports == (8080,)
+    assert t.config.peer_authentications[0].mode is MtlsMode.STRICT
+
+
+@pytest.mark.parametrize(("spec", "action", "rules", "selector"), [
+    # An ALLOW that cannot be read matches nothing: everything it selects is denied.
+    ({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}],
+      "selector": {"matchLabels": {"app": "a"}}}, Action.ALLOW, (), (("app", "a"),)),
+    # A DENY that cannot be read denies everything it selects.
+    ({"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["x"]}}]}]},
+     Action.DENY, (Rule(),), None),
+    # A bad selector widens the policy to the namespace rather than dropping it.
+    ({"selector": {"matchLabels": "app=a"}, "rules": [{}]}, Action.ALLOW, (), None),
+    ({"action": "SOMETIMES"}, Action.ALLOW, (), None),
+])
+def test_invalid_authorization_policy_fails_closed(
+        spec: dict[str, object], action: Action, rules: tuple[Rule, ...],
+        selector: tuple[tuple[str, str], ...] | None) -> None:
+    t = translate(RegistrySnapshot(authorization_policies=(
+        AuthorizationPolicy("bad", "mesh", spec),)), "td", 1)
+    (p,) = t.config.policies
+    assert (p.action, p.rules, p.selector) == (action, rules, selector)
+    assert len(t.problems) == 1 and t.problems[0].startswith("AuthorizationPolicy mesh/bad: spec.")
+
+
+def test_invalid_peer_authentication_fails_closed_to_strict() -> None:
+    t = translate(RegistrySnapshot(peer_authentications=(PeerAuthentication(
+        "bad", "mesh", {"mtls": {"mode": "LOOSE"}, "selector": {"matchLabels": {"a": "b"}}}),)),
+        "td", 1)
+    (p,) = t.config.peer_authentications
+    assert (p.mode, p.selector) == (MtlsMode.STRICT, (("a", "b"),))
+    assert "spec.mtls.mode: 'LOOSE' is not one of" in t.problems[0]
+
+
+def test_output_does_not_depend_on_input_order() -> None:
+    pods = (pod("b", ips=("10.0.0.2",)), pod("a", ips=("10.0.0.1",)))
+    one = mesh_config(RegistrySnapshot(namespaces=(AMBIENT,), pods=pods), "td", 1)
+    two = mesh_config(RegistrySnapshot(namespaces=(AMBIENT,), pods=pods[::-1]), "td", 1)
+    assert one == two
