@@ -21,3 +21,4 @@ demo: setup
 
 bench: setup
 	.venv/bin/python -m bench
+	.venv/bin/python -m bench.push

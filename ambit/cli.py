@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ambit import __version__
+from controller import main as controller_main
 from controller.registry import commands as registry_commands
 
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ztunnel(sub)
     _add_dev(sub)
     registry_commands.add_commands(sub)
+    controller_main.add_parser(sub)
     return parser
 
 
@@ -160,9 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ambit.dev.demo import main as demo_main
 
             return demo_main(keep=args.keep, workdir=args.workdir, do_cleanup=args.cleanup)
+        if args.command == "controller":
+            return controller_main.run(args)
         if args.command in registry_commands.COMMANDS:
             return registry_commands.run(args)
-    except (UsageError, registry_commands.CommandError) as e:
+    except (UsageError, registry_commands.CommandError,
+            controller_main.ControllerUsageError) as e:
         parser.exit(2, f"ambit: error: {e}\n")
     parser.error(f"unknown command {args.command!r}")
     return 2

@@ -83,7 +83,7 @@ class Controller:
         self.feed_errors = Counter("ambit_controller_feed_errors",
                                    "Registry watch failures (the last state keeps serving)",
                                    registry=self.metrics)
-        self._add_services = add_services
+        self.add_services = add_services
         self.server: grpc.aio.Server | None = None
         self.grpc_port = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -121,8 +121,8 @@ class Controller:
         self.server = grpc.aio.server()
         state_pb2_grpc.add_StateServiceServicer_to_server(StateService(self.publisher),
                                                           self.server)
-        if self._add_services is not None:
-            self._add_services(self.server)
+        if self.add_services is not None:
+            self.add_services(self.server)
         address = f"{c.listen_host}:{c.grpc_port}"
         if c.insecure:
             self.grpc_port = self.server.add_insecure_port(address)

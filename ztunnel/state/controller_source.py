@@ -47,6 +47,7 @@ class ControllerSource:
         self.backoff_max = backoff_max
         self.connected = False
         self.last_update = 0.0  # time.time() of the last applied update
+        self.last_received = 0.0  # time.monotonic() when the last update arrived
         self.last_error: str | None = None
 
     def _set_connected(self, value: bool) -> None:
@@ -72,6 +73,7 @@ class ControllerSource:
             call = stub.Subscribe(state_pb2.SubscribeRequest(
                 node=self.node, last_version=self.store.current.version))
             async for update in call:
+                self.last_received = time.monotonic()
                 self._set_connected(True)
                 try:
                     config = apply_update(self.store.current.config, update)

@@ -1,0 +1,53 @@
+"""Embedded mode: the controller's registry is the SQLite database the ``ambit`` commands
+write, instead of a Kubernetes API server.
+
+Three views of the same registry: the state feed (each revision translated to mesh state),
+the node authenticator (node tokens from ``ambit node join``) and the issuance policy (a node may
+get certificates only for identities of mesh pods scheduled on it), which reads the feed's
+latest snapshot so certificate checks never hit the database.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from ambit.spiffe import SpiffeId
+from controller.registry.model import RegistrySnapshot
+from controller.registry.sqlite import EmbeddedRegistry
+from controller.registry.translate import in_mesh, translate
+from ztunnel.state.model import MeshConfig
+
+log = logging.getLogger("controller.embedded")
+
+
+class EmbeddedFeed:
+    def __init__(self, registry: EmbeddedRegistry, trust_domain: str,
+                 interval: float = 0.1) -> None:
+        self.registry = registry
+        self.trust_domain = trust_domain
+        self.interval = interval
+        self.snapshot: RegistrySnapshot | None = None
+
+    async def states(self) -> AsyncIterator[MeshConfig]:
+        async for snap in self.registry.watch(self.interval):
+            self.snapshot = snap
+            result = translate(snap, self.trust_domain, snap.revision)
+            for problem in result.problems:
+                log.warning("registry revision %d: %s", snap.revision, problem)
+            yield result.config
+
+    # NodeAuthenticator
+    def authenticate(self, token: str) -> str | None:
+        return self.registry.node_for_token(token)
+
+    # IssuancePolicy
+    def may_issue(self, node: str, identity: SpiffeId) -> bool:
+        snap = self.snapshot if self.snapshot is not None else self.registry.snapshot()
+        if identity.trust_domain != self.trust_domain:
+            return False
+        return any(
+            pod.node == node and pod.namespace == identity.namespace
+            and pod.service_account == identity.service_account and in_mesh(pod, snap)
+            for pod in snap.pods
+        )
