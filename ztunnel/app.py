@@ -17,10 +17,13 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 
+import grpc
+
 from ztunnel.accesslog import AccessLog
+from ztunnel.ca_client import CaSecretManager
 from ztunnel.config import BIND_WORKLOAD, ZtunnelConfig
 from ztunnel.hbone.pool import HbonePool
-from ztunnel.identity import IdentityError, SecretManager
+from ztunnel.identity import SecretManager, Secrets
 from ztunnel.listeners import inbound_plaintext, outbound, socks5
 from ztunnel.listeners.admin import admin_routes, stats_routes
 from ztunnel.listeners.base import BindError, Listener, bind_socket
@@ -35,12 +38,25 @@ from ztunnel.state.store import StateSnapshot, StateStore
 log = logging.getLogger("ztunnel")
 
 
+def make_secrets(config: ZtunnelConfig, metrics: Metrics) -> Secrets:
+    """Certificates from the controller's CA when ``ca_address`` is set, else from the
+    identity directory."""
+    if not config.ca_address:
+        return SecretManager(config.identity_dir)
+    assert config.node_token_file is not None  # validated: they go together
+    credentials = None
+    if config.ca_root_cert is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=config.ca_root_cert.read_bytes())
+    return CaSecretManager(config.ca_address, config.node_token_file, metrics, credentials)
+
+
 class Ztunnel:
     def __init__(self, config: ZtunnelConfig) -> None:
         self.config = config
         self.store = StateStore(config.root_namespace)
         self.metrics = Metrics()
-        self.secrets = SecretManager(config.identity_dir)
+        self.secrets = make_secrets(config, self.metrics)
         self.ctx = ProxyContext(config, self.store, self.secrets, self.metrics,
                                 AccessLog(config.access_log))
         self.ctx.pool = HbonePool(self.secrets.client_context, self.ctx.make_socket,
@@ -165,14 +181,10 @@ class Ztunnel:
 
     def _after_state(self, old: StateSnapshot, new: StateSnapshot) -> None:
         self.metrics.state_workloads.set(len(new.config.workloads))
-        # Load certificates of local identities early so a missing one is reported now, not
-        # at the first connection.
-        for w in new.local_workloads(self.config.node):
-            if new.in_mesh(w):
-                try:
-                    self.secrets.server_context(w.identity)
-                except IdentityError as e:
-                    log.warning("workload %s: %s", w.uid, e)
+        # Obtain certificates of local identities early (the CA source in the background) so
+        # a missing one is reported now and the first connection does not wait for it.
+        self.secrets.prefetch({w.identity for w in new.local_workloads(self.config.node)
+                               if new.in_mesh(w)})
         for c in self.secrets.certificates():
             self.metrics.cert_expiry.labels(str(c.identity)).set(c.not_after.timestamp())
 
@@ -222,6 +234,7 @@ class Ztunnel:
             t.cancel()
         if self.ctx.pool is not None:
             await self.ctx.pool.close()
+        await self.secrets.close()
         self.ctx.access_log.close()
         log.info("ztunnel stopped")
 

@@ -39,7 +39,12 @@ class ZtunnelConfig:
 
     node: str
     state_file: Path | None = None
+    # Workload certificates come from an identity directory or from the controller's CA.
     identity_dir: Path | None = None
+    ca_address: str = ""  # gRPC target of the CA (host:port); needs node_token_file
+    node_token_file: Path | None = None  # bearer token proving the node to the CA
+    # Root that verifies the CA's TLS serving certificate; unset = plaintext gRPC (loopback).
+    ca_root_cert: Path | None = None
     trust_domain: str = "cluster.local"
     # "shared": one socket per capture port on bind_host (TPROXY / eBPF steer into it).
     # "workload": 15006/15008 opened on each local workload's own IP (loopback tests, and the
@@ -98,9 +103,31 @@ class ZtunnelConfig:
                 f"identity_dir: {self.identity_dir} is not a directory; "
                 "create one with `ambit dev certs --out DIR ...`"
             )
+        self._validate_ca()
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level: {self.log_level!r} is not debug|info|warning|error")
         return self
+
+    def _validate_ca(self) -> None:
+        if bool(self.ca_address) != (self.node_token_file is not None):
+            raise ConfigError(
+                "ca_address and node_token_file go together: the ztunnel proves its node to "
+                "the CA with the token (set both, or neither to use identity_dir)")
+        if self.ca_address and self.identity_dir is not None:
+            raise ConfigError(
+                "identity_dir and ca_address are mutually exclusive: certificates come either "
+                "from a directory or from the controller's CA; remove one")
+        if self.ca_root_cert is not None and not self.ca_address:
+            raise ConfigError("ca_root_cert: only meaningful with ca_address")
+        if self.node_token_file is not None and not self.node_token_file.is_file():
+            raise ConfigError(
+                f"node_token_file: {self.node_token_file} does not exist; create it with "
+                "`ambit node join` (embedded mode) or mount the ztunnel's service-account "
+                "token there (Kubernetes)")
+        if self.ca_root_cert is not None and not self.ca_root_cert.is_file():
+            raise ConfigError(f"ca_root_cert: {self.ca_root_cert} does not exist; use the "
+                              "mesh root certificate (PEM) that signs the CA's serving "
+                              "certificate")
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], **overrides: Any) -> ZtunnelConfig:
@@ -111,7 +138,7 @@ class ZtunnelConfig:
                 f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-        for key in ("state_file", "identity_dir"):
+        for key in ("state_file", "identity_dir", "node_token_file", "ca_root_cert"):
             if merged.get(key) is not None:
                 merged[key] = Path(merged[key])
         if "node" not in merged:

@@ -3,19 +3,25 @@
 The ztunnel holds one certificate per SPIFFE identity it serves (every service account with a
 pod on its node). It presents the *source* workload's identity when it opens HBONE and the
 *destination* workload's identity when it accepts, and checks the peer's SPIFFE ID itself
-(hostnames mean nothing here). Material comes from an identity directory for now and is
-re-read when the files change, so rotation needs no restart; the controller's CA replaces the
-directory in a later issue.
+(hostnames mean nothing here).
+
+Two sources implement ``Secrets``: ``SecretManager`` reads an identity directory and re-reads it
+when the files change, so rotation needs no restart; ``ztunnel.ca_client.CaSecretManager``
+obtains certificates from the controller's CA. Accessors are async because the CA source may
+have to fetch a certificate before it can answer; the directory source answers at once.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import ssl
+import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 
@@ -60,14 +66,75 @@ class _Loaded:
     server: ssl.SSLContext
 
 
-def _context(server_side: bool, chain: Path, key: Path, bundle: Path) -> ssl.SSLContext:
+class Secrets(Protocol):
+    """What the listeners and the HBONE pool need: TLS contexts per local identity."""
+
+    async def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        """Context presenting ``identity`` when opening HBONE; raises ``IdentityError``."""
+        ...
+
+    async def server_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        """Context presenting ``identity`` when accepting HBONE; raises ``IdentityError``."""
+        ...
+
+    def certificates(self) -> list[CertInfo]:
+        """The certificates currently held (for /config_dump and the expiry gauge)."""
+        ...
+
+    def prefetch(self, identities: Collection[SpiffeId]) -> None:
+        """Obtain certificates for the identities of the node's workloads before the first
+        connection needs them; problems are logged, not raised."""
+        ...
+
+    async def close(self) -> None:
+        """Stop background work."""
+        ...
+
+
+def _new_context(server_side: bool) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False  # identities are SPIFFE IDs, checked after the handshake
     ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.set_alpn_protocols(ALPN)
+    return ctx
+
+
+def _context(server_side: bool, chain: Path, key: Path, bundle: Path) -> ssl.SSLContext:
+    ctx = _new_context(server_side)
     ctx.load_verify_locations(cafile=str(bundle))
     ctx.load_cert_chain(str(chain), str(key))
-    ctx.set_alpn_protocols(ALPN)
+    return ctx
+
+
+def _load_chain_from_memory(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
+    """``ssl`` loads keys only from paths. Use anonymous in-memory files (memfd) so the private
+    key never touches a disk; elsewhere, a private temporary directory removed at once."""
+    if hasattr(os, "memfd_create"):
+        fds = [os.memfd_create("ambit-chain"), os.memfd_create("ambit-key")]
+        try:
+            for fd, data in zip(fds, (chain_pem, key_pem), strict=True):
+                os.write(fd, data)
+            ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="ambit-cert-") as d:  # mode 0700
+        chain, key = Path(d) / "chain.pem", Path(d) / "key.pem"
+        for path, data in ((chain, chain_pem), (key, key_pem)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        ctx.load_cert_chain(str(chain), str(key))
+
+
+def context_from_pem(server_side: bool, chain_pem: bytes, key_pem: bytes,
+                     bundle_pem: bytes) -> ssl.SSLContext:
+    """A TLS context like the directory source's, from PEM held in memory."""
+    ctx = _new_context(server_side)
+    ctx.load_verify_locations(cadata=bundle_pem.decode())
+    _load_chain_from_memory(ctx, chain_pem, key_pem)
     return ctx
 
 
@@ -79,7 +146,7 @@ def _mtime(p: Path) -> float:
 
 
 class SecretManager:
-    """Loads and caches per-identity TLS contexts from an identity directory."""
+    """Loads and caches per-identity TLS contexts from an identity directory (``Secrets``)."""
 
     def __init__(self, root: Path | None) -> None:
         self.root = root
@@ -123,11 +190,23 @@ class SecretManager:
         self._loaded[identity] = _Loaded(stamp, info, client, server)
         return self._loaded[identity]
 
-    def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
+    async def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
         return self._get(identity).client
 
-    def server_context(self, identity: SpiffeId) -> ssl.SSLContext:
+    async def server_context(self, identity: SpiffeId) -> ssl.SSLContext:
         return self._get(identity).server
 
     def certificates(self) -> list[CertInfo]:
         return [v.info for v in self._loaded.values()]
+
+    def prefetch(self, identities: Collection[SpiffeId]) -> None:
+        """Load now, so a missing certificate is reported at startup, not at the first
+        connection."""
+        for identity in identities:
+            try:
+                self._get(identity)
+            except IdentityError as e:
+                log.warning("%s", e)
+
+    async def close(self) -> None:
+        return None

@@ -104,6 +104,9 @@ class Metrics:
         self.cert_expiry = Gauge("ambit_certificate_expiry_seconds",
                                  "Unix time at which a workload certificate expires",
                                  ("identity",), registry=r)
+        self.ca_fetch_errors = Counter(
+            "ambit_ca_fetch_errors", "Failed certificate requests to the mesh CA, by gRPC "
+            "status code (or bad_response)", ("code",), registry=r)
 
     def render(self) -> bytes:
         out: bytes = generate_latest(self.registry)

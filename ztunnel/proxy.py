@@ -20,7 +20,7 @@ from typing import Any
 from ztunnel.accesslog import AccessLog
 from ztunnel.config import ZtunnelConfig
 from ztunnel.hbone.pool import HbonePool
-from ztunnel.identity import SecretManager
+from ztunnel.identity import Secrets
 from ztunnel.metrics import ConnectionLabels, Metrics
 from ztunnel.state.model import IPAddress, Service, Workload
 from ztunnel.state.store import StateStore
@@ -34,7 +34,7 @@ SO_MARK = 36
 class ProxyContext:
     config: ZtunnelConfig
     store: StateStore
-    secrets: SecretManager
+    secrets: Secrets
     metrics: Metrics
     access_log: AccessLog
     pool: HbonePool | None = None

@@ -3,12 +3,16 @@
 Each "pod" is a 127.0.x.y address (all of 127/8 is local), so ztunnel B can open 15008 on the
 echo pod's own IP (per-workload listeners) and ztunnel A dials it exactly as it would dial a
 remote pod. Nothing leaves the loopback interface.
+
+Certificates come from an identity directory, or (``use_ca=True``) from a real gRPC mesh CA on
+loopback (``CaServer``) that knows which identities run on which node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import ipaddress
 import os
@@ -19,11 +23,21 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
+from prometheus_client import CollectorRegistry
 
 from ambit.spiffe import SpiffeId
-from controller.ca import CertificateAuthority, write_identity, write_trust_bundle
+from controller.ca import (
+    DEFAULT_WORKLOAD_TTL,
+    CertificateAuthority,
+    write_identity,
+    write_trust_bundle,
+)
+from controller.ca_service import CertificateService
+from tests.ca_fakes import InMemoryNodeDirectory
 from ztunnel.app import Ztunnel
+from ztunnel.ca_client import CaSecretManager
 from ztunnel.config import ZtunnelConfig
 
 # A random 127.N.0.0/16 per test process, so parallel runs on one machine never collide.
@@ -61,6 +75,46 @@ def write_certs(root: Path, identities: list[tuple[str, str]]) -> CertificateAut
         ident = SpiffeId(TD, ns, sa)
         write_identity(root, ident, ca.issue(ident))
     return ca
+
+
+class CaServer:
+    """The controller's CA on loopback (plaintext gRPC), with an in-memory node directory
+    mirroring ``base_state()``: node-a runs client and other, node-b runs echo."""
+
+    def __init__(self, tmp: Path, host: str, ttl: dt.timedelta = DEFAULT_WORKLOAD_TTL) -> None:
+        self.ca = CertificateAuthority.generate(TD)
+        self.directory = InMemoryNodeDirectory()
+        self.token_files: dict[str, Path] = {}
+        for node, idents in (("node-a", [("default", "client"), ("other", "other")]),
+                             ("node-b", [("default", "echo")])):
+            token = f"token-{node}-{os.urandom(8).hex()}"
+            self.directory.add(node, token, *(SpiffeId(TD, ns, sa) for ns, sa in idents))
+            path = tmp / f"{node}.token"
+            path.write_text(token + "\n")
+            self.token_files[node] = path
+        self.registry = CollectorRegistry()
+        self.service = CertificateService(self.ca, TD, self.directory, self.directory,
+                                          self.registry, default_ttl=ttl,
+                                          max_ttl=max(ttl, DEFAULT_WORKLOAD_TTL))
+        self.address = f"{host}:{free_port(host)}"
+        self.server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        """Serve (again, after ``stop``) on the same address with the same root."""
+        self.server = grpc.aio.server()
+        self.service.add_to_server(self.server)
+        if not self.server.add_insecure_port(self.address):
+            raise OSError(f"cannot listen on {self.address}")
+        await self.server.start()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(None)
+            self.server = None
+
+    def count(self, result: str) -> float:
+        v = self.registry.get_sample_value("ambit_ca_requests_total", {"result": result})
+        return v or 0.0
 
 
 class EchoServer:
@@ -138,19 +192,27 @@ def free_port(host: str) -> int:
 class Mesh:
     """Ztunnel A (node-a, SOCKS5 for the clients) and ztunnel B (node-b, hosts echo)."""
 
-    def __init__(self, tmp: Path, state: dict[str, Any] | None = None) -> None:
+    def __init__(self, tmp: Path, state: dict[str, Any] | None = None, use_ca: bool = False,
+                 ca_ttl: dt.timedelta = DEFAULT_WORKLOAD_TTL) -> None:
         self.tmp = tmp
         self.ids = tmp / "ids"
         self.state_a = tmp / "state-a.yaml"
         self.state_b = tmp / "state-b.yaml"
         self.write_state(state or base_state())
-        write_certs(self.ids, [("default", "client"), ("other", "other"),
-                               ("default", "echo")])
+        self.ca: CaServer | None = None
+        if use_ca:
+            self.ca = CaServer(tmp, f"127.{NET}.40.1", ca_ttl)
+        else:
+            write_certs(self.ids, [("default", "client"), ("other", "other"),
+                                   ("default", "echo")])
         host_a, host_b = f"127.{NET}.10.254", f"127.{NET}.20.254"
         self.socks = (host_a, free_port(host_a))
         self.a = Ztunnel(self._config("node-a", host_a, self.state_a,
                                       socks5_port=self.socks[1], socks5_host=self.socks[0]))
         self.b = Ztunnel(self._config("node-b", host_b, self.state_b))
+        for zt in (self.a, self.b):
+            if isinstance(zt.secrets, CaSecretManager):  # retry quickly in tests
+                zt.secrets.backoff_initial, zt.secrets.backoff_max = 0.1, 1.0
         self.echo = EchoServer()
 
     def write_state(self, state: dict[str, Any], which: str = "ab") -> None:
@@ -161,8 +223,12 @@ class Mesh:
             tmp.replace(path)
 
     def _config(self, node: str, host: str, state: Path, **kw: Any) -> ZtunnelConfig:
+        if self.ca is not None:
+            kw.update(ca_address=self.ca.address, node_token_file=self.ca.token_files[node])
+        else:
+            kw.update(identity_dir=self.ids)
         return ZtunnelConfig(
-            node=node, state_file=state, identity_dir=self.ids, inbound_bind="workload",
+            node=node, state_file=state, inbound_bind="workload",
             bind_host=host, outbound_port=0, admin_host=host, admin_port=free_port(host),
             stats_host=host, metrics_port=free_port(host), readiness_port=free_port(host),
             transparent=False, socket_mark=0, reload_interval=0.05,
@@ -171,6 +237,8 @@ class Mesh:
         ).validate()
 
     async def __aenter__(self) -> Mesh:
+        if self.ca is not None:
+            await self.ca.start()
         await self.echo.start()
         await self.a.start()
         await self.b.start()
@@ -180,6 +248,8 @@ class Mesh:
         await self.a.shutdown()
         await self.b.shutdown()
         await self.echo.stop()
+        if self.ca is not None:
+            await self.ca.stop()
 
     async def connect(self, dest: tuple[str, int] = (ECHO_IP, ECHO_PORT),
                       source: str = CLIENT_IP) -> tuple[asyncio.StreamReader,
@@ -198,6 +268,7 @@ def sample(zt: Ztunnel, name: str, **labels: str) -> float:
 
 
 @contextlib.asynccontextmanager
-async def mesh(tmp: Path, state: dict[str, Any] | None = None) -> AsyncIterator[Mesh]:
-    async with Mesh(tmp, state) as m:
+async def mesh(tmp: Path, state: dict[str, Any] | None = None,
+               **kw: Any) -> AsyncIterator[Mesh]:
+    async with Mesh(tmp, state, **kw) as m:
         yield m

@@ -197,14 +197,13 @@ async def test_garbage_on_15008_closes_only_that_connection(tmp_path: Path) -> N
         assert await roundtrip(m, b"alive") == b"alive"
 
 
-def _h2_client(m: Mesh, identity: SpiffeId) -> ssl.SSLContext:
-    ctx = m.a.secrets.client_context(identity)
-    return ctx
+async def _h2_client(m: Mesh, identity: SpiffeId) -> ssl.SSLContext:
+    return await m.a.secrets.client_context(identity)
 
 
 async def _raw_hbone(m: Mesh, headers: list[tuple[str, str]]) -> list[h2.events.Event]:
     """Speak HTTP/2 over mTLS to ztunnel B by hand; return what it answered."""
-    ctx = _h2_client(m, SpiffeId(TD, "default", "client"))
+    ctx = await _h2_client(m, SpiffeId(TD, "default", "client"))
     r, w = await asyncio.open_connection(ECHO_IP, 15008, ssl=ctx, server_hostname=ECHO_IP)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()

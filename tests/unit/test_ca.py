@@ -14,7 +14,7 @@ from controller.ca import CertificateAuthority, identity_paths, write_identity, 
 from ztunnel.identity import IdentityError, SecretManager, peer_identity
 
 
-def test_issue_and_load(tmp_path: Path) -> None:
+async def test_issue_and_load(tmp_path: Path) -> None:
     ca = CertificateAuthority.generate("cluster.local")
     ident = SpiffeId("cluster.local", "default", "web")
     issued = ca.issue(ident, ttl=dt.timedelta(hours=1))
@@ -26,24 +26,24 @@ def test_issue_and_load(tmp_path: Path) -> None:
     write_trust_bundle(tmp_path, ca)
     write_identity(tmp_path, ident, issued)
     mgr = SecretManager(tmp_path)
-    assert isinstance(mgr.client_context(ident), ssl.SSLContext)
+    assert isinstance(await mgr.client_context(ident), ssl.SSLContext)
     assert [c.identity for c in mgr.certificates()] == [ident]
     assert identity_paths(tmp_path, ident)[1].stat().st_mode & 0o077 == 0
 
 
-def test_missing_identity_says_how_to_fix(tmp_path: Path) -> None:
+async def test_missing_identity_says_how_to_fix(tmp_path: Path) -> None:
     write_trust_bundle(tmp_path, CertificateAuthority.generate("cluster.local"))
     with pytest.raises(IdentityError, match="ambit dev certs"):
-        SecretManager(tmp_path).server_context(SpiffeId("cluster.local", "a", "b"))
+        await SecretManager(tmp_path).server_context(SpiffeId("cluster.local", "a", "b"))
 
 
-def test_mismatched_file_is_refused(tmp_path: Path) -> None:
+async def test_mismatched_file_is_refused(tmp_path: Path) -> None:
     ca = CertificateAuthority.generate("cluster.local")
     write_trust_bundle(tmp_path, ca)
     wanted, other = SpiffeId("cluster.local", "a", "b"), SpiffeId("cluster.local", "x", "y")
     write_identity(tmp_path, wanted, ca.issue(other))
     with pytest.raises(IdentityError, match="not for"):
-        SecretManager(tmp_path).client_context(wanted)
+        await SecretManager(tmp_path).client_context(wanted)
 
 
 def test_peer_identity() -> None:

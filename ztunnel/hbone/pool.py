@@ -4,7 +4,9 @@ Opening mutual TLS costs a handshake and two certificate checks, so tunnels are 
 connections are keyed by (source identity, destination identity, destination address), as in
 Istio's ztunnel, because a connection proves exactly one identity on each end. A key gets a
 new connection when every existing one is at the peer's stream limit or going away. Idle
-connections are closed after ``idle_timeout``.
+connections are closed after ``idle_timeout``. The client TLS context is asked for at each new
+connection (it may be fetched from the CA, and changes when the certificate is renewed), so
+pooled connections keep the certificate they were opened with.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ambit.spiffe import SpiffeId
@@ -45,7 +47,7 @@ SocketFactory = Callable[[int], socket.socket]
 class HbonePool:
     def __init__(
         self,
-        client_context: Callable[[SpiffeId], ssl.SSLContext],
+        client_context: Callable[[SpiffeId], Awaitable[ssl.SSLContext]],
         make_socket: SocketFactory,
         connect_timeout: float = 5.0,
         idle_timeout: float = 60.0,
@@ -80,7 +82,7 @@ class HbonePool:
         loop = asyncio.get_running_loop()
         host, port = key.address
         try:
-            ctx = self._client_context(key.source)
+            ctx = await self._client_context(key.source)
         except IdentityError as e:
             raise UpstreamConnectError(str(e), "NO_IDENTITY") from None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -54,7 +54,7 @@ class InboundServer:
             self._error("unknown_destination", f"{local_ip} is not a mesh pod on this node", peer)
             return
         try:
-            tls = ctx.secrets.server_context(dest.identity)
+            tls = await ctx.secrets.server_context(dest.identity)
         except IdentityError as e:
             self._error("no_certificate", str(e), peer)
             return
