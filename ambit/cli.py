@@ -35,6 +35,17 @@ def _add_ztunnel(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--identity-dir", type=Path,
                    help="directory of certificates: trust-bundle.pem, <ns>/<sa>/cert-chain.pem "
                    "and key.pem (create with `ambit dev certs`)")
+    p.add_argument("--controller", dest="controller_address", metavar="HOST:PORT",
+                   help="get the mesh state from this controller (instead of --state); also "
+                   "the CA address when --node-token-file is given")
+    p.add_argument("--ca-address", metavar="HOST:PORT",
+                   help="mesh CA for workload certificates (default: --controller)")
+    p.add_argument("--node-token-file", type=Path,
+                   help="node credential for the CA (`ambit node join NODE` in embedded mode; "
+                   "the service-account token in Kubernetes)")
+    p.add_argument("--ca-root-cert", type=Path,
+                   help="mesh root certificate that verifies the controller's TLS "
+                   "(the controller writes it to DATA_DIR/trust-bundle.pem)")
     p.add_argument("--trust-domain", help="SPIFFE trust domain (default cluster.local)")
     p.add_argument("--inbound-bind", choices=["shared", "workload"],
                    help="shared: capture listeners on --bind-host (TPROXY/eBPF); workload: "
@@ -102,12 +113,16 @@ def _run_ztunnel(args: argparse.Namespace) -> int:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("node", "state_file", "identity_dir", "trust_domain", "inbound_bind",
+        for k in ("node", "state_file", "identity_dir", "controller_address", "ca_address",
+                  "node_token_file", "ca_root_cert", "trust_domain", "inbound_bind",
                   "bind_host", "outbound_port", "inbound_plaintext_port", "inbound_port",
                   "socks5_port", "socks5_host", "admin_host", "admin_port", "stats_host",
                   "metrics_port", "readiness_port", "transparent", "drain_seconds",
                   "access_log", "log_level")
     }
+    if overrides["controller_address"] and overrides["node_token_file"] \
+            and not overrides["ca_address"]:
+        overrides["ca_address"] = overrides["controller_address"]
     try:
         if args.config is not None:
             config = ZtunnelConfig.from_file(args.config, **overrides)

@@ -15,6 +15,7 @@ import functools
 import logging
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -31,6 +32,7 @@ from ztunnel.listeners.http import serve_http
 from ztunnel.listeners.inbound import InboundServer
 from ztunnel.metrics import Metrics
 from ztunnel.proxy import ProxyContext
+from ztunnel.state.controller_source import ControllerSource
 from ztunnel.state.file_source import FileSource
 from ztunnel.state.model import IPAddress
 from ztunnel.state.store import StateSnapshot, StateStore
@@ -72,6 +74,7 @@ class Ztunnel:
         self.draining = False
         self.started = False
         self.file_source: FileSource | None = None
+        self.controller_source: ControllerSource | None = None
 
     # -- listeners -------------------------------------------------------------------------
 
@@ -197,6 +200,14 @@ class Ztunnel:
                                           self.config.reload_interval, self._on_state)
             self.file_source.load()
             self._tasks.append(asyncio.create_task(self.file_source.watch()))
+        if self.config.controller_address:
+            self.controller_source = ControllerSource(
+                self.config.controller_address, self.config.node, self.store,
+                credentials=controller_credentials(self.config),
+                on_result=self._on_state,
+                on_connected=lambda up: self.metrics.xds_connected.set(1 if up else 0))
+            self.metrics.xds_connected.set(0)
+            self._tasks.append(asyncio.create_task(self.controller_source.run()))
         self._tasks.append(asyncio.create_task(self._gauges()))
         self.started = True
         log.info("ztunnel for node %s started", self.config.node)
@@ -205,6 +216,11 @@ class Ztunnel:
         while True:
             if self.ctx.pool is not None:
                 self.metrics.hbone_pool_connections.set(self.ctx.pool.size)
+            if self.store.ready:
+                confirmed = self.store.current.loaded_at
+                if self.controller_source is not None and self.controller_source.connected:
+                    confirmed = time.time()  # a live subscription means the state is current
+                self.metrics.state_age.set(max(0.0, time.time() - confirmed))
             await asyncio.sleep(1)
 
     async def shutdown(self) -> None:
@@ -237,6 +253,15 @@ class Ztunnel:
         await self.secrets.close()
         self.ctx.access_log.close()
         log.info("ztunnel stopped")
+
+
+def controller_credentials(config: ZtunnelConfig) -> grpc.ChannelCredentials | None:
+    """TLS to the controller, verified with the mesh root; None (plaintext) without one."""
+    if config.ca_root_cert is None:
+        log.warning("no --ca-root-cert: talking to the controller in plaintext; use this only "
+                    "on loopback or a trusted development network")
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=config.ca_root_cert.read_bytes())
 
 
 def _setup_logging(level: str) -> None:

@@ -41,6 +41,9 @@ class ZtunnelConfig:
     state_file: Path | None = None
     # Workload certificates come from an identity directory or from the controller's CA.
     identity_dir: Path | None = None
+    # gRPC target of the controller's StateService (host:port): the mesh state comes from the
+    # controller instead of state_file.
+    controller_address: str = ""
     ca_address: str = ""  # gRPC target of the CA (host:port); needs node_token_file
     node_token_file: Path | None = None  # bearer token proving the node to the CA
     # Root that verifies the CA's TLS serving certificate; unset = plaintext gRPC (loopback).
@@ -117,8 +120,13 @@ class ZtunnelConfig:
             raise ConfigError(
                 "identity_dir and ca_address are mutually exclusive: certificates come either "
                 "from a directory or from the controller's CA; remove one")
-        if self.ca_root_cert is not None and not self.ca_address:
-            raise ConfigError("ca_root_cert: only meaningful with ca_address")
+        if self.controller_address and self.state_file is not None:
+            raise ConfigError(
+                "state_file and controller_address are mutually exclusive: the mesh state "
+                "comes either from a file or from the controller; remove one")
+        if self.ca_root_cert is not None and not (self.ca_address or self.controller_address):
+            raise ConfigError("ca_root_cert: only meaningful with ca_address or "
+                              "controller_address (it verifies the controller's TLS)")
         if self.node_token_file is not None and not self.node_token_file.is_file():
             raise ConfigError(
                 f"node_token_file: {self.node_token_file} does not exist; create it with "

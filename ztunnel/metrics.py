@@ -99,6 +99,12 @@ class Metrics:
                                        registry=r)
         self.state_workloads = Gauge("ambit_state_workloads", "Workloads in the mesh state",
                                      registry=r)
+        self.xds_connected = Gauge("ambit_xds_connected",
+                                   "1 while subscribed to the controller's state push",
+                                   registry=r)
+        self.state_age = Gauge("ambit_state_age_seconds",
+                               "Seconds since the mesh state was last updated or confirmed",
+                               registry=r)
         self.hbone_pool_connections = Gauge("ambit_hbone_pool_connections",
                                             "Open outbound HBONE connections", registry=r)
         self.cert_expiry = Gauge("ambit_certificate_expiry_seconds",
