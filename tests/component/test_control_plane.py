@@ -191,3 +191,87 @@ async def test_controller_down_traffic_continues_then_resync(tmp_path: Path) -> 
         assert p.b.store.current.version == str(p.registry.revision)
         assert await p.refused(OTHER_CLIENT_IP)
         assert await p.roundtrip(b"after") == b"after"
+
+
+async def test_commands_end_to_end(tmp_path: Path) -> None:
+    """The user's path: `ambit controller`, `ambit namespace enable`, `ambit node join`,
+    `ambit workload add`, `ambit ztunnel --controller ...`, all as processes."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    env = {**os.environ, "AMBIT_DB": str(tmp_path / "registry.db")}
+    ambit = [sys.executable, "-m", "ambit.cli"]
+
+    def cli(*args: str) -> str:
+        r = subprocess.run([*ambit, *args], env=env, capture_output=True, text=True,
+                           check=False, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    async def get(url: str) -> tuple[int, bytes]:
+        def fetch() -> tuple[int, bytes]:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    return int(resp.status), bytes(resp.read())
+            except OSError:
+                return 0, b""
+        return await asyncio.to_thread(fetch)
+
+    async def wait_http(url: str, limit: float = 20) -> bytes:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            status, body = await get(url)
+            if status == 200:
+                return body
+            assert loop.time() - start < limit, f"{url} not ready"
+            await asyncio.sleep(0.1)
+
+    cli("namespace", "enable", "default")
+    (tmp_path / "node-b.token").write_text(cli("node", "join", "node-b").strip())
+    grpc_port, mon_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    host = f"127.{NET}.40.1"
+    ready_port, admin_port = free_port(host), free_port(host)
+    procs = []
+    try:
+        procs.append(await asyncio.create_subprocess_exec(
+            *ambit, "controller", "--data-dir", str(tmp_path / "data"), "--listen-host",
+            "127.0.0.1", "--grpc-port", str(grpc_port), "--monitoring-host", "127.0.0.1",
+            "--monitoring-port", str(mon_port), env=env, stderr=subprocess.DEVNULL))
+        await wait_http(f"http://127.0.0.1:{mon_port}/ready")
+        procs.append(await asyncio.create_subprocess_exec(
+            *ambit, "ztunnel", "--node", "node-b", "--controller", f"localhost:{grpc_port}",
+            "--node-token-file", str(tmp_path / "node-b.token"), "--ca-root-cert",
+            str(tmp_path / "data" / "trust-bundle.pem"), "--inbound-bind", "workload",
+            "--outbound-port", "0", "--no-transparent", "--admin-host", host, "--admin-port",
+            str(admin_port), "--stats-host", host, "--metrics-port", str(free_port(host)),
+            "--readiness-port", str(ready_port), env=env, stderr=subprocess.DEVNULL))
+        await wait_http(f"http://{host}:{ready_port}/healthz/ready")
+        cli("workload", "add", "--name", "echo", "--namespace", "default", "--node", "node-b",
+            "--ip", ECHO_IP, "--service-account", "echo")
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            dump = json.loads(await wait_http(f"http://{host}:{admin_port}/config_dump"))
+            names = {w["name"] for w in dump["workloads"]}
+            certs = {c["identity"] for c in dump["certificates"]}
+            if "echo" in names and f"spiffe://{TD}/ns/default/sa/echo" in certs:
+                break
+            assert loop.time() - start < 10, dump
+            await asyncio.sleep(0.1)
+        _, metrics = await get(f"http://{host}:{ready_port}/metrics")
+        assert b"ambit_xds_connected 1.0" in metrics
+    finally:
+        for proc in reversed(procs):
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    assert await asyncio.wait_for(proc.wait(), 10) == 0
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+                    raise
