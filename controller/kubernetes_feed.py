@@ -1,0 +1,50 @@
+"""Kubernetes mode's three views for the controller, as ``embedded.py`` is for SQLite.
+
+The state feed (each registry snapshot translated to mesh state), the node authenticator (the
+ztunnel's service-account token, checked with TokenReview) and the issuance policy (a node may
+get certificates only for identities of mesh pods scheduled on it). The issuance policy reads
+the registry's in-memory caches, so certificate checks never call the API server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from ambit.spiffe import SpiffeId
+from controller.registry.k8s_auth import TokenReviewAuthenticator
+from controller.registry.kubernetes import KubernetesRegistry
+from controller.registry.translate import in_mesh, translate
+from ztunnel.state.model import MeshConfig
+
+log = logging.getLogger("controller.kubernetes")
+
+
+class KubernetesFeed:
+    def __init__(self, registry: KubernetesRegistry, authenticator: TokenReviewAuthenticator,
+                 trust_domain: str) -> None:
+        self.registry = registry
+        self.authenticator = authenticator
+        self.trust_domain = trust_domain
+
+    async def states(self) -> AsyncIterator[MeshConfig]:
+        async for snap in self.registry.snapshots():
+            result = translate(snap, self.trust_domain, snap.revision)
+            for problem in result.problems:
+                log.warning("registry revision %d: %s", snap.revision, problem)
+            yield result.config
+
+    # NodeAuthenticator
+    async def authenticate(self, token: str) -> str | None:
+        return await self.authenticator.authenticate(token)
+
+    # IssuancePolicy
+    def may_issue(self, node: str, identity: SpiffeId) -> bool:
+        if identity.trust_domain != self.trust_domain:
+            return False
+        snap = self.registry.snapshot()
+        return any(
+            pod.node == node and pod.namespace == identity.namespace
+            and pod.service_account == identity.service_account and in_mesh(pod, snap)
+            for pod in snap.pods
+        )

@@ -1,0 +1,73 @@
+"""Builders for the Kubernetes objects tests put into the double, shaped as the API serves them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from controller.registry.model import AMBIENT, DATAPLANE_MODE_LABEL
+
+
+def namespace(name: str, *, ambient: bool = True, labels: dict[str, str] | None = None) \
+        -> dict[str, Any]:
+    all_labels = {"kubernetes.io/metadata.name": name, **(labels or {})}
+    if ambient:
+        all_labels[DATAPLANE_MODE_LABEL] = AMBIENT
+    return {"metadata": {"name": name, "labels": all_labels}}
+
+
+def pod(name: str, ns: str, ip: str | None, *, node: str | None = "node-a",
+        sa: str = "default", labels: dict[str, str] | None = None, ready: bool = True,
+        replicaset: str | None = None, ports: dict[str, int] | None = None,
+        phase: str = "Running", host_network: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": ns, "labels": dict(labels or {})}
+    if replicaset:
+        pod_hash = replicaset.rsplit("-", 1)[1]
+        meta["labels"]["pod-template-hash"] = pod_hash
+        meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                    "name": replicaset, "uid": f"uid-{replicaset}",
+                                    "controller": True, "blockOwnerDeletion": True}]
+    container: dict[str, Any] = {"name": "main", "image": "example/app:1"}
+    if ports:
+        container["ports"] = [{"name": n, "containerPort": p, "protocol": "TCP"}
+                              for n, p in ports.items()]
+    spec: dict[str, Any] = {"serviceAccountName": sa, "containers": [container]}
+    if node:
+        spec["nodeName"] = node
+    if host_network:
+        spec["hostNetwork"] = True
+    status: dict[str, Any] = {
+        "phase": phase,
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+    }
+    if ip:
+        status["podIP"] = ip
+        status["podIPs"] = [{"ip": ip}]
+    return {"metadata": meta, "spec": spec, "status": status}
+
+
+def service(name: str, ns: str, cluster_ip: str, selector: dict[str, str],
+            ports: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns},
+            "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                     "selector": selector, "ports": ports}}
+
+
+def endpoint_slice(name: str, ns: str, service_name: str, ports: dict[str, int],
+                   addresses: list[str]) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": service_name}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
+            "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports.items()]}
+
+
+def service_account(name: str, ns: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns}}
+
+
+def authorization_policy(name: str, ns: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def peer_authentication(name: str, ns: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns}, "spec": spec}

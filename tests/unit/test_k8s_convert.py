@@ -1,0 +1,139 @@
+"""Kubernetes objects to registry records: the rules of ``k8s_convert`` as data, and Backoff."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from controller.registry.k8s_convert import build_snapshot, pod_record, service_record
+from controller.registry.k8s_watch import Backoff
+from tests.k8s_double import objects as o
+
+
+def collect() -> tuple[list[str], Any]:
+    problems: list[str] = []
+    return problems, problems.append
+
+
+def test_pod_fields() -> None:
+    problems, report = collect()
+    obj = o.pod("web-5c9f8d7b6-x2x4q", "shop", "10.0.0.5", node="n1", sa="web",
+                labels={"app": "web"}, replicaset="web-5c9f8d7b6")
+    obj["status"]["podIPs"].append({"ip": "fd00::5"})
+    pod = pod_record(obj, report)
+    assert pod is not None and problems == []
+    assert (pod.key, pod.node, pod.service_account, pod.workload_name, pod.ready) == \
+        ("shop/web-5c9f8d7b6-x2x4q", "n1", "web", "web", True)
+    assert pod.ips == (ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("fd00::5"))
+    assert dict(pod.labels)["app"] == "web"
+
+
+def test_pod_service_account_defaults_and_owner_kinds() -> None:
+    obj = o.pod("job-x", "shop", "10.0.0.6")
+    del obj["spec"]["serviceAccountName"]
+    obj["metadata"]["ownerReferences"] = [
+        {"kind": "Node", "name": "not-a-controller"},
+        {"kind": "Job", "name": "nightly", "controller": True}]
+    pod = pod_record(obj, collect()[1])
+    assert pod is not None and (pod.service_account, pod.workload_name) == ("default", "nightly")
+
+
+def test_pods_that_cannot_or_must_not_be_addressed_are_left_out() -> None:
+    problems, report = collect()
+    assert pod_record(o.pod("a", "shop", None), report) is None  # no IP yet
+    assert pod_record(o.pod("b", "shop", "10.0.0.1", node=None), report) is None  # unscheduled
+    assert pod_record(o.pod("c", "shop", "10.0.0.1", host_network=True), report) is None
+    assert pod_record(o.pod("d", "shop", "10.0.0.1", phase="Succeeded"), report) is None
+    assert problems == []
+    bad = o.pod("e", "shop", "10.0.0.300")
+    assert pod_record(bad, report) is None
+    assert problems == ["Pod shop/e: status.podIPs[0].ip: '10.0.0.300' is not an IP address; "
+                        "pod left out"]
+
+
+def test_readiness() -> None:
+    assert pod_record(o.pod("a", "shop", "10.0.0.1", ready=False), collect()[1]).ready is False  # type: ignore[union-attr]
+    terminating = o.pod("b", "shop", "10.0.0.2")
+    terminating["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert pod_record(terminating, collect()[1]).ready is False  # type: ignore[union-attr]
+
+
+def svc(target: Any, **kw: Any) -> dict[str, Any]:
+    port = {"name": "http", "port": 80, "protocol": "TCP"}
+    if target is not None:
+        port["targetPort"] = target
+    return o.service("echo", "shop", "10.96.0.1", {"app": "echo"}, [port], **kw)
+
+
+def test_service_target_ports() -> None:
+    problems, report = collect()
+    for target, expected in ((None, 80), (8080, 8080)):
+        s = service_record(svc(target), [], [], report)
+        assert s is not None and [(p.port, p.target_port) for p in s.ports] == [(80, expected)]
+    echo = o.pod("e1", "shop", "10.0.0.1", labels={"app": "echo"}, ports={"web": 8081})
+    other = o.pod("x", "shop", "10.0.0.2", labels={"app": "other"}, ports={"web": 9999})
+    s = service_record(svc("web"), [], [echo, other], report)
+    assert s is not None and s.ports[0].target_port == 8081  # only selected pods count
+    # The EndpointSlice is the endpoint controller's own resolution: it wins.
+    sl = o.endpoint_slice("echo-abc", "shop", "echo", {"http": 7070}, ["10.0.0.1"])
+    unrelated = o.endpoint_slice("x-abc", "shop", "x", {"http": 6060}, ["10.0.0.2"])
+    s = service_record(svc("web"), [sl, unrelated], [echo], report)
+    assert s is not None and s.ports[0].target_port == 7070
+    assert problems == []
+
+
+def test_unresolvable_named_target_ports_are_left_out_with_the_field() -> None:
+    problems, report = collect()
+    s = service_record(svc("web"), [], [], report)
+    assert s is not None and s.ports == ()
+    e1 = o.pod("e1", "shop", "10.0.0.1", labels={"app": "echo"}, ports={"web": 8081})
+    e2 = o.pod("e2", "shop", "10.0.0.2", labels={"app": "echo"}, ports={"web": 8082})
+    s = service_record(svc("web"), [], [e1, e2], report)
+    assert s is not None and s.ports == ()
+    assert problems[0].startswith("Service shop/echo: spec.ports[0].targetPort: named port "
+                                  "'web' cannot be resolved (no EndpointSlice")
+    assert "[8081, 8082] on different pods" in problems[1]
+
+
+def test_headless_and_external_name_services() -> None:
+    headless = svc(80)
+    headless["spec"]["clusterIP"] = "None"
+    headless["spec"]["clusterIPs"] = ["None"]
+    s = service_record(headless, [], [], collect()[1])
+    assert s is not None and s.cluster_ips == ()
+    external = {"metadata": {"name": "db", "namespace": "shop"},
+                "spec": {"type": "ExternalName", "externalName": "db.example.com"}}
+    assert service_record(external, [], [], collect()[1]) is None
+
+
+def test_policies_are_kept_as_written_and_problems_name_the_field() -> None:
+    problems, report = collect()
+    caches = {
+        "namespaces": {"shop": o.namespace("shop")},
+        "authorizationpolicies": {
+            "shop/ok": o.authorization_policy("ok", "shop", {"action": "DENY"}),
+            "shop/bad": o.authorization_policy("bad", "shop", {"action": "NOPE"}),
+        },
+        "peerauthentications": {
+            "shop/pa": o.peer_authentication("pa", "shop", {"mtls": {"mode": "STRICTER"}}),
+        },
+    }
+    snap = build_snapshot(caches, 7, report)
+    assert snap.revision == 7 and [n.name for n in snap.namespaces] == ["shop"]
+    assert [(p.key, dict(p.spec)) for p in snap.authorization_policies] == [
+        ("shop/bad", {"action": "NOPE"}), ("shop/ok", {"action": "DENY"})]
+    assert problems == [
+        "AuthorizationPolicy shop/bad: spec.action: 'NOPE' is not one of ALLOW, DENY, AUDIT; "
+        "it fails closed until fixed",
+        "PeerAuthentication shop/pa: spec.mtls.mode: 'STRICTER' is not one of UNSET, STRICT, "
+        "PERMISSIVE, DISABLE; it fails closed (STRICT) until fixed",
+    ]
+
+
+def test_backoff_grows_to_its_cap_with_jitter_and_resets() -> None:
+    b = Backoff(initial=1.0, cap=8.0, factor=2.0, jitter=0.5)
+    delays = [b.delay() for _ in range(6)]
+    for d, base in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
+        assert base <= d <= base * 1.5
+    b.reset()
+    assert 1.0 <= b.delay() <= 1.5
