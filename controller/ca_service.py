@@ -72,6 +72,11 @@ async def _resolve(value: MaybeAwaitable[T]) -> T:
     return value
 
 
+class AuthenticatorUnavailable(Exception):
+    """The node authenticator could not decide (e.g. the API server is unreachable): the
+    caller should retry, the token is not known to be bad."""
+
+
 class CsrError(ValueError):
     """A CSR the CA will not sign; the message says why."""
 
@@ -218,7 +223,11 @@ class CertificateService(ca_pb2_grpc.CertificateServiceServicer):
             await self._refuse(context, UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED,
                                "no node credential: send metadata 'authorization: Bearer "
                                "<node token>'")
-        node = await _resolve(self.authenticator.authenticate(token))
+        try:
+            node = await _resolve(self.authenticator.authenticate(token))
+        except AuthenticatorUnavailable as e:
+            await self._refuse(context, "unavailable", grpc.StatusCode.UNAVAILABLE,
+                               f"cannot check the node token right now ({e}); retry")
         if node is None:
             await self._refuse(context, UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED,
                                "the node token is not valid (unknown, revoked or expired); "

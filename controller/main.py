@@ -9,11 +9,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
-from controller.app import GRPC_PORT, MONITORING_PORT, Controller, ControllerConfig, serve
+from controller.app import (
+    GRPC_PORT,
+    MONITORING_PORT,
+    Controller,
+    ControllerConfig,
+    StateFeed,
+    serve,
+)
 from controller.ca_service import CertificateService
 from controller.ca_store import CaStoreError, open_ca
 from controller.embedded import EmbeddedFeed
@@ -35,6 +44,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "ztunnel over gRPC and sign workload certificates. Embedded mode keeps the registry "
         "in SQLite, managed with the `ambit namespace|workload|service|policy|apply` commands.",
     )
+    p.add_argument("--mode", choices=["auto", "embedded", "kubernetes"], default="auto",
+                   help="registry: kubernetes (watch the API server), embedded (SQLite), or "
+                   "auto: kubernetes when --kubeconfig, $KUBECONFIG or in-cluster credentials "
+                   "exist, else embedded")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default $KUBECONFIG; in-cluster "
+                   "service account when running in a pod)")
     p.add_argument("--db", type=Path, help="embedded registry database (default $AMBIT_DB or "
                    "/var/lib/ambit/registry.db)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
@@ -57,21 +72,54 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    db = args.db or Path(os.environ.get("AMBIT_DB", DEFAULT_DATA_DIR / "registry.db"))
+def choose_mode(mode: str, kubeconfig: str | None, environ: dict[str, str]) -> str:
+    """auto -> kubernetes when there are credentials for an API server, else embedded."""
+    if mode != "auto":
+        return mode
+    if kubeconfig or environ.get("KUBECONFIG") or environ.get("KUBERNETES_SERVICE_HOST"):
+        return "kubernetes"
+    return "embedded"
+
+
+async def _kubernetes_feed(args: argparse.Namespace) -> tuple[StateFeed, Callable[[], Any]]:
+    from controller.kubernetes_feed import KubernetesFeed
+    from controller.registry.k8s_auth import TokenReviewAuthenticator
+    from controller.registry.kubernetes import KubernetesRegistry, api_client
+
+    kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
+    try:
+        api = await api_client(kubeconfig)
+    except Exception as e:  # kubernetes_asyncio raises several unrelated types here
+        source = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster service account"
+        raise ControllerUsageError(f"cannot load Kubernetes credentials ({source}): {e}; "
+                                   "pass --kubeconfig or use --mode embedded") from None
+    registry = KubernetesRegistry(api)
+    registry.start()
+    feed = KubernetesFeed(registry, TokenReviewAuthenticator(api), args.trust_domain)
+    return feed, registry.stop
+
+
+async def _main(args: argparse.Namespace, mode: str) -> int:
     try:
         ca = open_ca(args.trust_domain, args.data_dir, args.ca_cert, args.ca_key)
     except CaStoreError as e:
         raise ControllerUsageError(str(e)) from None
-    try:
-        registry = EmbeddedRegistry(db)
-    except RegistryError as e:
-        raise ControllerUsageError(f"registry {db}: {e}") from None
     for port_name in ("grpc_port", "monitoring_port"):
         if not 0 <= getattr(args, port_name) <= 65535:
             raise ControllerUsageError(f"--{port_name.replace('_', '-')}: not a port number")
+    cleanup: Callable[[], Any] | None = None
+    if mode == "kubernetes":
+        feed, cleanup = await _kubernetes_feed(args)
+        auth: Any = feed
+        where = "Kubernetes API server"
+    else:
+        db = args.db or Path(os.environ.get("AMBIT_DB", DEFAULT_DATA_DIR / "registry.db"))
+        try:
+            embedded = EmbeddedFeed(EmbeddedRegistry(db), args.trust_domain)
+        except RegistryError as e:
+            raise ControllerUsageError(f"registry {db}: {e}") from None
+        feed = auth = embedded
+        where = f"embedded registry {db}"
     config = ControllerConfig(
         trust_domain=args.trust_domain, listen_host=args.listen_host, grpc_port=args.grpc_port,
         monitoring_host=args.monitoring_host, monitoring_port=args.monitoring_port,
@@ -79,9 +127,8 @@ def run(args: argparse.Namespace) -> int:
         serving_ips=(*ControllerConfig.serving_ips, *args.serving_ip),
         insecure=args.insecure,
     )
-    feed = EmbeddedFeed(registry, args.trust_domain)
     controller = Controller(config, feed, ca)
-    ca_service = CertificateService(ca, args.trust_domain, feed, feed, controller.metrics)
+    ca_service = CertificateService(ca, args.trust_domain, auth, auth, controller.metrics)
     controller.add_services = ca_service.add_to_server
     bundle = args.data_dir / "trust-bundle.pem"
     try:
@@ -89,6 +136,17 @@ def run(args: argparse.Namespace) -> int:
         bundle.write_bytes(ca.root_pem)
     except OSError as e:
         raise ControllerUsageError(f"cannot write the trust bundle to {bundle}: {e}") from None
-    log.info("embedded registry %s; trust bundle for ztunnels: %s", db, bundle)
-    uvloop.run(serve(controller))
+    log.info("registry: %s; trust bundle for ztunnels: %s", where, bundle)
+    try:
+        await serve(controller)
+    finally:
+        if cleanup is not None:
+            await cleanup()
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mode = choose_mode(args.mode, args.kubeconfig, dict(os.environ))
+    return uvloop.run(_main(args, mode))

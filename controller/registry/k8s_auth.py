@@ -29,6 +29,8 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
+from controller.ca_service import AuthenticatorUnavailable
+
 log = logging.getLogger(__name__)
 
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
@@ -37,7 +39,7 @@ POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
 SA_PREFIX = "system:serviceaccount:"
 
 
-class TokenReviewUnavailable(Exception):
+class TokenReviewUnavailable(AuthenticatorUnavailable):
     """The API server could not review the token (network, 5xx, permissions)."""
 
 

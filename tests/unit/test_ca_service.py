@@ -329,3 +329,35 @@ def test_user_supplied_root_problems_are_named(tmp_path: Path) -> None:
                     serialization.NoEncryption())))
     with pytest.raises(CaStoreError, match="no mesh root"):
         open_ca(TD)
+
+
+async def test_authenticator_outage_is_unavailable_not_unauthenticated() -> None:
+    from controller.ca_service import AuthenticatorUnavailable
+
+    class Down:
+        async def authenticate(self, token: str) -> str | None:
+            raise AuthenticatorUnavailable("API server unreachable")
+
+        def may_issue(self, node: str, identity: SpiffeId) -> bool:
+            return True
+
+    registry = CollectorRegistry()
+    service = CertificateService(CertificateAuthority.generate(TD), TD, Down(), Down(),
+                                 registry)
+    server = grpc.aio.server()
+    service.add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ca_pb2_grpc.CertificateServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.CreateCertificate(
+                    ca_pb2.CreateCertificateRequest(csr_pem=csr_for(str(WEB))),
+                    metadata=(("authorization", "Bearer t"),))
+            assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "retry" in (err.value.details() or "")
+            assert registry.get_sample_value("ambit_ca_requests_total",
+                                             {"result": "unavailable"}) == 1
+    finally:
+        await server.stop(None)
