@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from ambit.spiffe import SpiffeId
 from controller.registry.model import RegistrySnapshot
 from controller.registry.sqlite import EmbeddedRegistry
-from controller.registry.translate import in_mesh, translate
+from controller.registry.translate import node_hosts_identity, translate
 from ztunnel.state.model import MeshConfig
 
 log = logging.getLogger("controller.embedded")
@@ -44,10 +44,4 @@ class EmbeddedFeed:
     # IssuancePolicy
     def may_issue(self, node: str, identity: SpiffeId) -> bool:
         snap = self.snapshot if self.snapshot is not None else self.registry.snapshot()
-        if identity.trust_domain != self.trust_domain:
-            return False
-        return any(
-            pod.node == node and pod.namespace == identity.namespace
-            and pod.service_account == identity.service_account and in_mesh(pod, snap)
-            for pod in snap.pods
-        )
+        return node_hosts_identity(snap, node, identity, self.trust_domain)

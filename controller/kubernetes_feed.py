@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from ambit.spiffe import SpiffeId
 from controller.registry.k8s_auth import TokenReviewAuthenticator
 from controller.registry.kubernetes import KubernetesRegistry
-from controller.registry.translate import in_mesh, translate
+from controller.registry.translate import node_hosts_identity, translate
 from ztunnel.state.model import MeshConfig
 
 log = logging.getLogger("controller.kubernetes")
@@ -40,11 +40,5 @@ class KubernetesFeed:
 
     # IssuancePolicy
     def may_issue(self, node: str, identity: SpiffeId) -> bool:
-        if identity.trust_domain != self.trust_domain:
-            return False
         snap = self.registry.snapshot()
-        return any(
-            pod.node == node and pod.namespace == identity.namespace
-            and pod.service_account == identity.service_account and in_mesh(pod, snap)
-            for pod in snap.pods
-        )
+        return node_hosts_identity(snap, node, identity, self.trust_domain)

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ambit.spiffe import SpiffeId
 from controller.registry.model import Pod, RegistrySnapshot, Service
 from ztunnel.state.model import (
     Action,
@@ -191,3 +192,15 @@ def _selector_or_namespace(name: str, namespace: str,
                                         "spec").selector
     except StateError:
         return None
+
+
+def node_hosts_identity(snapshot: RegistrySnapshot, node: str, identity: SpiffeId,
+                        trust_domain: str) -> bool:
+    """The CA's issuance rule: ``node`` runs a mesh pod whose identity is ``identity``."""
+    if identity.trust_domain != trust_domain:
+        return False
+    return any(
+        pod.node == node and pod.namespace == identity.namespace
+        and pod.service_account == identity.service_account and in_mesh(pod, snapshot)
+        for pod in snapshot.pods
+    )

@@ -167,3 +167,25 @@ def test_output_does_not_depend_on_input_order() -> None:
     one = mesh_config(RegistrySnapshot(namespaces=(AMBIENT,), pods=pods), "td", 1)
     two = mesh_config(RegistrySnapshot(namespaces=(AMBIENT,), pods=pods[::-1]), "td", 1)
     assert one == two
+
+
+def test_node_hosts_identity_is_the_issuance_rule() -> None:
+    import ipaddress
+
+    from ambit.spiffe import SpiffeId
+    from controller.registry.model import Namespace, Pod, RegistrySnapshot
+    from controller.registry.translate import node_hosts_identity
+
+    snap = RegistrySnapshot(
+        namespaces=(Namespace("shop", (("ambit.dev/dataplane-mode", "ambient"),)),
+                    Namespace("plain", ())),
+        pods=(Pod("web", "shop", "web", "node-a", (ipaddress.ip_address("10.0.0.1"),)),
+              Pod("old", "plain", "old", "node-a", (ipaddress.ip_address("10.0.0.2"),))),
+    )
+    web = SpiffeId("cluster.local", "shop", "web")
+    assert node_hosts_identity(snap, "node-a", web, "cluster.local")
+    assert not node_hosts_identity(snap, "node-b", web, "cluster.local")  # other node
+    assert not node_hosts_identity(snap, "node-a", SpiffeId("cluster.local", "plain", "old"),
+                                   "cluster.local")  # pod not in the mesh
+    assert not node_hosts_identity(snap, "node-a", SpiffeId("other.td", "shop", "web"),
+                                   "cluster.local")  # foreign trust domain
