@@ -46,11 +46,8 @@ def make_secrets(config: ZtunnelConfig, metrics: Metrics) -> Secrets:
     if not config.ca_address:
         return SecretManager(config.identity_dir)
     assert config.node_token_file is not None  # validated: they go together
-    credentials = None
-    if config.ca_root_cert is not None:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=config.ca_root_cert.read_bytes())
-    return CaSecretManager(config.ca_address, config.node_token_file, metrics, credentials)
+    return CaSecretManager(config.ca_address, config.node_token_file, metrics,
+                           controller_credentials(config))
 
 
 class Ztunnel:
@@ -256,10 +253,9 @@ class Ztunnel:
 
 
 def controller_credentials(config: ZtunnelConfig) -> grpc.ChannelCredentials | None:
-    """TLS to the controller, verified with the mesh root; None (plaintext) without one."""
+    """TLS to the controller (state push and CA), verified with the mesh root; None
+    (plaintext, which each channel reports when it starts) without one."""
     if config.ca_root_cert is None:
-        log.warning("no --ca-root-cert: talking to the controller in plaintext; use this only "
-                    "on loopback or a trusted development network")
         return None
     return grpc.ssl_channel_credentials(root_certificates=config.ca_root_cert.read_bytes())
 

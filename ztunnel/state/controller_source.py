@@ -49,6 +49,9 @@ class ControllerSource:
         self.last_update = 0.0  # time.time() of the last applied update
         self.last_received = 0.0  # time.monotonic() when the last update arrived
         self.last_error: str | None = None
+        if credentials is None:
+            log.warning("controller %s: plaintext gRPC (no --ca-root-cert); use this only on "
+                        "loopback or a trusted development network", target)
 
     def _set_connected(self, value: bool) -> None:
         if value != self.connected:
