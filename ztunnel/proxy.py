@@ -115,6 +115,8 @@ class ConnectionRecord:
         self.extra: dict[str, Any] = {}
         self._opened = False
         self._labels: tuple[str, ...] | None = None
+        self._sent_counter: Any = None
+        self._received_counter: Any = None
 
     def labels(self) -> tuple[str, ...]:
         if self._labels is None:
@@ -124,22 +126,31 @@ class ConnectionRecord:
         return self._labels
 
     def opened(self) -> None:
-        """Count the connection as established (it will carry bytes)."""
+        """Count the connection as established (it will carry bytes). Its labels are fixed
+        from here on, so opened, bytes and closed always pair up in the metrics."""
         self._opened = True
-        self.ctx.metrics.opened.labels(*self.labels()).inc()
-        self.ctx.metrics.active.labels(self.listener).inc()
+        labels = self.labels()
+        m = self.ctx.metrics
+        m.opened.labels(*labels).inc()
+        m.active.labels(self.listener).inc()
+        # Resolved once: byte counters are bumped for every chunk on the data path.
+        self._sent_counter = m.sent.labels(*labels)
+        self._received_counter = m.received.labels(*labels)
 
     def count_sent(self, n: int) -> None:
         self.sent += n
-        self.ctx.metrics.sent.labels(*self.labels()).inc(n)
+        self._sent_counter.inc(n)
 
     def count_received(self, n: int) -> None:
         self.received += n
-        self.ctx.metrics.received.labels(*self.labels()).inc(n)
+        self._received_counter.inc(n)
 
     def fail(self, outcome: str, reason: str, flags: str) -> None:
+        """Record how the connection ended. Before it opened, the flag goes into its metric
+        labels (it is counted opened+closed as refused); after, only into the access log."""
         self.outcome, self.reason, self.flags = outcome, reason, flags
-        self._labels = None
+        if not self._opened:
+            self._labels = None
 
     def finish(self) -> None:
         m = self.ctx.metrics
