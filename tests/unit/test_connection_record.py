@@ -1,0 +1,54 @@
+"""One connection yields one opened/closed pair with the same labels, however it ends."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from ztunnel.accesslog import AccessLog
+from ztunnel.config import ZtunnelConfig
+from ztunnel.identity import SecretManager
+from ztunnel.metrics import Metrics
+from ztunnel.proxy import ConnectionRecord, ProxyContext
+from ztunnel.state.store import StateStore
+
+
+def _ctx() -> ProxyContext:
+    return ProxyContext(ZtunnelConfig(node="n"), StateStore(), SecretManager(None), Metrics(),
+                        AccessLog(""))
+
+
+def _flags(ctx: ProxyContext, name: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for family in ctx.metrics.registry.collect():
+        for s in family.samples:
+            if s.name == name:
+                out[s.labels["response_flags"]] = out.get(s.labels["response_flags"], 0) + s.value
+    return out
+
+
+def _record(ctx: ProxyContext) -> ConnectionRecord:
+    return ConnectionRecord(ctx, "source", "outbound", ipaddress.ip_address("10.0.0.1"),
+                            (ipaddress.ip_address("10.0.0.2"), 80))
+
+
+def test_failure_after_open_keeps_the_pair() -> None:
+    ctx = _ctx()
+    rec = _record(ctx)
+    rec.opened()
+    rec.count_sent(10)
+    rec.fail("error", "reset mid-stream", "UC")
+    rec.count_received(5)
+    rec.finish()
+    assert _flags(ctx, "istio_tcp_connections_opened_total") == {"-": 1}
+    assert _flags(ctx, "istio_tcp_connections_closed_total") == {"-": 1}
+    assert _flags(ctx, "istio_tcp_sent_bytes_total") == {"-": 10}
+    assert _flags(ctx, "istio_tcp_received_bytes_total") == {"-": 5}
+
+
+def test_refused_connection_is_counted_with_its_flag() -> None:
+    ctx = _ctx()
+    rec = _record(ctx)
+    rec.fail("denied", "policy", "DENY")
+    rec.finish()
+    assert _flags(ctx, "istio_tcp_connections_opened_total") == {"DENY": 1}
+    assert _flags(ctx, "istio_tcp_connections_closed_total") == {"DENY": 1}
