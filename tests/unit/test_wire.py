@@ -72,6 +72,10 @@ def test_delta_carries_only_changes() -> None:
     (lambda u: setattr(u.authorization_policies[0], "spec_json", '{"action": "MAYBE"}'),
      "authorization_policies[0].spec.action"),
     (lambda u: u.workloads[1].addresses.append("10.0.0.1"), "workloads"),
+    # Validated by the same parser as the state file, service-account rule included.
+    (lambda u: setattr(u.workloads[0], "service_account", "a/b"),
+     "workloads[0].serviceAccount"),
+    (lambda u: setattr(u.services[0].ports[0], "port", 0), "services[0].ports[0].port"),
 ])
 def test_bad_update_is_rejected_whole(mutate: Any, field: str) -> None:
     current = parse_state(GOOD)

@@ -122,7 +122,8 @@ def _enum(enum: type[Any], value: Any, path: str, default: Any) -> Any:
         raise StateError(path, f"{value!r} is not one of {choices}") from None
 
 
-def _workload(value: Any, path: str, trust_domain: str) -> Workload:
+def parse_workload(value: Any, path: str, trust_domain: str) -> Workload:
+    """One workload entry; shared by the state file and the controller's wire format."""
     m = _mapping(
         value,
         path,
@@ -171,7 +172,8 @@ def _service_port(value: Any, path: str) -> ServicePort:
     return ServicePort(port, port if target is None else _port(target, f"{path}.targetPort"))
 
 
-def _service(value: Any, path: str) -> Service:
+def parse_service(value: Any, path: str) -> Service:
+    """One service entry; shared by the state file and the controller's wire format."""
     m = _mapping(value, path, {"name", "namespace", "hostname", "vips", "ports", "selector"})
     name = _str(m.get("name"), f"{path}.name")
     namespace = _str(m.get("namespace"), f"{path}.namespace")
@@ -328,7 +330,7 @@ def parse_state(doc: Any) -> MeshConfig:
     m = _mapping(doc, "", {"trustDomain", "workloads", "services", "authorizationPolicies",
                            "peerAuthentications", "version"})
     td = _str(m.get("trustDomain"), "trustDomain", required=False, default="cluster.local")
-    workloads = _items(m.get("workloads"), "workloads", lambda v, p: _workload(v, p, td))
+    workloads = _items(m.get("workloads"), "workloads", lambda v, p: parse_workload(v, p, td))
     _unique(workloads, "workloads", lambda w: w.uid, "workload uid")
     owner: dict[IPAddress, str] = {}
     for i, w in enumerate(workloads):
@@ -337,7 +339,7 @@ def parse_state(doc: Any) -> MeshConfig:
                 raise StateError(f"workloads[{i}].addresses[{j}]",
                                  f"{ip} is already the address of workload {owner[ip]}")
             owner[ip] = w.uid
-    services = _items(m.get("services"), "services", _service)
+    services = _items(m.get("services"), "services", parse_service)
     _unique(services, "services", lambda s: s.key, "service")
     vips: dict[IPAddress, str] = {}
     for i, s in enumerate(services):

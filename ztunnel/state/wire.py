@@ -9,7 +9,6 @@ Deltas carry upserts and removals by key, so one changed pod costs one workload 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from typing import Any
 
@@ -20,7 +19,6 @@ from ztunnel.state.model import (
     PeerAuthentication,
     Protocol,
     Service,
-    ServicePort,
     Source,
     Workload,
 )
@@ -28,6 +26,8 @@ from ztunnel.state.parse import (
     StateError,
     parse_authorization_spec,
     parse_peer_authentication_spec,
+    parse_service,
+    parse_workload,
 )
 
 # -- policies: model -> Istio-shaped spec ------------------------------------------------------
@@ -149,43 +149,35 @@ def delta_update(old: MeshConfig, new: MeshConfig) -> state_pb2.StateUpdate | No
 # -- proto -> model -----------------------------------------------------------------------------
 
 
-def _ips(values: Any, path: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
-    out = []
-    for i, v in enumerate(values):
-        try:
-            out.append(ipaddress.ip_address(v))
-        except ValueError:
-            raise StateError(f"{path}[{i}]", f"{v!r} is not an IP address") from None
-    return tuple(out)
+# Decoding goes through the state-file parsers, so a workload or service pushed by the
+# controller is validated by exactly the rules a state file is.
 
 
 def workload_from_pb(m: state_pb2.Workload, trust_domain: str, path: str) -> Workload:
-    if not m.name or not m.namespace or not m.node or not m.addresses:
-        raise StateError(path, "name, namespace, node and addresses are required")
-    return Workload(
-        uid=m.uid or f"{m.namespace}/{m.name}", name=m.name, namespace=m.namespace,
-        service_account=m.service_account or "default", node=m.node,
-        addresses=_ips(m.addresses, f"{path}.addresses"), trust_domain=trust_domain,
-        labels=tuple(sorted(m.labels.items())), workload_name=m.workload_name,
-        protocol=Protocol.TCP if m.protocol == state_pb2.PROTOCOL_TCP else Protocol.HBONE,
-        healthy=m.healthy,
-    )
+    return parse_workload({
+        "uid": m.uid or None,
+        "name": m.name or None,
+        "namespace": m.namespace or None,
+        "serviceAccount": m.service_account or None,
+        "node": m.node or None,
+        "addresses": list(m.addresses),
+        "labels": dict(m.labels),
+        "workloadName": m.workload_name or None,
+        "protocol": Protocol.TCP.value if m.protocol == state_pb2.PROTOCOL_TCP
+        else Protocol.HBONE.value,
+        "status": "Healthy" if m.healthy else "Unhealthy",
+    }, path, trust_domain)
 
 
 def service_from_pb(m: state_pb2.Service, path: str) -> Service:
-    if not m.name or not m.namespace or not m.vips or not m.ports:
-        raise StateError(path, "name, namespace, vips and ports are required")
-    ports = []
-    for i, p in enumerate(m.ports):
-        if not 1 <= p.port <= 65535 or not 1 <= (p.target_port or p.port) <= 65535:
-            raise StateError(f"{path}.ports[{i}]", "port out of range")
-        ports.append(ServicePort(p.port, p.target_port or p.port))
-    return Service(
-        name=m.name, namespace=m.namespace,
-        hostname=m.hostname or f"{m.name}.{m.namespace}.svc.cluster.local",
-        vips=_ips(m.vips, f"{path}.vips"), ports=tuple(ports),
-        selector=tuple(sorted(m.selector.items())),
-    )
+    return parse_service({
+        "name": m.name or None,
+        "namespace": m.namespace or None,
+        "hostname": m.hostname or None,
+        "vips": list(m.vips),
+        "ports": [{"port": p.port, "targetPort": p.target_port or None} for p in m.ports],
+        "selector": dict(m.selector),
+    }, path)
 
 
 def _spec(m: state_pb2.Policy, path: str) -> Any:
