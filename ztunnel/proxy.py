@@ -14,6 +14,7 @@ import logging
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from ztunnel.config import ZtunnelConfig
 from ztunnel.hbone.pool import HbonePool
 from ztunnel.identity import Secrets
 from ztunnel.metrics import ConnectionLabels, Metrics
+from ztunnel.relay import relay_tcp
 from ztunnel.state.model import IPAddress, Service, Workload
 from ztunnel.state.store import StateStore
 
@@ -190,3 +192,30 @@ class ConnectionRecord:
         if self.outcome != "ok":
             log.info("%s %s -> %s:%s %s: %s", self.listener, self.source_ip,
                      self.destination[0], self.destination[1], self.outcome, self.reason)
+
+
+async def connect_and_relay(
+    ctx: ProxyContext,
+    rec: ConnectionRecord,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    address: tuple[IPAddress, int],
+    client_to_upstream: Callable[[int], None],
+    upstream_to_client: Callable[[int], None],
+) -> None:
+    """Plain-TCP delivery: connect to ``address`` and relay both ways. A refused connect
+    (``UF``) or a mid-stream failure (``UC``) is recorded on ``rec`` and closes the client."""
+    try:
+        up_reader, up_writer = await ctx.connect_tcp(address)
+    except OSError as e:
+        rec.fail("connect_failed", f"{address[0]}:{address[1]}: {e.strerror or e}", "UF")
+        writer.transport.abort()
+        return
+    rec.opened()
+    try:
+        await relay_tcp(reader, writer, up_reader, up_writer, client_to_upstream,
+                        upstream_to_client)
+    except (ConnectionError, OSError) as e:
+        rec.fail("error", f"{type(e).__name__}: {e}", "UC")
+    finally:
+        up_writer.close()

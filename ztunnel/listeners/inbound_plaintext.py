@@ -11,8 +11,7 @@ import ipaddress
 import socket
 
 from ztunnel.authz import ConnectionInfo, authorize
-from ztunnel.proxy import ConnectionRecord, ProxyContext, sock_addr
-from ztunnel.relay import relay_tcp
+from ztunnel.proxy import ConnectionRecord, ProxyContext, connect_and_relay, sock_addr
 from ztunnel.routing import resolve_inbound
 from ztunnel.state.model import MtlsMode
 
@@ -50,20 +49,8 @@ async def handle(ctx: ProxyContext, sock: socket.socket) -> None:
             rec.fail("denied", decision.reason, "DENY")
             writer.transport.abort()
             return
-        try:
-            up_reader, up_writer = await ctx.connect_tcp(target.address)
-        except OSError as e:
-            rec.fail("connect_failed", f"{dst_ip}:{dst_port}: {e.strerror or e}", "UF")
-            writer.transport.abort()
-            return
-        rec.opened()
-        try:
-            await relay_tcp(reader, writer, up_reader, up_writer, rec.count_received,
-                            rec.count_sent)
-        except (ConnectionError, OSError) as e:
-            rec.fail("error", f"{type(e).__name__}: {e}", "UC")
-        finally:
-            up_writer.close()
+        await connect_and_relay(ctx, rec, reader, writer, target.address, rec.count_received,
+                                rec.count_sent)
     finally:
         rec.finish()
         writer.close()

@@ -18,8 +18,8 @@ from ztunnel.authz import ConnectionInfo, authorize
 from ztunnel.hbone.conn import StreamError
 from ztunnel.hbone.core import format_authority, forwarded_for
 from ztunnel.hbone.pool import PoolKey, UpstreamConnectError
-from ztunnel.proxy import ConnectionRecord, ProxyContext, sock_addr
-from ztunnel.relay import relay_stream, relay_tcp
+from ztunnel.proxy import ConnectionRecord, ProxyContext, connect_and_relay, sock_addr
+from ztunnel.relay import relay_stream
 from ztunnel.routing import OutboundPlan, PlanKind, plan_outbound
 from ztunnel.state.model import IPAddress
 
@@ -85,19 +85,8 @@ async def _direct(ctx: ProxyContext, plan: OutboundPlan, reader: asyncio.StreamR
             rec.fail("denied", decision.reason, "DENY")
             writer.transport.abort()
             return
-    try:
-        up_reader, up_writer = await ctx.connect_tcp(plan.address)
-    except OSError as e:
-        rec.fail("connect_failed", f"{plan.address[0]}:{plan.address[1]}: {e.strerror or e}",
-                 "UF")
-        writer.transport.abort()
-        return
-    rec.opened()
-    try:
-        await relay_tcp(reader, writer, up_reader, up_writer, rec.count_sent,
-                        rec.count_received)
-    finally:
-        up_writer.close()
+    await connect_and_relay(ctx, rec, reader, writer, plan.address, rec.count_sent,
+                            rec.count_received)
 
 
 async def _via_hbone(ctx: ProxyContext, plan: OutboundPlan, reader: asyncio.StreamReader,
