@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from ambit.dev.mesh import MeshError, issue_identities
 from bench import envoy as envoy_setup
 from bench import mesh
 from bench.measure import IPERF_PORT, REPO_ROOT, RR_PORT, Settings, latency, start_servers
@@ -113,10 +114,10 @@ def _make_certs(work: Path) -> Path:
     """A fresh mesh root and the two workload identities, via ``ambit dev certs``."""
     certs = work / "certs"
     shutil.rmtree(certs, ignore_errors=True)
-    argv = [sys.executable, "-m", "ambit.cli", "dev", "certs", "--out", str(certs)]
-    for ns, sa in (CLIENT_ID, SERVER_ID):
-        argv += ["--identity", f"{ns}/{sa}"]
-    run(argv, timeout=60)
+    try:
+        issue_identities(certs, [f"{ns}/{sa}" for ns, sa in (CLIENT_ID, SERVER_ID)])
+    except MeshError as e:
+        raise BenchError(str(e)) from None
     return certs
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ambit.dev.mesh import ambit_command
 from bench.procs import BenchError, Proc, ProcessSet, in_netns, ns_http_get, wait_until
 from bench.topo import Topology
 
@@ -27,14 +27,8 @@ METRICS_PORT = 15020
 NODE_NAMES = {"client-node": "node-1", "server-node": "node-2"}
 
 
-def ambit_binary() -> Path:
-    return Path(sys.executable).parent / "ambit"
-
-
 def check_runnable() -> None:
     """Fail before building anything when the ztunnel cannot start at all."""
-    if not ambit_binary().exists():
-        raise BenchError(f"{ambit_binary()} not found: run `make bench` (pip install -e .)")
     for module in ("ztunnel.app", "agent.capture.iptables"):
         if importlib.util.find_spec(module) is None:
             raise BenchError(f"ambit ztunnel not runnable: module {module} does not exist yet")
@@ -73,7 +67,7 @@ def start_ztunnels(procs: ProcessSet, topo: Topology, certs: Path, work: Path,
     for role in ("server-node", "client-node"):
         ns = topo.ns[role]
         proxies[role] = procs.start(f"ztunnel-{NODE_NAMES[role]}", in_netns(ns, [
-            str(ambit_binary()), "ztunnel", "--node", NODE_NAMES[role], "--state", str(state),
+            *ambit_command(), "ztunnel", "--node", NODE_NAMES[role], "--state", str(state),
             "--identity-dir", str(certs), "--inbound-bind", "shared"]))
     for role, proc in proxies.items():
         ns = topo.ns[role]
