@@ -23,6 +23,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from ambit.spiffe import SpiffeId
+from controller import GRPC_PORT, MONITORING_PORT
 from controller.api.ambit.v1 import state_pb2_grpc
 from controller.ca import CertificateAuthority
 from controller.push import StatePublisher, StateService
@@ -32,8 +33,6 @@ from ztunnel.state.model import MeshConfig
 
 log = logging.getLogger("controller")
 
-GRPC_PORT = 15012
-MONITORING_PORT = 15014
 CONTROLLER_IDENTITY = ("ambit-system", "ambit-controller")
 
 

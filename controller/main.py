@@ -11,22 +11,16 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import uvloop
+from controller import GRPC_PORT, MONITORING_PORT
 
-from controller.app import (
-    GRPC_PORT,
-    MONITORING_PORT,
-    Controller,
-    ControllerConfig,
-    StateFeed,
-    serve,
-)
-from controller.ca_service import CertificateService
-from controller.ca_store import CaStoreError, open_ca
-from controller.embedded import EmbeddedFeed
-from controller.registry.sqlite import EmbeddedRegistry, RegistryError
+if TYPE_CHECKING:
+    from controller.app import StateFeed
+
+# The controller's own modules (gRPC, protobuf, the CA, the registries) are imported when it
+# runs, not here: every `ambit` command, the ztunnel included, builds this parser, and gRPC
+# alone costs a process ~12 MiB.
 
 log = logging.getLogger("controller")
 
@@ -100,6 +94,12 @@ async def _kubernetes_feed(args: argparse.Namespace) -> tuple[StateFeed, Callabl
 
 
 async def _main(args: argparse.Namespace, mode: str) -> int:
+    from controller.app import Controller, ControllerConfig, serve
+    from controller.ca_service import CertificateService
+    from controller.ca_store import CaStoreError, open_ca
+    from controller.embedded import EmbeddedFeed
+    from controller.registry.sqlite import EmbeddedRegistry, RegistryError
+
     try:
         ca = open_ca(args.trust_domain, args.data_dir, args.ca_cert, args.ca_key)
     except CaStoreError as e:
@@ -148,5 +148,7 @@ async def _main(args: argparse.Namespace, mode: str) -> int:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
     mode = choose_mode(args.mode, args.kubeconfig, dict(os.environ))
     return uvloop.run(_main(args, mode))

@@ -17,11 +17,9 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-
-import grpc
+from typing import TYPE_CHECKING
 
 from ztunnel.accesslog import AccessLog
-from ztunnel.ca_client import CaSecretManager
 from ztunnel.config import BIND_WORKLOAD, ZtunnelConfig
 from ztunnel.hbone.pool import HbonePool
 from ztunnel.identity import SecretManager, Secrets
@@ -32,10 +30,14 @@ from ztunnel.listeners.http import serve_http
 from ztunnel.listeners.inbound import InboundServer
 from ztunnel.metrics import Metrics
 from ztunnel.proxy import ProxyContext
-from ztunnel.state.controller_source import ControllerSource
 from ztunnel.state.file_source import FileSource
 from ztunnel.state.model import IPAddress
 from ztunnel.state.store import StateSnapshot, StateStore
+
+if TYPE_CHECKING:
+    import grpc
+
+    from ztunnel.state.controller_source import ControllerSource
 
 log = logging.getLogger("ztunnel")
 
@@ -46,6 +48,9 @@ def make_secrets(config: ZtunnelConfig, metrics: Metrics) -> Secrets:
     if not config.ca_address:
         return SecretManager(config.identity_dir)
     assert config.node_token_file is not None  # validated: they go together
+    # gRPC costs ~12 MiB per process: loaded only by ztunnels that talk to a controller.
+    from ztunnel.ca_client import CaSecretManager
+
     return CaSecretManager(config.ca_address, config.node_token_file, metrics,
                            controller_credentials(config))
 
@@ -198,6 +203,8 @@ class Ztunnel:
             self.file_source.load()
             self._tasks.append(asyncio.create_task(self.file_source.watch()))
         if self.config.controller_address:
+            from ztunnel.state.controller_source import ControllerSource
+
             self.controller_source = ControllerSource(
                 self.config.controller_address, self.config.node, self.store,
                 credentials=controller_credentials(self.config),
@@ -257,6 +264,8 @@ def controller_credentials(config: ZtunnelConfig) -> grpc.ChannelCredentials | N
     (plaintext, which each channel reports when it starts) without one."""
     if config.ca_root_cert is None:
         return None
+    import grpc
+
     return grpc.ssl_channel_credentials(root_certificates=config.ca_root_cert.read_bytes())
 
 
