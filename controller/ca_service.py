@@ -65,7 +65,7 @@ class IssuancePolicy(Protocol):
         ...
 
 
-async def _resolve(value: MaybeAwaitable[T]) -> T:
+async def resolve(value: MaybeAwaitable[T]) -> T:
     if isinstance(value, Awaitable):
         result: T = await value
         return result
@@ -224,7 +224,7 @@ class CertificateService(ca_pb2_grpc.CertificateServiceServicer):
                                "no node credential: send metadata 'authorization: Bearer "
                                "<node token>'")
         try:
-            node = await _resolve(self.authenticator.authenticate(token))
+            node = await resolve(self.authenticator.authenticate(token))
         except AuthenticatorUnavailable as e:
             await self._refuse(context, "unavailable", grpc.StatusCode.UNAVAILABLE,
                                f"cannot check the node token right now ({e}); retry")
@@ -239,7 +239,7 @@ class CertificateService(ca_pb2_grpc.CertificateServiceServicer):
         except CsrError as e:
             await self._refuse(context, INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT,
                                f"node {node}: {e}")
-        if not await _resolve(self.policy.may_issue(node, csr.identity)):
+        if not await resolve(self.policy.may_issue(node, csr.identity)):
             await self._refuse(context, PERMISSION_DENIED, grpc.StatusCode.PERMISSION_DENIED,
                                f"node {node} runs no workload with identity {csr.identity}; "
                                "a node may obtain certificates only for its own workloads")

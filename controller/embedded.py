@@ -15,7 +15,12 @@ from collections.abc import AsyncIterator
 from ambit.spiffe import SpiffeId
 from controller.registry.model import RegistrySnapshot
 from controller.registry.sqlite import EmbeddedRegistry
-from controller.registry.translate import node_hosts_identity, translate
+from controller.registry.translate import (
+    Membership,
+    node_hosts_identity,
+    pod_membership,
+    translate,
+)
 from ztunnel.state.model import MeshConfig
 
 log = logging.getLogger("controller.embedded")
@@ -45,3 +50,8 @@ class EmbeddedFeed:
     def may_issue(self, node: str, identity: SpiffeId) -> bool:
         snap = self.snapshot if self.snapshot is not None else self.registry.snapshot()
         return node_hosts_identity(snap, node, identity, self.trust_domain)
+
+    # NodeService
+    def pod_membership(self, node: str, namespace: str, name: str) -> Membership:
+        snap = self.snapshot if self.snapshot is not None else self.registry.snapshot()
+        return pod_membership(snap, node, namespace, name)

@@ -14,7 +14,12 @@ from collections.abc import AsyncIterator
 from ambit.spiffe import SpiffeId
 from controller.registry.k8s_auth import TokenReviewAuthenticator
 from controller.registry.kubernetes import KubernetesRegistry
-from controller.registry.translate import node_hosts_identity, translate
+from controller.registry.translate import (
+    Membership,
+    node_hosts_identity,
+    pod_membership,
+    translate,
+)
 from ztunnel.state.model import MeshConfig
 
 log = logging.getLogger("controller.kubernetes")
@@ -42,3 +47,7 @@ class KubernetesFeed:
     def may_issue(self, node: str, identity: SpiffeId) -> bool:
         snap = self.registry.snapshot()
         return node_hosts_identity(snap, node, identity, self.trust_domain)
+
+    # NodeService
+    def pod_membership(self, node: str, namespace: str, name: str) -> Membership:
+        return pod_membership(self.registry.snapshot(), node, namespace, name)

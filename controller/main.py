@@ -98,6 +98,7 @@ async def _main(args: argparse.Namespace, mode: str) -> int:
     from controller.ca_service import CertificateService
     from controller.ca_store import CaStoreError, open_ca
     from controller.embedded import EmbeddedFeed
+    from controller.node_service import NodeService
     from controller.registry.sqlite import EmbeddedRegistry, RegistryError
 
     try:
@@ -129,7 +130,13 @@ async def _main(args: argparse.Namespace, mode: str) -> int:
     )
     controller = Controller(config, feed, ca)
     ca_service = CertificateService(ca, args.trust_domain, auth, auth, controller.metrics)
-    controller.add_services = ca_service.add_to_server
+    node_service = NodeService(auth, auth.pod_membership, controller.metrics)
+
+    def add_services(server: Any) -> None:
+        ca_service.add_to_server(server)
+        node_service.add_to_server(server)
+
+    controller.add_services = add_services
     bundle = args.data_dir / "trust-bundle.pem"
     try:
         args.data_dir.mkdir(parents=True, exist_ok=True)

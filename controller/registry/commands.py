@@ -82,8 +82,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     add.add_argument("--name", required=True)
     add.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     add.add_argument("--node", required=True, help="the node (ztunnel) that serves it")
-    add.add_argument("--ip", action="append", required=True, metavar="IP",
-                     help="an address of the workload (repeatable)")
+    add.add_argument("--ip", action="append", default=[], metavar="IP",
+                     help="an address of the workload (repeatable; none yet = scheduled, "
+                     "not started)")
     add.add_argument("--service-account", default="default",
                      help="its identity: spiffe://<trust domain>/ns/<namespace>/sa/<this>")
     add.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",

@@ -264,9 +264,10 @@ def parse_document(doc: Any) -> Record:
 def _workload(name: str, namespace: str, meta_labels: Labels, spec: Any) -> Pod:
     m = _mapping(spec, "spec", ("serviceAccount", "node", "addresses", "ready",
                                 "workloadName"))
+    # No addresses yet is a pod scheduled on a node whose sandbox is not up: the node agent
+    # can already decide its capture (NodeService), and nothing can address it until the
+    # addresses are added.
     addresses = _ips(m.get("addresses"), "spec.addresses")
-    if not addresses:
-        raise StateError("spec.addresses", "needs at least one IP address")
     workload_name = m.get("workloadName")
     return Pod(
         name=name,

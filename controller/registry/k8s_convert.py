@@ -5,7 +5,9 @@ rule below is tested as data, and the same caches always give the same snapshot.
 
 What is kept and why:
 
-* pods need an IP and a node (nothing can address them otherwise); host-network pods and pods
+* pods need a node; one without an IP yet (its sandbox is being created) is kept so the node
+  agent can decide its capture at CNI ADD, and ``translate`` leaves it out of the mesh state
+  until it has an address; host-network pods and pods
   that have finished (``Succeeded``/``Failed``) are left out, because their IP is the node's or
   may already belong to another pod;
 * ``workload_name`` is the controlling owner, with a ReplicaSet's ``pod-template-hash`` suffix
@@ -107,8 +109,8 @@ def pod_record(obj: Object, report: Report) -> Pod | None:
     raw_ips = [p.get("ip") for p in status.get("podIPs") or [] if isinstance(p, Mapping)]
     if not raw_ips and status.get("podIP"):
         raw_ips = [status.get("podIP")]
-    if not node or not raw_ips:
-        return None  # not scheduled or no sandbox yet; a later event will bring it
+    if not node:
+        return None  # not scheduled yet; a later event will bring it
     if spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
         return None
     ips: list[IPAddress] = []

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ambit.spiffe import SpiffeId
-from controller.registry.model import Pod, RegistrySnapshot, Service
+from controller.registry.model import (
+    AMBIENT,
+    DATAPLANE_MODE_LABEL,
+    OPT_OUT,
+    Pod,
+    RegistrySnapshot,
+    Service,
+)
 from ztunnel.state.model import (
     Action,
     AuthorizationPolicy,
@@ -192,6 +199,40 @@ def _selector_or_namespace(name: str, namespace: str,
                                         "spec").selector
     except StateError:
         return None
+
+
+@dataclass(frozen=True)
+class Membership:
+    """The node agent's question at CNI ADD: capture this pod?"""
+
+    known: bool
+    in_mesh: bool
+    reason: str
+
+
+def pod_membership(snapshot: RegistrySnapshot, node: str, namespace: str,
+                   name: str) -> Membership:
+    """Whether pod ``namespace/name``, being started on ``node``, is in the mesh.
+
+    Asked by name because at CNI ADD the pod has no IP in the registry yet. A pod the registry
+    does not know, or knows on another node, is ``known=False``: the agent fails closed and
+    the kubelet retries the sandbox once the registry has caught up.
+    """
+    key = f"{namespace}/{name}"
+    pod = next((p for p in snapshot.pods if p.namespace == namespace and p.name == name), None)
+    if pod is None:
+        return Membership(False, False, f"pod {key} is not in the registry (yet)")
+    if pod.node != node:
+        return Membership(False, False, f"pod {key} is scheduled on {pod.node or 'no node'}, "
+                          f"not {node}")
+    ns = snapshot.namespace(namespace)
+    if pod.opted_out:
+        return Membership(True, False, f"pod {key} is labelled "
+                          f"{DATAPLANE_MODE_LABEL}={OPT_OUT}")
+    if ns is None or not ns.ambient:
+        return Membership(True, False, f"namespace {namespace} is not labelled "
+                          f"{DATAPLANE_MODE_LABEL}={AMBIENT}")
+    return Membership(True, True, f"namespace {namespace} is ambient")
 
 
 def node_hosts_identity(snapshot: RegistrySnapshot, node: str, identity: SpiffeId,

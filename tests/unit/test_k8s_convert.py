@@ -40,7 +40,6 @@ def test_pod_service_account_defaults_and_owner_kinds() -> None:
 
 def test_pods_that_cannot_or_must_not_be_addressed_are_left_out() -> None:
     problems, report = collect()
-    assert pod_record(o.pod("a", "shop", None), report) is None  # no IP yet
     assert pod_record(o.pod("b", "shop", "10.0.0.1", node=None), report) is None  # unscheduled
     assert pod_record(o.pod("c", "shop", "10.0.0.1", host_network=True), report) is None
     assert pod_record(o.pod("d", "shop", "10.0.0.1", phase="Succeeded"), report) is None
@@ -49,6 +48,12 @@ def test_pods_that_cannot_or_must_not_be_addressed_are_left_out() -> None:
     assert pod_record(bad, report) is None
     assert problems == ["Pod shop/e: status.podIPs[0].ip: '10.0.0.300' is not an IP address; "
                         "pod left out"]
+
+
+def test_a_scheduled_pod_without_ip_is_kept_for_cni_time_membership() -> None:
+    # The agent asks about it at CNI ADD, before the kubelet reports its IP.
+    pod = pod_record(o.pod("a", "shop", None), collect()[1])
+    assert pod is not None and pod.ips == () and pod.node == "node-a"
 
 
 def test_readiness() -> None:

@@ -15,7 +15,7 @@ from controller.registry.model import (
     Service,
     ServicePort,
 )
-from controller.registry.translate import mesh_config, translate
+from controller.registry.translate import mesh_config, pod_membership, translate
 from ztunnel.state.model import Action, MtlsMode, Protocol, Rule
 from ztunnel.state.store import StateSnapshot
 
@@ -189,3 +189,30 @@ def test_node_hosts_identity_is_the_issuance_rule() -> None:
                                    "cluster.local")  # pod not in the mesh
     assert not node_hosts_identity(snap, "node-a", SpiffeId("other.td", "shop", "web"),
                                    "cluster.local")  # foreign trust domain
+
+
+# --- pod membership at CNI ADD (NodeService) -----------------------------------------------
+
+@pytest.mark.parametrize(("namespaces", "p", "ask", "expected"), [
+    ((AMBIENT,), pod("a", ips=()), ("n1", "mesh", "a"), (True, True, "namespace mesh is ambient")),
+    ((AMBIENT,), pod("a", ips=(), labels={"ambit.dev/dataplane-mode": "none"}),
+     ("n1", "mesh", "a"), (True, False, "pod mesh/a is labelled ambit.dev/dataplane-mode=none")),
+    ((PLAIN,), pod("a", "plain", ips=()), ("n1", "plain", "a"),
+     (True, False, "namespace plain is not labelled ambit.dev/dataplane-mode=ambient")),
+    ((), pod("a", "ghost", ips=()), ("n1", "ghost", "a"),
+     (True, False, "namespace ghost is not labelled ambit.dev/dataplane-mode=ambient")),
+    ((AMBIENT,), pod("a", ips=()), ("n2", "mesh", "a"),
+     (False, False, "pod mesh/a is scheduled on n1, not n2")),
+    ((AMBIENT,), pod("a"), ("n1", "mesh", "b"), (False, False, "pod mesh/b is not in the "
+                                                   "registry (yet)")),
+])
+def test_pod_membership(namespaces: tuple[Namespace, ...], p: Pod,
+                        ask: tuple[str, str, str], expected: tuple[bool, bool, str]) -> None:
+    snap = RegistrySnapshot(namespaces=namespaces, pods=(p,))
+    m = pod_membership(snap, *ask)
+    assert (m.known, m.in_mesh, m.reason) == expected
+
+
+def test_a_pod_without_ip_is_not_in_the_mesh_state_yet() -> None:
+    snap = RegistrySnapshot(namespaces=(AMBIENT,), pods=(pod("a", ips=()),))
+    assert mesh_config(snap, "td", 1).workloads == ()

@@ -1,0 +1,82 @@
+"""``NodeService``: what a node agent asks the controller about the pods on its node.
+
+Why it exists: at CNI ADD a pod has no IP in the registry yet (the kubelet reports it after the
+sandbox is up), so the state push, which addresses workloads by IP, cannot tell the agent
+whether to capture it. The agent asks here by name, and captures the pod before its containers
+start. Nodes authenticate as they do for the CA (node token or service-account token), and a
+node may only ask about pods on itself, so the answer leaks nothing about other nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import NoReturn
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter
+
+from controller.api.ambit.v1 import node_pb2, node_pb2_grpc
+from controller.ca_service import (
+    AuthenticatorUnavailable,
+    NodeAuthenticator,
+    bearer_token,
+    resolve,
+)
+from controller.registry.translate import Membership
+
+log = logging.getLogger("controller.node")
+
+MembershipLookup = Callable[[str, str, str], Membership]  # (node, namespace, name)
+
+Context = grpc.aio.ServicerContext[node_pb2.PodMembershipRequest, node_pb2.PodMembership]
+
+
+class NodeService(node_pb2_grpc.NodeServiceServicer):
+    def __init__(self, authenticator: NodeAuthenticator, lookup: MembershipLookup,
+                 registry: CollectorRegistry) -> None:
+        self.authenticator = authenticator
+        self.lookup = lookup
+        self.requests = Counter("ambit_node_membership_requests", "Pod membership questions "
+                                "from node agents by result (in_mesh, not_in_mesh, unknown, "
+                                "refused)", ("result",), registry=registry)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        node_pb2_grpc.add_NodeServiceServicer_to_server(self, server)
+
+    async def _refuse(self, context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+        self.requests.labels("refused").inc()
+        log.warning("refused a membership question from %s: %s", context.peer(), message)
+        await context.abort(code, message)
+        raise AssertionError("abort() returned")
+
+    async def GetPodMembership(self, request: node_pb2.PodMembershipRequest,
+                               context: Context) -> node_pb2.PodMembership:
+        token = bearer_token(context.invocation_metadata())
+        if token is None:
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED,
+                               "no node credential: send 'authorization: Bearer <node token>'")
+        try:
+            node = await resolve(self.authenticator.authenticate(token))
+        except AuthenticatorUnavailable as e:
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
+                               f"cannot check the node token right now ({e}); retry")
+        if node is None:
+            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED,
+                               "the node token is not valid; re-join the node "
+                               "(`ambit node join`)")
+        if request.node != node:
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                               f"this credential belongs to node {node}, not "
+                               f"{request.node!r}; a node may ask only about its own pods")
+        if not request.namespace or not request.name:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               "namespace and name are required")
+        answer = self.lookup(node, request.namespace, request.name)
+        result = ("unknown" if not answer.known else
+                  "in_mesh" if answer.in_mesh else "not_in_mesh")
+        self.requests.labels(result).inc()
+        log.info("node %s asked about pod %s/%s: %s", node, request.namespace, request.name,
+                 answer.reason)
+        return node_pb2.PodMembership(known=answer.known, in_mesh=answer.in_mesh,
+                                      reason=answer.reason)
