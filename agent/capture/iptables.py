@@ -7,7 +7,9 @@ socket. That is TPROXY plus policy routing. Rendering the rules is kept free of 
 exact rule set is unit-tested; whoever owns the node namespace (the dev topology today, the
 node agent later) applies it with ``iptables-restore`` and ``ip``.
 
-The rule set, all in the ``mangle`` table of the node namespace:
+The rule set lives in two chains of our own in the ``mangle`` table, reached by one jump from
+``PREROUTING``. It is applied with ``iptables-restore --noflush``, which replaces our chains'
+contents and leaves every other rule of the node (kube-proxy's, the CNI's) alone:
 
 1. Packets carrying the ztunnel's socket mark (``SO_MARK`` 0x539 on every socket it opens) are
    left alone, so the proxy's own connections can never be captured back into itself.
@@ -57,12 +59,15 @@ class CaptureConfigError(ValueError):
 class CaptureRules:
     """What to apply inside the node namespace.
 
-    ``iptables_restore`` is a complete ``mangle`` table for ``iptables-restore`` (without
-    ``--noflush`` it replaces that table, so re-applying after enrolling another pod is
-    idempotent). ``ip_commands`` are argument lists for ``ip`` (``ip -n NODE <args>``).
+    ``iptables_restore`` is input for ``iptables-restore --noflush``: it declares (so flushes)
+    and fills only Ambit's chains, so re-applying after enrolling another pod is idempotent.
+    ``jump`` is the ``iptables -t mangle`` rule (without ``-I``/``-C``/``-D``) that sends
+    PREROUTING TCP into them; insert it once if ``-C`` says it is missing. ``ip_commands`` are
+    argument lists for ``ip`` (policy routing).
     """
 
     iptables_restore: str
+    jump: tuple[str, ...]
     ip_commands: tuple[tuple[str, ...], ...]
 
 
@@ -142,16 +147,10 @@ def render_capture(
 
     mark = f"{tproxy_mark:#x}/{mark_mask:#x}"
     lines = [
-        "# Ambit TPROXY capture (agent/capture/iptables.py); replaces the mangle table.",
+        "# Ambit TPROXY capture (agent/capture/iptables.py); for iptables-restore --noflush.",
         "*mangle",
-        ":PREROUTING ACCEPT [0:0]",
-        ":INPUT ACCEPT [0:0]",
-        ":FORWARD ACCEPT [0:0]",
-        ":OUTPUT ACCEPT [0:0]",
-        ":POSTROUTING ACCEPT [0:0]",
         f":{CHAIN} - [0:0]",
         f":{DIVERT_CHAIN} - [0:0]",
-        f"-A PREROUTING -p tcp -j {CHAIN}",
         f"-A {DIVERT_CHAIN} -j MARK --set-xmark {mark}",
         f"-A {DIVERT_CHAIN} -j ACCEPT",
         "# The ztunnel's own connections (SO_MARK) are never captured.",
@@ -181,4 +180,5 @@ def render_capture(
         ("rule", "add", "priority", str(rule_priority), "fwmark", mark, "lookup", str(table)),
         ("route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", str(table)),
     )
-    return CaptureRules("\n".join(lines), ip_commands)
+    jump = ("PREROUTING", "-p", "tcp", "-j", CHAIN)
+    return CaptureRules("\n".join(lines), jump, ip_commands)

@@ -222,8 +222,9 @@ class Cluster:
         node.captured_ips = list(dict.fromkeys([*node.captured_ips, *pod_ips]))
         node.captured_ifaces = list(dict.fromkeys([*node.captured_ifaces, *pod_ifaces]))
         rules = render_capture(node.captured_ifaces, node.captured_ips, **options)
-        netns.ns_run(node.netns, ["iptables-restore"], input=rules.iptables_restore)
+        netns.ns_run(node.netns, ["iptables-restore", "--noflush"], input=rules.iptables_restore)
         if not node.policy_routing:
+            netns.ns_run(node.netns, ["iptables", "-t", "mangle", "-I", *rules.jump])
             for args in rules.ip_commands:
                 netns.ip(node.netns, args)
             node.policy_routing = True

@@ -13,8 +13,8 @@ def _rules(text: str) -> list[str]:
 
 def test_full_rule_set_in_order() -> None:
     r = render_capture(["veth-a", "veth-b"], ["10.244.1.2", "10.244.1.3"])
+    assert r.jump == ("PREROUTING", "-p", "tcp", "-j", "AMBIT_PREROUTING")
     assert _rules(r.iptables_restore) == [
-        "-A PREROUTING -p tcp -j AMBIT_PREROUTING",
         "-A AMBIT_DIVERT -j MARK --set-xmark 0x111/0xfff",
         "-A AMBIT_DIVERT -j ACCEPT",
         "-A AMBIT_PREROUTING -m mark --mark 0x539/0xfff -j RETURN",
@@ -36,13 +36,16 @@ def test_full_rule_set_in_order() -> None:
     )
 
 
-def test_is_a_complete_mangle_table() -> None:
+def test_touches_only_its_own_chains() -> None:
     text = render_capture([], []).iptables_restore
     lines = text.splitlines()
-    # The whole table is declared so that a plain iptables-restore replaces it idempotently.
+    # Applied with --noflush: declaring our chains flushes only them; built-in chains are not
+    # declared, so the node's other mangle rules survive.
     assert "*mangle" in lines and lines[-1] == "COMMIT"
     for chain in ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"):
-        assert f":{chain} ACCEPT [0:0]" in lines
+        assert not [ln for ln in lines if ln.startswith(f":{chain} ")]
+    assert not [ln for ln in _rules(text) if not ln.startswith(("-A AMBIT_PREROUTING ",
+                                                                  "-A AMBIT_DIVERT "))]
     assert ":AMBIT_PREROUTING - [0:0]" in lines and ":AMBIT_DIVERT - [0:0]" in lines
     assert not [ln for ln in _rules(text) if "TPROXY" in ln]
     assert "*nat" not in text and "*filter" not in text
