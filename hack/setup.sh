@@ -8,7 +8,11 @@ cd "$(dirname "$0")/.."
 # iproute2/iptables/nftables: namespaces, veths, TPROXY capture; iperf3/wrk: benchmarks;
 # tshark: packet proofs; procps/psmisc: ps/pkill/fuser used when debugging stuck namespaces;
 # python3-venv: `python3 -m venv` needs ensurepip, which Debian ships separately.
-PACKAGES=(iproute2 iptables nftables iperf3 wrk tshark procps psmisc python3 python3-venv)
+# python3-bpfcc + linux-headers-amd64: the node agent compiles its eBPF programs with bcc at
+# run time; bpftool: inspecting pinned maps and programs when debugging capture.
+# containernetworking-plugins: the real ptp/host-local CNI plugins the dev cluster's pods use.
+PACKAGES=(iproute2 iptables nftables iperf3 wrk tshark procps psmisc python3 python3-venv
+          python3-bpfcc linux-headers-amd64 bpftool containernetworking-plugins)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -25,6 +29,28 @@ if ((${#missing[@]})); then
     "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# bcc needs the running kernel's headers at /lib/modules/$(uname -r)/{build,source}. Debian's
+# headers are for Debian kernels; when the running kernel is another build (a cloud or
+# micro-VM kernel), point those links at the newest installed Debian headers: the programs use
+# only stable UAPI headers and the kernel's BTF, so a 6.x header set is enough.
+ensure_kernel_headers() {
+    local mod="/lib/modules/$(uname -r)"
+    [[ -e "$mod/build/include" ]] && return 0
+    local build common
+    build="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)"
+    common="${build%-amd64}-common"
+    if [[ -z "$build" || ! -d "$common" ]]; then
+        echo "setup: warning: no Debian kernel headers under /usr/src; eBPF capture will fall" \
+             "back to iptables" >&2
+        return 0
+    fi
+    echo "setup: linking $mod/{build,source} to $build (running kernel $(uname -r))"
+    mkdir -p "$mod"
+    ln -sfn "$build" "$mod/build"
+    ln -sfn "$common" "$mod/source"
+}
+if [[ $EUID -eq 0 ]]; then ensure_kernel_headers; fi
+
 # Reinstall the venv only when pyproject.toml changed: the stamp holds the hash it was built from
 # (a hash, not an mtime, because git checkouts touch mtimes without changing content).
 STAMP=.stamp-venv
@@ -35,4 +61,11 @@ if [[ ! -x .venv/bin/python || "$want" != "$have" ]]; then
     [[ -x .venv/bin/python ]] || python3 -m venv .venv
     .venv/bin/python -m pip install -q -e '.[dev,bench]'
     echo "$want" >"$STAMP"
+fi
+
+# bcc's Python module comes from Debian (python3-bpfcc): expose just that package to the venv,
+# not the whole of dist-packages.
+site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [[ -d /usr/lib/python3/dist-packages/bcc && ! -e "$site/bcc" ]]; then
+    ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 fi

@@ -1,0 +1,890 @@
+"""The eBPF redirect mode: tc programs that steer enrolled pods' TCP into the ztunnel's sockets.
+
+Why it exists: the same capture as the iptables backend (``agent/capture/base.py`` has the
+contract) without netfilter: one small program at tc ingress of every pod veth
+(``ebpf/pod_ingress.c``) and of the uplink (``ebpf/uplink_ingress.c``) looks up the socket a
+packet belongs to and hands it over with ``bpf_sk_assign``, or gives a new connection to the
+ztunnel listener for its direction (a SOCKMAP the agent fills with the ztunnel's listening
+sockets). A mark plus the shared policy routing (``agent/capture/policy_routing.py``) makes the
+kernel deliver it locally. Addresses are never rewritten, so the accepted socket's local
+address is the original destination, as with TPROXY.
+
+The state lives in maps pinned under ``bpf_dir`` (``ebpf/lib/maps.h``): ``pods`` (enrolled
+IPv4 -> host veth ifindex), ``listeners`` (SOCKMAP, ``LISTENER_SLOTS``), ``stats`` (per-CPU
+counters per pod) and ``excluded`` (LPM trie). Programs stay attached and maps pinned when the
+agent exits; a new agent compiles the programs again, reopens the same maps and replaces the
+programs in place (same tc priority and handle), so capture never stops for a restart.
+
+Layers, bottom up: pure encoders (unit-tested), a minimal ``bpf(2)`` map client on pinned
+paths (reading state needs neither bcc nor a compiler), compiling and loading with bcc (untyped,
+imported lazily and kept behind ``load_program``), tc attachment with pyroute2, and
+``EbpfCapture``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import functools
+import importlib
+import ipaddress
+import os
+import platform
+import re
+import shutil
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+from pyroute2 import IPRoute, NetlinkError
+
+from agent.capture import bpffs, policy_routing
+from agent.capture.base import (
+    INBOUND_HBONE_PORT,
+    LISTENER_INBOUND,
+    LISTENER_INBOUND_PLAINTEXT,
+    LISTENER_OUTBOUND,
+    LISTENER_SLOTS,
+    MODE_EBPF,
+    BackendStatus,
+    CaptureError,
+    PodCapture,
+    PodCounters,
+)
+from agent.capture.iptables import MARK_MASK, TPROXY_MARK
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+DEFAULT_BPF_DIR = Path("/sys/fs/bpf/ambit")
+DEFAULT_SOURCE_DIR = Path(__file__).resolve().parents[2] / "ebpf"
+
+POD_PROGRAM = "pod_ingress"
+UPLINK_PROGRAM = "uplink_ingress"
+PROGRAMS = (POD_PROGRAM, UPLINK_PROGRAM)
+
+MAP_PODS = "pods"
+MAP_LISTENERS = "listeners"
+MAP_STATS = "stats"
+MAP_EXCLUDED = "excluded"
+
+MAX_PODS = 4096
+MAX_EXCLUDED = 256
+POD_ENROLLED = 0x1
+
+# Our tc filters: one fixed priority and handle on every interface, so attaching again
+# replaces the program in place (no window without capture, no stacking) and uninstall can
+# tell our filters from anybody else's. The name carries the program too (`tc filter show`).
+FILTER_PRIORITY = 0xA3B1
+FILTER_HANDLE = 1
+FILTER_NAME_PREFIX = "ambit_"
+TC_INGRESS_PARENT = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS): "ingress"
+_ETH_P_ALL = 0x0003
+
+MIN_KERNEL = (5, 7)  # bpf_sk_assign at tc ingress
+_BTF = Path("/sys/kernel/btf/vmlinux")
+_MODULES = Path("/lib/modules")
+_CAP_NET_ADMIN = 12
+_CAP_SYS_ADMIN = 21
+_CAP_BPF = 39
+
+# --- pure encoders ----------------------------------------------------------------------------
+
+
+def ipv4_key(ip: str) -> bytes:
+    """A pod address as the maps key it: 4 bytes, network order (as in the IP header)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        raise CaptureError(f"{ip!r} is not an IP address") from None
+    if addr.version != 4:
+        raise CaptureError(f"{ip}: capture is IPv4 only")
+    return addr.packed
+
+
+def ipv4_from_key(key: bytes) -> str:
+    if len(key) != 4:
+        raise ValueError(f"an IPv4 map key is 4 bytes, got {len(key)}")
+    return str(ipaddress.IPv4Address(key))
+
+
+_POD_VALUE = struct.Struct("=II")  # struct ambit_pod: ifindex, flags (host order)
+_COUNTERS = struct.Struct("=QQQ")  # struct ambit_counters: captured, passed, errors
+_LPM_KEY = struct.Struct("=I4s")  # struct ambit_lpm_key: prefixlen (host order), address
+
+
+def pod_value(ifindex: int, flags: int = POD_ENROLLED) -> bytes:
+    return _POD_VALUE.pack(ifindex, flags)
+
+
+def decode_pod_value(value: bytes) -> tuple[int, int]:
+    """(ifindex, flags) of a ``pods`` map value."""
+    ifindex, flags = _POD_VALUE.unpack(value)
+    return ifindex, flags
+
+
+def parse_exclusions(cidrs: Iterable[str]) -> tuple[ipaddress.IPv4Network, ...]:
+    """Validate ``--exclude-cidr`` values: IPv4 networks, host bits zero, no duplicates."""
+    nets: dict[ipaddress.IPv4Network, None] = {}
+    for text in cidrs:
+        try:
+            net = ipaddress.ip_network(text.strip(), strict=True)
+        except ValueError as e:
+            raise CaptureError(f"excluded CIDR {text!r}: {e}") from None
+        if not isinstance(net, ipaddress.IPv4Network):
+            raise CaptureError(f"excluded CIDR {text}: capture is IPv4 only")
+        nets[net] = None
+    if len(nets) > MAX_EXCLUDED:
+        raise CaptureError(f"{len(nets)} excluded CIDRs; at most {MAX_EXCLUDED} are supported")
+    return tuple(nets)
+
+
+def lpm_key(net: ipaddress.IPv4Network) -> bytes:
+    return _LPM_KEY.pack(net.prefixlen, net.network_address.packed)
+
+
+def lpm_network(key: bytes) -> ipaddress.IPv4Network:
+    prefixlen, addr = _LPM_KEY.unpack(key)
+    return ipaddress.IPv4Network((addr, prefixlen))
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """``/sys/devices/system/cpu/possible`` format ("0-3,5,7-8") to CPU numbers."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi if sep else lo) + 1))
+    return cpus
+
+
+def possible_cpus() -> int:
+    """How many per-CPU copies a per-CPU map value has (possible, not online, CPUs)."""
+    return len(parse_cpu_list(Path("/sys/devices/system/cpu/possible").read_text()))
+
+
+def sum_percpu_counters(raw: bytes, ncpus: int) -> PodCounters:
+    """Add up the per-CPU copies of one ``stats`` value as returned by a lookup from user space
+    (each copy padded to 8 bytes, which ``struct ambit_counters`` already is)."""
+    size = _COUNTERS.size
+    if len(raw) < size * ncpus:
+        raise ValueError(f"per-CPU value of {len(raw)} bytes for {ncpus} CPUs")
+    captured = passed = errors = 0
+    for cpu in range(ncpus):
+        c, p, e = _COUNTERS.unpack_from(raw, cpu * size)
+        captured, passed, errors = captured + c, passed + p, errors + e
+    return PodCounters(captured=captured, passed=passed, errors=errors)
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    """(major, minor) of a ``uname -r`` string such as ``6.1.0-18-amd64``."""
+    m = re.match(r"^(\d+)\.(\d+)", release)
+    if not m:
+        raise ValueError(f"cannot read a kernel version from {release!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def missing_capabilities(capeff: int) -> list[str]:
+    """Capabilities eBPF capture needs that the effective set ``capeff`` lacks."""
+    missing = []
+    if not capeff & (1 << _CAP_BPF | 1 << _CAP_SYS_ADMIN):
+        missing.append("CAP_BPF")
+    if not capeff & (1 << _CAP_NET_ADMIN):
+        missing.append("CAP_NET_ADMIN")
+    return missing
+
+
+def _kernel_release() -> str:
+    return os.uname().release
+
+
+def _effective_capabilities() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
+_SAFE_PATH = re.compile(r'^[^"\\\n\r]+$')
+
+
+def amalgamate(source: Path, include_dir: Path) -> str:
+    """``source`` with its ``#include "..."`` files (resolved in ``include_dir``) pasted in.
+
+    bcc only rewrites map accesses (``pods.lookup(&key)``) in the main file it is given, not
+    in included headers, so helpers that use maps could not live in ``ebpf/lib/*.h``. Pasting
+    the headers in, each once (as if every header had ``#pragma once``), keeps the sources
+    ordinary C; ``#line`` directives keep compiler and verifier messages pointing at the real
+    file and line. System includes (``<uapi/...>``) are left to the compiler.
+    """
+    seen: set[Path] = set()
+
+    def expand(path: Path, label: str) -> list[str]:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as e:
+            raise CaptureError(f"eBPF source {path}: {e.strerror}") from None
+        out = [f'#line 1 "{label}"']
+        for number, line in enumerate(lines, 1):
+            m = _INCLUDE.match(line)
+            if m is None:
+                out.append(line)
+                continue
+            target = (include_dir / m.group(1)).resolve()
+            if not target.is_file():
+                raise CaptureError(f'{label}:{number}: #include "{m.group(1)}" not found in '
+                                   f"{include_dir}")  # fmt: skip
+            if target not in seen:
+                seen.add(target)
+                out.extend(expand(target, m.group(1)))
+            out.append(f'#line {number + 1} "{label}"')
+        return out
+
+    return "\n".join(expand(source, source.name)) + "\n"
+
+
+def compile_flags(pin_dir: Path, include_dir: Path) -> list[str]:
+    """The clang flags: where the headers and pins are, and the numbers shared with Python."""
+    text = str(pin_dir)
+    if not _SAFE_PATH.match(text) or not pin_dir.is_absolute():
+        raise CaptureError(
+            f"bpf dir {text!r} must be an absolute path without quotes, backslashes or newlines "
+            "(it is compiled into the programs as a C string)"
+        )
+    return [
+        f"-I{include_dir}",
+        f'-DAMBIT_PIN_DIR="{text}"',
+        f"-DAMBIT_TPROXY_MARK={TPROXY_MARK:#x}",
+        f"-DAMBIT_MARK_MASK={MARK_MASK:#x}",
+        f"-DAMBIT_INBOUND_HBONE_PORT={INBOUND_HBONE_PORT}",
+        f"-DAMBIT_SLOT_OUTBOUND={LISTENER_SLOTS[LISTENER_OUTBOUND]}",
+        f"-DAMBIT_SLOT_INBOUND={LISTENER_SLOTS[LISTENER_INBOUND]}",
+        f"-DAMBIT_SLOT_INBOUND_PLAINTEXT={LISTENER_SLOTS[LISTENER_INBOUND_PLAINTEXT]}",
+        f"-DAMBIT_MAX_PODS={MAX_PODS}",
+        f"-DAMBIT_MAX_EXCLUDED={MAX_EXCLUDED}",
+    ]
+
+
+# --- bpf(2) on pinned maps ----------------------------------------------------------------------
+
+_BPF_MAP_LOOKUP_ELEM = 1
+_BPF_MAP_UPDATE_ELEM = 2
+_BPF_MAP_DELETE_ELEM = 3
+_BPF_MAP_GET_NEXT_KEY = 4
+_BPF_OBJ_GET = 7
+_BPF_OBJ_GET_INFO_BY_FD = 15
+
+MAP_TYPE_HASH = 1
+MAP_TYPE_PERCPU_HASH = 5
+MAP_TYPE_LPM_TRIE = 11
+MAP_TYPE_SOCKMAP = 15
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+# What the C side declares (ebpf/lib/maps.h); checked against every pinned map before use.
+MAP_LAYOUTS = {
+    MAP_PODS: MapLayout(MAP_TYPE_HASH, 4, _POD_VALUE.size, MAX_PODS),
+    MAP_LISTENERS: MapLayout(MAP_TYPE_SOCKMAP, 4, 8, len(LISTENER_SLOTS)),
+    MAP_STATS: MapLayout(MAP_TYPE_PERCPU_HASH, 4, _COUNTERS.size, MAX_PODS),
+    MAP_EXCLUDED: MapLayout(MAP_TYPE_LPM_TRIE, _LPM_KEY.size, 1, MAX_EXCLUDED),
+}
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _ObjGetAttr(ctypes.Structure):
+    _fields_ = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+    ]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _bpf(cmd: int, attr: ctypes.Structure) -> int:
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise CaptureError(f"eBPF capture does not know the bpf syscall on {platform.machine()}")
+    size = ctypes.c_uint(ctypes.sizeof(attr))
+    ret = int(_libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), ctypes.byref(attr), size))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def _addr(buf: ctypes.Array[ctypes.c_char] | None) -> int:
+    return 0 if buf is None else ctypes.addressof(buf)
+
+
+class PinnedMap:
+    """A pinned BPF map opened by path: lookup, update, delete and iterate raw bytes."""
+
+    def __init__(self, path: Path, layout: MapLayout) -> None:
+        self.path = path
+        self.layout = layout
+        self.ncpus = possible_cpus() if layout.type == MAP_TYPE_PERCPU_HASH else 1
+        name = ctypes.create_string_buffer(os.fsencode(path))
+        attr = _ObjGetAttr(pathname=ctypes.addressof(name))
+        try:
+            self.fd = _bpf(_BPF_OBJ_GET, attr)
+        except OSError as e:
+            raise CaptureError(f"cannot open pinned map {path}: {e.strerror}") from None
+        try:
+            self._check_layout()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _check_layout(self) -> None:
+        info = _MapInfo()
+        attr = _InfoAttr(bpf_fd=self.fd, info_len=ctypes.sizeof(info),
+                         info=ctypes.addressof(info))  # fmt: skip
+        _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+        have = MapLayout(info.type, info.key_size, info.value_size, info.max_entries)
+        if have != self.layout:
+            raise CaptureError(
+                f"pinned map {self.path} is {have}, this agent needs {self.layout}: it was "
+                "left by another Ambit version; run `ambit agent uninstall` (capture stops "
+                "until the agent sets it up again)"
+            )
+
+    @property
+    def _value_size(self) -> int:
+        if self.layout.type == MAP_TYPE_PERCPU_HASH:
+            return (self.layout.value_size + 7) // 8 * 8 * self.ncpus
+        return self.layout.value_size
+
+    def _elem(self, cmd: int, key: bytes | None, value: Any = None, flags: int = 0) -> None:
+        kbuf = None if key is None else ctypes.create_string_buffer(key, len(key))
+        attr = _ElemAttr(map_fd=self.fd, key=_addr(kbuf), value=_addr(value), flags=flags)
+        _bpf(cmd, attr)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        value = ctypes.create_string_buffer(self._value_size)
+        try:
+            self._elem(_BPF_MAP_LOOKUP_ELEM, key, value)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return value.raw
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self._elem(_BPF_MAP_UPDATE_ELEM, key, ctypes.create_string_buffer(value, len(value)))
+
+    def delete(self, key: bytes) -> bool:
+        try:
+            self._elem(_BPF_MAP_DELETE_ELEM, key)
+        except OSError as e:
+            # A SOCKMAP reports an empty slot as EINVAL, other maps a missing key as ENOENT.
+            empty = errno.EINVAL if self.layout.type == MAP_TYPE_SOCKMAP else errno.ENOENT
+            if e.errno == empty:
+                return False
+            raise
+        return True
+
+    def list_keys(self) -> list[bytes]:
+        out: list[bytes] = []
+        key: bytes | None = None
+        while len(out) <= self.layout.max_entries:
+            nxt = ctypes.create_string_buffer(self.layout.key_size)
+            try:
+                self._elem(_BPF_MAP_GET_NEXT_KEY, key, nxt)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    break
+                raise
+            key = nxt.raw
+            out.append(key)
+        # A key deleted under us (the data path adds and removes counters) makes the kernel
+        # start over from the first key, so the same key can come twice.
+        return list(dict.fromkeys(out))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> PinnedMap:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# --- compiling and loading (bcc) ----------------------------------------------------------------
+
+
+def _bcc() -> Any:
+    """bcc, imported on first use: it is untyped, slow to import and absent in iptables mode."""
+    try:
+        return importlib.import_module("bcc")
+    except ImportError as e:
+        raise CaptureError(
+            f"bcc is not importable ({e}); install it (Debian: apt-get install python3-bpfcc) "
+            "or use --redirect-mode iptables"
+        ) from None
+
+
+@dataclass
+class LoadedProgram:
+    """A program that passed the verifier: ``fd`` is what tc attaches. ``module`` (bcc's BPF
+    object) owns the fd and the map fds; keep it alive while attaching."""
+
+    name: str
+    fd: int
+    module: Any = field(repr=False)
+
+
+def load_program(source: Path, pin_dir: Path, include_dir: Path) -> LoadedProgram:
+    """Compile ``source`` (entry function = file stem) and load it as a tc classifier.
+
+    The maps it declares are opened from, or created and pinned in, ``pin_dir``. A verifier
+    rejection raises ``CaptureError``; bcc prints the verifier log on stderr.
+    """
+    bcc = _bcc()
+    text = amalgamate(source, include_dir)
+    flags = compile_flags(pin_dir, include_dir)
+    try:
+        module = bcc.BPF(text=text.encode(), cflags=flags)
+    except Exception as e:  # bcc raises bare Exceptions for compile errors
+        raise CaptureError(f"compiling {source}: {e} (compiler output above)") from None
+    try:
+        fn = module.load_func(source.stem.encode(), bcc.BPF.SCHED_CLS)
+    except Exception as e:
+        module.cleanup()
+        raise CaptureError(f"loading {source}: {e} (verifier log above)") from None
+    return LoadedProgram(source.stem, int(fn.fd), module)
+
+
+# --- tc attachment (pyroute2) -------------------------------------------------------------------
+
+
+def _ifindex(ipr: Any, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return int(found[0]) if found else None
+
+
+def _our_filter(msg: Any) -> str | None:
+    """The program name if ``msg`` (a tc filter dump entry) is one of our filters."""
+    if msg["handle"] != FILTER_HANDLE or msg["info"] >> 16 != FILTER_PRIORITY:
+        return None
+    if msg.get_attr("TCA_KIND") != "bpf":
+        return None
+    options = msg.get_attr("TCA_OPTIONS")
+    name = options.get_attr("TCA_BPF_NAME") if options is not None else None
+    if not isinstance(name, str) or not name.startswith(FILTER_NAME_PREFIX):
+        return None
+    return name.removeprefix(FILTER_NAME_PREFIX)
+
+
+def _filters(ipr: Any, index: int) -> list[str]:
+    return [
+        name
+        for msg in ipr.get_filters(index=index, parent=TC_INGRESS_PARENT)
+        if (name := _our_filter(msg)) is not None
+    ]
+
+
+def attach(ipr: Any, ifname: str, program: LoadedProgram) -> None:
+    """Put ``program`` at tc ingress of ``ifname``, replacing ours if there is one."""
+    index = _ifindex(ipr, ifname)
+    if index is None:
+        raise CaptureError(f"interface {ifname} does not exist in this network namespace")
+    try:
+        try:
+            ipr.tc("add", "clsact", index)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        ipr.tc(
+            "replace-filter", "bpf", index, FILTER_HANDLE, parent=TC_INGRESS_PARENT,
+            prio=FILTER_PRIORITY, protocol=_ETH_P_ALL, fd=program.fd,
+            name=FILTER_NAME_PREFIX + program.name, direct_action=True,
+        )  # fmt: skip
+    except NetlinkError as e:
+        raise CaptureError(f"attaching {program.name} to {ifname} (tc ingress): {e}") from None
+
+
+def detach(ipr: Any, index: int) -> bool:
+    """Remove our filter from interface ``index``; False if it had none."""
+    if not _filters(ipr, index):
+        return False
+    try:
+        ipr.tc(
+            "del-filter", "bpf", index, FILTER_HANDLE, parent=TC_INGRESS_PARENT,
+            prio=FILTER_PRIORITY, protocol=_ETH_P_ALL,
+        )  # fmt: skip
+    except NetlinkError as e:
+        if e.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+            return False  # gone meanwhile
+        raise CaptureError(f"detaching from interface #{index}: {e}") from None
+    return True
+
+
+def attached() -> dict[str, str]:
+    """Interfaces of this network namespace that carry one of our programs: name -> program."""
+    out: dict[str, str] = {}
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            names = _filters(ipr, int(link["index"]))
+            if names:
+                out[str(link.get_attr("IFLA_IFNAME"))] = names[0]
+    return out
+
+
+# --- availability -------------------------------------------------------------------------------
+
+
+def ebpf_unavailable_reason() -> str | None:
+    """Why eBPF capture cannot work on this node, or ``None`` if it can.
+
+    Checked without compiling anything, so ``--redirect-mode auto`` can decide quickly and say
+    why it fell back to iptables.
+    """
+    release = _kernel_release()
+    try:
+        if kernel_version(release) < MIN_KERNEL:
+            need = ".".join(map(str, MIN_KERNEL))
+            return f"kernel {release} is older than {need} (bpf_sk_assign at tc ingress)"
+    except ValueError as e:
+        return str(e)
+    missing = missing_capabilities(_effective_capabilities())
+    if missing:
+        return f"not root: missing {' and '.join(missing)}"
+    if not _BTF.exists():
+        return f"the kernel has no BTF ({_BTF} is missing)"
+    headers = _MODULES / release / "build"
+    if not headers.exists():
+        return f"no kernel headers at {headers} (Debian: apt-get install linux-headers-{release})"
+    try:
+        importlib.import_module("bcc")
+    except ImportError as e:
+        return f"bcc is not importable ({e}; Debian: apt-get install python3-bpfcc)"
+    return None
+
+
+# --- the backend --------------------------------------------------------------------------------
+
+
+def _kernel_errors(method: Callable[_P, _T]) -> Callable[_P, _T]:
+    """Report a failed bpf(2) or netlink call as ``CaptureError`` naming the operation, the
+    error type the agent handles, instead of a bare ``OSError``."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return method(*args, **kwargs)
+        except (OSError, NetlinkError) as e:
+            raise CaptureError(f"eBPF capture, {method.__name__}: {e}") from e
+
+    return wrapper
+
+
+def _listener_slot(name: str) -> int:
+    try:
+        return LISTENER_SLOTS[name]
+    except KeyError:
+        known = ", ".join(LISTENER_SLOTS)
+        raise CaptureError(f"unknown ztunnel listener {name!r} (known: {known})") from None
+
+
+class EbpfCapture:
+    """``CaptureBackend`` with tc programs, ``bpf_sk_assign`` and pinned maps.
+
+    Runs inside the node's network namespace (the agent's), like every netlink call here.
+    ``uplinks`` are the interfaces other nodes' traffic arrives on; ``exclude_cidrs`` are
+    destinations enrolled pods reach directly; ``source_dir`` holds the C sources.
+    """
+
+    mode = MODE_EBPF
+
+    def __init__(
+        self,
+        bpf_dir: Path,
+        uplinks: Sequence[str],
+        exclude_cidrs: Sequence[str] = (),
+        source_dir: Path = DEFAULT_SOURCE_DIR,
+    ) -> None:
+        self.bpf_dir = Path(bpf_dir)
+        self.uplinks = tuple(dict.fromkeys(uplinks))
+        self.exclusions = parse_exclusions(exclude_cidrs)
+        self.source_dir = Path(source_dir)
+        compile_flags(self.bpf_dir, self.source_dir)  # reject an unusable bpf_dir early
+        self._programs: dict[str, LoadedProgram] = {}
+        # Methods are called from a thread pool; bcc and the map fds are not for sharing.
+        self._lock = threading.RLock()
+
+    # -- maps ------------------------------------------------------------------------------
+
+    def _map(self, name: str) -> PinnedMap:
+        return PinnedMap(self.bpf_dir / name, MAP_LAYOUTS[name])
+
+    def _maybe_map(self, name: str) -> PinnedMap | None:
+        """The pinned map, or ``None`` if nothing was ever set up (reading needs no compiler)."""
+        if not (self.bpf_dir / name).exists():
+            return None
+        return self._map(name)
+
+    def _check_pins(self) -> None:
+        for name in MAP_LAYOUTS:
+            if (self.bpf_dir / name).exists():
+                self._map(name).close()  # raises on a layout from another version
+
+    # -- programs --------------------------------------------------------------------------
+
+    def _load(self) -> dict[str, LoadedProgram]:
+        """Compile and load both programs once per instance (clang takes about a second each)."""
+        if len(self._programs) == len(PROGRAMS):
+            return self._programs
+        bpffs.ensure_pin_dir(self.bpf_dir)
+        self._check_pins()
+        for name in PROGRAMS:
+            if name not in self._programs:
+                source = self.source_dir / f"{name}.c"
+                self._programs[name] = load_program(source, self.bpf_dir, self.source_dir)
+        self._check_pins()  # bcc created what was missing: the C and Python layouts must agree
+        return self._programs
+
+    def _attach(self, ifname: str, program: str) -> None:
+        if not ifname:
+            raise CaptureError("no host interface given for the pod")
+        loaded = self._load()[program]
+        with IPRoute() as ipr:
+            attach(ipr, ifname, loaded)
+
+    # -- CaptureBackend --------------------------------------------------------------------
+
+    @_kernel_errors
+    def setup(self) -> None:
+        with self._lock:
+            self._load()
+            for uplink in self.uplinks:
+                self._attach(uplink, UPLINK_PROGRAM)
+            policy_routing.ensure_policy_routing()
+            self._write_exclusions()
+
+    def _write_exclusions(self) -> None:
+        want = {lpm_key(net) for net in self.exclusions}
+        with self._map(MAP_EXCLUDED) as excluded:
+            # Add before removing, so a CIDR kept across a restart never has a gap.
+            for key in want:
+                excluded.update(key, b"\x01")
+            for key in excluded.list_keys():
+                if key not in want:
+                    excluded.delete(key)
+
+    @_kernel_errors
+    def watch_interface(self, pod: PodCapture) -> None:
+        with self._lock:
+            self._attach(pod.host_iface, POD_PROGRAM)
+
+    @_kernel_errors
+    def enroll(self, pod: PodCapture) -> None:
+        with self._lock:
+            # Program first, then the map entry: the pod is captured from its first SYN on.
+            self._attach(pod.host_iface, POD_PROGRAM)
+            try:
+                ifindex = socket.if_nametoindex(pod.host_iface)
+            except OSError:
+                raise CaptureError(f"pod {pod.uid}: interface {pod.host_iface} is gone") from None
+            with self._map(MAP_PODS) as pods:
+                for ip in pod.ips:
+                    try:
+                        pods.update(ipv4_key(ip), pod_value(ifindex))
+                    except OSError as e:
+                        if e.errno == errno.E2BIG:
+                            raise CaptureError(
+                                f"pod {pod.uid}: {MAX_PODS} pods are enrolled already, the "
+                                "most the pods map holds"
+                            ) from None
+                        raise CaptureError(f"pod {pod.uid}: enrolling {ip}: {e}") from None
+
+    @_kernel_errors
+    def unenroll(self, pod: PodCapture) -> None:
+        with self._lock:
+            pods = self._maybe_map(MAP_PODS)
+            if pods is None:
+                return
+            with pods:
+                for ip in pod.ips:
+                    pods.delete(ipv4_key(ip))
+
+    @_kernel_errors
+    def forget_interface(self, pod: PodCapture) -> None:
+        with self._lock:
+            if pod.host_iface:
+                with IPRoute() as ipr:
+                    index = _ifindex(ipr, pod.host_iface)
+                    if index is not None:
+                        detach(ipr, index)
+            # The pod is gone: its counters go too, or a pod reusing the address inherits them.
+            stats = self._maybe_map(MAP_STATS)
+            if stats is not None:
+                with stats:
+                    for ip in pod.ips:
+                        stats.delete(ipv4_key(ip))
+
+    @_kernel_errors
+    def enrolled(self) -> set[str]:
+        with self._lock:
+            pods = self._maybe_map(MAP_PODS)
+            if pods is None:
+                return set()
+            with pods:
+                return {ipv4_from_key(key) for key in pods.list_keys()}
+
+    @_kernel_errors
+    def set_listeners(self, fds: Mapping[str, int]) -> None:
+        """Fill the SOCKMAP slots; a listener missing from ``fds`` has its slot emptied, so
+        its connections fail closed instead of reaching a stale socket."""
+        slots = {_listener_slot(name): fd for name, fd in fds.items()}
+        with self._lock:
+            self._load()
+            with self._map(MAP_LISTENERS) as listeners:
+                for name, slot in LISTENER_SLOTS.items():
+                    key = struct.pack("=I", slot)
+                    if slot not in slots:
+                        listeners.delete(key)
+                        continue
+                    try:
+                        listeners.update(key, struct.pack("=Q", slots[slot]))
+                    except OSError as e:
+                        raise CaptureError(
+                            f"ztunnel listener {name} (fd {slots[slot]}): the kernel refused it "
+                            f"for the SOCKMAP: {e.strerror} (it must be a listening TCP socket "
+                            "in this network namespace)"
+                        ) from None
+
+    @_kernel_errors
+    def listener_cookies(self) -> dict[str, int | None]:
+        """Socket cookie in each listener slot, ``None`` where the slot is empty."""
+        with self._lock:
+            out: dict[str, int | None] = dict.fromkeys(LISTENER_SLOTS)
+            listeners = self._maybe_map(MAP_LISTENERS)
+            if listeners is None:
+                return out
+            with listeners:
+                for name, slot in LISTENER_SLOTS.items():
+                    raw = listeners.lookup(struct.pack("=I", slot))
+                    out[name] = None if raw is None else struct.unpack("=Q", raw)[0]
+            return out
+
+    @_kernel_errors
+    def counters(self) -> dict[str, PodCounters]:
+        with self._lock:
+            stats = self._maybe_map(MAP_STATS)
+            if stats is None:
+                return {}
+            out: dict[str, PodCounters] = {}
+            with stats:
+                for key in stats.list_keys():
+                    raw = stats.lookup(key)
+                    if raw is not None:
+                        out[ipv4_from_key(key)] = sum_percpu_counters(raw, stats.ncpus)
+            return out
+
+    @_kernel_errors
+    def status(self) -> BackendStatus:
+        with self._lock:
+            cookies = self.listener_cookies()
+            ifaces = attached()
+            detail = {
+                "bpf_dir": str(self.bpf_dir),
+                "pinned": "yes" if (self.bpf_dir / MAP_PODS).exists() else "no",
+                "uplinks": ", ".join(self.uplinks) or "none",
+                "attached": ", ".join(f"{i} ({p})" for i, p in sorted(ifaces.items())) or "none",
+                "enrolled": str(len(self.enrolled())),
+                "listeners": ", ".join(
+                    f"{name}={'ready' if cookie is not None else 'missing'}"
+                    for name, cookie in cookies.items()
+                ),
+                "excluded": ", ".join(map(str, self.exclusions)) or "none",
+            }
+            return BackendStatus(self.mode, detail)
+
+    @_kernel_errors
+    def uninstall(self) -> None:
+        """Detach our filters from every interface, remove the policy routing and every pin.
+
+        Needs neither bcc nor a compiler, so it also cleans up after a node lost them.
+        Filters of other tools, and the clsact qdiscs (possibly shared), are left alone.
+        """
+        with self._lock:
+            with IPRoute() as ipr:
+                for link in ipr.get_links():
+                    detach(ipr, int(link["index"]))
+            policy_routing.remove_policy_routing()
+            for loaded in self._programs.values():
+                loaded.module.cleanup()
+            self._programs.clear()
+            self._unpin()
+
+    def _unpin(self) -> None:
+        """Remove ``bpf_dir`` with everything in it (it is ours), unless it is a mount point
+        such as /sys/fs/bpf itself: then only our maps go, other tools' pins stay."""
+        try:
+            if not self.bpf_dir.exists():
+                return
+            if not os.path.ismount(self.bpf_dir):
+                shutil.rmtree(self.bpf_dir)
+                return
+            for name in MAP_LAYOUTS:
+                (self.bpf_dir / name).unlink(missing_ok=True)
+        except OSError as e:
+            raise CaptureError(f"removing pinned maps in {self.bpf_dir}: {e.strerror}") from None
+
