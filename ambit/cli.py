@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent import main as agent_main
 from ambit import __version__
 from controller import main as controller_main
 from controller.registry import commands as registry_commands
@@ -62,6 +63,9 @@ def _add_ztunnel(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--no-transparent", dest="transparent", action="store_const", const=False,
                    help="do not set IP_TRANSPARENT on capture listeners")
     p.add_argument("--drain-seconds", type=float, help="drain deadline on SIGTERM (default 5)")
+    p.add_argument("--agent-socket", type=Path,
+                   help="the node agent's link socket (/var/run/ambit/ztunnel.sock): hand the "
+                   "capture listeners to it, as eBPF redirect mode needs")
     p.add_argument("--access-log", help="'-' for stderr (default), '' to disable, or a file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -84,14 +88,20 @@ def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = dsub.add_parser(
         "demo",
         help="run a two-node mesh in network namespaces and show it working (needs root)",
-        description="Build two nodes and three pods from network namespaces (not connected to "
-        "this machine's network), run a ztunnel per node with TPROXY capture, and show a "
-        "cross-node HBONE call, a call denied by policy and the ztunnel metrics.",
+        description="Build a 2-node dev cluster from network namespaces (not connected to this "
+        "machine's network): controller, a ztunnel and a node agent per node, pods wired by "
+        "CNI. Show a cross-node HBONE call, a call denied by policy and the node metrics.",
     )
     d.add_argument("--keep", action="store_true", help="leave the mesh running at the end")
-    d.add_argument("--workdir", type=Path, help="where state, certificates and logs go")
+    d.add_argument("--workdir", type=Path,
+                   help="where state and logs go (default /var/run/ambit-dev)")
+    d.add_argument("--redirect-mode", choices=["auto", "ebpf", "iptables"], default="auto",
+                   help="how the node agents capture pods (default auto: eBPF if possible)")
     d.add_argument("--cleanup", action="store_true",
                    help="remove what earlier `--keep` demos left running, then exit")
+    from ambit.dev import cluster_cli
+
+    cluster_cli.add_parser(dsub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dev(sub)
     registry_commands.add_commands(sub)
     controller_main.add_parser(sub)
+    agent_main.add_parser(sub)
     return parser
 
 
@@ -118,7 +129,7 @@ def _run_ztunnel(args: argparse.Namespace) -> int:
                   "bind_host", "outbound_port", "inbound_plaintext_port", "inbound_port",
                   "socks5_port", "socks5_host", "admin_host", "admin_port", "stats_host",
                   "metrics_port", "readiness_port", "transparent", "drain_seconds",
-                  "access_log", "log_level")
+                  "agent_socket", "access_log", "log_level")
     }
     if overrides["controller_address"] and overrides["node_token_file"] \
             and not overrides["ca_address"]:
@@ -176,9 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dev" and args.dev_command == "demo":
             from ambit.dev.demo import main as demo_main
 
-            return demo_main(keep=args.keep, workdir=args.workdir, do_cleanup=args.cleanup)
+            return demo_main(keep=args.keep, workdir=args.workdir, do_cleanup=args.cleanup,
+                             redirect_mode=args.redirect_mode)
+        if args.command == "dev" and args.dev_command == "cluster":
+            from ambit.dev import cluster_cli
+
+            return cluster_cli.run(args)
         if args.command == "controller":
             return controller_main.run(args)
+        if args.command == "agent":
+            return agent_main.run(args)
         if args.command in registry_commands.COMMANDS:
             return registry_commands.run(args)
     except (UsageError, registry_commands.CommandError,

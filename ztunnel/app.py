@@ -37,6 +37,7 @@ from ztunnel.state.store import StateSnapshot, StateStore
 if TYPE_CHECKING:
     import grpc
 
+    from ztunnel.agent_link import AgentLink
     from ztunnel.state.controller_source import ControllerSource
 
 log = logging.getLogger("ztunnel")
@@ -53,6 +54,10 @@ def make_secrets(config: ZtunnelConfig, metrics: Metrics) -> Secrets:
 
     return CaSecretManager(config.ca_address, config.node_token_file, metrics,
                            controller_credentials(config))
+
+
+# The listeners the node agent steers captured connections into (eBPF mode needs the sockets).
+CAPTURE_LISTENERS = ("outbound", "inbound", "inbound_plaintext")
 
 
 class Ztunnel:
@@ -77,6 +82,7 @@ class Ztunnel:
         self.started = False
         self.file_source: FileSource | None = None
         self.controller_source: ControllerSource | None = None
+        self.agent_link: AgentLink | None = None
 
     # -- listeners -------------------------------------------------------------------------
 
@@ -212,6 +218,13 @@ class Ztunnel:
                 on_connected=lambda up: self.metrics.xds_connected.set(1 if up else 0))
             self.metrics.xds_connected.set(0)
             self._tasks.append(asyncio.create_task(self.controller_source.run()))
+        if self.config.agent_socket is not None and self.config.inbound_bind != BIND_WORKLOAD:
+            from ztunnel.agent_link import AgentLink
+
+            capture = {n: self.listeners[n].sock for n in CAPTURE_LISTENERS
+                       if n in self.listeners}
+            self.agent_link = AgentLink(self.config.agent_socket, capture)
+            self._tasks.append(asyncio.create_task(self.agent_link.run()))
         self._tasks.append(asyncio.create_task(self._gauges()))
         self.started = True
         log.info("ztunnel for node %s started", self.config.node)

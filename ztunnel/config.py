@@ -71,6 +71,8 @@ class ZtunnelConfig:
     drain_seconds: float = 5.0
     connect_timeout: float = 5.0
     reload_interval: float = 1.0
+    # The node agent's link socket: hand the capture listeners over (eBPF redirect mode).
+    agent_socket: Path | None = None
     access_log: str = "-"  # "-" is stderr, "" disables, else a file path
     log_level: str = "info"
     root_namespace: str = "ambit-system"
@@ -146,7 +148,8 @@ class ZtunnelConfig:
                 f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-        for key in ("state_file", "identity_dir", "node_token_file", "ca_root_cert"):
+        for key in ("state_file", "identity_dir", "node_token_file", "ca_root_cert",
+                    "agent_socket"):
             if merged.get(key) is not None:
                 merged[key] = Path(merged[key])
         if "node" not in merged:

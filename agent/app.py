@@ -1,0 +1,339 @@
+"""The node agent: enrolls the node's pods into capture and keeps that true.
+
+Why it exists: capture is the half of the mesh that makes it sidecarless, and it must be right
+for every pod on the node at all times: pods started after the agent (``ambit-cni`` reports
+them at CNI ADD, before their containers run), pods that predate it, namespaces enabled later
+and pods opting out (the registry's state push), and its own restarts (the kernel keeps
+capture; the agent re-reads it). The decisions are in ``agent/reconcile.py`` (pure); this
+module is the thin asyncio shell around them, in uvicorn's startup/serve/shutdown shape.
+
+Kernel work (bcc, netlink, iptables) is blocking and must not interleave, so every backend
+call goes through one worker thread, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from agent.capture.base import MODE_EBPF, CaptureBackend, CaptureError, PodCapture
+from agent.cni_server import CniRequest, CniServer
+from agent.config import AgentConfig
+from agent.discover import host_iface_for
+from agent.membership import MembershipClient, MembershipUnavailable
+from agent.node_endpoint import NodeEndpoint
+from agent.node_metrics import NodeMetrics
+from agent.pods import LocalPod, PodTable
+from agent.reconcile import MeshPod, desired, plan
+from agent.ztunnel_link import ZtunnelLinkServer
+from ambit import __version__
+from ztunnel.state.model import Protocol
+from ztunnel.state.store import StateSnapshot, StateStore
+
+log = logging.getLogger("agent")
+T = TypeVar("T")
+
+
+def _ipv4_only(ips: tuple[str, ...]) -> tuple[str, ...]:
+    out = []
+    for ip in ips:
+        try:
+            if ipaddress.ip_address(ip).version == 4:
+                out.append(ip)
+        except ValueError:
+            continue
+    return tuple(out)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, backend: CaptureBackend, mode_reason: str) -> None:
+        self.config = config
+        self.backend = backend
+        self.mode_reason = mode_reason
+        self.table = PodTable(config.pods_file)
+        self.store = StateStore()
+        self.metrics = NodeMetrics(config.node, __version__, backend.mode,
+                                   counters=backend.counters, pod_name=self._pod_name,
+                                   components=self._components)
+        self._kernel_pool = ThreadPoolExecutor(1, thread_name_prefix="capture")
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._enrolled: set[str] = set()
+        self.setup_done = False
+        self.last_reconcile = 0.0
+        self.last_error = ""
+        self.membership: MembershipClient | None = None
+        self.source: Any = None
+        self.cni = CniServer(config.cni_socket, self.handle_cni)
+        self.link = ZtunnelLinkServer(config.ztunnel_socket, self._on_listeners)
+        self.endpoint = NodeEndpoint(self.metrics, config.metrics_host, config.metrics_port,
+                                     config.ztunnel_metrics_url, self.ready, self.status)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _kernel(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._kernel_pool, functools.partial(fn, *args))
+
+    def _pod_name(self, ip: str) -> tuple[str, str] | None:
+        pod = self.table.by_ip(ip)
+        if pod is None:
+            return None
+        ns, _, name = pod.uid.partition("/")
+        return ns, name
+
+    def _components(self) -> Mapping[str, int | None]:
+        return {"agent": os.getpid(), "ztunnel": self.link.ztunnel_pid}
+
+    def _mesh(self) -> dict[str, MeshPod]:
+        if not self.store.ready:
+            return {}
+        return {str(ip): MeshPod(w.uid, w.protocol is Protocol.HBONE)
+                for w in self.store.current.local_workloads(self.config.node)
+                for ip in w.addresses if ip.version == 4}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        import grpc
+
+        from ztunnel.state.controller_source import ControllerSource
+
+        await self._kernel(self.backend.setup)
+        self.setup_done = True
+        self.table.load()
+        adopt = getattr(self.backend, "adopt", None)
+        if adopt is not None:
+            await self._kernel(adopt, {u: p.capture() for u, p in self.table.pods.items()})
+        for pod in list(self.table.pods.values()):
+            try:
+                await self._kernel(self.backend.watch_interface, pod.capture())
+            except CaptureError as e:
+                log.warning("pod %s: %s; forgetting it (CNI DEL missed?)", pod.uid, e)
+                self.table.remove(pod.uid)
+        self._enrolled = await self._kernel(self.backend.enrolled)
+        root = self.config.ca_root_cert
+        creds = (None if root is None
+                 else grpc.ssl_channel_credentials(root_certificates=root.read_bytes()))
+        self.membership = MembershipClient(self.config.controller_address, self.config.node,
+                                           self.config.node_token_file, creds,
+                                           self.config.membership_timeout)
+        self.source = ControllerSource(
+            self.config.controller_address, self.config.node, self.store, credentials=creds,
+            on_connected=self.metrics.set_registry_connected)
+        self.metrics.set_registry_connected(False)
+        self.store.subscribe(self._on_state)
+        await self.link.start()
+        await self.cni.start()
+        await self.endpoint.start()
+        self._tasks += [asyncio.create_task(self.source.run()),
+                        asyncio.create_task(self._reconcile_loop())]
+        log.info("agent for node %s started: redirect mode %s (%s); CNI socket %s; node "
+                 "metrics on %s:%d", self.config.node, self.backend.mode, self.mode_reason,
+                 self.config.cni_socket, self.config.metrics_host, self.endpoint.port)
+
+    async def shutdown(self) -> None:
+        """Stop serving; capture stays in the kernel (that is what `ambit agent uninstall` is
+        for), so traffic keeps flowing through the ztunnel while the agent restarts."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.cni.close()
+        await self.link.close()
+        await self.endpoint.close()
+        if self.membership is not None:
+            await self.membership.close()
+        self._kernel_pool.shutdown(wait=True)
+        log.info("agent stopped; capture left in place")
+
+    # -- readiness and status --------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.setup_done:
+            return False, "setting up capture"
+        if not self.store.ready:
+            return False, "waiting for the first state from the controller"
+        if self.backend.mode == MODE_EBPF and self.link.ztunnel_pid is None:
+            return False, "waiting for the ztunnel to hand over its listeners"
+        return True, "ready"
+
+    def status(self) -> dict[str, Any]:
+        mesh = self._mesh()
+        return {
+            "node": self.config.node,
+            "redirectMode": self.backend.mode,
+            "redirectModeReason": self.mode_reason,
+            "ready": self.ready()[1],
+            "registryVersion": self.store.current.version if self.store.ready else None,
+            "ztunnelPid": self.link.ztunnel_pid,
+            "lastReconcile": self.last_reconcile,
+            "lastError": self.last_error,
+            "pods": [
+                {"pod": p.uid, "ips": list(p.ips), "hostIface": p.host_iface, "netns": p.netns,
+                 "captured": bool(set(p.ips) & self._enrolled),
+                 "shouldCapture": desired(p, mesh), "reason": p.reason}
+                for p in sorted(self.table.pods.values(), key=lambda p: p.uid)
+            ],
+        }
+
+    # -- the ztunnel's listeners -----------------------------------------------------------
+
+    async def _on_listeners(self, fds: Mapping[str, int], pid: int) -> None:
+        await self._kernel(self.backend.set_listeners, fds)
+
+    # -- CNI -------------------------------------------------------------------------------
+
+    async def handle_cni(self, req: CniRequest) -> dict[str, Any]:
+        try:
+            if req.op == "add":
+                answer = await self._cni_add(req)
+            elif req.op == "del":
+                answer = await self._cni_del(req)
+            else:
+                answer = await self._cni_check(req)
+        except (CaptureError, MembershipUnavailable, OSError) as e:
+            answer = {"ok": False, "error": str(e)}
+        result = ("error" if not answer.get("ok") else
+                  "ok" if answer.get("captured", True) else "not_captured")
+        self.metrics.cni_request(req.op, result)
+        if not answer.get("ok"):
+            log.warning("CNI %s %s: %s", req.op, req.uid, answer.get("error"))
+        return answer
+
+    async def _cni_add(self, req: CniRequest) -> dict[str, Any]:
+        ips = _ipv4_only(req.ips)
+        if not ips:
+            return {"ok": False, "error": f"pod {req.uid} has no IPv4 address in the previous "
+                    "plugin's result; ambit-cni must be chained after the plugin that assigns "
+                    "addresses (capture is IPv4 only)"}
+        found: str | None = req.host_iface or await self._kernel(
+            host_iface_for, ips[0], self.config.uplinks)
+        iface = found or ""
+        if not iface:
+            return {"ok": False, "error": f"pod {req.uid}: cannot tell its node-side interface "
+                    "(no host interface in the previous result and no route to "
+                    f"{ips[0]} over a pod interface)"}
+        assert self.membership is not None
+        answer = await self.membership.ask(req.pod_namespace, req.pod_name)
+        if not answer.known:
+            return {"ok": False, "error": f"the registry does not place pod {req.uid} on node "
+                    f"{self.config.node} ({answer.reason}); refusing to start it uncaptured, "
+                    "the kubelet will retry"}
+        pod = LocalPod(req.uid, ips, iface, req.netns, req.container_id, answer.in_mesh,
+                       answer.reason)
+        capture = pod.capture()
+        await self._kernel(self.backend.watch_interface, capture)
+        if answer.in_mesh:
+            await self._kernel(self.backend.enroll, capture)
+        else:
+            await self._kernel(self.backend.unenroll, capture)  # a reused IP, say
+        self.table.put(pod)
+        self._enrolled = await self._kernel(self.backend.enrolled)
+        self.metrics.set_pods(len(self._enrolled), len(self.table.pods))
+        log.info("pod %s (%s on %s): %s", req.uid, ", ".join(ips), iface,
+                 "captured" if answer.in_mesh else f"not captured: {answer.reason}")
+        return {"ok": True, "captured": answer.in_mesh, "reason": answer.reason}
+
+    async def _cni_del(self, req: CniRequest) -> dict[str, Any]:
+        pod = self.table.by_container(req.container_id)
+        if pod is None and req.pod_name:
+            pod = self.table.pods.get(req.uid)
+        if pod is None:
+            return {"ok": True, "captured": False, "reason": "not known; nothing to remove"}
+        capture = pod.capture()
+        await self._kernel(self.backend.unenroll, capture)
+        await self._kernel(self.backend.forget_interface, capture)
+        self.table.remove(pod.uid)
+        self._enrolled = await self._kernel(self.backend.enrolled)
+        self.metrics.set_pods(len(self._enrolled), len(self.table.pods))
+        log.info("pod %s removed", pod.uid)
+        return {"ok": True, "captured": False, "reason": "removed"}
+
+    async def _cni_check(self, req: CniRequest) -> dict[str, Any]:
+        pod = self.table.pods.get(req.uid)
+        if pod is None:
+            return {"ok": False, "error": f"the agent has no record of pod {req.uid}"}
+        want = desired(pod, self._mesh())
+        enrolled = await self._kernel(self.backend.enrolled)
+        have = set(pod.ips) <= enrolled
+        if want != have:
+            return {"ok": False, "error": f"pod {req.uid} should {'' if want else 'not '}be "
+                    f"captured but is {'' if have else 'not '}captured"}
+        return {"ok": True, "captured": have, "reason": pod.reason}
+
+    # -- reconcile -------------------------------------------------------------------------
+
+    def _on_state(self, _old: StateSnapshot, _new: StateSnapshot) -> None:
+        self._wake.set()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.resync_interval)
+            self._wake.clear()
+            try:
+                await self.reconcile_once()
+                self.metrics.reconciled(True)
+                self.last_error = ""
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # keep reconciling; the next pass may succeed
+                self.metrics.reconciled(False)
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.error("reconcile failed: %s", self.last_error)
+
+    async def reconcile_once(self) -> None:
+        mesh = self._mesh()
+        enrolled = await self._kernel(self.backend.enrolled)
+        todo = plan(self.table.pods, mesh, enrolled)
+        for ip in todo.discover:
+            iface = await self._kernel(host_iface_for, ip, self.config.uplinks)
+            if iface is None:
+                continue
+            uid = mesh[ip].uid
+            ips = tuple(sorted(i for i, m in mesh.items() if m.uid == uid))
+            pod = LocalPod(uid, ips, iface, reason="found on the node (no CNI record)")
+            await self._kernel(self.backend.watch_interface, pod.capture())
+            self.table.put(pod)
+            log.info("adopted pod %s (%s on %s), found from the registry and routes", uid,
+                     ", ".join(ips), iface)
+        if todo.discover:
+            todo = plan(self.table.pods, mesh, enrolled)
+        for pod in todo.enroll:
+            await self._kernel(self.backend.watch_interface, pod.capture())
+            await self._kernel(self.backend.enroll, pod.capture())
+            log.info("capturing pod %s (%s)", pod.uid, ", ".join(pod.ips))
+        for pod in todo.unenroll:
+            await self._kernel(self.backend.unenroll, pod.capture())
+            log.info("no longer capturing pod %s (%s)", pod.uid, ", ".join(pod.ips))
+        if self.store.ready:  # never release on a registry view we have not received
+            for ip in todo.release:
+                await self._kernel(self.backend.unenroll, PodCapture("unknown", (ip,), ""))
+                log.info("released %s: captured, but no pod of this node has it", ip)
+        self._enrolled = await self._kernel(self.backend.enrolled)
+        self.metrics.set_pods(len(self._enrolled), len(self.table.pods))
+        self.last_reconcile = time.time()
+
+
+async def serve(agent: Agent, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    try:
+        await stop.wait()
+    finally:
+        await agent.shutdown()
