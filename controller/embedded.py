@@ -53,5 +53,6 @@ class EmbeddedFeed:
 
     # NodeService
     def pod_membership(self, node: str, namespace: str, name: str) -> Membership:
-        snap = self.snapshot if self.snapshot is not None else self.registry.snapshot()
-        return pod_membership(snap, node, namespace, name)
+        # Read through, not from the watch's last snapshot: the pod was usually written a
+        # moment before its CNI ADD, and one read per pod start costs nothing.
+        return pod_membership(self.registry.snapshot(), node, namespace, name)

@@ -42,7 +42,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_collectreport(report: pytest.CollectReport) -> None:
     # A whole module skipped at import (pytest.importorskip, allow_module_level) has no items
     # to carry the marker, so judge it by where it lives.
-    if report.skipped and report.nodeid.replace(os.sep, "/").startswith("tests/netns/"):
+    where = report.nodeid.replace(os.sep, "/")
+    if report.skipped and where.startswith(("tests/netns/", "tests/e2e/")):
         _skipped_netns.append(report.nodeid)
 
 

@@ -8,6 +8,9 @@ parseable output and an exit status that says whether the probe worked:
 * ``python -m ambit.dev.probe tcp HOST PORT [--message M]`` sends one line to an
   ``ambit.dev.echo`` server and prints its JSON answer; exit 1 (and a reason on stderr) if the
   connection fails or closes without an answer.
+* ``python -m ambit.dev.probe hold HOST PORT --until FILE``: one connection, one line and
+  its answer, then (same connection) wait until FILE exists and exchange a second line; proves
+  a connection survives whatever happened in between (an agent restart, say).
 * ``python -m ambit.dev.probe http URL`` prints the body and ``HTTP <status>`` on stderr;
   exit 1 on a connection error, 3 on a non-2xx status (the body is still printed).
 """
@@ -38,6 +41,31 @@ def tcp_request(host: str, port: int, message: str, timeout: float) -> str:
     return buf.decode().rstrip("\n")
 
 
+def hold(host: str, port: int, until: str, timeout: float) -> list[str]:
+    """Two exchanges on one connection, the second once ``until`` exists."""
+    import os
+    import time
+
+    answers = []
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        f = s.makefile("rwb")
+        for i, message in enumerate((b"first\n", b"second\n")):
+            if i:
+                deadline = time.monotonic() + timeout
+                while not os.path.exists(until):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{until} did not appear within {timeout:g}s")
+                    time.sleep(0.05)
+            f.write(message)
+            f.flush()
+            line = f.readline()
+            if not line:
+                raise ConnectionError(f"connection closed before answer {i + 1}")
+            answers.append(line.decode().rstrip("\n"))
+            print(answers[-1], flush=True)
+    return answers
+
+
 def http_get(url: str, timeout: float) -> tuple[int, str]:
     """GET ``url``; return (status, body). Proxies from the environment are ignored."""
     # A namespace has no route to any proxy named in http_proxy, so never use one.
@@ -57,6 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("port", type=int)
     t.add_argument("--message", default="hello")
     t.add_argument("--timeout", type=float, default=5.0)
+    d = sub.add_parser("hold", help="two lines on one connection, the second after --until")
+    d.add_argument("host")
+    d.add_argument("port", type=int)
+    d.add_argument("--until", required=True, help="a file whose appearance releases line 2")
+    d.add_argument("--timeout", type=float, default=30.0)
     h = sub.add_parser("http", help="one HTTP GET")
     h.add_argument("url")
     h.add_argument("--timeout", type=float, default=5.0)
@@ -64,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "tcp":
             print(tcp_request(args.host, args.port, args.message, args.timeout))
+            return 0
+        if args.cmd == "hold":
+            hold(args.host, args.port, args.until, args.timeout)
             return 0
         status, body = http_get(args.url, args.timeout)
     except (OSError, urllib.error.URLError) as e:

@@ -94,7 +94,7 @@ async def test_controller_down_is_unavailable(tmp_path: Path) -> None:
     client = MembershipClient(f"127.0.0.1:{free_port('127.0.0.1')}", "node-1", None, None,
                               timeout=1)
     try:
-        with pytest.raises(MembershipUnavailable, match="UNAVAILABLE|DEADLINE"):
+        with pytest.raises(MembershipUnavailable, match=r"UNAVAILABLE|DEADLINE"):
             await client.ask("mesh", "web")
     finally:
         await client.close()

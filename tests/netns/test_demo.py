@@ -13,10 +13,12 @@ pytestmark = pytest.mark.netns
 
 def test_demo_passes_and_cleans_up(tmp_path: Path) -> None:
     lines: list[str] = []
-    status = demo.run(tmp_path, out=lines.append)
+    status = demo.run(tmp_path, out=lines.append, name="demotest")
     text = "\n".join(lines)
     assert status == 0, text
-    assert "4/4 checks passed" in text
+    assert "5/5 checks passed" in text
     assert "PASS  denied client is refused" in text
     assert "istio_tcp_connections_opened_total{reporter=destination" in text
-    assert not [n for n in netns.list_netns() if n.startswith(netns.netns_prefix())]
+    assert "ambit_capture_connections_total{" in text
+    assert not [n for n in netns.list_netns() if n.startswith("ambd-demotest-")]
+    assert not (tmp_path / "demotest").exists()

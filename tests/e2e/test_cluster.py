@@ -1,0 +1,262 @@
+"""End to end in the local multi-node cluster, once per redirect mode (eBPF and iptables).
+
+Everything is the real thing: pods wired by Debian's CNI plugins with ``ambit-cni`` chained,
+a node agent and a ztunnel per node, the controller in embedded mode, all inside network
+namespaces that ``DevCluster`` creates and removes (never the machine's own namespace).
+
+The same scenarios run in both modes, so the two backends cannot drift apart in semantics.
+The module fixture builds one cluster per mode; tests add their own pods (unique names), so
+they do not depend on each other's order, except the last one, which uninstalls a node.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ambit.dev import mesh, netns
+from ambit.dev.cluster import DevCluster, PodInfo, node_snapshot
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
+
+PORT = 8080
+
+
+def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module", params=["ebpf", "iptables"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) \
+        -> Iterator[DevCluster]:
+    mode = request.param
+    name = f"e2e{mode[:2]}{uuid.uuid4().hex[:4]}"
+    root = tmp_path_factory.mktemp(f"cluster-{mode}")
+    c = DevCluster(name, nodes=2, redirect_mode=mode, root=root, out=lambda _line: None)
+    try:
+        c.up()
+        for node in c.nodes:
+            status = c.agent_status(node)
+            assert status["redirectMode"] == mode, status
+        c.set_namespace("default", ambient=True)
+        c.set_namespace("plain", ambient=False)
+        yield c
+    finally:
+        c.down(quiet=True)
+        assert not [n for n in netns.list_netns() if n.startswith(c.prefix)]
+
+
+def add(c: DevCluster, name: str, node: int, *, namespace: str = "default",
+        labels: dict[str, str] | None = None, echo: bool = False) -> PodInfo:
+    pod = c.add_pod(f"{name}", node, namespace=namespace, labels=labels)
+    if echo:
+        c.start_echo(pod.name, PORT)
+    return pod
+
+
+def probe(c: DevCluster, src: PodInfo, dst: PodInfo, message: str = "hello") \
+        -> mesh.ProbeResult:
+    return mesh.tcp_probe(src.netns, dst.ip, PORT, message)
+
+
+def access(c: DevCluster, node: str) -> list[dict[str, Any]]:
+    path = Path(c.node(node).run_dir) / "access.jsonl"
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def records(c: DevCluster, dst: PodInfo, src: PodInfo,
+            listener: str = "inbound") -> list[dict[str, Any]]:
+    """Access records of ``src`` -> ``dst`` on the destination's node, by listener."""
+    return [r for r in access(c, dst.node) if r.get("dst") == f"{dst.ip}:{PORT}"
+            and r.get("src") == src.ip and r.get("listener") == listener]
+
+
+def inbound_records(c: DevCluster, dst: PodInfo, src: PodInfo) -> list[dict[str, Any]]:
+    return records(c, dst, src, "inbound")
+
+
+def captured(c: DevCluster, pod: PodInfo) -> bool:
+    for p in c.agent_status(c.node(pod.node))["pods"]:
+        if p["pod"] == f"{pod.namespace}/{pod.name}":
+            return bool(p["captured"])
+    return False
+
+
+def ok_probe(c: DevCluster, src: PodInfo, dst: PodInfo, tries: int = 30) -> mesh.ProbeResult:
+    """A new pod's certificate is fetched on its first connection; allow a few retries."""
+    res = probe(c, src, dst)
+    for _ in range(tries):
+        if res.ok:
+            break
+        time.sleep(0.2)
+        res = probe(c, src, dst)
+    assert res.ok, res.error
+    return res
+
+
+def test_cross_node_is_hbone_mtls_on_the_wire(cluster: DevCluster) -> None:
+    c = cluster
+    client, server = add(c, "xclient", 1), add(c, "xserver", 2, echo=True)
+    assert captured(c, client) and captured(c, server)
+    ok_probe(c, client, server)  # warm up: certificates, pooled HBONE connection
+    secret = f"top-secret-{uuid.uuid4().hex}"
+    pcap = c.dir / "wire.pcap"
+    # tshark on the cluster network's bridge: every byte between the nodes passes there.
+    tshark = subprocess.Popen(netns.ns_argv(c.net_ns, [
+        "tshark", "-q", "-i", "br0", "-f", "tcp", "-w", str(pcap)]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        until(lambda: pcap.exists() and pcap.stat().st_size > 0, 15, "tshark to start")
+        res = probe(c, client, server, secret)
+        assert res.ok and res.answer is not None and res.answer["data"] == secret
+        time.sleep(0.5)
+    finally:
+        tshark.terminate()
+        tshark.wait(10)
+    raw = pcap.read_bytes()
+    assert secret.encode() not in raw, "plaintext payload seen on the cluster network"
+    fields = subprocess.run(["tshark", "-r", str(pcap), "-o", "tls.keylog_file:",
+                             "-d", "tcp.port==15008,tls", "-Y", "tls.record",
+                             "-T", "fields", "-e", "tcp.dstport", "-e", "tcp.srcport"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    ports = {p for line in fields.splitlines() for p in line.split()}
+    assert "15008" in ports, f"no TLS records on port 15008 in the capture: {fields[:500]}"
+    plain = subprocess.run(["tshark", "-r", str(pcap), "-Y", f"tcp.port=={PORT}"],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert plain.strip() == "", f"traffic to port {PORT} crossed nodes unencrypted:\n{plain}"
+    rec = until(lambda: inbound_records(c, server, client), 5, "the inbound access record")[-1]
+    assert rec["mtls"] is True
+    assert rec["src_identity"] == "spiffe://cluster.local/ns/default/sa/xclient"
+
+
+def test_same_node_goes_through_the_ztunnel_with_policy(cluster: DevCluster) -> None:
+    c = cluster
+    a, b, srv = add(c, "sa", 1), add(c, "sb", 1), add(c, "ssrv", 1, echo=True)
+    c.apply([{"apiVersion": "security.ambit.dev/v1", "kind": "AuthorizationPolicy",
+              "metadata": {"name": "deny-sb", "namespace": "default"},
+              "spec": {"selector": {"matchLabels": {"app": "ssrv"}}, "action": "DENY",
+                       "rules": [{"from": [{"source": {"principals": [
+                           "cluster.local/ns/default/sa/sb"]}}]}]}}])
+    res = ok_probe(c, a, srv)
+    # Same node: the outbound listener enforces the destination's policy and delivers
+    # directly (Istio's local fast path); the server sees the node, not the client.
+    assert res.peer_ip != a.ip
+    rec = until(lambda: [r for r in records(c, srv, a, "outbound") if r["outcome"] == "ok"],
+                5, "a same-node outbound record")[-1]
+    assert rec["plan"] == "local"
+    until(lambda: not probe(c, b, srv).ok, 5, "the DENY policy to apply")
+    denied = records(c, srv, b, "outbound")
+    assert denied and all(r["outcome"] != "ok" for r in denied[-1:])
+
+
+def test_pods_outside_the_mesh_are_untouched(cluster: DevCluster) -> None:
+    c = cluster
+    pc, ps = add(c, "pc", 1, namespace="plain"), add(c, "ps", 2, namespace="plain", echo=True)
+    assert not captured(c, pc) and not captured(c, ps)
+    res = probe(c, pc, ps)
+    assert res.ok, res.error
+    assert res.peer_ip == pc.ip, "the server should see the client itself, not a proxy"
+    assert not [r for r in access(c, pc.node) + access(c, ps.node) if r.get("src") == pc.ip]
+
+
+def test_opt_out_label_and_namespace_enabled_later(cluster: DevCluster) -> None:
+    c = cluster
+    target = add(c, "optsrv", 2, namespace="plain", echo=True)
+    out = add(c, "optout", 1, labels={"app": "optout", "ambit.dev/dataplane-mode": "none"})
+    assert not captured(c, out)
+    res = probe(c, out, target)
+    assert res.ok and res.peer_ip == out.ip
+    # Removing the opt-out label puts it in the mesh: the agent reconciles from the push.
+    c.set_pod_labels("optout", {"app": "optout"})
+    until(lambda: captured(c, out), 10, "the agent to capture the pod after the label change")
+    res = ok_probe(c, out, target)
+    assert res.peer_ip != out.ip  # passthrough through the node's ztunnel
+    assert until(lambda: [r for r in access(c, out.node) if r.get("src") == out.ip], 5,
+                 "an outbound access record")
+    # A namespace enabled later: its running pod is captured without a restart.
+    late = add(c, "latepod", 1, namespace="late")
+    assert not captured(c, late)
+    c.set_namespace("late", ambient=True)
+    until(lambda: captured(c, late), 10, "the pod of a newly enabled namespace")
+
+
+def test_agent_restart_keeps_connections_and_adopts_pods(cluster: DevCluster) -> None:
+    c = cluster
+    client, server = add(c, "rclient", 1), add(c, "rserver", 2, echo=True)
+    ok_probe(c, client, server)
+    release = c.dir / f"release-{uuid.uuid4().hex}"
+    hold = subprocess.Popen(netns.ns_argv(client.netns, [
+        mesh.PYTHON, "-m", "ambit.dev.probe", "hold", server.ip, str(PORT), "--until",
+        str(release), "--timeout", "60"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        assert hold.stdout is not None
+        first = json.loads(hold.stdout.readline())
+        assert first["data"] == "first"
+        node1 = c.node(1)
+        c.restart_agent(node1)
+        c.restart_agent(c.node(2))
+        # The agent also forgets its records (a lost run dir): it re-finds its pods from the
+        # registry and the routing table.
+        c.stop(f"agent/{node1.name}")
+        (Path(node1.run_dir) / "pods.json").unlink()
+        c.start_agent(node1)
+        release.touch()
+        out, err = hold.communicate(timeout=30)
+        assert hold.returncode == 0, err
+        assert json.loads(out.splitlines()[-1])["data"] == "second"
+    finally:
+        if hold.poll() is None:
+            hold.kill()
+    ok_probe(c, client, server)  # new connections after the restarts
+    until(lambda: captured(c, client), 10, "the adopted pod to show as captured")
+    pods = {p["pod"]: p for p in c.agent_status(c.node(1))["pods"]}
+    assert "found on the node" in pods["default/rclient"]["reason"]
+
+
+def test_node_metrics_endpoint(cluster: DevCluster) -> None:
+    c = cluster
+    client, server = add(c, "mclient", 1), add(c, "mserver", 2, echo=True)
+    ok_probe(c, client, server)
+    text = c.node_metrics(c.node(1))
+    assert "istio_tcp_connections_opened_total" in text  # the ztunnel's, merged
+    assert 'ambit_process_up{component="ztunnel"} 1.0' in text
+    assert 'ambit_process_up{component="agent"} 1.0' in text
+    assert "ambit_process_resident_memory_bytes" in text
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith("ambit_capture_connections_total{")
+                and f'pod_ip="{client.ip}"' in ln)
+    assert float(line.rsplit(" ", 1)[1]) >= 1
+    assert f'redirect_mode="{c.redirect_mode}"' in text
+
+
+def test_uninstall_leaves_the_node_as_it_was(cluster: DevCluster) -> None:
+    """Last in the module: node-2 loses its agent and capture."""
+    c = cluster
+    node = c.node(2)
+    for pod in [p for p in c.pods.values() if p.node == node.name]:
+        c.delete_pod(pod.name)
+    c.stop(f"agent/{node.name}")
+    c.stop(f"ztunnel/{node.name}")
+    netns.ns_run(node.netns, [*mesh.ambit_command(), "agent", "uninstall", "--run-dir",
+                              node.run_dir, "--bpf-dir", node.bpf_dir, "--uplink", "eth0"])
+    after = node_snapshot(node.netns)
+    assert after == c.baseline[node.name]
+    assert not Path(node.bpf_dir).exists() or not any(Path(node.bpf_dir).iterdir())
