@@ -15,7 +15,8 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 
-# Two-node mesh in network namespaces: cross-node HBONE, a denied client, ztunnel metrics.
+# A 2-node dev cluster in network namespaces (controller, agents, ztunnels, CNI-wired pods):
+# cross-node HBONE, a denied client, node metrics; torn down at the end.
 demo: setup
 	.venv/bin/ambit dev demo
 

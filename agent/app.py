@@ -69,6 +69,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._enrolled: set[str] = set()
         self.setup_done = False
+        self._backend_status: dict[str, str] = {}
         self.last_reconcile = 0.0
         self.last_error = ""
         self.membership: MembershipClient | None = None
@@ -179,6 +180,7 @@ class Agent:
             "ztunnelPid": self.link.ztunnel_pid,
             "lastReconcile": self.last_reconcile,
             "lastError": self.last_error,
+            "capture": self._backend_status,
             "pods": [
                 {"pod": p.uid, "ips": list(p.ips), "hostIface": p.host_iface, "netns": p.netns,
                  "captured": bool(set(p.ips) & self._enrolled),
@@ -191,6 +193,7 @@ class Agent:
 
     async def _on_listeners(self, fds: Mapping[str, int], pid: int) -> None:
         await self._kernel(self.backend.set_listeners, fds)
+        self._wake.set()  # refresh the status (listeners ready) soon
 
     # -- CNI -------------------------------------------------------------------------------
 
@@ -323,6 +326,7 @@ class Agent:
                 log.info("released %s: captured, but no pod of this node has it", ip)
         self._enrolled = await self._kernel(self.backend.enrolled)
         self.metrics.set_pods(len(self._enrolled), len(self.table.pods))
+        self._backend_status = dict((await self._kernel(self.backend.status)).detail)
         self.last_reconcile = time.time()
 
 

@@ -162,6 +162,10 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     print(f"node {doc['node']}: redirect mode {doc['redirectMode']} "
           f"({doc['redirectModeReason']}); {doc['ready']}")
+    for key, value in sorted(doc.get("capture", {}).items()):
+        print(f"  {key}: {value}")
+    if doc.get("lastError"):
+        print(f"  last reconcile error: {doc['lastError']}")
     print(f"{'POD':<32} {'IPS':<16} {'IFACE':<16} {'CAPTURED':<9} REASON")
     for p in doc["pods"]:
         flag = "yes" if p["captured"] else "no"

@@ -247,6 +247,18 @@ def test_node_metrics_endpoint(cluster: DevCluster) -> None:
     assert f'redirect_mode="{c.redirect_mode}"' in text
 
 
+def test_kubelet_probes_from_the_node_are_not_captured(cluster: DevCluster) -> None:
+    c = cluster
+    server = add(c, "kprobe", 1, echo=True)
+    node = c.node(server.node)
+    res = mesh.tcp_probe(node.netns, server.ip, PORT, "healthz")
+    assert res.ok, res.error
+    # The node itself connected (from the pod gateway address ptp gives the host veth), and
+    # no ztunnel listener saw it.
+    assert res.peer_ip.startswith("10.244.1.")
+    assert not [r for r in access(c, node.name) if r.get("dst") == f"{server.ip}:{PORT}"]
+
+
 def test_uninstall_leaves_the_node_as_it_was(cluster: DevCluster) -> None:
     """Last in the module: node-2 loses its agent and capture."""
     c = cluster
