@@ -115,7 +115,7 @@ def test_redirect_mode_auto_falls_back_and_says_why(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(ebpf, "ebpf_unavailable_reason", lambda: "no BTF at /sys/kernel/btf")
     backend, why = main.choose_backend(cfg(redirect_mode="auto"))
     assert isinstance(backend, IptablesCapture) and "no BTF" in why
-    with pytest.raises(AgentConfigError, match="--redirect-mode ebpf: no BTF.*iptables"):
+    with pytest.raises(AgentConfigError, match=r"--redirect-mode ebpf: no BTF.*iptables"):
         main.choose_backend(cfg(redirect_mode="ebpf"))
     backend, why = main.choose_backend(cfg(redirect_mode="iptables"))
     assert isinstance(backend, IptablesCapture) and "requested" in why
