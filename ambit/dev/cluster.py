@@ -91,7 +91,7 @@ def _is_bpffs(path: Path) -> bool:
     return False
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -275,7 +275,7 @@ class DevCluster:
             if popen is not None:
                 if popen.poll() is not None:
                     return
-            elif not _pid_alive(pid):
+            elif not pid_alive(pid):
                 return
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError):
@@ -296,7 +296,7 @@ class DevCluster:
         except ClusterError:
             return False
         popen = self._popen.get(p.pid)
-        return popen.poll() is None if popen is not None else _pid_alive(p.pid)
+        return popen.poll() is None if popen is not None else pid_alive(p.pid)
 
     def log_tail(self, role: str, lines: int = 15) -> str:
         try:
