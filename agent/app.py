@@ -7,8 +7,8 @@ and pods opting out (the registry's state push), and its own restarts (the kerne
 capture; the agent re-reads it). The decisions are in ``agent/reconcile.py`` (pure); this
 module is the thin asyncio shell around them, in uvicorn's startup/serve/shutdown shape.
 
-Kernel work (bcc, netlink, iptables) is blocking and must not interleave, so every backend
-call goes through one worker thread, in order.
+Kernel work (the eBPF loader process, bpf(2), netlink, iptables) is blocking and must not
+interleave, so every backend call goes through one worker thread, in order.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Why apart from ``agent.app``: the process core stays testable with any backend, while this
 module picks the redirect mode the way the user asked (``auto`` says why it fell back) and keeps
-heavy imports (bcc, gRPC) out of every other ``ambit`` command.
+heavy imports (gRPC, pyroute2) out of every other ``ambit`` command. bcc is never imported by the
+agent at all: it runs in the eBPF loader process (``agent/capture/ebpf_loader.py``).
 """
 
 from __future__ import annotations

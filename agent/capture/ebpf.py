@@ -15,10 +15,15 @@ counters per pod) and ``excluded`` (LPM trie). Programs stay attached and maps p
 agent exits; a new agent compiles the programs again, reopens the same maps and replaces the
 programs in place (same tc priority and handle), so capture never stops for a restart.
 
-Layers, bottom up: pure encoders (unit-tested), a minimal ``bpf(2)`` map client on pinned
-paths (reading state needs neither bcc nor a compiler), compiling and loading with bcc (untyped,
-imported lazily and kept behind ``load_program``), tc attachment with pyroute2, and
-``EbpfCapture``.
+bcc and its embedded clang/LLVM never enter this process: they would stay resident for the
+agent's whole life (about 150 MB of its RSS). ``load_programs`` runs
+``agent/capture/ebpf_loader.py`` in a short-lived child that compiles both programs, loads them
+and pins them next to the maps (``prog_pod_ingress``, ``prog_uplink_ingress``); the agent opens
+the pinned programs with ``BPF_OBJ_GET`` and attaches them.
+
+Layers, bottom up: pure encoders (unit-tested), a minimal ``bpf(2)`` client on pinned maps and
+programs (everything the agent does needs neither bcc nor a compiler), running the loader, tc
+attachment with pyroute2, and ``EbpfCapture``.
 """
 
 from __future__ import annotations
@@ -27,17 +32,21 @@ import ctypes
 import ctypes.util
 import errno
 import functools
-import importlib
+import importlib.util
 import ipaddress
+import json
+import logging
 import os
 import platform
 import re
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
@@ -59,6 +68,8 @@ from agent.capture.base import (
 )
 from agent.capture.iptables import MARK_MASK, TPROXY_MARK
 
+log = logging.getLogger(__name__)
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -68,6 +79,10 @@ DEFAULT_SOURCE_DIR = Path(__file__).resolve().parents[2] / "ebpf"
 POD_PROGRAM = "pod_ingress"
 UPLINK_PROGRAM = "uplink_ingress"
 PROGRAMS = (POD_PROGRAM, UPLINK_PROGRAM)
+# Programs are pinned next to the maps as prog_<name>; a new one is pinned as prog_<name>_new
+# and renamed over the old pin (bpffs names may not contain dots).
+PROG_PIN_PREFIX = "prog_"
+PROG_PIN_NEW_SUFFIX = "_new"
 
 MAP_PODS = "pods"
 MAP_LISTENERS = "listeners"
@@ -117,6 +132,16 @@ def ipv4_from_key(key: bytes) -> str:
 _POD_VALUE = struct.Struct("=II")  # struct ambit_pod: ifindex, flags (host order)
 _COUNTERS = struct.Struct("=QQQ")  # struct ambit_counters: captured, passed, errors
 _LPM_KEY = struct.Struct("=I4s")  # struct ambit_lpm_key: prefixlen (host order), address
+
+
+def program_pin(pin_dir: Path, program: str) -> Path:
+    """Where the loader pins ``program`` (and the agent opens it)."""
+    return pin_dir / f"{PROG_PIN_PREFIX}{program}"
+
+
+def program_pin_new(pin_dir: Path, program: str) -> Path:
+    """The loader's temporary pin of a freshly loaded ``program``, renamed over the old one."""
+    return pin_dir / f"{PROG_PIN_PREFIX}{program}{PROG_PIN_NEW_SUFFIX}"
 
 
 def pod_value(ifindex: int, flags: int = POD_ENROLLED) -> bytes:
@@ -273,14 +298,17 @@ def compile_flags(pin_dir: Path, include_dir: Path) -> list[str]:
     ]
 
 
-# --- bpf(2) on pinned maps ----------------------------------------------------------------------
+# --- bpf(2) on pinned maps and programs ---------------------------------------------------------
 
 _BPF_MAP_LOOKUP_ELEM = 1
 _BPF_MAP_UPDATE_ELEM = 2
 _BPF_MAP_DELETE_ELEM = 3
 _BPF_MAP_GET_NEXT_KEY = 4
+_BPF_OBJ_PIN = 6
 _BPF_OBJ_GET = 7
 _BPF_OBJ_GET_INFO_BY_FD = 15
+
+PROG_TYPE_SCHED_CLS = 3
 
 MAP_TYPE_HASH = 1
 MAP_TYPE_PERCPU_HASH = 5
@@ -345,6 +373,25 @@ class _MapInfo(ctypes.Structure):
     ]
 
 
+class _ProgInfo(ctypes.Structure):
+    """The head of ``struct bpf_prog_info`` (the kernel fills what fits in ``info_len``)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -365,6 +412,43 @@ def _addr(buf: ctypes.Array[ctypes.c_char] | None) -> int:
     return 0 if buf is None else ctypes.addressof(buf)
 
 
+def obj_get(path: Path) -> int:
+    """``BPF_OBJ_GET``: a new fd of the map or program pinned at ``path`` (raises ``OSError``)."""
+    name = ctypes.create_string_buffer(os.fsencode(path))
+    return _bpf(_BPF_OBJ_GET, _ObjGetAttr(pathname=ctypes.addressof(name)))
+
+
+def obj_pin(fd: int, path: Path) -> None:
+    """``BPF_OBJ_PIN``: pin the map or program ``fd`` at ``path`` on a bpffs (raises ``OSError``,
+    ``EEXIST`` if something is pinned there already)."""
+    name = ctypes.create_string_buffer(os.fsencode(path))
+    _bpf(_BPF_OBJ_PIN, _ObjGetAttr(pathname=ctypes.addressof(name), bpf_fd=fd))
+
+
+@dataclass(frozen=True)
+class ProgramInfo:
+    """What the kernel says about a loaded program: ``id`` is unique per load, so a pin whose id
+    changed holds another program; ``map_ids`` are the maps it uses."""
+
+    type: int
+    id: int
+    name: str
+    map_ids: tuple[int, ...]
+
+
+_MAX_PROG_MAPS = 64
+
+
+def program_info(fd: int) -> ProgramInfo:
+    """``BPF_OBJ_GET_INFO_BY_FD`` on a program fd."""
+    ids = (ctypes.c_uint32 * _MAX_PROG_MAPS)()
+    info = _ProgInfo(nr_map_ids=_MAX_PROG_MAPS, map_ids=ctypes.addressof(ids))
+    _bpf(_BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
+                                            info=ctypes.addressof(info)))  # fmt: skip
+    count = min(info.nr_map_ids, _MAX_PROG_MAPS)
+    return ProgramInfo(info.type, info.id, info.name.decode(errors="replace"), tuple(ids[:count]))
+
+
 class PinnedMap:
     """A pinned BPF map opened by path: lookup, update, delete and iterate raw bytes."""
 
@@ -372,10 +456,9 @@ class PinnedMap:
         self.path = path
         self.layout = layout
         self.ncpus = possible_cpus() if layout.type == MAP_TYPE_PERCPU_HASH else 1
-        name = ctypes.create_string_buffer(os.fsencode(path))
-        attr = _ObjGetAttr(pathname=ctypes.addressof(name))
+        self.id = 0
         try:
-            self.fd = _bpf(_BPF_OBJ_GET, attr)
+            self.fd = obj_get(path)
         except OSError as e:
             raise CaptureError(f"cannot open pinned map {path}: {e.strerror}") from None
         try:
@@ -389,6 +472,7 @@ class PinnedMap:
         attr = _InfoAttr(bpf_fd=self.fd, info_len=ctypes.sizeof(info),
                          info=ctypes.addressof(info))  # fmt: skip
         _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+        self.id = int(info.id)
         have = MapLayout(info.type, info.key_size, info.value_size, info.max_entries)
         if have != self.layout:
             raise CaptureError(
@@ -466,49 +550,144 @@ class PinnedMap:
         self.close()
 
 
-# --- compiling and loading (bcc) ----------------------------------------------------------------
+# --- compiling and loading: the loader process ----------------------------------------------------
+
+LOADER_MODULE = "agent.capture.ebpf_loader"
+LOADER_TIMEOUT = 180.0  # clang takes about a second per program; a slow node, much more
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds `agent/`: the child runs this code
+
+_COMPILER_ERROR = re.compile(r"(^|\s|:)(fatal )?error: ")
+_VERIFIER_SUMMARY = re.compile(r"^processed \d+ insns")
+_VERIFIER_NOISE = re.compile(r"^(\d+: |; |\s*$|bpf: Failed to load program)")
 
 
-def _bcc() -> Any:
-    """bcc, imported on first use: it is untyped, slow to import and absent in iptables mode."""
+def compiler_messages(output: str, limit: int = 8) -> str:
+    """The lines of the loader's output that say what went wrong, for ``CaptureError``.
+
+    clang's diagnostics (``pod_ingress.c:18:9: error: ...``) when compiling failed; else the
+    verifier's verdict, the lines just before its ``processed N insns`` summary (the log
+    before them is the instruction trace); else the last lines.
+    """
+    lines = [line.rstrip() for line in output.splitlines() if line.strip()]
+    errors = [line.strip() for line in lines if _COMPILER_ERROR.search(line)]
+    if errors:
+        return "; ".join(errors[:limit])
+    end = next((i for i in range(len(lines) - 1, -1, -1) if _VERIFIER_SUMMARY.match(lines[i])),
+               None)  # fmt: skip
+    if end is not None:
+        verdict: list[str] = []
+        for line in reversed(lines[:end]):
+            if _VERIFIER_NOISE.match(line):
+                if verdict:
+                    break
+                continue
+            verdict.insert(0, line.strip())
+        if verdict:
+            return "; ".join(verdict[-limit:])
+    return "; ".join(line.strip() for line in lines[-3:])
+
+
+def loader_command(pin_dir: Path, source_dir: Path, programs: Sequence[str]) -> list[str]:
+    argv = [sys.executable, "-m", LOADER_MODULE, "--bpf-dir", str(pin_dir),
+            "--source-dir", str(source_dir)]  # fmt: skip
+    for name in programs:
+        argv += ["--program", name]
+    return argv
+
+
+def load_programs(
+    pin_dir: Path,
+    source_dir: Path = DEFAULT_SOURCE_DIR,
+    programs: Sequence[str] = PROGRAMS,
+    timeout: float = LOADER_TIMEOUT,
+) -> dict[str, int]:
+    """Compile, load and pin ``programs`` (``source_dir/<name>.c``, entry function ``<name>``)
+    in a child process; returns the kernel id of each program now pinned at ``program_pin``.
+
+    The child (``agent/capture/ebpf_loader.py``) is the only process that loads bcc and its
+    clang/LLVM, and it exits when done, so none of that stays resident in the agent. Maps are
+    opened from, or created and pinned in, ``pin_dir`` as bcc's ``BPF_TABLE_PINNED`` does. The
+    old pins are replaced only once every program passed the verifier. A failure raises
+    ``CaptureError`` with the compiler's or verifier's message; the child's whole output (the
+    full verifier log, say) goes to this process's log.
+    """
+    argv = loader_command(pin_dir, source_dir, programs)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
+    )
     try:
-        return importlib.import_module("bcc")
-    except ImportError as e:
-        raise CaptureError(
-            f"bcc is not importable ({e}); install it (Debian: apt-get install python3-bpfcc) "
-            "or use --redirect-mode iptables"
-        ) from None
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              env=env, timeout=timeout, check=False)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise CaptureError(f"the eBPF loader took more than {timeout:g}s; killed it") from None
+    except OSError as e:
+        raise CaptureError(f"cannot run the eBPF loader ({argv[0]}): {e.strerror}") from None
+    output = proc.stderr.strip()
+    try:
+        answer = json.loads(proc.stdout)
+        if not isinstance(answer, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        answer = {"error": f"the eBPF loader exited with status {proc.returncode} without "
+                           "an answer"}  # fmt: skip
+    if proc.returncode != 0 or "error" in answer:
+        log.error("eBPF loader failed (%s)%s", " ".join(programs),
+                  f"; its output:\n{output}" if output else "")  # fmt: skip
+        detail = compiler_messages(output)
+        raise CaptureError(f"{answer.get('error', 'the eBPF loader failed')}"
+                           + (f": {detail}" if detail else ""))  # fmt: skip
+    if output:
+        log.warning("eBPF loader output:\n%s", output)
+    ids = answer.get("programs")
+    if not isinstance(ids, dict) or set(ids) != set(programs):
+        raise CaptureError(f"the eBPF loader answered {proc.stdout.strip()!r}")
+    return {str(name): int(i) for name, i in ids.items()}
 
 
 @dataclass
 class LoadedProgram:
-    """A program that passed the verifier: ``fd`` is what tc attaches. ``module`` (bcc's BPF
-    object) owns the fd and the map fds; keep it alive while attaching."""
+    """A pinned program opened by this process: ``fd`` is what tc attaches, ``id`` the
+    kernel's id of that load (``bpftool prog show id N``, ``tc filter show`` prints it)."""
 
     name: str
     fd: int
-    module: Any = field(repr=False)
+    id: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
-def load_program(source: Path, pin_dir: Path, include_dir: Path) -> LoadedProgram:
-    """Compile ``source`` (entry function = file stem) and load it as a tc classifier.
-
-    The maps it declares are opened from, or created and pinned in, ``pin_dir``. A verifier
-    rejection raises ``CaptureError``; bcc prints the verifier log on stderr.
-    """
-    bcc = _bcc()
-    text = amalgamate(source, include_dir)
-    flags = compile_flags(pin_dir, include_dir)
+def open_program(pin_dir: Path, name: str) -> LoadedProgram:
+    """The program the loader pinned for ``name``, checked to be a tc classifier."""
+    path = program_pin(pin_dir, name)
     try:
-        module = bcc.BPF(text=text.encode(), cflags=flags)
-    except Exception as e:  # bcc raises bare Exceptions for compile errors
-        raise CaptureError(f"compiling {source}: {e} (compiler output above)") from None
+        fd = obj_get(path)
+    except OSError as e:
+        raise CaptureError(f"cannot open pinned program {path}: {e.strerror}") from None
     try:
-        fn = module.load_func(source.stem.encode(), bcc.BPF.SCHED_CLS)
-    except Exception as e:
-        module.cleanup()
-        raise CaptureError(f"loading {source}: {e} (verifier log above)") from None
-    return LoadedProgram(source.stem, int(fn.fd), module)
+        info = program_info(fd)
+        if info.type != PROG_TYPE_SCHED_CLS:
+            raise CaptureError(f"{path} is not a tc program (BPF type {info.type}); run "
+                               "`ambit agent uninstall`")  # fmt: skip
+    except BaseException:
+        os.close(fd)
+        raise
+    return LoadedProgram(name, fd, info.id)
+
+
+def pinned_program_ids(pin_dir: Path) -> dict[str, int]:
+    """Kernel id of each of our programs pinned in ``pin_dir`` (missing ones left out)."""
+    out: dict[str, int] = {}
+    for name in PROGRAMS:
+        if not program_pin(pin_dir, name).exists():
+            continue
+        prog = open_program(pin_dir, name)
+        out[name] = prog.id
+        prog.close()
+    return out
 
 
 # --- tc attachment (pyroute2) -------------------------------------------------------------------
@@ -611,10 +790,25 @@ def ebpf_unavailable_reason() -> str | None:
     headers = _MODULES / release / "build"
     if not headers.exists():
         return f"no kernel headers at {headers} (Debian: apt-get install linux-headers-{release})"
+    return _bcc_unavailable_reason()
+
+
+_BCC_FIX = "Debian: apt-get install python3-bpfcc"
+
+
+def _bcc_unavailable_reason() -> str | None:
+    """Whether bcc imports, asked of a child process: importing it here would load libbcc and
+    its LLVM into the agent for good, which is what the loader process exists to avoid."""
+    if importlib.util.find_spec("bcc") is None:
+        return f"bcc is not installed ({_BCC_FIX})"
     try:
-        importlib.import_module("bcc")
-    except ImportError as e:
-        return f"bcc is not importable ({e}; Debian: apt-get install python3-bpfcc)"
+        proc = subprocess.run([sys.executable, "-c", "import bcc"], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot check whether bcc imports: {e}"
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        return f"bcc is not importable ({lines[-1]}; {_BCC_FIX})"
     return None
 
 
@@ -666,7 +860,7 @@ class EbpfCapture:
         self.source_dir = Path(source_dir)
         compile_flags(self.bpf_dir, self.source_dir)  # reject an unusable bpf_dir early
         self._programs: dict[str, LoadedProgram] = {}
-        # Methods are called from a thread pool; bcc and the map fds are not for sharing.
+        # Methods are called from a thread pool; the program and map fds are not for sharing.
         self._lock = threading.RLock()
 
     # -- maps ------------------------------------------------------------------------------
@@ -688,17 +882,30 @@ class EbpfCapture:
     # -- programs --------------------------------------------------------------------------
 
     def _load(self) -> dict[str, LoadedProgram]:
-        """Compile and load both programs once per instance (clang takes about a second each)."""
+        """Compile, load and pin both programs once per instance (in the loader process, clang
+        takes about a second each), then open the pins for attaching."""
         if len(self._programs) == len(PROGRAMS):
             return self._programs
         bpffs.ensure_pin_dir(self.bpf_dir)
         self._check_pins()
-        for name in PROGRAMS:
-            if name not in self._programs:
-                source = self.source_dir / f"{name}.c"
-                self._programs[name] = load_program(source, self.bpf_dir, self.source_dir)
+        ids = load_programs(self.bpf_dir, self.source_dir, PROGRAMS)
         self._check_pins()  # bcc created what was missing: the C and Python layouts must agree
+        self._close_programs()
+        for name in PROGRAMS:
+            prog = open_program(self.bpf_dir, name)
+            self._programs[name] = prog
+            if prog.id != ids[name]:
+                self._close_programs()
+                raise CaptureError(
+                    f"{program_pin(self.bpf_dir, name)} was replaced while this agent loaded it "
+                    "(is another agent using this --bpf-dir?)"
+                )
         return self._programs
+
+    def _close_programs(self) -> None:
+        for prog in self._programs.values():
+            prog.close()
+        self._programs.clear()
 
     def _attach(self, ifname: str, program: str) -> None:
         if not ifname:
@@ -707,12 +914,24 @@ class EbpfCapture:
         with IPRoute() as ipr:
             attach(ipr, ifname, loaded)
 
+    def _reattach(self) -> None:
+        """Put the programs just loaded on every interface that carries one of ours, in place
+        (same priority and handle), so none keeps running a predecessor's program, including
+        pods this agent has not heard of (yet)."""
+        programs = self._load()
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                found = _filters(ipr, int(link["index"]))
+                if found and found[0] in programs:
+                    attach(ipr, str(link.get_attr("IFLA_IFNAME")), programs[found[0]])
+
     # -- CaptureBackend --------------------------------------------------------------------
 
     @_kernel_errors
     def setup(self) -> None:
         with self._lock:
             self._load()
+            self._reattach()
             for uplink in self.uplinks:
                 self._attach(uplink, UPLINK_PROGRAM)
             policy_routing.ensure_policy_routing()
@@ -846,6 +1065,8 @@ class EbpfCapture:
             detail = {
                 "bpf_dir": str(self.bpf_dir),
                 "pinned": "yes" if (self.bpf_dir / MAP_PODS).exists() else "no",
+                "programs": ", ".join(f"{name} (id {prog_id})" for name, prog_id
+                                      in pinned_program_ids(self.bpf_dir).items()) or "none",
                 "uplinks": ", ".join(self.uplinks) or "none",
                 "attached": ", ".join(f"{i} ({p})" for i, p in sorted(ifaces.items())) or "none",
                 "enrolled": str(len(self.enrolled())),
@@ -863,20 +1084,20 @@ class EbpfCapture:
 
         Needs neither bcc nor a compiler, so it also cleans up after a node lost them.
         Filters of other tools, and the clsact qdiscs (possibly shared), are left alone.
+        Programs are freed by the kernel once detached and unpinned.
         """
         with self._lock:
             with IPRoute() as ipr:
                 for link in ipr.get_links():
                     detach(ipr, int(link["index"]))
             policy_routing.remove_policy_routing()
-            for loaded in self._programs.values():
-                loaded.module.cleanup()
-            self._programs.clear()
+            self._close_programs()
             self._unpin()
 
     def _unpin(self) -> None:
         """Remove ``bpf_dir`` with everything in it (it is ours), unless it is a mount point
-        such as /sys/fs/bpf itself: then only our maps go, other tools' pins stay."""
+        such as /sys/fs/bpf itself: then only our maps and programs go, other tools' pins
+        stay."""
         try:
             if not self.bpf_dir.exists():
                 return
@@ -885,6 +1106,10 @@ class EbpfCapture:
                 return
             for name in MAP_LAYOUTS:
                 (self.bpf_dir / name).unlink(missing_ok=True)
+            for name in PROGRAMS:
+                program_pin(self.bpf_dir, name).unlink(missing_ok=True)
+                program_pin_new(self.bpf_dir, name).unlink(missing_ok=True)
         except OSError as e:
-            raise CaptureError(f"removing pinned maps in {self.bpf_dir}: {e.strerror}") from None
+            raise CaptureError(f"removing pinned objects in {self.bpf_dir}: {e.strerror}") \
+                from None
 

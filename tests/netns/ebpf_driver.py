@@ -5,13 +5,15 @@ the agent does in the node's), and the test process must stay in the root namesp
 test runs this script in a node namespace, in one of these roles:
 
 * ``agent``: the node agent's part. Builds ``EbpfCapture``, records what the pinned maps held
-  before it touched them (what a restarted agent reads back), runs ``setup()``, watches every
-  pod interface given and enrolls some. With ``--listen`` it also plays the ztunnel's part: it
-  opens the transparent listeners (0.0.0.0:15001/15006/15008), hands them to
-  ``set_listeners`` and passes them to a ``relay`` child, then closes its own copies. The relay
-  therefore outlives the agent, as the ztunnel outlives an agent restart, and stopping the
-  relay empties the listener slots, as a ztunnel crash would. Writes READY (JSON) when done,
-  then idles until killed.
+  before it touched them (what a restarted agent reads back), runs ``setup()`` (which compiles
+  and loads the programs in the loader process), watches every pod interface given and enrolls
+  some; reports whether bcc ever entered this process and its resident memory. A failed
+  ``setup()`` prints ``SETUP FAILED: <CaptureError>`` and exits 3. With ``--listen`` it also
+  plays the ztunnel's part: it opens the transparent listeners (0.0.0.0:15001/15006/15008),
+  hands them to ``set_listeners`` and passes them to a ``relay`` child, then closes its own
+  copies. The relay therefore outlives the agent, as the ztunnel outlives an agent restart,
+  and stopping the relay empties the listener slots, as a ztunnel crash would. Writes READY
+  (JSON) when done, then idles until killed.
 * ``relay``: the ztunnel stand-in (``tproxy_relay.py``'s handler): logs each accepted
   connection (listener port, original destination = the accepted socket's address, peer) and
   relays it to the original destination with the ztunnel's socket mark.
@@ -45,9 +47,10 @@ from agent.capture.base import (
     LISTENER_INBOUND_PLAINTEXT,
     LISTENER_OUTBOUND,
     OUTBOUND_PORT,
+    CaptureError,
     PodCapture,
 )
-from agent.capture.ebpf import EbpfCapture
+from agent.capture.ebpf import DEFAULT_SOURCE_DIR, EbpfCapture
 
 LISTENERS = {
     LISTENER_OUTBOUND: OUTBOUND_PORT,
@@ -57,7 +60,21 @@ LISTENERS = {
 
 
 def _backend(args: argparse.Namespace) -> EbpfCapture:
-    return EbpfCapture(Path(args.bpf_dir), args.uplink, args.exclude)
+    source_dir = Path(getattr(args, "source_dir", None) or DEFAULT_SOURCE_DIR)
+    return EbpfCapture(Path(args.bpf_dir), args.uplink, args.exclude, source_dir)
+
+
+def _memory() -> dict[str, object]:
+    """What of bcc is in this process (nothing, it stays in the loader) and its RSS."""
+    maps = Path("/proc/self/maps").read_text()
+    status = Path("/proc/self/status").read_text()
+    rss_kb = next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmRSS:"))
+    return {
+        "bcc_imported": sorted(m for m in sys.modules if m == "bcc" or m.startswith("bcc.")),
+        "libbcc_mapped": "libbcc" in maps,
+        "llvm_mapped": "libLLVM" in maps or "libclang" in maps,
+        "rss_bytes": rss_kb * 1024,
+    }
 
 
 def _pods(specs: list[str]) -> dict[str, PodCapture]:
@@ -82,7 +99,11 @@ def agent(args: argparse.Namespace) -> int:
     started = time.monotonic()
     cap = _backend(args)
     before = sorted(cap.enrolled())
-    cap.setup()
+    try:
+        cap.setup()
+    except CaptureError as e:
+        print(f"SETUP FAILED: {e}", flush=True)
+        return 3
     pods = _pods(args.pod)
     for pod in pods.values():
         cap.watch_interface(pod)
@@ -107,6 +128,7 @@ def agent(args: argparse.Namespace) -> int:
         "relay_pid": relay_pid,
         "status": dict(cap.status().detail),
         "seconds": round(time.monotonic() - started, 2),
+        **_memory(),
     }
     tmp = Path(args.ready + ".tmp")
     tmp.write_text(json.dumps(ready))
@@ -176,6 +198,7 @@ def main() -> int:
     a.add_argument("--enroll", action="append", default=[], help="NAME of a --pod to enroll")
     a.add_argument("--listen", action="store_true", help="open the listeners, start a relay")
     a.add_argument("--log", default=os.devnull)
+    a.add_argument("--source-dir", help="the C sources (default: the repo's ebpf/)")
     a.add_argument("--ready", required=True)
     r = sub.add_parser("relay")
     r.add_argument("log")

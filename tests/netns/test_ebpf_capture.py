@@ -7,6 +7,9 @@ hands the ztunnel's listeners to a relay that logs every connection it accepts: 
 the original destination the kernel preserved, the peer. Where it proves the point, IP
 forwarding is off in the node, so a connection can only succeed by being captured.
 
+The driver compiles and loads through the loader process, as the agent does, and reports
+whether bcc ever got into its own process (it must not: bcc's clang/LLVM would stay resident).
+
 The tests share one cluster and run in file order; the last three change it for good (agent
 restart, ztunnel gone, uninstall).
 """
@@ -16,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from agent.capture import ebpf
 from ambit.dev import netns
 from ambit.dev.mesh import start_echo, tcp_probe
 from ambit.dev.topology import Cluster, Node, Pod
@@ -81,13 +87,21 @@ class World:
             args += ["--exclude", cidr]
         return args
 
-    def start_agent(self, node: int, *, listen: bool, tag: str) -> subprocess.Popen[bytes]:
+    def agent_argv(self, node: int, tag: str, pods: list[str] | None = None) -> list[str]:
+        """The driver's agent role; it watches ``pods`` (default: every pod of the node)."""
         n = self.c.node(node)
         ready = self.workdir / f"agent-{node}-{tag}.json"
         argv = [PY, str(DRIVER), "agent", *self.base_args(node), "--ready", str(ready),
                 "--log", str(self.log(node))]  # fmt: skip
         for p in n.pods.values():
-            argv += ["--pod", f"{p.name}={p.ip}={p.host_iface}"]
+            if pods is None or p.name in pods:
+                argv += ["--pod", f"{p.name}={p.ip}={p.host_iface}"]
+        return argv
+
+    def start_agent(self, node: int, *, listen: bool, tag: str,
+                    pods: list[str] | None = None) -> subprocess.Popen[bytes]:
+        n = self.c.node(node)
+        argv = self.agent_argv(node, tag, pods)
         for name in self.enrolled.get(node, []):
             argv += ["--enroll", name]
         if listen:
@@ -121,6 +135,12 @@ class World:
     def counters(self, node: int, pod: str) -> dict[str, int]:
         zero = {"captured": 0, "passed": 0, "errors": 0}
         return dict(self.inspect(node)["counters"].get(self.pod(pod).ip, zero))
+
+
+def filter_ids(ns: str, iface: str) -> list[tuple[str, int]]:
+    """(program, kernel id) of every bpf filter at tc ingress of ``iface``."""
+    out = netns.ns_run(ns, ["tc", "filter", "show", "dev", iface, "ingress"])
+    return [(m[1], int(m[2])) for m in re.finditer(r"ambit_(\w+)\S* .*? id (\d+)", out)]
 
 
 def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
@@ -208,7 +228,25 @@ def test_agent_sets_up_and_enrolls(world: World) -> None:
     n1 = w.c.node(1).netns
     assert "lookup 100" in netns.ip(n1, ["rule", "show"])
     assert "local default dev lo" in netns.ip(n1, ["route", "show", "table", "100"])
-    assert sorted(os.listdir(w.bpf_dir(1))) == ["excluded", "listeners", "pods", "stats"]
+    assert sorted(os.listdir(w.bpf_dir(1))) == ["excluded", "listeners", "pods",
+                                                "prog_pod_ingress", "prog_uplink_ingress",
+                                                "stats"]  # fmt: skip
+    # The attached programs are the pinned ones.
+    ids = ebpf.pinned_program_ids(w.bpf_dir(1))
+    assert status["programs"] == ", ".join(f"{n} (id {i})" for n, i in ids.items())
+    assert filter_ids(n1, "eth0") == [("uplink_ingress", ids["uplink_ingress"])]
+    assert filter_ids(n1, "veth-plain") == [("pod_ingress", ids["pod_ingress"])]
+
+
+def test_bcc_stays_out_of_the_agent_process(world: World) -> None:
+    """bcc and its clang/LLVM ran in the loader process, which exited; the agent process
+    attached the pinned programs without ever loading them (it stayed far from the ~220 MB an
+    in-process bcc compile left resident)."""
+    for node in (1, 2):
+        ready = world.agents[node].ready
+        assert ready["bcc_imported"] == [], ready
+        assert not ready["libbcc_mapped"] and not ready["llvm_mapped"], ready
+        assert ready["rss_bytes"] < 120 * 2**20, ready
 
 
 def test_outbound_from_enrolled_pod_goes_to_15001(world: World) -> None:
@@ -324,6 +362,39 @@ def test_counters_count_new_connections(world: World) -> None:
     assert got2[meshed.ip]["captured"] == len(w.entries(2))
 
 
+def _broken_sources(tmp: Path) -> Path:
+    src = tmp / "broken-ebpf"
+    shutil.copytree(ebpf.DEFAULT_SOURCE_DIR, src)
+    text = (src / "pod_ingress.c").read_text()
+    at = text.index("return ", text.index("int pod_ingress("))
+    (src / "pod_ingress.c").write_text(text[:at] + "ambit_oops = 1;\n\t" + text[at:])
+    return src
+
+
+def test_broken_program_fails_setup_and_leaves_capture_alone(world: World) -> None:
+    """An agent whose program does not compile fails ``setup`` with the compiler's message;
+    what its predecessor installed keeps capturing (the loader replaces no pin unless every
+    program loaded)."""
+    w = world
+    client, remote = w.pod("client"), w.pod("remote")
+    ids = ebpf.pinned_program_ids(w.bpf_dir(1))
+    argv = [*w.agent_argv(1, "broken"), "--source-dir", str(_broken_sources(w.workdir))]
+    res = subprocess.run(netns.ns_argv(w.c.node(1).netns, argv), capture_output=True,
+                         text=True, timeout=60, check=False)  # fmt: skip
+    assert res.returncode == 3, res
+    assert "SETUP FAILED: compiling" in res.stdout
+    assert "pod_ingress.c" in res.stdout
+    assert "error: use of undeclared identifier 'ambit_oops'" in res.stdout
+    # The driver logs the loader's whole output as the agent would (no logging set up: stderr).
+    assert "eBPF loader failed" in res.stderr and "ambit_oops" in res.stderr
+    assert ebpf.pinned_program_ids(w.bpf_dir(1)) == ids
+    assert filter_ids(w.c.node(1).netns, "eth0") == [("uplink_ingress", ids["uplink_ingress"])]
+    before = len(w.entries(1))
+    with forwarding(w, 1, False):
+        assert tcp_probe(client.netns, remote.ip, 8080, "still").ok
+    assert _new(w, 1, before) == [(15001, f"{remote.ip}:8080", client.ip)]
+
+
 def test_agent_restart_keeps_connections_and_capture(world: World) -> None:
     w = world
     client, remote = w.pod("client"), w.pod("remote")
@@ -349,11 +420,19 @@ def test_agent_restart_keeps_connections_and_capture(world: World) -> None:
         old.wait(5)
         assert say("two")["data"] == "two"
         assert tcp_probe(client.netns, remote.ip, 8080, "agentless").ok
-        # A new agent reads back what its predecessor enrolled and replaces the programs.
-        w.start_agent(1, listen=False, tag="second")
+        # A new agent reads back what its predecessor enrolled and replaces the programs,
+        # on every interface that had them, also a pod's it does not know about (yet).
+        old_ids = ebpf.pinned_program_ids(w.bpf_dir(1))
+        w.start_agent(1, listen=False, tag="second", pods=["client", "server"])
         ready = w.wait_agent(1, "second")
         assert ready["enrolled_before"] == sorted([client.ip, w.pod("server").ip])
         assert ready["status"]["listeners"].startswith("outbound=ready")
+        new_ids = ebpf.pinned_program_ids(w.bpf_dir(1))
+        assert all(new_ids[n] != old_ids[n] for n in ebpf.PROGRAMS)
+        n1 = w.c.node(1).netns
+        assert filter_ids(n1, "eth0") == [("uplink_ingress", new_ids["uplink_ingress"])]
+        for name in ("client", "plain", "server"):
+            assert filter_ids(n1, f"veth-{name}") == [("pod_ingress", new_ids["pod_ingress"])]
         assert say("three")["data"] == "three"
         res = tcp_probe(client.netns, remote.ip, 8080, "restarted")
         assert res.ok, res.error

@@ -1,4 +1,5 @@
-"""The pure parts of the eBPF backend: map key and value encodings, CIDRs, source assembly.
+"""The pure parts of the eBPF backend: map key and value encodings, CIDRs, source assembly,
+the loader's command line and error digest, and that bcc stays out of the agent process.
 
 Why: the C programs and the Python side meet only through bytes in pinned maps and numbers
 passed to the compiler. A byte-order slip (an address keyed in host order) or a constant that
@@ -8,9 +9,12 @@ so every encoding and every shared number is pinned down here, without a kernel.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,6 +111,23 @@ def test_unavailable_reasons(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     (tmp_path / "modules" / "6.1.0-test" / "build").mkdir(parents=True)
     reason = ebpf.ebpf_unavailable_reason()
     assert reason is None or "bcc" in reason
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bcc" else real_find_spec(name, *a))
+    assert "bcc is not installed" in (ebpf.ebpf_unavailable_reason() or "")
+
+
+def test_the_agent_never_imports_bcc() -> None:
+    """Importing the backend and asking whether eBPF works must not load bcc (nor libbcc and
+    its LLVM, which would stay resident): the loader process does the compiling."""
+    code = ("import sys, pathlib; import agent.capture.ebpf as e; import agent.main; "
+            "reason = e.ebpf_unavailable_reason(); "
+            "maps = pathlib.Path('/proc/self/maps').read_text(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'bcc'), "
+            "'libbcc' in maps, reason)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2]).stdout  # fmt: skip
+    assert out.startswith("[] False "), out
 
 
 def test_amalgamate_pastes_local_headers_once(tmp_path: Path) -> None:
@@ -142,6 +163,56 @@ def test_compile_flags() -> None:
             ebpf.compile_flags(Path(bad), Path("/src/ebpf"))
     with pytest.raises(CaptureError):
         ebpf.EbpfCapture(Path("relative"), ["eth0"])
+
+
+def test_program_pins_and_loader_command() -> None:
+    pin_dir = Path("/sys/fs/bpf/ambit")
+    assert ebpf.program_pin(pin_dir, "pod_ingress") == pin_dir / "prog_pod_ingress"
+    new = ebpf.program_pin_new(pin_dir, "pod_ingress")
+    assert new.parent == pin_dir and "." not in new.name  # bpffs refuses names with dots
+    assert not set(ebpf.MAP_LAYOUTS) & {ebpf.program_pin(pin_dir, n).name for n in ebpf.PROGRAMS}
+    argv = ebpf.loader_command(pin_dir, Path("/src/ebpf"), ebpf.PROGRAMS)
+    assert argv[:3] == [sys.executable, "-m", "agent.capture.ebpf_loader"]
+    assert argv[3:] == ["--bpf-dir", str(pin_dir), "--source-dir", "/src/ebpf",
+                        "--program", "pod_ingress", "--program", "uplink_ingress"]
+    assert importlib.util.find_spec(ebpf.LOADER_MODULE) is not None
+
+
+CLANG_OUTPUT = """\
+pod_ingress.c:18:9: error: use of undeclared identifier 'oops'
+        return oops + excluded.lookup(&key) != NULL;
+               ^
+lib/steer.h:4:1: warning: unused function 'x' [-Wunused-function]
+In file included from <built-in>:2:
+/virtual/include/bcc/helpers.h:3:10: fatal error: 'linux/bpf.h' file not found
+2 errors generated.
+"""
+
+VERIFIER_OUTPUT = """\
+bpf: Failed to load program: Permission denied
+0: R1=ctx() R10=fp0
+;  @ vfail.c:5
+0: (61) r1 = *(u32 *)(r1 +76)         ; R1=pkt(r=0)
+1: (61) r0 = *(u32 *)(r1 +0)
+invalid access to packet, off=0 size=4, R1(id=0,off=0,r=0)
+R1 offset is outside of the packet
+processed 2 insns (limit 1000000) max_states_per_insn 0 total_states 0 peak_states 0 mark_read 0
+
+"""
+
+
+def test_compiler_messages_digest_the_loader_output() -> None:
+    assert ebpf.compiler_messages(CLANG_OUTPUT) == (
+        "pod_ingress.c:18:9: error: use of undeclared identifier 'oops'; "
+        "/virtual/include/bcc/helpers.h:3:10: fatal error: 'linux/bpf.h' file not found"
+    )
+    assert ebpf.compiler_messages(VERIFIER_OUTPUT) == (
+        "invalid access to packet, off=0 size=4, R1(id=0,off=0,r=0); "
+        "R1 offset is outside of the packet"
+    )
+    traceback = "Traceback (most recent call last):\n  File x\nImportError: no libbcc\n"
+    assert ebpf.compiler_messages(traceback).endswith("ImportError: no libbcc")
+    assert ebpf.compiler_messages("") == ""
 
 
 def _header_defaults() -> dict[str, int]:
