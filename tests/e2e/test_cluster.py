@@ -247,6 +247,22 @@ def test_node_metrics_endpoint(cluster: DevCluster) -> None:
     assert f'redirect_mode="{c.redirect_mode}"' in text
 
 
+def test_agent_stays_small_without_bcc_in_process(cluster: DevCluster) -> None:
+    """In eBPF mode bcc and its clang/LLVM run in the short-lived loader process only: the
+    agent has no libbcc mapped and its RSS stays near iptables mode's (~70 MB, against
+    ~220 MB when it compiled in process)."""
+    c = cluster
+    for node in c.nodes:
+        pid = c.process(f"agent/{node.name}").pid
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "python" in Path(f"/proc/{pid}/cmdline").read_text()  # the agent itself
+        assert "libbcc" not in maps and "libLLVM" not in maps, f"{node.name}: bcc mapped"
+        text = c.node_metrics(node)
+        rss = next(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                   if ln.startswith('ambit_process_resident_memory_bytes{component="agent"}'))
+        assert rss < 120 * 2**20, f"{node.name}: agent RSS {rss / 2**20:.0f} MB"
+
+
 def test_kubelet_probes_from_the_node_are_not_captured(cluster: DevCluster) -> None:
     c = cluster
     server = add(c, "kprobe", 1, echo=True)
