@@ -247,6 +247,17 @@ def test_node_metrics_endpoint(cluster: DevCluster) -> None:
     assert f'redirect_mode="{c.redirect_mode}"' in text
 
 
+def test_agent_status_command(cluster: DevCluster) -> None:
+    c = cluster
+    pod = add(c, "stpod", 1)
+    out = netns.ns_run(c.node(1).netns, [*mesh.ambit_command(), "agent", "status", "--url",
+                                         "http://127.0.0.1:15022"])
+    assert f"redirect mode {c.redirect_mode}" in out and "ready" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("default/stpod"))
+    assert pod.ip in line and pod.host_iface in line and " yes " in line
+    if c.redirect_mode == "ebpf":
+        assert "listeners: " in out and "missing" not in out
+
 def test_agent_stays_small_without_bcc_in_process(cluster: DevCluster) -> None:
     """In eBPF mode bcc and its clang/LLVM run in the short-lived loader process only: the
     agent has no libbcc mapped and its RSS stays near iptables mode's (~70 MB, against
