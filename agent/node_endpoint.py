@@ -8,8 +8,8 @@ the ztunnel does not answer, the agent part is still served, plus
 ``ambit_agent_ztunnel_scrape_up 0``, so a dead ztunnel is an alert rather than a failed scrape.
 ``/healthz/ready`` and ``/debug/pods`` answer from callables the agent supplies.
 
-It reuses the ztunnel's h11 server pieces and ``Listener``; ``/metrics`` has to await the
-ztunnel fetch, so requests are routed through an async variant of ``serve_http`` kept here.
+It reuses the ztunnel's h11 server (``serve_http``, which awaits a coroutine route, since
+``/metrics`` awaits the ztunnel fetch) and ``Listener``.
 """
 
 from __future__ import annotations
@@ -18,16 +18,14 @@ import asyncio
 import dataclasses
 import json
 import logging
-import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import h11
 
 from agent.node_metrics import NodeMetrics
-from ztunnel.listeners.base import Handler, Listener, bind_socket
-from ztunnel.listeners.http import MAX_REQUEST, Response
+from ztunnel.listeners.base import Listener, bind_socket
+from ztunnel.listeners.http import Response, serve_http
 
 log = logging.getLogger("agent.node_endpoint")
 
@@ -38,7 +36,6 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SCRAPE_UP = "ambit_agent_ztunnel_scrape_up"
 ROUTES = ("/metrics", "/healthz/ready", "/debug/pods")
 
-AsyncRoute = Callable[[str, str], Awaitable[Response]]  # (method, target) -> response
 ReadyFn = Callable[[], tuple[bool, str]]
 StatusFn = Callable[[], dict[str, Any]]
 
@@ -112,45 +109,6 @@ def merge_exposition(agent: str, ztunnel: str | None) -> str:
     return head + "".join(line + "\n" for line in out)
 
 
-def serve_http_async(route: AsyncRoute) -> Handler:
-    """``ztunnel.listeners.http.serve_http`` for a route that awaits: one request per
-    connection, a malformed request gets 400 and closes only its own connection."""
-
-    async def handle(sock: socket.socket) -> None:
-        reader, writer = await asyncio.open_connection(sock=sock)
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
-        try:
-            request: h11.Request | None = None
-            async with asyncio.timeout(10):
-                while request is None:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await reader.read(65536)
-                        conn.receive_data(data)
-                        if not data:
-                            return
-                    elif isinstance(event, h11.Request):
-                        request = event
-            try:
-                resp = await route(request.method.decode(), request.target.decode())
-            except Exception as e:  # a bug here must not look like a hung socket
-                log.exception("node endpoint: %s %r failed", request.method, request.target)
-                resp = Response(500, f"internal error: {e}\n".encode())
-            writer.write(conn.send(h11.Response(status_code=resp.status, headers=[
-                ("content-type", resp.content_type), ("content-length", str(len(resp.body))),
-                ("connection", "close")])) or b"")
-            writer.write(conn.send(h11.Data(data=resp.body)) or b"")
-            writer.write(conn.send(h11.EndOfMessage()) or b"")
-            await writer.drain()
-        except h11.RemoteProtocolError:
-            writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n"
-                         b"connection: close\r\n\r\n")
-        finally:
-            writer.close()
-
-    return handle
-
-
 def _json_default(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
@@ -183,7 +141,7 @@ class NodeEndpoint:
     async def start(self) -> None:
         """Bind and serve; raises ``ztunnel.listeners.base.BindError`` if the port is taken."""
         sock = bind_socket(self.host, self.port)
-        self._listener = Listener("node-metrics", sock, serve_http_async(self.route))
+        self._listener = Listener("node-metrics", sock, serve_http(self.route))
         self.port = self._listener.address[1]
         self._listener.start()
 

@@ -7,13 +7,16 @@ connection is plenty, and a tiny route table keeps them easy to test.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import h11
 
 MAX_REQUEST = 64 * 1024
+log = logging.getLogger("ztunnel.http")
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,9 @@ class Response:
     content_type: str = "text/plain; charset=utf-8"
 
 
-Route = Callable[[str, str], Response]  # (method, target) -> response
+# (method, target) -> response; a route may also be a coroutine (the node agent's endpoint
+# fetches the ztunnel's metrics while answering).
+Route = Callable[[str, str], Response | Awaitable[Response]]
 
 
 def serve_http(route: Route) -> Callable[[socket.socket], asyncio.Future[None]]:
@@ -43,8 +48,10 @@ def serve_http(route: Route) -> Callable[[socket.socket], asyncio.Future[None]]:
                     elif isinstance(event, h11.Request):
                         request = event
             try:
-                resp = route(request.method.decode(), request.target.decode())
+                answer = route(request.method.decode(), request.target.decode())
+                resp = await answer if inspect.isawaitable(answer) else answer
             except Exception as e:  # an admin bug must not look like a hung socket
+                log.exception("%s %r failed", request.method, request.target)
                 resp = Response(500, f"internal error: {e}\n".encode())
             writer.write(conn.send(h11.Response(status_code=resp.status, headers=[
                 ("content-type", resp.content_type), ("content-length", str(len(resp.body))),
@@ -53,7 +60,8 @@ def serve_http(route: Route) -> Callable[[socket.socket], asyncio.Future[None]]:
             writer.write(conn.send(h11.EndOfMessage()) or b"")
             await writer.drain()
         except h11.RemoteProtocolError:
-            writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+            writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n"
+                         b"connection: close\r\n\r\n")
         finally:
             writer.close()
 
