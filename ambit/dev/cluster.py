@@ -91,20 +91,6 @@ def _is_bpffs(path: Path) -> bool:
     return False
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is not alive for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @dataclass
 class NodeInfo:
     name: str
@@ -275,7 +261,7 @@ class DevCluster:
             if popen is not None:
                 if popen.poll() is not None:
                     return
-            elif not pid_alive(pid):
+            elif not netns.pid_alive(pid):
                 return
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError):
@@ -296,7 +282,7 @@ class DevCluster:
         except ClusterError:
             return False
         popen = self._popen.get(p.pid)
-        return popen.poll() is None if popen is not None else pid_alive(p.pid)
+        return popen.poll() is None if popen is not None else netns.pid_alive(p.pid)
 
     def log_tail(self, role: str, lines: int = 15) -> str:
         try:

@@ -310,14 +310,18 @@ def netns_prefix(tag: str = DEFAULT_TAG) -> str:
     return f"{tag}-{os.getpid()}-"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (exited, not yet reaped) does not count."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def stale_netns(tag: str = DEFAULT_TAG, names: Sequence[str] | None = None) -> list[str]:
@@ -326,7 +330,7 @@ def stale_netns(tag: str = DEFAULT_TAG, names: Sequence[str] | None = None) -> l
     out = []
     for name in list_netns() if names is None else names:
         m = pattern.match(name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             out.append(name)
     return out
 

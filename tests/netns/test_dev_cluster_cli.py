@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ambit.dev import mesh, netns
-from ambit.dev.cluster import STATE_ROOT, cgroup2_root, pid_alive
+from ambit.dev.cluster import STATE_ROOT, cgroup2_root
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
 
@@ -65,7 +65,7 @@ def test_up_pod_exec_status_down(tmp_path: Path) -> None:
     assert not state.exists()
     assert not (cgroup2_root() / "ambit-dev" / name).exists()
     # Gone, or a zombie waiting for init to reap it (the `up` process that started it exited).
-    assert not [pid for pid in pids if pid_alive(pid)]
+    assert not [pid for pid in pids if netns.pid_alive(pid)]
 
 
 def test_status_of_a_missing_cluster_says_how_to_start_one() -> None:
