@@ -33,13 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from agent.capture.base import CaptureError
+from agent.capture.bpf_sys import obj_pin, program_info
 from agent.capture.ebpf import (
     DEFAULT_SOURCE_DIR,
     PROGRAMS,
     amalgamate,
     compile_flags,
-    obj_pin,
-    program_info,
     program_pin,
     program_pin_new,
 )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import bpffs, ebpf, policy_routing
+from agent.capture import bpf_sys, bpffs, ebpf, policy_routing
 from agent.capture.base import (
     INBOUND_HBONE_PORT,
     LISTENER_INBOUND,
@@ -71,9 +71,9 @@ def test_lpm_key_layout() -> None:
 
 
 def test_cpu_list() -> None:
-    assert ebpf.parse_cpu_list("0\n") == [0]
-    assert ebpf.parse_cpu_list("0-3,5,7-8") == [0, 1, 2, 3, 5, 7, 8]
-    assert ebpf.possible_cpus() >= 1
+    assert bpf_sys.parse_cpu_list("0\n") == [0]
+    assert bpf_sys.parse_cpu_list("0-3,5,7-8") == [0, 1, 2, 3, 5, 7, 8]
+    assert bpf_sys.possible_cpus() >= 1
 
 
 def test_percpu_counters_are_summed() -> None:
