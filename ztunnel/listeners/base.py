@@ -14,7 +14,7 @@ import contextlib
 import errno
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 log = logging.getLogger("ztunnel.listener")
 
@@ -111,11 +111,17 @@ class Listener:
     async def drain(self, deadline: float) -> int:
         """Wait up to ``deadline`` seconds for open connections; cancel the rest. Returns how
         many had to be cancelled."""
-        pending = set(self.connections)
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=deadline)
-        for t in pending:
-            t.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        return len(pending)
+        return await finish_or_cancel(self.connections, deadline)
+
+
+async def finish_or_cancel(tasks: Iterable[asyncio.Task[None]], deadline: float) -> int:
+    """Let ``tasks`` finish for up to ``deadline`` seconds, then cancel (and await) the rest.
+    Returns how many had to be cancelled."""
+    pending = set(tasks)
+    if pending:
+        _, pending = await asyncio.wait(pending, timeout=deadline)
+    for t in pending:
+        t.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    return len(pending)

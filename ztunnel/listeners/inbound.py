@@ -21,6 +21,7 @@ from ztunnel.hbone.conn import HboneProtocol, HboneStream
 from ztunnel.hbone.core import parse_authority, parse_forwarded_for
 from ztunnel.hbone.events import RequestRejected
 from ztunnel.identity import IdentityError, peer_identity
+from ztunnel.listeners.base import finish_or_cancel
 from ztunnel.proxy import ConnectionRecord, ProxyContext, sock_addr
 from ztunnel.relay import relay_stream
 from ztunnel.routing import resolve_inbound
@@ -165,15 +166,9 @@ class InboundServer:
     async def drain(self, deadline: float) -> int:
         """Wait for open tunnels up to ``deadline``, then GOAWAY and close every connection.
         Returns how many tunnels had to be cut."""
-        pending = set(self.tunnels)
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=deadline)
-        for t in pending:
-            t.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        cut = await finish_or_cancel(self.tunnels, deadline)
         for proto in list(self.connections):
             proto.goaway("ztunnel shutting down")
             if proto.transport is not None:
                 proto.transport.close()
-        return len(pending)
+        return cut
