@@ -46,6 +46,8 @@ RULE_PRIORITY = 100
 
 CHAIN = "AMBIT_PREROUTING"
 DIVERT_CHAIN = "AMBIT_DIVERT"
+# The one rule outside our chains (``iptables -t mangle`` without -I/-C/-D).
+JUMP = ("PREROUTING", "-p", "tcp", "-j", CHAIN)
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _RESERVED_TABLES = {0, 253, 254, 255}  # unspec, default, main, local
@@ -180,5 +182,4 @@ def render_capture(
         ("rule", "add", "priority", str(rule_priority), "fwmark", mark, "lookup", str(table)),
         ("route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", str(table)),
     )
-    jump = ("PREROUTING", "-p", "tcp", "-j", CHAIN)
-    return CaptureRules("\n".join(lines), jump, ip_commands)
+    return CaptureRules("\n".join(lines), JUMP, ip_commands)

@@ -26,7 +26,7 @@ from agent.capture.base import (
     PodCapture,
     PodCounters,
 )
-from agent.capture.iptables import CHAIN, DIVERT_CHAIN, render_capture
+from agent.capture.iptables import CHAIN, DIVERT_CHAIN, JUMP, render_capture
 
 log = logging.getLogger("agent.capture.iptables")
 
@@ -149,8 +149,7 @@ class IptablesCapture:
         })
 
     def uninstall(self) -> None:
-        jump = ("PREROUTING", "-p", "tcp", "-j", CHAIN)
-        while subprocess.run(["iptables", "-t", "mangle", "-D", *jump], capture_output=True,
+        while subprocess.run(["iptables", "-t", "mangle", "-D", *JUMP], capture_output=True,
                              check=False).returncode == 0:
             pass
         for chain in (CHAIN, DIVERT_CHAIN):
