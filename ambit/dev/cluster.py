@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.capture.bpffs import ensure_bpffs, is_bpffs
 from ambit.dev import mesh, netns
 from ambit.dev.cni_runner import (
     CniError,
@@ -59,7 +60,6 @@ ZTUNNEL_READY_PORT = 15021
 NODE_METRICS_PORT = 15022
 BRIDGE = "br0"
 MAX_NODES = 20
-BPF_FS_MAGIC = 0xCAFE4A11
 
 Out = Callable[[str], None]
 
@@ -80,15 +80,6 @@ def cgroup2_root() -> Path:
         if len(parts) > 2 and parts[2] == "cgroup2":
             return Path(parts[1])
     raise ClusterError("no cgroup v2 mount found in /proc/mounts; pods need cgroup v2")
-
-
-def _is_bpffs(path: Path) -> bool:
-    real = os.path.realpath(path)  # /proc/mounts shows /run for /var/run
-    for line in Path("/proc/mounts").read_text().splitlines():
-        parts = line.split()
-        if len(parts) > 2 and parts[1] == real and parts[2] == "bpf":
-            return True
-    return False
 
 
 @dataclass
@@ -437,8 +428,7 @@ class DevCluster:
 
     def _mount_bpffs(self) -> None:
         self.bpffs.mkdir(parents=True, exist_ok=True)
-        if not _is_bpffs(self.bpffs):
-            netns.run(["mount", "-t", "bpf", "bpf", str(self.bpffs)])
+        ensure_bpffs(self.bpffs)
 
     def runner(self, node: NodeInfo) -> CniRunner:
         run_dir = Path(node.run_dir)
@@ -610,7 +600,7 @@ class DevCluster:
                     say(f"    {node.name}: agent uninstall: {e}")
         for ns in [n for n in netns.list_netns() if n.startswith(self.prefix)]:
             netns.delete_netns(ns)
-        if _is_bpffs(self.bpffs):
+        if is_bpffs(self.bpffs):
             with contextlib.suppress(netns.NetnsError):
                 netns.run(["umount", str(self.bpffs)])
         with contextlib.suppress(ClusterError):

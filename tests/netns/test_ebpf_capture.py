@@ -173,20 +173,6 @@ def forwarding(w: World, node: int, on: bool) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def bpffs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A bpffs of our own: /sys/fs/bpf is not mounted here, and `ip netns exec` remounts /sys."""
-    mnt = tmp_path_factory.mktemp("bpffs")
-    netns.run(["mount", "-t", "bpf", "bpf", str(mnt)])
-    try:
-        yield mnt
-    finally:
-        try:
-            netns.run(["umount", str(mnt)])
-        except netns.NetnsError:
-            netns.run(["umount", "-l", str(mnt)])
-
-
-@pytest.fixture(scope="module")
 def world(bpffs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     workdir = tmp_path_factory.mktemp("ebpf-capture")
     with Cluster(2) as c:

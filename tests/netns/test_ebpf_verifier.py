@@ -27,24 +27,10 @@ import pytest
 
 from agent.capture import ebpf
 from agent.capture.base import CaptureError
-from ambit.dev import netns
 
 pytestmark = pytest.mark.netns
 
 SOURCES = sorted(ebpf.DEFAULT_SOURCE_DIR.glob("*.c"))
-
-
-@pytest.fixture(scope="module")
-def bpffs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    mnt = tmp_path_factory.mktemp("bpffs")
-    netns.run(["mount", "-t", "bpf", "bpf", str(mnt)])
-    try:
-        yield mnt
-    finally:
-        try:
-            netns.run(["umount", str(mnt)])
-        except netns.NetnsError:
-            netns.run(["umount", "-l", str(mnt)])
 
 
 @pytest.fixture
