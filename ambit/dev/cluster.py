@@ -623,19 +623,17 @@ class DevCluster:
         lines = [f"cluster {self.name!r} ({self.dir}), redirect mode {self.redirect_mode}"]
         ctl = "running" if self.alive("controller") else "NOT RUNNING"
         lines.append(f"  controller   {self.controller_address:<22} {ctl}")
+        captured: dict[str, bool] = {}
         for node in self.nodes:
             zt = "up" if self.alive(f"ztunnel/{node.name}") else "DOWN"
             ag = "up" if self.alive(f"agent/{node.name}") else "DOWN"
             mode = ""
             if ag == "up":
                 with contextlib.suppress(Exception):
-                    mode = f" ({self.agent_mode(node)})"
+                    doc = self.agent_status(node)  # one request per node: mode and pods
+                    mode = f" ({doc['redirectMode']}: {doc['redirectModeReason']})"
+                    captured.update({p["pod"]: p["captured"] for p in doc["pods"]})
             lines.append(f"  {node.name:<12} {node.ip:<22} ztunnel {zt}, agent {ag}{mode}")
-        captured: dict[str, bool] = {}
-        for node in self.nodes:
-            with contextlib.suppress(Exception):
-                for p in self.agent_status(node)["pods"]:
-                    captured[p["pod"]] = p["captured"]
         for pod in self.pods.values():
             cap = captured.get(f"{pod.namespace}/{pod.name}")
             state = "captured" if cap else "not captured" if cap is False else "unknown"
