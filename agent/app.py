@@ -95,6 +95,11 @@ class Agent:
     def _components(self) -> Mapping[str, int | None]:
         return {"agent": os.getpid(), "ztunnel": self.link.ztunnel_pid}
 
+    async def _refresh_enrolled(self) -> None:
+        """Re-read what the kernel captures (for status and the pod gauges)."""
+        self._enrolled = await self._kernel(self.backend.enrolled)
+        self.metrics.set_pods(len(self._enrolled), len(self.table.pods))
+
     def _mesh(self) -> dict[str, MeshPod]:
         if not self.store.ready:
             return {}
@@ -242,8 +247,7 @@ class Agent:
         else:
             await self._kernel(self.backend.unenroll, capture)  # a reused IP, say
         self.table.put(pod)
-        self._enrolled = await self._kernel(self.backend.enrolled)
-        self.metrics.set_pods(len(self._enrolled), len(self.table.pods))
+        await self._refresh_enrolled()
         log.info("pod %s (%s on %s): %s", req.uid, ", ".join(ips), iface,
                  "captured" if answer.in_mesh else f"not captured: {answer.reason}")
         return {"ok": True, "captured": answer.in_mesh, "reason": answer.reason}
@@ -258,8 +262,7 @@ class Agent:
         await self._kernel(self.backend.unenroll, capture)
         await self._kernel(self.backend.forget_interface, capture)
         self.table.remove(pod.uid)
-        self._enrolled = await self._kernel(self.backend.enrolled)
-        self.metrics.set_pods(len(self._enrolled), len(self.table.pods))
+        await self._refresh_enrolled()
         log.info("pod %s removed", pod.uid)
         return {"ok": True, "captured": False, "reason": "removed"}
 
@@ -324,8 +327,7 @@ class Agent:
             for ip in todo.release:
                 await self._kernel(self.backend.unenroll, PodCapture("unknown", (ip,), ""))
                 log.info("released %s: captured, but no pod of this node has it", ip)
-        self._enrolled = await self._kernel(self.backend.enrolled)
-        self.metrics.set_pods(len(self._enrolled), len(self.table.pods))
+        await self._refresh_enrolled()
         self._backend_status = dict((await self._kernel(self.backend.status)).detail)
         self.last_reconcile = time.time()
 
