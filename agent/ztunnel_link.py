@@ -84,6 +84,8 @@ class ZtunnelLinkServer:
     async def _serve(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         fds: list[int] = []
+        pid = 0
+        registered = False
         try:
             pid = peer_pid(conn)
             conn.setblocking(False)
@@ -97,26 +99,24 @@ class ZtunnelLinkServer:
                                  f"each; got {msg[:200]!r} with {len(fds)} descriptor(s)")
             await self.on_listeners(dict(zip(names, fds, strict=True)), pid)
             self.ztunnel_pid = pid
+            registered = True
             self.registrations += 1
             log.info("ztunnel pid %d registered its listeners: %s", pid, ", ".join(names))
             await loop.sock_sendall(conn, b'{"ok": true}\n')
             # Keep the link open until the ztunnel goes away, so its pid stays current.
             while await loop.sock_recv(conn, 1024):
                 pass
-            if self.ztunnel_pid == pid:
-                self.ztunnel_pid = None
             log.info("ztunnel pid %d closed the link", pid)
-        except (TimeoutError, OSError, ValueError) as e:
-            log.warning("ztunnel link: %s", e)
-            with contextlib.suppress(OSError):
-                await loop.sock_sendall(conn, json.dumps({"ok": False, "error": str(e)})
-                                        .encode() + b"\n")
-        except Exception as e:  # e.g. the SOCKMAP update failed: report, keep the server up
-            log.error("ztunnel link: cannot use the listeners: %s", e)
+        except Exception as e:  # a bad message, or the SOCKMAP update failed: keep serving
+            bad_input = isinstance(e, TimeoutError | OSError | ValueError)
+            log.log(logging.WARNING if bad_input else logging.ERROR,
+                    "ztunnel link: %s%s", "" if bad_input else "cannot use the listeners: ", e)
             with contextlib.suppress(OSError):
                 await loop.sock_sendall(conn, json.dumps({"ok": False, "error": str(e)})
                                         .encode() + b"\n")
         finally:
+            if registered and self.ztunnel_pid == pid:  # its link is gone, so is it
+                self.ztunnel_pid = None
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
