@@ -58,6 +58,19 @@ class ServicePort:
 
 
 @dataclass(frozen=True)
+class WaypointRef:
+    """The waypoint (a Gateway) a service's traffic is bound to. Its instances are the
+    workloads of ``namespace`` labelled ``gateway.networking.k8s.io/gateway-name=<name>``."""
+
+    namespace: str
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     namespace: str
@@ -65,6 +78,9 @@ class Service:
     vips: tuple[IPAddress, ...]
     ports: tuple[ServicePort, ...]
     selector: tuple[tuple[str, str], ...]
+    # Set when the service is bound to a waypoint (ambit.dev/use-waypoint): its VIP traffic
+    # goes over HBONE to a waypoint instance instead of straight to an endpoint.
+    waypoint: WaypointRef | None = None
 
     @property
     def key(self) -> str:

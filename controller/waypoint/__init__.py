@@ -1,0 +1,1 @@
+"""Waypoints: per-service L7 proxies (Envoy) that the controller configures over xDS."""

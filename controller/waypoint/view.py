@@ -1,0 +1,83 @@
+"""What one waypoint must know, cut out of the whole mesh state: a pure function.
+
+Why separate from the Envoy generator: deciding *which* services, routes, policies and
+endpoints concern a waypoint is mesh logic (bindings, route attachment, policy targets), while
+``envoy_config.py`` only spells a view in Envoy's terms. Each is tested on its own, and the
+controller recomputes views on every registry change without touching Envoy protos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from controller.waypoint.model import (
+    Gateway,
+    HTTPRoute,
+    WaypointPolicy,
+)
+from ztunnel.state.model import MeshConfig, Service, Workload
+from ztunnel.state.store import StateSnapshot
+
+
+@dataclass(frozen=True)
+class WaypointView:
+    gateway: Gateway
+    trust_domain: str
+    # Services whose VIP traffic the ztunnels send to this waypoint (sorted by key).
+    bound: tuple[Service, ...]
+    # Every service a route of a bound service may name as a backend, by "ns/name".
+    services: Mapping[str, Service] = field(default_factory=dict)
+    # Endpoints (selected workloads) by service key, healthy or not.
+    endpoints: Mapping[str, tuple[Workload, ...]] = field(default_factory=dict)
+    # Routes attached to a bound service (faults resolved), in Gateway API precedence order.
+    routes: tuple[HTTPRoute, ...] = ()
+    # Authorization policies targeting this gateway or one of its bound services.
+    policies: tuple[WaypointPolicy, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return self.gateway.key
+
+    def routes_for(self, service: Service, port: int) -> tuple[HTTPRoute, ...]:
+        """Routes whose parentRefs name ``service`` (on ``port``, or on every port)."""
+        return tuple(r for r in self.routes if any(
+            p.kind == "Service" and p.name == service.name and p.namespace == service.namespace
+            and (p.port is None or p.port == port) for p in r.parents))
+
+    def policies_for(self, service: Service) -> tuple[WaypointPolicy, ...]:
+        return tuple(p for p in self.policies if any(
+            (t.kind == "Gateway" and t.name == self.gateway.name
+             and t.namespace == self.gateway.namespace)
+            or (t.kind == "Service" and t.name == service.name
+                and t.namespace == service.namespace) for t in p.targets))
+
+
+def build_view(gateway: Gateway, config: MeshConfig, routes: tuple[HTTPRoute, ...],
+               policies: tuple[WaypointPolicy, ...],
+               snapshot: StateSnapshot | None = None) -> WaypointView:
+    """The view of ``gateway``: ``config`` is the translated mesh state (services carry their
+    waypoint binding), ``routes`` have their faults resolved, ``policies`` are all waypoint
+    policies of the registry."""
+    snap = snapshot if snapshot is not None else StateSnapshot.build(config)
+    bound = tuple(sorted((s for s in config.services
+                          if s.waypoint is not None and s.waypoint.key == gateway.key),
+                         key=lambda s: s.key))
+    services = {s.key: s for s in config.services}
+    bound_keys = {s.key for s in bound}
+    attached = tuple(sorted(
+        (r for r in routes if any(p.kind == "Service" and f"{p.namespace}/{p.name}" in bound_keys
+                                  for p in r.parents)),
+        key=lambda r: (r.creation_index, r.namespace, r.name)))
+    wanted = set(bound_keys)
+    for r in attached:
+        for rule in r.rules:
+            wanted.update(f"{b.namespace}/{b.name}" for b in rule.backends)
+    endpoints = {k: snap.service_endpoints(services[k]) for k in sorted(wanted) if k in services}
+    mine = tuple(p for p in sorted(policies, key=lambda p: p.key) if any(
+        (t.kind == "Gateway" and t.namespace == gateway.namespace and t.name == gateway.name)
+        or (t.kind == "Service" and f"{t.namespace}/{t.name}" in bound_keys)
+        for t in p.targets))
+    return WaypointView(gateway=gateway, trust_domain=config.trust_domain, bound=bound,
+                        services={k: services[k] for k in sorted(wanted) if k in services},
+                        endpoints=endpoints, routes=attached, policies=mine)
