@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
+from typing import Any
 
 import pytest
 
 from ztunnel.routing import PlanKind, plan_outbound, resolve_inbound
+from ztunnel.state.model import WaypointRef
 from ztunnel.state.parse import parse_state
-from ztunnel.state.store import StateSnapshot
+from ztunnel.state.store import GATEWAY_NAME_LABEL, StateSnapshot
 
-STATE = parse_state({
+DOC: dict[str, Any] = {
     "workloads": [
         {"name": "client", "namespace": "default", "serviceAccount": "client", "node": "a",
          "addresses": ["10.0.1.1"], "labels": {"app": "client"}},
@@ -36,7 +39,8 @@ STATE = parse_state({
         {"name": "sick", "namespace": "default", "vips": ["10.96.0.4"],
          "selector": {"app": "sick"}, "ports": [{"port": 80}]},
     ],
-})
+}
+STATE = parse_state(DOC)
 SNAP = StateSnapshot.build(STATE)
 ip = ipaddress.ip_address
 
@@ -92,3 +96,148 @@ def test_resolve_inbound(dst: tuple[str, int], node: str, ok: bool) -> None:
     target = resolve_inbound(SNAP, node, (ip(dst[0]), dst[1]), frozenset({15001, 15006, 15008}))
     assert (target.address is not None) is ok
     assert ok or target.reason
+
+
+# -- services bound to a waypoint ----------------------------------------------------------------
+
+
+def _waypoint_pod(name: str, ns: str, gateway: str, node: str, ip: str,
+                  **extra: Any) -> dict[str, Any]:
+    # Waypoint pods are not captured: protocol TCP, as the controller lists them.
+    return {"name": name, "namespace": ns, "serviceAccount": gateway, "node": node,
+            "addresses": [ip], "labels": {GATEWAY_NAME_LABEL: gateway}, "protocol": "TCP",
+            **extra}
+
+
+def _bound(name: str, vip: str, waypoint: dict[str, str], selector: str = "srv") \
+        -> dict[str, Any]:
+    return {"name": name, "namespace": "default", "vips": [vip], "selector": {"app": selector},
+            "ports": [{"port": 80, "targetPort": 8080}], "waypoint": waypoint}
+
+
+WP_DOC = copy.deepcopy(DOC)
+WP_DOC["workloads"] += [
+    _waypoint_pod("wp-1", "default", "wp", "b", "10.0.3.1"),
+    # An instance on the source's own node, and one in the mesh (for the loop rows).
+    _waypoint_pod("wp-2", "default", "wp", "a", "10.0.3.2", protocol="HBONE"),
+    _waypoint_pod("wp-sick", "default", "wp", "b", "10.0.3.3", status="Unhealthy"),
+    _waypoint_pod("shared-1", "gw", "shared", "b", "10.0.3.4"),
+    _waypoint_pod("only-sick", "default", "sickwp", "b", "10.0.3.5", status="Unhealthy"),
+    # Same gateway name, other namespace: an instance of gw/wp, not of default/wp.
+    _waypoint_pod("gw-wp", "gw", "wp", "a", "10.0.1.20", protocol="HBONE"),
+]
+WP_DOC["services"] += [
+    _bound("bound", "10.96.0.10", {"name": "wp"}),
+    _bound("bound-idle", "10.96.0.11", {"name": "idle"}),
+    _bound("bound-x", "10.96.0.12", {"namespace": "gw", "name": "shared"}),
+    _bound("bound-empty", "10.96.0.13", {"name": "wp"}, selector="nothing"),
+    _bound("bound-sick", "10.96.0.14", {"name": "sickwp"}),
+]
+WP_SNAP = StateSnapshot.build(parse_state(WP_DOC))
+
+NO_INSTANCE = "service default/{} is bound to waypoint {}, which has no ready instance"
+
+# source, destination, pick -> kind, connect address, expected identity (ns/sa), destination
+# workload, waypoint key (None: no waypoint involved), reason (DENY rows)
+WAYPOINT_CASES: list[tuple[Any, ...]] = [
+    # Bound VIP: HBONE to an instance's 15008, whichever node it runs on.
+    ("10.0.1.1", ("10.96.0.10", 80), 0, PlanKind.WAYPOINT, ("10.0.3.1", 15008), "default/wp",
+     "wp-1", "default/wp", None),
+    ("10.0.1.1", ("10.96.0.10", 80), 1, PlanKind.WAYPOINT, ("10.0.3.2", 15008), "default/wp",
+     "wp-2", "default/wp", None),
+    # Unready instances are not candidates (pick 2 wraps around the two ready ones).
+    ("10.0.1.1", ("10.96.0.10", 80), 2, PlanKind.WAYPOINT, ("10.0.3.1", 15008), "default/wp",
+     "wp-1", "default/wp", None),
+    # Waypoint in another namespace.
+    ("10.0.1.1", ("10.96.0.12", 80), 0, PlanKind.WAYPOINT, ("10.0.3.4", 15008), "gw/shared",
+     "shared-1", "gw/shared", None),
+    # The waypoint resolves endpoints, so a bound service without endpoints still goes there.
+    ("10.0.1.1", ("10.96.0.13", 80), 0, PlanKind.WAYPOINT, ("10.0.3.1", 15008), "default/wp",
+     "wp-1", "default/wp", None),
+    # The port is checked first, as for any service.
+    ("10.0.1.1", ("10.96.0.10", 81), 0, PlanKind.DENY, None, None, None, None,
+     "service default/bound has no port 81"),
+    # No instance, or none ready: fail closed, naming the waypoint.
+    ("10.0.1.1", ("10.96.0.11", 80), 0, PlanKind.DENY, None, None, None, "default/idle",
+     NO_INSTANCE.format("bound-idle", "default/idle")),
+    ("10.0.1.1", ("10.96.0.14", 80), 0, PlanKind.DENY, None, None, None, "default/sickwp",
+     NO_INSTANCE.format("bound-sick", "default/sickwp")),
+    # The waypoint's own connection to the service goes to an endpoint, as without a waypoint.
+    ("10.0.3.2", ("10.96.0.10", 80), 0, PlanKind.LOCAL, ("10.0.1.2", 8080), "default/srv",
+     "local-srv", None, None),
+    ("10.0.3.2", ("10.96.0.10", 80), 1, PlanKind.HBONE, ("10.0.2.2", 15008), "default/srv",
+     "remote-srv", None, None),
+    # ... but an instance of another waypoint (same name, other namespace) is just a client.
+    ("10.0.1.20", ("10.96.0.10", 80), 0, PlanKind.WAYPOINT, ("10.0.3.1", 15008), "default/wp",
+     "wp-1", "default/wp", None),
+    # Pod IPs are not redirected (waypoint-for=service), even an endpoint of a bound service.
+    ("10.0.1.1", ("10.0.2.2", 8080), 0, PlanKind.HBONE, ("10.0.2.2", 15008), "default/srv",
+     "remote-srv", None, None),
+    # A waypoint pod's own IP: it is not captured, so plain TCP.
+    ("10.0.1.1", ("10.0.3.1", 15008), 0, PlanKind.PASSTHROUGH, ("10.0.3.1", 15008), None,
+     "wp-1", None, None),
+    # Unbound services are unchanged next to bound ones.
+    ("10.0.1.1", ("10.96.0.1", 80), 1, PlanKind.HBONE, ("10.0.2.2", 15008), "default/srv",
+     "remote-srv", None, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "pick", "kind", "address", "identity", "dest", "waypoint", "reason"),
+    WAYPOINT_CASES)
+def test_plan_outbound_with_waypoints(
+        src: str, dst: tuple[str, int], pick: int, kind: PlanKind,
+        address: tuple[str, int] | None, identity: str | None, dest: str | None,
+        waypoint: str | None, reason: str | None) -> None:
+    plan = plan_outbound(WP_SNAP, "a", ip(src), (ip(dst[0]), dst[1]), lambda n: pick)
+    assert plan.kind is kind, plan.reason
+    assert plan.address == (None if address is None else (ip(address[0]), address[1]))
+    if identity is None:
+        assert plan.expected_identity is None
+    else:
+        assert str(plan.expected_identity) == "spiffe://cluster.local/ns/{}/sa/{}".format(
+            *identity.split("/"))
+    assert (plan.destination.name if plan.destination else None) == dest
+    assert (plan.waypoint.key if plan.waypoint else None) == waypoint
+    if reason is not None:
+        assert plan.reason == reason
+    if kind is PlanKind.WAYPOINT:
+        # :authority is the address the client dialled; the service is reported as such and
+        # the instance is the workload connected to (and whose identity is checked).
+        assert plan.target == (ip(dst[0]), dst[1])
+        assert plan.service is not None and plan.service.waypoint == plan.waypoint
+        assert plan.destination is not None
+        assert plan.expected_identity == plan.destination.identity
+        assert plan.source is not None and plan.source.addresses[0] == ip(src)
+    if waypoint is not None and kind is PlanKind.DENY:
+        assert plan.service is not None and plan.address is None
+
+
+def test_waypoint_port_is_not_the_ztunnels_inbound_port() -> None:
+    vip = (ip("10.96.0.10"), 80)
+    plan = plan_outbound(WP_SNAP, "a", ip("10.0.1.1"), vip, hbone_port=16008)
+    assert plan.kind is PlanKind.WAYPOINT and plan.address == (ip("10.0.3.1"), 15008)
+    plan = plan_outbound(WP_SNAP, "a", ip("10.0.1.1"), vip, waypoint_port=25008)
+    assert plan.address == (ip("10.0.3.1"), 25008)
+
+
+def test_unbinding_restores_direct_routing() -> None:
+    doc = copy.deepcopy(WP_DOC)
+    for svc in doc["services"]:
+        svc.pop("waypoint", None)
+    snap = StateSnapshot.build(parse_state(doc))
+    plan = plan_outbound(snap, "a", ip("10.0.1.1"), (ip("10.96.0.10"), 80), lambda n: 1)
+    assert plan.kind is PlanKind.HBONE and plan.waypoint is None
+    assert plan.target == (ip("10.0.2.2"), 8080)
+    assert plan.destination is not None and plan.destination.name == "remote-srv"
+
+
+def test_source_checks_come_before_the_waypoint() -> None:
+    # An unknown or unenrolled source is refused as before, without a waypoint in the plan.
+    for src in ("10.0.9.9", "10.0.1.9"):
+        plan = plan_outbound(WP_SNAP, "a", ip(src), (ip("10.96.0.10"), 80))
+        assert plan.kind is PlanKind.DENY and plan.waypoint is None
+
+
+def test_waypoint_ref_key() -> None:
+    assert WaypointRef("gw", "shared").key == "gw/shared"

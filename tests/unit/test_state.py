@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from ztunnel.state.model import MtlsMode, Protocol
+from ztunnel.state.model import MtlsMode, Protocol, WaypointRef
 from ztunnel.state.parse import StateError, load_state_text, parse_state
-from ztunnel.state.store import StateSnapshot, StateStore
+from ztunnel.state.store import GATEWAY_NAME_LABEL, StateSnapshot, StateStore
 
 GOOD: dict[str, Any] = {
     "trustDomain": "example.org",
@@ -64,6 +64,46 @@ def test_indexes_and_policy_selection() -> None:
     assert snap.mtls_mode(b, 8080) is MtlsMode.STRICT
 
 
+def test_service_waypoint_namespace_defaults_to_the_services() -> None:
+    doc = copy.deepcopy(GOOD)
+    doc["services"][0]["waypoint"] = {"name": "wp"}
+    doc["services"].append({"name": "svc2", "namespace": "ns1", "vips": ["10.96.0.2"],
+                            "ports": [{"port": 80}],
+                            "waypoint": {"namespace": "mesh-gw", "name": "shared.wp"}})
+    doc["services"].append({"name": "svc3", "namespace": "ns1", "vips": ["10.96.0.3"],
+                            "ports": [{"port": 80}]})
+    s1, s2, s3 = parse_state(doc).services
+    assert s1.waypoint == WaypointRef("ns1", "wp") and s1.waypoint.key == "ns1/wp"
+    assert s2.waypoint == WaypointRef("mesh-gw", "shared.wp")
+    assert s3.waypoint is None
+
+
+def test_waypoint_instances_index() -> None:
+    def pod(name: str, ns: str, ip: str, gw: str | None, status: str = "Healthy") \
+            -> dict[str, Any]:
+        labels = {GATEWAY_NAME_LABEL: gw} if gw else {"app": "x"}
+        return {"name": name, "namespace": ns, "serviceAccount": gw or "default", "node": "n1",
+                "addresses": [ip], "labels": labels, "protocol": "TCP", "status": status}
+
+    snap = StateSnapshot.build(parse_state({"workloads": [
+        pod("wp-1", "ns1", "10.1.0.1", "wp"),
+        pod("wp-2", "ns1", "10.1.0.2", "wp"),
+        pod("wp-sick", "ns1", "10.1.0.3", "wp", "Unhealthy"),
+        pod("other-ns", "ns2", "10.1.0.4", "wp"),
+        pod("other-gw", "ns1", "10.1.0.5", "wp2"),
+        pod("plain", "ns1", "10.1.0.6", None),
+    ]}))
+    assert [w.name for w in snap.waypoint_instances(WaypointRef("ns1", "wp"))] == \
+        ["wp-1", "wp-2"]
+    assert [w.name for w in snap.waypoint_instances(WaypointRef("ns2", "wp"))] == ["other-ns"]
+    assert snap.waypoint_instances(WaypointRef("ns1", "missing")) == ()
+    by_name = {w.name: w for w in snap.config.workloads}
+    # Instance-ness (for loop avoidance) ignores readiness; it needs namespace and label.
+    assert snap.is_waypoint_instance(by_name["wp-sick"], WaypointRef("ns1", "wp"))
+    assert not snap.is_waypoint_instance(by_name["other-ns"], WaypointRef("ns1", "wp"))
+    assert not snap.is_waypoint_instance(by_name["plain"], WaypointRef("ns1", "wp"))
+
+
 def test_default_mtls_mode_is_permissive() -> None:
     snap = StateSnapshot.build(parse_state({"workloads": GOOD["workloads"]}))
     assert snap.mtls_mode(snap.config.workloads[0], 80) is MtlsMode.PERMISSIVE
@@ -105,6 +145,15 @@ REJECTS = [
     (["peerAuthentications", 1, "spec", "portLevelMtls"], {"http": {"mode": "STRICT"}},
      "peerAuthentications[1].spec.portLevelMtls.http"),
     (["services"], {"name": "x"}, "services"),
+    (["services", 0, "waypoint"], {"namespace": "ns1"}, "services[0].waypoint.name"),
+    (["services", 0, "waypoint"], {"name": ""}, "services[0].waypoint.name"),
+    (["services", 0, "waypoint"], {"name": "a/b"}, "services[0].waypoint.name"),
+    (["services", 0, "waypoint"], {"name": "w" * 64}, "services[0].waypoint.name"),
+    (["services", 0, "waypoint"], {"name": "w", "namespace": "Big_NS"},
+     "services[0].waypoint.namespace"),
+    (["services", 0, "waypoint"], {"name": "w", "port": 15008}, "services[0].waypoint.port"),
+    (["services", 0, "waypoint"], "w", "services[0].waypoint"),
+    (["services", 0, "waypoint"], {"name": "w", "namespace": "other"}, None),
 ]
 
 

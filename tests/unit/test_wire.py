@@ -10,7 +10,7 @@ import pytest
 
 from controller.api.ambit.v1 import state_pb2
 from tests.unit.test_state import GOOD
-from ztunnel.state.model import MeshConfig
+from ztunnel.state.model import MeshConfig, WaypointRef
 from ztunnel.state.parse import (
     StateError,
     parse_authorization_spec,
@@ -84,3 +84,44 @@ def test_bad_update_is_rejected_whole(mutate: Any, field: str) -> None:
     with pytest.raises(StateError) as err:
         apply_update(current, u)
     assert err.value.path == field
+
+
+def _bound_doc(waypoint: dict[str, str] | None) -> dict[str, Any]:
+    doc = copy.deepcopy(GOOD)
+    if waypoint is not None:
+        doc["services"][0]["waypoint"] = waypoint
+    doc["services"].append({"name": "other", "namespace": "ns1", "vips": ["10.96.0.2"],
+                            "ports": [{"port": 80}],
+                            "waypoint": {"namespace": "gw", "name": "shared"}})
+    return doc
+
+
+def test_waypoint_binding_round_trips_and_travels_in_deltas() -> None:
+    unbound = parse_state({**_bound_doc(None), "version": "1"})
+    bound = parse_state({**_bound_doc({"name": "wp"}), "version": "2"})
+    assert bound.services[0].waypoint == WaypointRef("ns1", "wp")
+    assert bound.services[1].waypoint == WaypointRef("gw", "shared")
+    wire = state_pb2.StateUpdate.FromString(full_update(bound).SerializeToString())
+    assert canon(apply_update(MeshConfig(), wire)) == canon(bound)
+    # Binding and unbinding are service upserts.
+    for old, new in ((unbound, bound), (bound, unbound)):
+        delta = delta_update(old, new)
+        assert delta is not None and [m.name for m in delta.services] == ["svc"]
+        delta = state_pb2.StateUpdate.FromString(delta.SerializeToString())
+        assert canon(apply_update(old, delta)) == canon(new)
+
+
+@pytest.mark.parametrize(("name", "namespace", "field"), [
+    ("", "gw", "services[1].waypoint.name"),
+    ("a/b", "gw", "services[1].waypoint.name"),
+    ("shared", "Not_A_Namespace", "services[1].waypoint.namespace"),
+])
+def test_bad_waypoint_on_the_wire_is_rejected(name: str, namespace: str, field: str) -> None:
+    current = parse_state(_bound_doc(None))
+    u = full_update(current)
+    u.services[1].waypoint.name, u.services[1].waypoint.namespace = name, namespace
+    with pytest.raises(StateError) as err:
+        apply_update(current, u)
+    assert err.value.path == field
+
+

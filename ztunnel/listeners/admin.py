@@ -1,8 +1,8 @@
 """Admin (15000), metrics (15020) and readiness (15021) endpoints.
 
 ``/config_dump`` is the first stop when debugging: the exact state this ztunnel acts on
-(workloads, services, policies, peer authentication), its version and age, and the
-certificates it holds with their expiry.
+(workloads, services with their endpoints and waypoint instances, policies, peer
+authentication), its version and age, and the certificates it holds with their expiry.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def config_dump(ctx: ProxyContext) -> dict[str, Any]:
         else None,
         "trust_domain": cfg.trust_domain,
         "workloads": [{**_jsonable(w), "identity": str(w.identity)} for w in cfg.workloads],
-        "services": [{**_jsonable(s), "endpoints": [w.uid for w in state.service_endpoints(s)]}
+        "services": [{**_jsonable(s), "endpoints": [w.uid for w in state.service_endpoints(s)],
+                      **({"waypoint_instances": [w.uid for w in state.waypoint_instances(
+                          s.waypoint)]} if s.waypoint is not None else {})}
                      for s in cfg.services],
         "authorization_policies": [_jsonable(p) for p in cfg.policies],
         "peer_authentications": [_jsonable(p) for p in cfg.peer_authentications],

@@ -1,6 +1,7 @@
 """Outbound: a local workload's connection, captured (15001) or via SOCKS5 (15080), carried
-to its destination as the routing plan says: HBONE to a remote node, policy-checked direct
-delivery to a pod on this node, or passthrough for destinations outside the mesh.
+to its destination as the routing plan says: HBONE to a remote node, HBONE to a waypoint
+instance for a service bound to one, policy-checked direct delivery to a pod on this node, or
+passthrough for destinations outside the mesh.
 
 Under capture, the original destination is ``getsockname()`` of the accepted socket (TPROXY
 and eBPF ``sk_assign`` both preserve it).
@@ -50,11 +51,14 @@ async def proxy_outbound(
     rec.source, rec.dest_workload, rec.service = plan.source, plan.destination, plan.service
     rec.source_principal = plan.source.identity.principal if plan.source else None
     rec.extra["plan"] = plan.kind.value
+    if plan.waypoint is not None:
+        # The destination workload/identity are the waypoint instance's; this says why.
+        rec.extra["waypoint"] = plan.waypoint.key
     try:
         if plan.kind is PlanKind.DENY:
             rec.fail("no_route", plan.reason, "NR")
             writer.transport.abort()
-        elif plan.kind is PlanKind.HBONE:
+        elif plan.kind in (PlanKind.HBONE, PlanKind.WAYPOINT):
             await _via_hbone(ctx, plan, reader, writer, rec)
         else:
             await _direct(ctx, plan, reader, writer, rec)
@@ -95,6 +99,7 @@ async def _via_hbone(ctx: ProxyContext, plan: OutboundPlan, reader: asyncio.Stre
     assert plan.address is not None and plan.target is not None
     assert plan.expected_identity is not None
     rec.mtls = True
+    # A waypoint instance is pooled like a ztunnel: its address and identity are in the key.
     key = PoolKey(plan.source.identity, plan.expected_identity,
                   (str(plan.address[0]), plan.address[1]))
     authority = format_authority(*plan.target)

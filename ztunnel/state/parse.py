@@ -8,6 +8,7 @@ The policy parsers are shared with the controller, which reads the same shapes f
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from ztunnel.state.model import (
     ServicePort,
     Source,
     StringMatch,
+    WaypointRef,
     Workload,
 )
 
@@ -172,9 +174,32 @@ def _service_port(value: Any, path: str) -> ServicePort:
     return ServicePort(port, port if target is None else _port(target, f"{path}.targetPort"))
 
 
+# A waypoint's instances are found by the label ``gateway-name=<name>``, so its name must be a
+# valid label value; namespaces are DNS-1123 labels.
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _waypoint(value: Any, path: str, service_namespace: str) -> WaypointRef | None:
+    if value is None:
+        return None
+    m = _mapping(value, path, {"namespace", "name"})
+    name = _str(m.get("name"), f"{path}.name")
+    if len(name) > 63 or not _LABEL_VALUE.fullmatch(name):
+        raise StateError(f"{path}.name", f"{name!r} is not a waypoint (Gateway) name usable as "
+                         "a label value (at most 63 letters, digits, '-', '_', '.')")
+    namespace = _str(m.get("namespace"), f"{path}.namespace", required=False,
+                     default=service_namespace)
+    if len(namespace) > 63 or not _DNS_LABEL.fullmatch(namespace):
+        raise StateError(f"{path}.namespace", f"{namespace!r} is not a namespace name "
+                         "(DNS-1123 label)")
+    return WaypointRef(namespace=namespace, name=name)
+
+
 def parse_service(value: Any, path: str) -> Service:
     """One service entry; shared by the state file and the controller's wire format."""
-    m = _mapping(value, path, {"name", "namespace", "hostname", "vips", "ports", "selector"})
+    m = _mapping(value, path, {"name", "namespace", "hostname", "vips", "ports", "selector",
+                               "waypoint"})
     name = _str(m.get("name"), f"{path}.name")
     namespace = _str(m.get("namespace"), f"{path}.namespace")
     ports = _items(m.get("ports"), f"{path}.ports", _service_port)
@@ -191,6 +216,7 @@ def parse_service(value: Any, path: str) -> Service:
         vips=vips,
         ports=ports,
         selector=_labels(m.get("selector"), f"{path}.selector"),
+        waypoint=_waypoint(m.get("waypoint"), f"{path}.waypoint", namespace),
     )
 
 

@@ -1,8 +1,9 @@
 """Indexed, immutable snapshots of the mesh state, and the store that swaps them atomically.
 
-The data path asks three questions per connection: who owns this IP, is this IP:port a
-service, and which policies apply to this workload. ``StateSnapshot`` answers each with a dict
-lookup. The store replaces the whole snapshot at once, so a half-applied update is never seen.
+The data path asks four questions per connection: who owns this IP, is this IP:port a
+service, which instances serve the waypoint a service is bound to, and which policies apply to
+this workload. ``StateSnapshot`` answers each with a dict lookup. The store replaces the whole
+snapshot at once, so a half-applied update is never seen.
 """
 
 from __future__ import annotations
@@ -19,8 +20,14 @@ from ztunnel.state.model import (
     PeerAuthentication,
     Protocol,
     Service,
+    WaypointRef,
     Workload,
 )
+
+# The label Kubernetes Gateway controllers (and Ambit's waypoint deployer) put on a waypoint's
+# pods. Same string as controller.waypoint.model.GATEWAY_NAME_LABEL, duplicated on purpose: the
+# ztunnel does not import controller code.
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 
 
 def _selects(selector: tuple[tuple[str, str], ...], labels: dict[str, str]) -> bool:
@@ -36,6 +43,8 @@ class StateSnapshot:
     by_vip: dict[IPAddress, Service] = field(default_factory=dict)
     by_node: dict[str, tuple[Workload, ...]] = field(default_factory=dict)
     endpoints: dict[str, tuple[Workload, ...]] = field(default_factory=dict)
+    # WaypointRef.key ("ns/name") -> healthy workloads of ns labelled gateway-name=name.
+    waypoints: dict[str, tuple[Workload, ...]] = field(default_factory=dict)
     loaded_at: float = 0.0
 
     @classmethod
@@ -54,6 +63,11 @@ class StateSnapshot:
                 w for w in config.workloads
                 if s.selector and w.namespace == s.namespace and _selects(s.selector, w.label_map)
             )
+        waypoints: dict[str, list[Workload]] = {}
+        for w in config.workloads:
+            gateway = w.label_map.get(GATEWAY_NAME_LABEL)
+            if gateway and w.healthy:
+                waypoints.setdefault(f"{w.namespace}/{gateway}", []).append(w)
         return cls(
             config=config,
             root_namespace=root_namespace,
@@ -62,6 +76,7 @@ class StateSnapshot:
             by_vip=by_vip,
             by_node={k: tuple(v) for k, v in nodes.items()},
             endpoints=endpoints,
+            waypoints={k: tuple(v) for k, v in waypoints.items()},
             loaded_at=time.time() if now is None else now,
         )
 
@@ -80,6 +95,16 @@ class StateSnapshot:
 
     def service_endpoints(self, service: Service) -> tuple[Workload, ...]:
         return self.endpoints.get(service.key, ())
+
+    def waypoint_instances(self, waypoint: WaypointRef) -> tuple[Workload, ...]:
+        """The ready instances of ``waypoint`` (in state order)."""
+        return self.waypoints.get(waypoint.key, ())
+
+    @staticmethod
+    def is_waypoint_instance(workload: Workload, waypoint: WaypointRef) -> bool:
+        """Whether ``workload`` is a pod of ``waypoint``, ready or not."""
+        return (workload.namespace == waypoint.namespace
+                and workload.label_map.get(GATEWAY_NAME_LABEL) == waypoint.name)
 
     def policies_for(self, workload: Workload) -> tuple[AuthorizationPolicy, ...]:
         """Policies selecting ``workload``: mesh-wide (root namespace, no selector),

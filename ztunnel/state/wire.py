@@ -5,6 +5,8 @@ disagree on encoding. Policies travel as their Istio-shaped spec (JSON) and are 
 ztunnel with the same parser as the state file and the CRDs; ``authorization_spec`` and
 ``peer_authentication_spec`` are the exact inverses of those parsers (tested as round trips).
 Deltas carry upserts and removals by key, so one changed pod costs one workload on the wire.
+A service's waypoint binding travels as ``Service.waypoint`` (``{namespace, name}``; absent =
+not bound).
 """
 
 from __future__ import annotations
@@ -78,7 +80,6 @@ def peer_authentication_spec(p: PeerAuthentication) -> dict[str, Any]:
 
 # -- model -> proto -----------------------------------------------------------------------------
 
-
 def workload_pb(w: Workload) -> state_pb2.Workload:
     return state_pb2.Workload(
         uid=w.uid, name=w.name, namespace=w.namespace, service_account=w.service_account,
@@ -91,11 +92,15 @@ def workload_pb(w: Workload) -> state_pb2.Workload:
 
 
 def service_pb(s: Service) -> state_pb2.Service:
-    return state_pb2.Service(
+    msg = state_pb2.Service(
         name=s.name, namespace=s.namespace, hostname=s.hostname, vips=[str(v) for v in s.vips],
         ports=[state_pb2.ServicePort(port=p.port, target_port=p.target_port) for p in s.ports],
         selector=dict(s.selector),
     )
+    if s.waypoint is not None:
+        msg.waypoint.namespace = s.waypoint.namespace
+        msg.waypoint.name = s.waypoint.name
+    return msg
 
 
 def _policy_pb(name: str, namespace: str, spec: dict[str, Any]) -> state_pb2.Policy:
@@ -169,6 +174,12 @@ def workload_from_pb(m: state_pb2.Workload, trust_domain: str, path: str) -> Wor
     }, path, trust_domain)
 
 
+def _waypoint_doc(m: state_pb2.Service) -> dict[str, Any] | None:
+    if not m.HasField("waypoint"):
+        return None
+    return {"namespace": m.waypoint.namespace or None, "name": m.waypoint.name or None}
+
+
 def service_from_pb(m: state_pb2.Service, path: str) -> Service:
     return parse_service({
         "name": m.name or None,
@@ -177,6 +188,7 @@ def service_from_pb(m: state_pb2.Service, path: str) -> Service:
         "vips": list(m.vips),
         "ports": [{"port": p.port, "targetPort": p.target_port or None} for p in m.ports],
         "selector": dict(m.selector),
+        "waypoint": _waypoint_doc(m),
     }, path)
 
 

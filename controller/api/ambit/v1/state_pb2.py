@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61mbit/v1/state.proto\x12\x08\x61mbit.v1\"6\n\x10SubscribeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x14\n\x0clast_version\x18\x02 \x01(\t\"\x9f\x02\n\x08Workload\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x11\n\taddresses\x18\x06 \x03(\t\x12.\n\x06labels\x18\x07 \x03(\x0b\x32\x1e.ambit.v1.Workload.LabelsEntry\x12\x15\n\rworkload_name\x18\x08 \x01(\t\x12$\n\x08protocol\x18\t \x01(\x0e\x32\x12.ambit.v1.Protocol\x12\x0f\n\x07healthy\x18\n \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"0\n\x0bServicePort\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\"\xd4\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0c\n\x04vips\x18\x04 \x03(\t\x12$\n\x05ports\x18\x05 \x03(\x0b\x32\x15.ambit.v1.ServicePort\x12\x31\n\x08selector\x18\x06 \x03(\x0b\x32\x1f.ambit.v1.Service.SelectorEntry\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x11\n\tspec_json\x18\x03 \x01(\t\"\xf3\x02\n\x0bStateUpdate\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12\x14\n\x0ctrust_domain\x18\x03 \x01(\t\x12%\n\tworkloads\x18\x04 \x03(\x0b\x32\x12.ambit.v1.Workload\x12\x19\n\x11removed_workloads\x18\x05 \x03(\t\x12#\n\x08services\x18\x06 \x03(\x0b\x32\x11.ambit.v1.Service\x12\x18\n\x10removed_services\x18\x07 \x03(\t\x12\x30\n\x16\x61uthorization_policies\x18\x08 \x03(\x0b\x32\x10.ambit.v1.Policy\x12&\n\x1eremoved_authorization_policies\x18\t \x03(\t\x12.\n\x14peer_authentications\x18\n \x03(\x0b\x32\x10.ambit.v1.Policy\x12$\n\x1cremoved_peer_authentications\x18\x0b \x03(\t*0\n\x08Protocol\x12\x12\n\x0ePROTOCOL_HBONE\x10\x00\x12\x10\n\x0cPROTOCOL_TCP\x10\x01\x32P\n\x0cStateService\x12@\n\tSubscribe\x12\x1a.ambit.v1.SubscribeRequest\x1a\x15.ambit.v1.StateUpdate0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61mbit/v1/state.proto\x12\x08\x61mbit.v1\"6\n\x10SubscribeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x14\n\x0clast_version\x18\x02 \x01(\t\"\x9f\x02\n\x08Workload\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x11\n\taddresses\x18\x06 \x03(\t\x12.\n\x06labels\x18\x07 \x03(\x0b\x32\x1e.ambit.v1.Workload.LabelsEntry\x12\x15\n\rworkload_name\x18\x08 \x01(\t\x12$\n\x08protocol\x18\t \x01(\x0e\x32\x12.ambit.v1.Protocol\x12\x0f\n\x07healthy\x18\n \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"0\n\x0bServicePort\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\".\n\x0bWaypointRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xfd\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0c\n\x04vips\x18\x04 \x03(\t\x12$\n\x05ports\x18\x05 \x03(\x0b\x32\x15.ambit.v1.ServicePort\x12\x31\n\x08selector\x18\x06 \x03(\x0b\x32\x1f.ambit.v1.Service.SelectorEntry\x12\'\n\x08waypoint\x18\x07 \x01(\x0b\x32\x15.ambit.v1.WaypointRef\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x11\n\tspec_json\x18\x03 \x01(\t\"\xf3\x02\n\x0bStateUpdate\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12\x14\n\x0ctrust_domain\x18\x03 \x01(\t\x12%\n\tworkloads\x18\x04 \x03(\x0b\x32\x12.ambit.v1.Workload\x12\x19\n\x11removed_workloads\x18\x05 \x03(\t\x12#\n\x08services\x18\x06 \x03(\x0b\x32\x11.ambit.v1.Service\x12\x18\n\x10removed_services\x18\x07 \x03(\t\x12\x30\n\x16\x61uthorization_policies\x18\x08 \x03(\x0b\x32\x10.ambit.v1.Policy\x12&\n\x1eremoved_authorization_policies\x18\t \x03(\t\x12.\n\x14peer_authentications\x18\n \x03(\x0b\x32\x10.ambit.v1.Policy\x12$\n\x1cremoved_peer_authentications\x18\x0b \x03(\t*0\n\x08Protocol\x12\x12\n\x0ePROTOCOL_HBONE\x10\x00\x12\x10\n\x0cPROTOCOL_TCP\x10\x01\x32P\n\x0cStateService\x12@\n\tSubscribe\x12\x1a.ambit.v1.SubscribeRequest\x1a\x15.ambit.v1.StateUpdate0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKLOAD_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_SERVICE_SELECTORENTRY']._loaded_options = None
   _globals['_SERVICE_SELECTORENTRY']._serialized_options = b'8\001'
-  _globals['_PROTOCOL']._serialized_start=1081
-  _globals['_PROTOCOL']._serialized_end=1129
+  _globals['_PROTOCOL']._serialized_start=1170
+  _globals['_PROTOCOL']._serialized_end=1218
   _globals['_SUBSCRIBEREQUEST']._serialized_start=34
   _globals['_SUBSCRIBEREQUEST']._serialized_end=88
   _globals['_WORKLOAD']._serialized_start=91
@@ -45,14 +45,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKLOAD_LABELSENTRY']._serialized_end=378
   _globals['_SERVICEPORT']._serialized_start=380
   _globals['_SERVICEPORT']._serialized_end=428
-  _globals['_SERVICE']._serialized_start=431
-  _globals['_SERVICE']._serialized_end=643
-  _globals['_SERVICE_SELECTORENTRY']._serialized_start=596
-  _globals['_SERVICE_SELECTORENTRY']._serialized_end=643
-  _globals['_POLICY']._serialized_start=645
-  _globals['_POLICY']._serialized_end=705
-  _globals['_STATEUPDATE']._serialized_start=708
-  _globals['_STATEUPDATE']._serialized_end=1079
-  _globals['_STATESERVICE']._serialized_start=1131
-  _globals['_STATESERVICE']._serialized_end=1211
+  _globals['_WAYPOINTREF']._serialized_start=430
+  _globals['_WAYPOINTREF']._serialized_end=476
+  _globals['_SERVICE']._serialized_start=479
+  _globals['_SERVICE']._serialized_end=732
+  _globals['_SERVICE_SELECTORENTRY']._serialized_start=685
+  _globals['_SERVICE_SELECTORENTRY']._serialized_end=732
+  _globals['_POLICY']._serialized_start=734
+  _globals['_POLICY']._serialized_end=794
+  _globals['_STATEUPDATE']._serialized_start=797
+  _globals['_STATEUPDATE']._serialized_end=1168
+  _globals['_STATESERVICE']._serialized_start=1220
+  _globals['_STATESERVICE']._serialized_end=1300
 # @@protoc_insertion_point(module_scope)

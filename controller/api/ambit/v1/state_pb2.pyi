@@ -151,6 +151,32 @@ class ServicePort(_message.Message):
 Global___ServicePort: _TypeAlias = ServicePort  # noqa: Y015
 
 @_typing.final
+class WaypointRef(_message.Message):
+    """The waypoint (a Gateway of class ambit-waypoint) a service is bound to: its VIP traffic goes
+    over HBONE to one of the waypoint's instances. Unset: not bound.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaypointRef: _TypeAlias = WaypointRef  # noqa: Y015
+
+@_typing.final
 class Service(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -180,6 +206,7 @@ class Service(_message.Message):
     VIPS_FIELD_NUMBER: _builtins.int
     PORTS_FIELD_NUMBER: _builtins.int
     SELECTOR_FIELD_NUMBER: _builtins.int
+    WAYPOINT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     namespace: _builtins.str
     hostname: _builtins.str
@@ -189,6 +216,8 @@ class Service(_message.Message):
     def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServicePort]: ...
     @_builtins.property
     def selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def waypoint(self) -> Global___WaypointRef: ...
     def __init__(
         self,
         *,
@@ -198,10 +227,11 @@ class Service(_message.Message):
         vips: _abc.Iterable[_builtins.str] | None = ...,
         ports: _abc.Iterable[Global___ServicePort] | None = ...,
         selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        waypoint: Global___WaypointRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["waypoint", b"waypoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "name", b"name", "namespace", b"namespace", "ports", b"ports", "selector", b"selector", "vips", b"vips"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "name", b"name", "namespace", b"namespace", "ports", b"ports", "selector", b"selector", "vips", b"vips", "waypoint", b"waypoint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
