@@ -33,7 +33,9 @@ from controller.registry.model import (
     RegistrySnapshot,
 )
 from controller.registry.sqlite import Change, EmbeddedRegistry, RegistryError
-from controller.registry.translate import in_mesh
+from controller.registry.translate import in_mesh, waypoint_binding, waypoint_of
+from controller.waypoint.model import GATEWAY_NAME_LABEL
+from controller.waypoint.parse import format_duration, has_target_refs
 
 DB_ENV = "AMBIT_DB"
 DEFAULT_DB = Path("/var/lib/ambit/registry.db")
@@ -45,9 +47,13 @@ COMMANDS = frozenset({"namespace", "workload", "service", "policy", "apply", "de
 _KIND_ALIASES: dict[str, str] = {
     alias: kind
     for kind, short in (("Namespace", "ns"), ("Workload", "wl"), ("Service", "svc"),
-                        ("AuthorizationPolicy", "ap"), ("PeerAuthentication", "pa"))
+                        ("AuthorizationPolicy", "ap"), ("PeerAuthentication", "pa"),
+                        ("Gateway", "gtw"), ("HTTPRoute", "httproute"),
+                        ("HTTPFault", "httpfault"))
     for alias in (kind.lower(), kind.lower() + "s", short)
 } | {"authorizationpolicies": "AuthorizationPolicy"}
+_KIND_WORDS = ("namespace, workload, service, authorizationpolicy, peerauthentication, "
+               "gateway, httproute, httpfault")
 
 
 class CommandError(Exception):
@@ -132,8 +138,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     de = sub.add_parser("delete", parents=[db], help="delete an object",
                         description="Delete an object. Deleting a namespace deletes "
                         "everything in it.")
-    de.add_argument("kind", metavar="KIND", help="namespace, workload, service, "
-                    "authorizationpolicy or peerauthentication (or ns, wl, svc, ap, pa)")
+    de.add_argument("kind", metavar="KIND", help=f"{_KIND_WORDS} (or ns, wl, svc, ap, pa, "
+                    "gtw)")
     de.add_argument("ref", metavar="NAMESPACE/NAME", help="NAME alone for a namespace; "
                     f"otherwise NAME means {DEFAULT_NAMESPACE}/NAME")
 
@@ -155,7 +161,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                          "in the mesh.")
     get.add_argument("kind", metavar="KIND", nargs="?", default="all",
                      help="namespaces, workloads, services, authorizationpolicies, "
-                     "peerauthentications, nodes or all (default)")
+                     "peerauthentications, gateways, httproutes, httpfaults, nodes or all "
+                     "(default)")
     get.add_argument("-o", "--output", choices=["table", "yaml"], default="table",
                      help="yaml prints documents `ambit apply -f` takes back")
 
@@ -220,6 +227,9 @@ def _warn_outside_mesh(registry: EmbeddedRegistry, changes: Sequence[Change]) ->
 def _outside_reason(pod: Pod, snapshot: RegistrySnapshot) -> str:
     if in_mesh(pod, snapshot):
         return ""
+    gateway = waypoint_of(pod)
+    if gateway is not None:
+        return f"it is an instance of waypoint {gateway}, which terminates HBONE itself"
     if pod.opted_out:
         return f"it is labelled {DATAPLANE_MODE_LABEL}=none"
     return (f"namespace {pod.namespace} is not enabled; run `ambit namespace enable "
@@ -242,8 +252,7 @@ def _split_ref(ref: str, kind: str) -> tuple[str, str]:
 def _kind(word: str) -> str:
     kind = _KIND_ALIASES.get(word.lower())
     if kind is None:
-        raise CommandError(f"{word!r} is not a kind; use one of: namespace, workload, service, "
-                           "authorizationpolicy, peerauthentication")
+        raise CommandError(f"{word!r} is not a kind; use one of: {_KIND_WORDS}")
     return kind
 
 
@@ -401,12 +410,13 @@ def _get(registry: EmbeddedRegistry, args: argparse.Namespace, out: TextIO) -> N
     else:
         raise CommandError(f"{args.kind!r} is not something to get; use one of: namespaces, "
                            "workloads, services, authorizationpolicies, peerauthentications, "
-                           "nodes, all")
+                           "gateways, httproutes, httpfaults, nodes, all")
     snapshot = registry.snapshot()
     records: dict[str, Sequence[Record]] = {
         "Namespace": snapshot.namespaces, "Workload": snapshot.pods,
         "Service": snapshot.services, "AuthorizationPolicy": snapshot.authorization_policies,
-        "PeerAuthentication": snapshot.peer_authentications}
+        "PeerAuthentication": snapshot.peer_authentications, "Gateway": snapshot.gateways,
+        "HTTPRoute": snapshot.http_routes, "HTTPFault": snapshot.http_faults}
     if args.output == "yaml":
         if not kinds:
             raise CommandError("nodes have no documents; use `ambit get nodes` without -o yaml")
@@ -444,14 +454,47 @@ def _rows(kind: str, records: Sequence[Any], snapshot: RegistrySnapshot) -> list
                          "HBONE" if not reason else "TCP (" + reason.split(";")[0] + ")"])
         return rows
     if kind == "Service":
-        rows = [["SERVICE", "CLUSTER-IPS", "PORTS", "SELECTOR", "ENDPOINTS"]]
+        rows = [["SERVICE", "CLUSTER-IPS", "PORTS", "SELECTOR", "ENDPOINTS", "WAYPOINT"]]
         for s in records:
             selected = [p for p in snapshot.pods if p.namespace == s.namespace and s.selector
                         and all(dict(p.labels).get(k) == v for k, v in s.selector)]
+            waypoint, _ = waypoint_binding(snapshot, s)
             rows.append([s.key, ",".join(map(str, s.cluster_ips)),
                          ",".join(f"{p.port}:{p.target_port}" for p in s.ports),
                          _labels(s.selector),
-                         f"{sum(p.ready for p in selected)}/{len(selected)} ready"])
+                         f"{sum(p.ready for p in selected)}/{len(selected)} ready",
+                         waypoint.key if waypoint is not None else "-"])
+        return rows
+    if kind == "Gateway":
+        rows = [["GATEWAY", "FOR", "INSTANCES", "SERVICES"]]
+        for g in records:
+            pods = [p for p in snapshot.pods if p.namespace == g.namespace
+                    and dict(p.labels).get(GATEWAY_NAME_LABEL) == g.name]
+            bound = [s for s in snapshot.services
+                     if (ref := waypoint_binding(snapshot, s)[0]) is not None
+                     and ref.key == g.key]
+            rows.append([g.key, g.waypoint_for,
+                         f"{sum(p.ready for p in pods)}/{len(pods)} ready", str(len(bound))])
+        return rows
+    if kind == "HTTPRoute":
+        rows = [["HTTPROUTE", "PARENTS", "RULES", "BACKENDS"]]
+        for r in records:
+            parents = ",".join(f"{p.kind}/{p.namespace}/{p.name}" + (f":{p.port}" if p.port
+                                                                       else "")
+                               for p in r.parents)
+            backends = sorted({f"{b.namespace}/{b.name}:{b.port}" for rule in r.rules
+                               for b in rule.backends})
+            rows.append([r.key, parents, str(len(r.rules)), ",".join(backends) or "-"])
+        return rows
+    if kind == "HTTPFault":
+        rows = [["HTTPFAULT", "DELAY", "ABORT"]]
+        for f in records:
+            fault = f.fault
+            delay = (f"{format_duration(fault.delay_ms)}@{fault.delay_percent:g}%"
+                     if fault.delay_ms is not None else "-")
+            abort = (f"{fault.abort_status}@{fault.abort_percent:g}%"
+                     if fault.abort_status is not None else "-")
+            rows.append([f.key, delay, abort])
         return rows
     if kind == "AuthorizationPolicy":
         rows = [["AUTHORIZATIONPOLICY", "ACTION", "SELECTOR", "RULES"]]
@@ -484,6 +527,10 @@ def _labels(labels: Sequence[tuple[str, str]]) -> str:
 
 
 def _selector(spec: Any) -> str:
+    if has_target_refs(spec):
+        refs = spec.get("targetRefs") or [spec.get("targetRef")]
+        return "targets:" + ",".join(f"{r.get('kind')}/{r.get('name')}" for r in refs
+                                     if isinstance(r, dict))
     selector = spec.get("selector") or {}
     match = selector.get("matchLabels") if isinstance(selector, dict) else None
     if not isinstance(match, dict):

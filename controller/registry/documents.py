@@ -32,6 +32,27 @@ from controller.registry.model import (
     Service,
     ServicePort,
 )
+from controller.waypoint.model import (
+    USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL,
+    WAYPOINT_FOR_LABEL,
+    Gateway,
+    HTTPFault,
+    HTTPRoute,
+)
+from controller.waypoint.parse import (
+    FAULT_API_VERSION,
+    GATEWAY_API_VERSION,
+    WAYPOINT_FOR,
+    gateway_spec,
+    has_target_refs,
+    http_fault_spec,
+    http_route_spec,
+    parse_gateway,
+    parse_http_fault,
+    parse_http_route,
+    parse_waypoint_policy,
+)
 from ztunnel.state.model import IPAddress
 from ztunnel.state.parse import StateError, parse_authorization_spec, parse_peer_authentication_spec
 
@@ -51,7 +72,14 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("Service", "v1", namespaced=True),
     Kind("AuthorizationPolicy", "security.ambit.dev/v1", namespaced=True),
     Kind("PeerAuthentication", "security.ambit.dev/v1", namespaced=True),
+    Kind("Gateway", GATEWAY_API_VERSION, namespaced=True),
+    Kind("HTTPRoute", GATEWAY_API_VERSION, namespaced=True),
+    Kind("HTTPFault", FAULT_API_VERSION, namespaced=True),
 )}
+
+# Kinds whose labels mean something to the mesh; labels anywhere else are rejected, since
+# they would be stored and then silently ignored.
+LABELLED_KINDS = ("Namespace", "Workload", "Service", "Gateway")
 
 
 def kind_of(record: Record) -> str:
@@ -152,8 +180,32 @@ def labels(value: Any, path: str) -> Labels:
         if key == DATAPLANE_MODE_LABEL and v not in (AMBIENT, OPT_OUT):
             raise StateError(f"{path}.{key}", f"{v!r} is not a data-plane mode; use "
                              f"{AMBIENT!r} (in the mesh) or {OPT_OUT!r} (out of it)")
+        if key == USE_WAYPOINT_LABEL and v != OPT_OUT:
+            dns_name(v, f"{path}.{key}", label=True)  # a Gateway's name, or "none"
+        if key == USE_WAYPOINT_NAMESPACE_LABEL:
+            dns_name(v, f"{path}.{key}", label=True)
+        if key == WAYPOINT_FOR_LABEL and v not in WAYPOINT_FOR:
+            raise StateError(f"{path}.{key}", f"{v!r} is not one of {', '.join(WAYPOINT_FOR)}")
         out[key] = v
     return tuple(sorted(out.items()))
+
+
+def _check_waypoint_labels(kind: str, meta_labels: Labels) -> None:
+    """Waypoint labels only where they mean something (see controller/waypoint/model.py)."""
+    keys = dict(meta_labels)
+    path = "metadata.labels"
+    if kind in ("Service", "Namespace"):
+        if USE_WAYPOINT_NAMESPACE_LABEL in keys and USE_WAYPOINT_LABEL not in keys:
+            raise StateError(f"{path}.{USE_WAYPOINT_NAMESPACE_LABEL}", "has no effect without "
+                             f"{USE_WAYPOINT_LABEL} on the same {kind}")
+    else:
+        for key in (USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL):
+            if key in keys:
+                raise StateError(f"{path}.{key}", f"has no effect on a {kind}: only Services "
+                                 "and Namespaces are bound to waypoints")
+    if WAYPOINT_FOR_LABEL in keys and kind != "Gateway":
+        raise StateError(f"{path}.{WAYPOINT_FOR_LABEL}", f"has no effect on a {kind}; it "
+                         "belongs on a waypoint Gateway")
 
 
 def _ip(value: Any, path: str) -> IPAddress:
@@ -232,19 +284,19 @@ def parse_document(doc: Any) -> Record:
     # Annotations are accepted (files exported from a cluster carry them) but not kept.
     if meta.get("annotations") is not None and not isinstance(meta["annotations"], Mapping):
         raise StateError("metadata.annotations", "expected a mapping")
+    # Gateway names are also label values (gateway-name) and service account names.
     name = dns_name(meta.get("name"), "metadata.name",
-                    label=kind.name in ("Namespace", "Service"))
+                    label=kind.name in ("Namespace", "Service", "Gateway"))
     if kind.namespaced:
         namespace = dns_name(meta.get("namespace", DEFAULT_NAMESPACE), "metadata.namespace",
                              label=True)
     elif "namespace" in meta:
         raise StateError("metadata.namespace", f"a {kind.name} is not namespaced; remove it")
-    if kind.name not in ("Namespace", "Workload") and "labels" in meta:
-        # Only namespace and workload labels mean anything to the mesh; anything else would be
-        # stored and then silently ignored.
+    if kind.name not in LABELLED_KINDS and "labels" in meta:
         raise StateError("metadata.labels", f"labels on a {kind.name} have no effect; remove "
                          "them")
     meta_labels = labels(meta.get("labels"), "metadata.labels")
+    _check_waypoint_labels(kind.name, meta_labels)
     spec = top.get("spec")
     if kind.name == "Namespace":
         _mapping(spec, "spec", ())
@@ -252,10 +304,21 @@ def parse_document(doc: Any) -> Record:
     if kind.name == "Workload":
         return _workload(name, namespace, meta_labels, spec)
     if kind.name == "Service":
-        return _service(name, namespace, spec)
+        return _service(name, namespace, meta_labels, spec)
     data = _json(spec, "spec")
+    if kind.name == "Gateway":
+        return parse_gateway(name, namespace, meta_labels, data)
+    if kind.name == "HTTPRoute":
+        return parse_http_route(name, namespace, data)
+    if kind.name == "HTTPFault":
+        return parse_http_fault(name, namespace, data)
     if kind.name == "AuthorizationPolicy":
-        parse_authorization_spec(name, namespace, data, "spec")
+        # A policy with targetRefs is the waypoint's (L7); one with a selector (or neither)
+        # is the ztunnel's.
+        if has_target_refs(data):
+            parse_waypoint_policy(name, namespace, data)
+        else:
+            parse_authorization_spec(name, namespace, data, "spec")
         return AuthorizationPolicy(name, namespace, data)
     parse_peer_authentication_spec(name, namespace, data, "spec")
     return PeerAuthentication(name, namespace, data)
@@ -282,7 +345,7 @@ def _workload(name: str, namespace: str, meta_labels: Labels, spec: Any) -> Pod:
     )
 
 
-def _service(name: str, namespace: str, spec: Any) -> Service:
+def _service(name: str, namespace: str, meta_labels: Labels, spec: Any) -> Service:
     m = _mapping(spec, "spec", ("type", "clusterIP", "clusterIPs", "ports", "selector"))
     if m.get("type", "ClusterIP") != "ClusterIP":
         raise StateError("spec.type", f"{m['type']!r}: only ClusterIP services exist in "
@@ -320,8 +383,8 @@ def _service(name: str, namespace: str, spec: Any) -> Service:
             target_port=port if target is None else _port(target, f"{path}.targetPort"),
             name="" if port_name is None else dns_name(port_name, f"{path}.name", label=True),
         ))
-    return Service(name, namespace, ips, tuple(ports), labels(m.get("selector"),
-                                                              "spec.selector"))
+    return Service(name, namespace, ips, tuple(ports),
+                   labels(m.get("selector"), "spec.selector"), meta_labels)
 
 
 def to_document(record: Record) -> dict[str, Any]:
@@ -346,6 +409,8 @@ def to_document(record: Record) -> dict[str, Any]:
             spec["workloadName"] = record.workload_name
         doc["spec"] = spec
     elif isinstance(record, Service):
+        if record.labels:
+            meta["labels"] = dict(record.labels)
         ports: list[dict[str, Any]] = []
         for p in record.ports:
             port: dict[str, Any] = {"name": p.name} if p.name else {}
@@ -353,6 +418,14 @@ def to_document(record: Record) -> dict[str, Any]:
             ports.append(port)
         doc["spec"] = {"clusterIPs": [str(ip) for ip in record.cluster_ips], "ports": ports,
                        "selector": dict(record.selector)}
+    elif isinstance(record, Gateway):
+        if record.labels:
+            meta["labels"] = dict(record.labels)
+        doc["spec"] = gateway_spec(record)
+    elif isinstance(record, HTTPRoute):
+        doc["spec"] = http_route_spec(record)
+    elif isinstance(record, HTTPFault):
+        doc["spec"] = http_fault_spec(record)
     else:
         doc["spec"] = dict(record.spec)
     return doc

@@ -18,8 +18,17 @@ What is kept and why:
   has one target port per service port, so a name that resolves to different numbers on
   different pods is left out too;
 * AuthorizationPolicy and PeerAuthentication specs are kept as written and checked with the
-  ztunnel's own parsers only to report problems with the field path; an invalid one still goes
-  into the snapshot, where ``translate`` makes it fail closed (dropping it would fail open).
+  ztunnel's own parsers (the waypoint's, for policies with ``targetRefs``) only to report
+  problems with the field path; an invalid one still goes into the snapshot, where
+  ``translate`` (or ``waypoint.parse.waypoint_policies``) makes it fail closed (dropping it
+  would fail open);
+* Gateways of another class than ``ambit-waypoint`` are not Ambit's and are skipped silently;
+  so are HTTPRoutes attached to none of Ambit's parents (a Service, or a waypoint Gateway),
+  typically routes of an ingress controller. A waypoint Gateway, HTTPRoute or HTTPFault that
+  does not parse is left out with a reported problem: Gateway API treats an invalid route as
+  not attached, and a rule naming a missing HTTPFault answers 500 (``resolve_faults``);
+* HTTPRoutes are numbered (``creation_index``) oldest first by ``creationTimestamp``, then by
+  namespace/name: Gateway API's precedence between routes.
 
 ``report`` receives one sentence per problem, naming the object and the field.
 """
@@ -40,6 +49,15 @@ from controller.registry.model import (
     Service,
     ServicePort,
     labels_of,
+)
+from controller.waypoint.model import WAYPOINT_CLASS, Gateway, HTTPFault, HTTPRoute
+from controller.waypoint.parse import (
+    GATEWAY_GROUP,
+    has_target_refs,
+    parse_gateway,
+    parse_http_fault,
+    parse_http_route,
+    parse_waypoint_policy,
 )
 from ztunnel.state.model import IPAddress
 from ztunnel.state.parse import StateError, parse_authorization_spec, parse_peer_authentication_spec
@@ -203,7 +221,7 @@ def service_record(obj: Object, slices: Iterable[Object], pods: Iterable[Object]
         ports.append(ServicePort(port=port, target_port=target_port, name=port_name,
                                  protocol=protocol))
     return Service(name=name, namespace=namespace, cluster_ips=tuple(ips), ports=tuple(ports),
-                   selector=selector)
+                   selector=selector, labels=_labels(meta.get("labels")))
 
 
 def _as_mapping(spec: Any) -> Mapping[str, Any]:
@@ -217,7 +235,10 @@ def authorization_policy_record(obj: Object, report: Report) -> AuthorizationPol
     name, namespace = str(meta.get("name")), str(meta.get("namespace"))
     spec = obj.get("spec") if obj.get("spec") is not None else {}
     try:
-        parse_authorization_spec(name, namespace, spec, "spec")
+        if has_target_refs(spec):
+            parse_waypoint_policy(name, namespace, spec, "spec")
+        else:
+            parse_authorization_spec(name, namespace, spec, "spec")
     except StateError as e:
         report(f"AuthorizationPolicy {namespace}/{name}: {e}; it fails closed until fixed")
     return AuthorizationPolicy(name=name, namespace=namespace, spec=_as_mapping(spec))
@@ -235,6 +256,63 @@ def peer_authentication_record(obj: Object, report: Report) -> PeerAuthenticatio
     return PeerAuthentication(name=name, namespace=namespace, spec=_as_mapping(spec))
 
 
+def gateway_record(obj: Object, report: Report) -> Gateway | None:
+    """A waypoint, or None: another class's Gateway (silently) or an invalid one (reported)."""
+    meta, spec = _meta(obj), _spec(obj)
+    if spec.get("gatewayClassName") != WAYPOINT_CLASS:
+        return None
+    name, namespace = str(meta.get("name")), str(meta.get("namespace"))
+    try:
+        return parse_gateway(name, namespace, _labels(meta.get("labels")), spec)
+    except StateError as e:
+        report(f"Gateway {namespace}/{name}: {e}; it is not run as a waypoint until fixed")
+        return None
+
+
+def _ours(obj: Object, waypoints: set[tuple[str, str]]) -> bool:
+    """Whether a route attaches to a Service or to one of Ambit's waypoint Gateways."""
+    namespace = str(_meta(obj).get("namespace"))
+    for ref in _spec(obj).get("parentRefs") or []:
+        if not isinstance(ref, Mapping):
+            continue
+        group, kind = ref.get("group", GATEWAY_GROUP), ref.get("kind", "Gateway")
+        if kind == "Service":
+            return True  # (a wrong group is the parser's to report)
+        if kind == "Gateway" and group == GATEWAY_GROUP and \
+                (str(ref.get("namespace") or namespace), str(ref.get("name"))) in waypoints:
+            return True
+    return False
+
+
+def http_route_records(objs: Iterable[Object], gateways: Iterable[Gateway],
+                       report: Report) -> tuple[HTTPRoute, ...]:
+    """The routes attached to Ambit's parents, numbered oldest first (see module doc)."""
+    waypoints = {(g.namespace, g.name) for g in gateways}
+    ours = sorted((o for o in objs if _ours(o, waypoints)), key=lambda o: (
+        str(_meta(o).get("creationTimestamp") or ""), str(_meta(o).get("namespace")),
+        str(_meta(o).get("name"))))
+    out: list[HTTPRoute] = []
+    for index, obj in enumerate(ours):
+        meta = _meta(obj)
+        name, namespace = str(meta.get("name")), str(meta.get("namespace"))
+        try:
+            out.append(parse_http_route(name, namespace, obj.get("spec"), "spec", index))
+        except StateError as e:
+            report(f"HTTPRoute {namespace}/{name}: {e}; the route is not applied until fixed")
+    return tuple(sorted(out, key=lambda r: r.key))
+
+
+def http_fault_record(obj: Object, report: Report) -> HTTPFault | None:
+    meta = _meta(obj)
+    name, namespace = str(meta.get("name")), str(meta.get("namespace"))
+    try:
+        return parse_http_fault(name, namespace, obj.get("spec"))
+    except StateError as e:
+        report(f"HTTPFault {namespace}/{name}: {e}; route rules that use it answer HTTP 500 "
+               "until it is fixed")
+        return None
+
+
 def build_snapshot(caches: Mapping[str, Mapping[str, Object]], revision: int,
                    report: Report) -> RegistrySnapshot:
     """One snapshot from the reflectors' caches (keyed by plural; missing kinds are empty)."""
@@ -248,6 +326,8 @@ def build_snapshot(caches: Mapping[str, Mapping[str, Object]], revision: int,
     slices_by_ns: dict[str, list[Object]] = {}
     for s in objs("endpointslices"):
         slices_by_ns.setdefault(str(_meta(s).get("namespace")), []).append(s)
+    gateways = tuple(g for g in (gateway_record(o, report) for o in objs("gateways"))
+                     if g is not None)
     pods = (pod_record(p, report) for p in objs("pods"))
     services = (service_record(s, slices_by_ns.get(str(_meta(s).get("namespace")), []),
                               pods_by_ns.get(str(_meta(s).get("namespace")), []), report)
@@ -260,5 +340,9 @@ def build_snapshot(caches: Mapping[str, Mapping[str, Object]], revision: int,
                                      for a in objs("authorizationpolicies")),
         peer_authentications=tuple(peer_authentication_record(a, report)
                                    for a in objs("peerauthentications")),
+        gateways=gateways,
+        http_routes=http_route_records(objs("httproutes"), gateways, report),
+        http_faults=tuple(f for f in (http_fault_record(o, report) for o in objs("httpfaults"))
+                          if f is not None),
         revision=revision,
     )

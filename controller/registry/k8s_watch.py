@@ -83,6 +83,7 @@ class Reflector:
 
     ``optional``: a 404 on list (the CRD is not installed) counts as an empty, synced list,
     retried with backoff; no objects of an uninstalled kind can exist, so empty is the truth.
+    That is logged once (a warning), not at every retry, and again once the kind is served.
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class Reflector:
         self.lists = 0
         self.watches = 0
         self.relists_after_gone = 0
+        self.not_served = False  # the last list found the kind not served (404)
 
     async def run(self) -> None:
         """Run until cancelled; never returns on errors, only backs off."""
@@ -129,7 +131,9 @@ class Reflector:
                 self.resource_version = None
             except NotServed as e:
                 delay = max(self._backoff.delay(), 1.0)
-                log.warning("%s: %s; treating as empty, retrying in %.1fs", self.kind, e, delay)
+                log.log(logging.DEBUG if self.not_served else logging.WARNING,
+                        "%s: %s; treating as empty, retrying in %.1fs", self.kind, e, delay)
+                self.not_served = True
                 if self.cache or not self.synced.is_set():
                     self.cache = {}
                     self.synced.set()
@@ -157,6 +161,9 @@ class Reflector:
             raise Gone(_message(body))
         if not 200 <= status < 300:
             raise ApiException(status=status, reason=_message(body))
+        if self.not_served:
+            log.info("%s: now served by the API server", self.kind)
+            self.not_served = False
         doc = json.loads(body)
         items = doc.get("items") or []
         self.cache = {object_key(o): o for o in items if isinstance(o, dict)}

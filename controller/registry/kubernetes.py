@@ -9,9 +9,12 @@ the last one, with the next revision. Membership rules are not applied here: tha
 ``translate.mesh_config``'s job for both registries.
 
 Watched: Namespaces, Pods, Services, EndpointSlices (to resolve named target ports),
-ServiceAccounts (cached for identity checks, see ``service_accounts``) and Ambit's
-``security.ambit.dev/v1`` AuthorizationPolicies and PeerAuthentications. See
-docs/kubernetes.md.
+ServiceAccounts (cached for identity checks, see ``service_accounts``), Ambit's
+``security.ambit.dev/v1`` AuthorizationPolicies and PeerAuthentications, and for waypoints
+the Gateway API's ``gateway.networking.k8s.io/v1`` Gateways and HTTPRoutes (the upstream CRDs,
+installed by the user) and Ambit's ``networking.ambit.dev/v1alpha1`` HTTPFaults. Every CRD
+kind is optional: one that is not installed reads as empty (and is retried), so a cluster
+without the Gateway API still gets its L4 mesh. See docs/kubernetes.md.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ log = logging.getLogger(__name__)
 
 CRD_GROUP = "security.ambit.dev"
 CRD_VERSION = "v1"
+GATEWAY_API_GROUP = "gateway.networking.k8s.io"
+GATEWAY_API_VERSION = "v1"
+FAULT_GROUP = "networking.ambit.dev"
+FAULT_VERSION = "v1alpha1"
 
 
 @dataclass(frozen=True)
@@ -47,10 +54,11 @@ class ResourceKind:
     optional: bool = False  # a CRD: may not be installed (see Reflector)
 
 
-def _custom(plural: str) -> Callable[[client.ApiClient], ListFn]:
+def _custom(plural: str, group: str = CRD_GROUP,
+            version: str = CRD_VERSION) -> Callable[[client.ApiClient], ListFn]:
     def make(api: client.ApiClient) -> ListFn:
         return functools.partial(client.CustomObjectsApi(api).list_cluster_custom_object,
-                                 CRD_GROUP, CRD_VERSION, plural)
+                                 group, version, plural)
     return make
 
 
@@ -65,6 +73,12 @@ def watched_kinds() -> tuple[ResourceKind, ...]:
                      lambda a: client.CoreV1Api(a).list_service_account_for_all_namespaces),
         ResourceKind("authorizationpolicies", _custom("authorizationpolicies"), optional=True),
         ResourceKind("peerauthentications", _custom("peerauthentications"), optional=True),
+        ResourceKind("gateways", _custom("gateways", GATEWAY_API_GROUP, GATEWAY_API_VERSION),
+                     optional=True),
+        ResourceKind("httproutes", _custom("httproutes", GATEWAY_API_GROUP,
+                                           GATEWAY_API_VERSION), optional=True),
+        ResourceKind("httpfaults", _custom("httpfaults", FAULT_GROUP, FAULT_VERSION),
+                     optional=True),
     )
 
 

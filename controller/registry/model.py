@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller.waypoint.model import Gateway, HTTPFault, HTTPRoute
 from ztunnel.state.model import IPAddress
 
 # The label that enrols a namespace (value "ambient") or opts a pod out (value "none").
@@ -78,6 +79,8 @@ class Service:
     cluster_ips: tuple[IPAddress, ...]
     ports: tuple[ServicePort, ...]
     selector: Labels = ()
+    # The service's own labels: ambit.dev/use-waypoint binds it to a waypoint.
+    labels: Labels = ()
 
     @property
     def key(self) -> str:
@@ -121,7 +124,10 @@ class NodeToken:
     issued_at: float
 
 
-Record = Namespace | Pod | Service | AuthorizationPolicy | PeerAuthentication
+# Gateway, HTTPRoute and HTTPFault are the waypoint model's records (controller/waypoint),
+# parsed once by controller/waypoint/parse.py; the registry stores and lists them as they are.
+Record = (Namespace | Pod | Service | AuthorizationPolicy | PeerAuthentication | Gateway
+          | HTTPRoute | HTTPFault)
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,12 @@ class RegistrySnapshot:
     services: tuple[Service, ...] = ()
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
     peer_authentications: tuple[PeerAuthentication, ...] = ()
+    # Waypoints (only Gateways of class ambit-waypoint), L7 routes and faults. Routes keep
+    # their ExtensionRefs unresolved: ``controller.waypoint.parse.resolve_faults(http_routes,
+    # http_faults)`` pairs them. ``HTTPRoute.creation_index`` orders routes oldest first.
+    gateways: tuple[Gateway, ...] = ()
+    http_routes: tuple[HTTPRoute, ...] = ()
+    http_faults: tuple[HTTPFault, ...] = ()
     # The source's revision when this was read (embedded: the SQLite revision counter).
     revision: int = 0
 
@@ -140,4 +152,10 @@ class RegistrySnapshot:
         for ns in self.namespaces:
             if ns.name == name:
                 return ns
+        return None
+
+    def gateway(self, namespace: str, name: str) -> Gateway | None:
+        for gw in self.gateways:
+            if gw.namespace == namespace and gw.name == name:
+                return gw
         return None

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from controller.registry.model import (
     RegistrySnapshot,
     Service,
 )
+from controller.waypoint.model import Gateway, HTTPFault, HTTPRoute
 from ztunnel.state.parse import StateError
 
 SCHEMA_VERSION = 1
@@ -193,11 +194,14 @@ class EmbeddedRegistry:
             authorization_policies=tuple(r for r in records
                                          if isinstance(r, AuthorizationPolicy)),
             peer_authentications=tuple(r for r in records if isinstance(r, PeerAuthentication)),
+            gateways=tuple(r for r in records if isinstance(r, Gateway)),
+            http_routes=tuple(r for r in records if isinstance(r, HTTPRoute)),
+            http_faults=tuple(r for r in records if isinstance(r, HTTPFault)),
             revision=int(revision),
         )
 
     def _records(self, db: sqlite3.Connection, kinds: Sequence[str] = ()) -> list[Record]:
-        query = "SELECT kind, namespace, name, document FROM objects"
+        query = "SELECT kind, namespace, name, document, rowid FROM objects"
         if kinds:
             query += f" WHERE kind IN ({','.join('?' * len(kinds))})"
         out: list[Record] = []
@@ -206,7 +210,7 @@ class EmbeddedRegistry:
         # snapshot into a 30 ms one, which is most of the config push latency.
         cache = self._parsed
         seen: dict[str, Record] = {}
-        for kind, namespace, name, document in db.execute(
+        for kind, namespace, name, document, rowid in db.execute(
                 query + " ORDER BY kind, namespace, name", tuple(kinds)):
             record = cache.get(document)
             if record is None:
@@ -216,6 +220,10 @@ class EmbeddedRegistry:
                     raise RegistryError(f"stored {describe(kind, namespace, name)} does not "
                                         f"load ({e}); delete it and apply it again") from None
             seen[document] = record
+            if isinstance(record, HTTPRoute):
+                # Gateway API precedence between routes is by age: the row id is the order of
+                # first creation (updates keep the row, see _put_in).
+                record = replace(record, creation_index=int(rowid))
             out.append(record)
         if kinds:
             cache.update(seen)
@@ -229,9 +237,14 @@ class EmbeddedRegistry:
 
     def _get(self, db: sqlite3.Connection, kind: str, namespace: str,
              name: str) -> Record | None:
-        row = db.execute("SELECT document FROM objects WHERE kind=? AND namespace=? AND name=?",
-                         (kind, namespace, name)).fetchone()
-        return None if row is None else parse_document(json.loads(row[0]))
+        row = db.execute("SELECT document, rowid FROM objects WHERE kind=? AND namespace=? "
+                         "AND name=?", (kind, namespace, name)).fetchone()
+        if row is None:
+            return None
+        record = parse_document(json.loads(row[0]))
+        if isinstance(record, HTTPRoute):
+            record = replace(record, creation_index=int(row[1]))
+        return record
 
     async def watch(self, interval: float = 0.1) -> AsyncIterator[RegistrySnapshot]:
         """The current snapshot, then a new one each time the revision changes (by this or any
@@ -275,8 +288,14 @@ class EmbeddedRegistry:
             if row is not None and row[0] == document:
                 changes.append(Change(kind, namespace, name, "unchanged"))
                 continue
-            db.execute("INSERT OR REPLACE INTO objects (kind, namespace, name, document) "
-                       "VALUES (?, ?, ?, ?)", (kind, namespace, name, document))
+            if row is None:
+                db.execute("INSERT INTO objects (kind, namespace, name, document) "
+                           "VALUES (?, ?, ?, ?)", (kind, namespace, name, document))
+            else:
+                # UPDATE, not INSERT OR REPLACE: the row (and its rowid, the object's creation
+                # order) stays, as an object's creationTimestamp does in Kubernetes.
+                db.execute("UPDATE objects SET document=? WHERE kind=? AND namespace=? "
+                           "AND name=?", (document, kind, namespace, name))
             changes.append(Change(kind, namespace, name,
                                   "created" if row is None else "configured"))
         # A batch that changes nothing leaves the revision alone: no push to ztunnels.

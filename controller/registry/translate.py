@@ -10,8 +10,17 @@ Rules (docs/registry.md):
   ``ambit.dev/dataplane-mode=ambient`` and the pod is not labelled
   ``ambit.dev/dataplane-mode=none``; every other pod is still listed, as protocol TCP, so
   mesh clients reach it by plain passthrough instead of failing;
+* a pod labelled ``gateway.networking.k8s.io/gateway-name`` is a waypoint instance: it
+  terminates HBONE itself, so it is never captured (protocol TCP), yet the CA issues it a
+  certificate for its own service account on its node;
 * identity = the pod's service account; ``healthy`` = the pod is ready;
-* pods without an IP yet are left out (nothing can address them).
+* pods without an IP yet are left out (nothing can address them);
+* a service is bound to a waypoint by ``ambit.dev/use-waypoint`` on the Service, else on its
+  Namespace (``none`` on the Service unbinds it), in the namespace
+  ``ambit.dev/use-waypoint-namespace`` on the same object names (default: its own); a
+  binding to a missing or non-service waypoint is still sent (the ztunnels then refuse the
+  traffic: fail closed) and reported;
+* AuthorizationPolicies with ``targetRefs`` belong to waypoints and are not sent to ztunnels.
 
 The Kubernetes API does not stop two objects from claiming one address, or a policy from being
 malformed when no admission webhook runs, so this function never fails on content: conflicts
@@ -34,6 +43,14 @@ from controller.registry.model import (
     RegistrySnapshot,
     Service,
 )
+from controller.waypoint.model import (
+    GATEWAY_NAME_LABEL,
+    USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL,
+    WAYPOINT_CLASS,
+    WAYPOINT_FOR_LABEL,
+)
+from controller.waypoint.parse import has_target_refs
 from ztunnel.state.model import (
     Action,
     AuthorizationPolicy,
@@ -44,6 +61,7 @@ from ztunnel.state.model import (
     Protocol,
     Rule,
     ServicePort,
+    WaypointRef,
     Workload,
 )
 from ztunnel.state.model import Service as MeshService
@@ -70,9 +88,11 @@ def translate(snapshot: RegistrySnapshot, trust_domain: str, revision: int,
     problems: list[str] = []
     workloads = _workloads(snapshot, trust_domain, problems)
     taken = {ip: f"workload {w.uid}" for w in workloads for ip in w.addresses}
-    services = _services(snapshot.services, domain_suffix, taken, problems)
+    services = _services(snapshot, domain_suffix, taken, problems)
+    # Policies with targetRefs are enforced by waypoints (controller/waypoint), not ztunnels.
     policies = tuple(_authorization(p.name, p.namespace, p.spec, problems)
-                     for p in sorted(snapshot.authorization_policies, key=lambda p: p.key))
+                     for p in sorted(snapshot.authorization_policies, key=lambda p: p.key)
+                     if not has_target_refs(p.spec))
     peer = tuple(_peer_authentication(p.name, p.namespace, p.spec, problems)
                  for p in sorted(snapshot.peer_authentications, key=lambda p: p.key))
     return Translation(
@@ -88,9 +108,17 @@ def translate(snapshot: RegistrySnapshot, trust_domain: str, revision: int,
     )
 
 
+def waypoint_of(pod: Pod) -> str | None:
+    """The Gateway a pod is an instance of (its gateway-name label), or None."""
+    return dict(pod.labels).get(GATEWAY_NAME_LABEL) or None
+
+
 def in_mesh(pod: Pod, snapshot: RegistrySnapshot) -> bool:
+    """Captured by the mesh (protocol HBONE). Waypoint instances are not: they terminate
+    HBONE themselves."""
     ns = snapshot.namespace(pod.namespace)
-    return ns is not None and ns.ambient and not pod.opted_out
+    return (ns is not None and ns.ambient and not pod.opted_out
+            and waypoint_of(pod) is None)
 
 
 def _workloads(snapshot: RegistrySnapshot, trust_domain: str,
@@ -126,11 +154,44 @@ def _workloads(snapshot: RegistrySnapshot, trust_domain: str,
     return tuple(sorted(out, key=lambda w: w.uid))
 
 
-def _services(services: tuple[Service, ...], domain_suffix: str,
+def waypoint_binding(snapshot: RegistrySnapshot, service: Service) \
+        -> tuple[WaypointRef | None, str]:
+    """The waypoint ``service`` is bound to, and which object's label says so ("service
+    NS/NAME" or "namespace NS"; "" when unbound). The Service's own label wins, so
+    ``ambit.dev/use-waypoint=none`` on it opts it out of its namespace's waypoint."""
+    labels = dict(service.labels)
+    source = f"service {service.key}"
+    if USE_WAYPOINT_LABEL not in labels:
+        ns = snapshot.namespace(service.namespace)
+        labels = dict(ns.labels) if ns is not None else {}
+        source = f"namespace {service.namespace}"
+    name = labels.get(USE_WAYPOINT_LABEL)
+    if not name or name == OPT_OUT:
+        return None, ""
+    namespace = labels.get(USE_WAYPOINT_NAMESPACE_LABEL) or service.namespace
+    return WaypointRef(namespace, name), source
+
+
+def _binding_problem(snapshot: RegistrySnapshot, service: Service, ref: WaypointRef,
+                     source: str) -> str | None:
+    gateway = snapshot.gateway(ref.namespace, ref.name)
+    what = (f"service {service.key} is bound to waypoint {ref.key} ({USE_WAYPOINT_LABEL} on "
+            f"{source})")
+    if gateway is None:
+        return (f"{what}, but there is no Gateway {ref.key} of class {WAYPOINT_CLASS}; its "
+                "traffic is refused until you create that Gateway or remove the label")
+    if gateway.waypoint_for not in ("service", "all"):
+        return (f"{what}, but that Gateway serves {gateway.waypoint_for!r} traffic "
+                f"({WAYPOINT_FOR_LABEL}); its traffic fails closed until you label the "
+                f"Gateway {WAYPOINT_FOR_LABEL}=service (or all) or remove the binding")
+    return None
+
+
+def _services(snapshot: RegistrySnapshot, domain_suffix: str,
               taken: dict[IPAddress, str], problems: list[str]) -> tuple[MeshService, ...]:
     taken = dict(taken)
     out: list[MeshService] = []
-    for s in sorted(services, key=lambda s: s.key):
+    for s in sorted(snapshot.services, key=lambda s: s.key):
         ports = tuple(ServicePort(p.port, p.target_port) for p in s.ports
                       if p.protocol.upper() == "TCP")
         if not s.cluster_ips or not ports:
@@ -146,6 +207,11 @@ def _services(services: tuple[Service, ...], domain_suffix: str,
                 vips.append(ip)
         if not vips:
             continue
+        waypoint, source = waypoint_binding(snapshot, s)
+        if waypoint is not None:
+            problem = _binding_problem(snapshot, s, waypoint, source)
+            if problem:
+                problems.append(problem)
         out.append(MeshService(
             name=s.name,
             namespace=s.namespace,
@@ -153,6 +219,7 @@ def _services(services: tuple[Service, ...], domain_suffix: str,
             vips=tuple(vips),
             ports=ports,
             selector=s.selector,
+            waypoint=waypoint,
         ))
     return tuple(out)
 
@@ -226,6 +293,10 @@ def pod_membership(snapshot: RegistrySnapshot, node: str, namespace: str,
         return Membership(False, False, f"pod {key} is scheduled on {pod.node or 'no node'}, "
                           f"not {node}")
     ns = snapshot.namespace(namespace)
+    gateway = waypoint_of(pod)
+    if gateway is not None:
+        return Membership(True, False, f"pod {key} is a waypoint (gateway {gateway}): it "
+                          "terminates HBONE itself")
     if pod.opted_out:
         return Membership(True, False, f"pod {key} is labelled "
                           f"{DATAPLANE_MODE_LABEL}={OPT_OUT}")
@@ -237,11 +308,13 @@ def pod_membership(snapshot: RegistrySnapshot, node: str, namespace: str,
 
 def node_hosts_identity(snapshot: RegistrySnapshot, node: str, identity: SpiffeId,
                         trust_domain: str) -> bool:
-    """The CA's issuance rule: ``node`` runs a mesh pod whose identity is ``identity``."""
+    """The CA's issuance rule: ``node`` runs a mesh pod, or a waypoint instance, whose
+    identity is ``identity`` (its namespace and service account)."""
     if identity.trust_domain != trust_domain:
         return False
     return any(
         pod.node == node and pod.namespace == identity.namespace
-        and pod.service_account == identity.service_account and in_mesh(pod, snapshot)
+        and pod.service_account == identity.service_account
+        and (in_mesh(pod, snapshot) or waypoint_of(pod) is not None)
         for pod in snapshot.pods
     )

@@ -24,9 +24,10 @@ from controller.registry.k8s_watch import Backoff
 from controller.registry.kubernetes import KubernetesRegistry, TokenReviewAuthenticator, api_client
 from controller.registry.model import RegistrySnapshot
 from controller.registry.translate import mesh_config
+from controller.waypoint.parse import resolve_faults
 from tests.k8s_double import objects as o
 from tests.k8s_double.server import ApiServerDouble, ServiceAccountToken
-from ztunnel.state.model import Action, MeshConfig, MtlsMode, Protocol, Workload
+from ztunnel.state.model import Action, MeshConfig, MtlsMode, Protocol, WaypointRef, Workload
 
 TD = "cluster.local"
 
@@ -398,3 +399,69 @@ async def test_feed_translates_snapshots_and_issues_only_for_a_nodes_mesh_pods(
         cfg = await asyncio.wait_for(anext(states), 1)
         assert cfg.version == "2" and wl(cfg, "echo-2") is not None
         await states.aclose()  # type: ignore[attr-defined]
+
+
+# --- waypoint kinds (issue 5) ----------------------------------------------------------------
+
+async def test_waypoint_kinds_are_watched_and_translated(
+        double: ApiServerDouble, registry: KubernetesRegistry, snaps: Snapshots) -> None:
+    double.apply("namespaces", o.namespace("shop"))
+    double.apply("services", o.service("reviews", "shop", "10.96.0.30", {"app": "reviews"},
+                                       [{"name": "http", "port": 9080, "protocol": "TCP"}],
+                                       labels={"ambit.dev/use-waypoint": "waypoint"}))
+    double.apply("gateways", o.gateway("waypoint", "shop"))
+    double.apply("gateways", o.gateway("public", "shop", gateway_class="other-ingress"))
+    double.apply("pods", o.pod("waypoint-7d9f-x1", "shop", "10.0.1.40", sa="waypoint",
+                               labels={"gateway.networking.k8s.io/gateway-name": "waypoint"}))
+    double.apply("httpfaults", o.http_fault("slow", "shop", {"delay": {"fixedDelay": "1s"}}))
+    double.apply("httproutes", o.http_route("reviews", "shop", {
+        "parentRefs": [{"group": "", "kind": "Service", "name": "reviews", "port": 9080}],
+        "rules": [{"filters": [{"type": "ExtensionRef", "extensionRef": {
+            "group": "networking.ambit.dev", "kind": "HTTPFault", "name": "slow"}}],
+            "backendRefs": [{"name": "reviews", "port": 9080}]}]}))
+    cfg = await snaps.until(lambda c: bool(c.services) and wl(c, "waypoint-7d9f-x1") is not None
+                            and bool(snaps.last and snaps.last.http_routes
+                                     and snaps.last.http_faults), within=3)
+    snap = snaps.last
+    assert snap is not None
+    assert [g.key for g in snap.gateways] == ["shop/waypoint"]  # the ingress is not ours
+    (service,) = cfg.services
+    assert service.waypoint == WaypointRef("shop", "waypoint")
+    instance = wl(cfg, "waypoint-7d9f-x1")
+    assert instance is not None and instance.protocol is Protocol.TCP
+    (r,) = resolve_faults(snap.http_routes, snap.http_faults)
+    assert r.rules[0].fault is not None and r.rules[0].fault.delay_ms == 1000
+    # Changes arrive like any other kind's.
+    double.delete("httpfaults", "slow", "shop")
+    await snaps.until(lambda c: snaps.last is not None and not snaps.last.http_faults)
+    double.apply("services", o.service("reviews", "shop", "10.96.0.30", {"app": "reviews"},
+                                       [{"name": "http", "port": 9080, "protocol": "TCP"}],
+                                       labels={"ambit.dev/use-waypoint": "none"}))
+    await snaps.until(lambda c: c.services[0].waypoint is None)
+
+
+async def test_missing_gateway_api_crds_do_not_break_the_mesh_and_are_logged_once(
+        double: ApiServerDouble, api: client.ApiClient,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="controller.registry")
+    double.unserved.update({"gateways", "httproutes", "httpfaults"})
+    double.apply("namespaces", o.namespace("shop"))
+    double.apply("pods", o.pod("p", "shop", "10.0.1.1"))
+    async with make_registry(api) as registry:
+        snaps = Snapshots(registry)
+        await snaps.until(lambda c: wl(c, "p") is not None, within=3)
+        assert snaps.last is not None and snaps.last.gateways == ()
+        # Retried (backoff at least 1 s), but warned about once.
+        await eventually(lambda: len(double.requests_for("gateways", watch=False)) >= 2,
+                         within=4)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING
+                    and r.getMessage().startswith("gateways:")]
+        assert len(warnings) == 1 and "CRD not installed" in warnings[0].getMessage()
+        # Installing the CRD later brings the kind in without a restart.
+        double.unserved.discard("gateways")
+        double.apply("gateways", o.gateway("waypoint", "shop"))
+        await snaps.until(lambda c: bool(snaps.last and snaps.last.gateways), within=5)
+        assert registry.reflectors["gateways"].not_served is False
+        assert any(r.getMessage() == "gateways: now served by the API server"
+                   for r in caplog.records)
+        await snaps.close()

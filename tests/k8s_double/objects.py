@@ -46,8 +46,12 @@ def pod(name: str, ns: str, ip: str | None, *, node: str | None = "node-a",
 
 
 def service(name: str, ns: str, cluster_ip: str, selector: dict[str, str],
-            ports: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"metadata": {"name": name, "namespace": ns},
+            ports: list[dict[str, Any]], *, labels: dict[str, str] | None = None) \
+        -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": ns}
+    if labels:
+        meta["labels"] = dict(labels)
+    return {"metadata": meta,
             "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
                      "selector": selector, "ports": ports}}
 
@@ -70,4 +74,25 @@ def authorization_policy(name: str, ns: str, spec: dict[str, Any]) -> dict[str, 
 
 
 def peer_authentication(name: str, ns: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def gateway(name: str, ns: str, *, gateway_class: str = "ambit-waypoint",
+            labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A waypoint Gateway as the API server stores it (listener defaults filled in)."""
+    return {"metadata": {"name": name, "namespace": ns, "labels": dict(labels or {})},
+            "spec": {"gatewayClassName": gateway_class,
+                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE",
+                                    "allowedRoutes": {"namespaces": {"from": "Same"}}}]}}
+
+
+def http_route(name: str, ns: str, spec: dict[str, Any], *,
+               created: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": ns}
+    if created:
+        meta["creationTimestamp"] = created
+    return {"metadata": meta, "spec": spec}
+
+
+def http_fault(name: str, ns: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"metadata": {"name": name, "namespace": ns}, "spec": spec}

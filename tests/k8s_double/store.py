@@ -44,6 +44,9 @@ KINDS: dict[str, Kind] = {
         Kind("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
         Kind("security.ambit.dev", "v1", "authorizationpolicies", "AuthorizationPolicy"),
         Kind("security.ambit.dev", "v1", "peerauthentications", "PeerAuthentication"),
+        Kind("gateway.networking.k8s.io", "v1", "gateways", "Gateway"),
+        Kind("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute"),
+        Kind("networking.ambit.dev", "v1alpha1", "httpfaults", "HTTPFault"),
     )
 }
 

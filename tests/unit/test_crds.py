@@ -199,3 +199,66 @@ def test_port_level_mtls_keys_are_checked_by_cel() -> None:
     plm = spec_schema("peerauthentications")["properties"]["portLevelMtls"]
     (rule,) = plm["x-kubernetes-validations"]
     assert "65535" in rule["rule"] and rule["message"]
+
+
+# --- HTTPFault (networking.ambit.dev/v1alpha1, waypoint fault injection) ---------------------
+
+def fault_schema() -> dict[str, Any]:
+    (version,) = load("httpfaults")["spec"]["versions"]
+    schema = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert isinstance(schema, dict)
+    return schema
+
+
+def test_http_fault_crd_structure() -> None:
+    crd = load("httpfaults")
+    assert crd["metadata"]["name"] == "httpfaults.networking.ambit.dev"
+    spec = crd["spec"]
+    assert (spec["group"], spec["scope"]) == ("networking.ambit.dev", "Namespaced")
+    assert spec["names"] == {**spec["names"], "kind": "HTTPFault", "listKind": "HTTPFaultList",
+                             "plural": "httpfaults", "singular": "httpfault"}
+    (version,) = spec["versions"]
+    assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
+    root = version["schema"]["openAPIV3Schema"]
+    assert structural_problems(root, "openAPIV3Schema") == []
+    assert root["properties"]["metadata"] == {"type": "object"}
+    (rule,) = fault_schema()["x-kubernetes-validations"]
+    assert rule["rule"] == "has(self.delay) || has(self.abort)" and rule["message"]
+
+
+def test_http_fault_schema_declares_what_the_parser_reads() -> None:
+    from controller.waypoint.parse import parse_http_fault
+
+    props = fault_schema()["properties"]
+    assert set(props) == {"delay", "abort"}
+    assert set(props["delay"]["properties"]) == {"fixedDelay", "percentage"}
+    assert set(props["abort"]["properties"]) == {"httpStatus", "percentage"}
+    for spec in ({"delay": {"fixedDelay": "1m30s", "percentage": 12.5}},
+                 {"abort": {"httpStatus": 503}},
+                 {"delay": {"fixedDelay": "500ms"}, "abort": {"httpStatus": 500,
+                                                              "percentage": 1}}):
+        assert validate(spec, fault_schema()) == []
+        parse_http_fault("f", "default", spec)  # and the controller reads what it accepts
+
+
+@pytest.mark.parametrize(("spec", "error"), [
+    ({"delay": {"fixedDelay": "1.5s"}}, "spec.delay.fixedDelay: '1.5s' does not match"),
+    ({"delay": {"fixedDelay": 5}}, "spec.delay.fixedDelay: expected string"),
+    ({"abort": {"httpStatus": "503"}}, "spec.abort.httpStatus: expected integer"),
+    ({"abort": {"httpStatus": 503, "grpcStatus": 14}},
+     "spec.abort.grpcStatus: not in the schema"),
+])
+def test_http_fault_bad_values_are_rejected(spec: dict[str, Any], error: str) -> None:
+    errors = validate(spec, fault_schema())
+    assert any(e.startswith(error) for e in errors), errors
+
+
+def test_http_fault_ranges_are_declared() -> None:
+    props = fault_schema()["properties"]
+    assert (props["abort"]["properties"]["httpStatus"]["minimum"],
+            props["abort"]["properties"]["httpStatus"]["maximum"]) == (200, 599)
+    for part in ("delay", "abort"):
+        pct = props[part]["properties"]["percentage"]
+        assert (pct["type"], pct["minimum"], pct["maximum"]) == ("number", 0, 100)
+    assert props["delay"]["required"] == ["fixedDelay"]
+    assert props["abort"]["required"] == ["httpStatus"]

@@ -5,8 +5,15 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from controller.registry.k8s_convert import build_snapshot, pod_record, service_record
+from controller.registry.k8s_convert import (
+    build_snapshot,
+    gateway_record,
+    http_route_records,
+    pod_record,
+    service_record,
+)
 from controller.registry.k8s_watch import Backoff
+from controller.waypoint.model import Gateway
 from tests.k8s_double import objects as o
 
 
@@ -142,3 +149,109 @@ def test_backoff_grows_to_its_cap_with_jitter_and_resets() -> None:
         assert base <= d <= base * 1.5
     b.reset()
     assert 1.0 <= b.delay() <= 1.5
+
+
+# --- waypoint kinds (issue 5) ----------------------------------------------------------------
+
+SERVICE_PARENT = {"group": "", "kind": "Service", "name": "reviews"}
+
+
+def test_service_labels_are_kept() -> None:
+    s = service_record(o.service("r", "shop", "10.96.0.1", {}, [{"port": 80}],
+                                 labels={"ambit.dev/use-waypoint": "waypoint"}),
+                       [], [], collect()[1])
+    assert s is not None and s.labels == (("ambit.dev/use-waypoint", "waypoint"),)
+
+
+def test_gateways_of_other_classes_are_skipped_and_bad_waypoints_reported() -> None:
+    problems, report = collect()
+    ingress = o.gateway("ingress", "shop", gateway_class="istio")
+    assert gateway_record(ingress, report) is None and problems == []
+    gw = gateway_record(o.gateway("waypoint", "shop", labels={"ambit.dev/waypoint-for": "all"}),
+                        report)
+    assert gw == Gateway("waypoint", "shop", waypoint_for="all",
+                         labels=(("ambit.dev/waypoint-for", "all"),))
+    bad = o.gateway("bad", "shop")
+    bad["spec"]["listeners"][0]["port"] = 80
+    assert gateway_record(bad, report) is None
+    assert problems == ["Gateway shop/bad: spec.listeners[0].port: a waypoint listens on port "
+                        "15008 (HBONE) only, got 80; it is not run as a waypoint until fixed"]
+
+
+def test_routes_precedence_relevance_and_problems() -> None:
+    problems, report = collect()
+    routes = [
+        o.http_route("newer", "shop", {"parentRefs": [SERVICE_PARENT]},
+                     created="2026-01-02T00:00:00Z"),
+        o.http_route("older", "shop", {"parentRefs": [SERVICE_PARENT]},
+                     created="2026-01-01T00:00:00Z"),
+        # Same time: namespace/name decides.
+        o.http_route("b-same", "shop", {"parentRefs": [SERVICE_PARENT]},
+                     created="2026-01-01T12:00:00Z"),
+        o.http_route("a-same", "shop", {"parentRefs": [SERVICE_PARENT]},
+                     created="2026-01-01T12:00:00Z"),
+        # Attached to the waypoint Gateway: ours.
+        o.http_route("to-waypoint", "shop", {"parentRefs": [{"name": "waypoint"}]},
+                     created="2026-01-03T00:00:00Z"),
+        # An ingress controller's route (another Gateway): not ours, whatever it contains.
+        o.http_route("ingress", "shop", {"parentRefs": [{"name": "public"}],
+                                         "hostnames": ["shop.example"]}),
+        # Ours, but invalid: left out with the field named.
+        o.http_route("bad", "shop", {"parentRefs": [SERVICE_PARENT],
+                                     "rules": [{"filters": [{"type": "URLRewrite"}]}]}),
+    ]
+    out = http_route_records(routes, [Gateway("waypoint", "shop")], report)
+    by_index = [r.name for r in sorted(out, key=lambda r: r.creation_index)]
+    assert by_index == ["older", "a-same", "b-same", "newer", "to-waypoint"]
+    assert [r.name for r in out] == sorted(by_index)  # listed by key
+    assert problems == ["HTTPRoute shop/bad: spec.rules[0].filters[0].type: URLRewrite is not "
+                        "supported by the waypoint yet; supported filters: "
+                        "RequestHeaderModifier, ResponseHeaderModifier and ExtensionRef (to "
+                        "an HTTPFault); the route is not applied until fixed"]
+
+
+def test_snapshot_carries_waypoint_kinds_and_checks_target_ref_policies() -> None:
+    problems, report = collect()
+    caches = {
+        "gateways": {"shop/waypoint": o.gateway("waypoint", "shop"),
+                     "shop/ingress": o.gateway("ingress", "shop", gateway_class="gke-l7")},
+        "httproutes": {"shop/r": o.http_route("r", "shop", {
+            "parentRefs": [SERVICE_PARENT],
+            "rules": [{"filters": [{"type": "ExtensionRef", "extensionRef": {
+                "group": "networking.ambit.dev", "kind": "HTTPFault", "name": "slow"}}],
+                "backendRefs": [{"group": "", "kind": "Service", "name": "reviews",
+                                 "port": 9080, "weight": 1}]}]})},
+        "httpfaults": {
+            "shop/slow": o.http_fault("slow", "shop", {"delay": {"fixedDelay": "1s"}}),
+            "shop/broken": o.http_fault("broken", "shop", {"abort": {"httpStatus": 9}})},
+        "authorizationpolicies": {
+            "shop/l7": o.authorization_policy("l7", "shop", {
+                "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                                "name": "waypoint"}],
+                "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+            "shop/l7-bad": o.authorization_policy("l7-bad", "shop", {
+                "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                                "name": "waypoint"}], "action": "AUDIT"})},
+    }
+    snap = build_snapshot(caches, 3, report)
+    assert [g.key for g in snap.gateways] == ["shop/waypoint"]
+    assert [r.key for r in snap.http_routes] == ["shop/r"]
+    assert snap.http_routes[0].rules[0].fault_ref == "shop/slow"
+    assert [f.key for f in snap.http_faults] == ["shop/slow"]
+    assert [p.key for p in snap.authorization_policies] == ["shop/l7", "shop/l7-bad"]
+    assert problems == [
+        "AuthorizationPolicy shop/l7-bad: spec.action: 'AUDIT' is not supported by the "
+        "waypoint; use ALLOW or DENY; it fails closed until fixed",
+        "HTTPFault shop/broken: spec.abort.httpStatus: must be an integer 200..599, got 9; "
+        "route rules that use it answer HTTP 500 until it is fixed",
+    ]
+
+
+def test_a_route_with_a_wrong_service_group_is_reported_not_skipped() -> None:
+    problems, report = collect()
+    # The API server defaults a missing group to the Gateway API's: a common mistake.
+    obj = o.http_route("r", "shop", {"parentRefs": [{"group": "gateway.networking.k8s.io",
+                                                     "kind": "Service", "name": "reviews"}]})
+    assert http_route_records([obj], [], report) == ()
+    assert problems[0].startswith("HTTPRoute shop/r: spec.parentRefs[0].group: "
+                                  "'gateway.networking.k8s.io': a Service is in the core group")

@@ -75,7 +75,7 @@ def test_workflow(db: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert "10.0.0.1,fd00::1" in lines["shop/web-1"]
     assert "TCP (it is labelled ambit.dev/dataplane-mode=none)" in lines["shop/db"]
     assert lines["shop/web"].split()[1:] == ["10.96.0.1", "80:8080,443:443", "app=web",
-                                             "1/1", "ready"]
+                                             "1/1", "ready", "-"]
     assert lines["shop/deny"].split()[1] == "DENY" and "STRICT" in lines["shop/default"]
 
     with EmbeddedRegistry(db) as r:

@@ -6,6 +6,7 @@ import ipaddress
 
 import pytest
 
+from ambit.spiffe import SpiffeId
 from controller.registry.model import (
     AuthorizationPolicy,
     Namespace,
@@ -15,8 +16,17 @@ from controller.registry.model import (
     Service,
     ServicePort,
 )
-from controller.registry.translate import mesh_config, pod_membership, translate
-from ztunnel.state.model import Action, MtlsMode, Protocol, Rule
+from controller.registry.translate import (
+    Membership,
+    in_mesh,
+    mesh_config,
+    node_hosts_identity,
+    pod_membership,
+    translate,
+    waypoint_binding,
+)
+from controller.waypoint.model import Gateway
+from ztunnel.state.model import Action, MtlsMode, Protocol, Rule, WaypointRef
 from ztunnel.state.store import StateSnapshot
 
 AMBIENT = Namespace("mesh", (("ambit.dev/dataplane-mode", "ambient"),))
@@ -216,3 +226,150 @@ def test_pod_membership(namespaces: tuple[Namespace, ...], p: Pod,
 def test_a_pod_without_ip_is_not_in_the_mesh_state_yet() -> None:
     snap = RegistrySnapshot(namespaces=(AMBIENT,), pods=(pod("a", ips=()),))
     assert mesh_config(snap, "td", 1).workloads == ()
+
+
+# --- waypoints (issue 5) ---------------------------------------------------------------------
+
+WAYPOINT_POD_LABELS = {"gateway.networking.k8s.io/gateway-name": "waypoint"}
+
+
+def waypoint_snapshot(*, services: tuple[Service, ...] = (),
+                      namespaces: tuple[Namespace, ...] = (AMBIENT,),
+                      gateways: tuple[Gateway, ...] = (Gateway("waypoint", "mesh"),),
+                      pods: tuple[Pod, ...] = ()) -> RegistrySnapshot:
+    return RegistrySnapshot(namespaces=namespaces, services=services, gateways=gateways,
+                            pods=pods)
+
+
+def svc(name: str = "web", namespace: str = "mesh", vip: str = "10.96.0.1",
+        labels: dict[str, str] | None = None) -> Service:
+    return Service(name, namespace, (ip(vip),), (ServicePort(80, 8080),), (("app", name),),
+                   tuple(sorted((labels or {}).items())))
+
+
+def test_a_waypoint_pod_is_never_captured_but_listed() -> None:
+    p = pod("waypoint-abc", labels=WAYPOINT_POD_LABELS, sa="waypoint")
+    snap = waypoint_snapshot(pods=(p,))
+    (w,) = mesh_config(snap, "td", 1).workloads
+    assert w.protocol is Protocol.TCP  # it terminates HBONE itself
+    assert w.label_map == WAYPOINT_POD_LABELS  # ztunnels find instances by this label
+    assert pod_membership(snap, "n1", "mesh", "waypoint-abc") == Membership(
+        True, False, "pod mesh/waypoint-abc is a waypoint (gateway waypoint): it terminates "
+        "HBONE itself")
+    assert not in_mesh(p, snap)
+
+
+@pytest.mark.parametrize(("namespaces", "p", "identity", "node", "issued"), [
+    # A waypoint instance gets its own identity on its node, ambient namespace or not ...
+    ((AMBIENT,), pod("wp", labels=WAYPOINT_POD_LABELS, sa="waypoint"), ("mesh", "waypoint"),
+     "n1", True),
+    ((PLAIN,), pod("wp", "plain", labels=WAYPOINT_POD_LABELS, sa="waypoint"),
+     ("plain", "waypoint"), "n1", True),
+    # ... but not on another node, nor another service account's or namespace's identity.
+    ((AMBIENT,), pod("wp", labels=WAYPOINT_POD_LABELS, sa="waypoint"), ("mesh", "waypoint"),
+     "n2", False),
+    ((AMBIENT,), pod("wp", labels=WAYPOINT_POD_LABELS, sa="waypoint"), ("mesh", "default"),
+     "n1", False),
+    ((AMBIENT,), pod("wp", labels=WAYPOINT_POD_LABELS, sa="waypoint"), ("other", "waypoint"),
+     "n1", False),
+    # Without the label, a pod in a plain namespace still gets nothing.
+    ((PLAIN,), pod("wp", "plain", sa="waypoint"), ("plain", "waypoint"), "n1", False),
+])
+def test_waypoint_instances_get_their_certificate(
+        namespaces: tuple[Namespace, ...], p: Pod, identity: tuple[str, str], node: str,
+        issued: bool) -> None:
+    snap = RegistrySnapshot(namespaces=namespaces, pods=(p,))
+    assert node_hosts_identity(snap, node, SpiffeId("td", *identity), "td") is issued
+
+
+MESH_BOUND = Namespace("mesh", (("ambit.dev/dataplane-mode", "ambient"),
+                                ("ambit.dev/use-waypoint", "waypoint")))
+
+
+@pytest.mark.parametrize(("namespaces", "service_labels", "gateways", "expected"), [
+    # Unbound: no label anywhere.
+    ((AMBIENT,), {}, (Gateway("waypoint", "mesh"),), None),
+    # The service's own label.
+    ((AMBIENT,), {"ambit.dev/use-waypoint": "waypoint"}, (Gateway("waypoint", "mesh"),),
+     WaypointRef("mesh", "waypoint")),
+    # The namespace's label binds every service of it ...
+    ((MESH_BOUND,), {}, (Gateway("waypoint", "mesh"),), WaypointRef("mesh", "waypoint")),
+    # ... the service's own label wins over it ...
+    ((MESH_BOUND,), {"ambit.dev/use-waypoint": "other"},
+     (Gateway("waypoint", "mesh"), Gateway("other", "mesh")), WaypointRef("mesh", "other")),
+    # ... and "none" on the service opts it out.
+    ((MESH_BOUND,), {"ambit.dev/use-waypoint": "none"}, (Gateway("waypoint", "mesh"),), None),
+    # "none" on a namespace binds nothing.
+    ((Namespace("mesh", (("ambit.dev/use-waypoint", "none"),)),), {}, (), None),
+    # use-waypoint-namespace on the same object picks the Gateway's namespace.
+    ((AMBIENT,), {"ambit.dev/use-waypoint": "shared",
+                  "ambit.dev/use-waypoint-namespace": "infra"},
+     (Gateway("shared", "infra"),), WaypointRef("infra", "shared")),
+    ((Namespace("mesh", (("ambit.dev/use-waypoint", "shared"),
+                         ("ambit.dev/use-waypoint-namespace", "infra"))),), {},
+     (Gateway("shared", "infra"),), WaypointRef("infra", "shared")),
+    # The namespace's use-waypoint-namespace does not apply to the service's own label.
+    ((Namespace("mesh", (("ambit.dev/use-waypoint", "shared"),
+                         ("ambit.dev/use-waypoint-namespace", "infra"))),),
+     {"ambit.dev/use-waypoint": "local"}, (Gateway("local", "mesh"),),
+     WaypointRef("mesh", "local")),
+    # A waypoint-for "all" Gateway serves services too.
+    ((AMBIENT,), {"ambit.dev/use-waypoint": "waypoint"},
+     (Gateway("waypoint", "mesh", waypoint_for="all"),), WaypointRef("mesh", "waypoint")),
+])
+def test_service_waypoint_binding(namespaces: tuple[Namespace, ...],
+                                  service_labels: dict[str, str],
+                                  gateways: tuple[Gateway, ...],
+                                  expected: WaypointRef | None) -> None:
+    t = translate(waypoint_snapshot(namespaces=namespaces, gateways=gateways,
+                                    services=(svc(labels=service_labels),)), "td", 1)
+    (s,) = t.config.services
+    assert s.waypoint == expected
+    assert t.problems == ()
+    StateSnapshot.build(t.config)
+
+
+@pytest.mark.parametrize(("namespaces", "labels", "gateways", "problem"), [
+    ((AMBIENT,), {"ambit.dev/use-waypoint": "ghost"}, (),
+     "service mesh/web is bound to waypoint mesh/ghost (ambit.dev/use-waypoint on service "
+     "mesh/web), but there is no Gateway mesh/ghost of class ambit-waypoint; its traffic is "
+     "refused until you create that Gateway or remove the label"),
+    ((MESH_BOUND,), {}, (Gateway("waypoint", "elsewhere"),),
+     "service mesh/web is bound to waypoint mesh/waypoint (ambit.dev/use-waypoint on "
+     "namespace mesh), but there is no Gateway mesh/waypoint"),
+    ((AMBIENT,), {"ambit.dev/use-waypoint": "waypoint"},
+     (Gateway("waypoint", "mesh", waypoint_for="workload"),),
+     "service mesh/web is bound to waypoint mesh/waypoint (ambit.dev/use-waypoint on service "
+     "mesh/web), but that Gateway serves 'workload' traffic (ambit.dev/waypoint-for); its "
+     "traffic fails closed until you label the Gateway ambit.dev/waypoint-for=service (or "
+     "all) or remove the binding"),
+    ((AMBIENT,), {"ambit.dev/use-waypoint": "waypoint"},
+     (Gateway("waypoint", "mesh", waypoint_for="none"),), "serves 'none' traffic"),
+])
+def test_binding_to_a_missing_or_wrong_waypoint_fails_closed_and_is_reported(
+        namespaces: tuple[Namespace, ...], labels: dict[str, str],
+        gateways: tuple[Gateway, ...], problem: str) -> None:
+    t = translate(waypoint_snapshot(namespaces=namespaces, gateways=gateways,
+                                    services=(svc(labels=labels),)), "td", 1)
+    (s,) = t.config.services
+    assert s.waypoint is not None  # still bound: the ztunnels refuse rather than bypass
+    assert len(t.problems) == 1 and problem in t.problems[0]
+
+
+def test_waypoint_binding_reports_its_source() -> None:
+    snap = waypoint_snapshot(namespaces=(MESH_BOUND,))
+    assert waypoint_binding(snap, svc()) == (WaypointRef("mesh", "waypoint"), "namespace mesh")
+    assert waypoint_binding(snap, svc(labels={"ambit.dev/use-waypoint": "none"})) == (None, "")
+
+
+def test_waypoint_policies_are_not_sent_to_ztunnels() -> None:
+    t = translate(RegistrySnapshot(authorization_policies=(
+        AuthorizationPolicy("l7", "mesh", {
+            "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                            "name": "waypoint"}],
+            "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+        # Even an invalid one: waypoint_policies() makes it fail closed at the waypoint.
+        AuthorizationPolicy("l7-bad", "mesh", {"targetRef": {"kind": "Pod"}}),
+        AuthorizationPolicy("l4", "mesh", {"action": "DENY"}),
+    )), "td", 1)
+    assert [p.key for p in t.config.policies] == ["mesh/l4"] and t.problems == ()
