@@ -53,17 +53,31 @@ class ControllerConfig:
     serving_names: tuple[str, ...] = ("ambit-controller.ambit-system.svc", "localhost")
     serving_ips: tuple[str, ...] = ("127.0.0.1",)
     insecure: bool = False
+    # A second gRPC port, same services, that REQUIRES a client certificate from the mesh root,
+    # so handlers can read the caller's SPIFFE ID (Envoy waypoints' ADS). None: no such port;
+    # 0: any free port. Not opened with `insecure`. See serving_credentials for why.
+    mtls_port: int | None = None
 
 
-def serving_credentials(ca: CertificateAuthority, config: ControllerConfig) \
-        -> grpc.ServerCredentials:
+def serving_credentials(ca: CertificateAuthority, config: ControllerConfig,
+                        require_client_cert: bool = False) -> grpc.ServerCredentials:
+    """TLS for the gRPC port with a serving certificate from the mesh root; client
+    certificates are verified against that root.
+
+    grpcio has no "optional client certificate" mode: with ``require_client_auth=False`` the
+    server does not even ask for one (C-core GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE), so a
+    handler never sees the caller's certificate. Ztunnels authenticate with bearer tokens and
+    must not need one, hence ``require_client_cert=True`` only for a separate port whose callers
+    (Envoy waypoints) always present their mesh certificate."""
     ident = SpiffeId(config.trust_domain, *CONTROLLER_IDENTITY)
     ips = tuple(dict.fromkeys((*config.serving_ips,
                                *([config.listen_host] if config.listen_host not in
                                  ("0.0.0.0", "::") else []))))
     issued = ca.issue(ident, ttl=dt.timedelta(days=365), dns_names=config.serving_names,
                       ip_addresses=ips)
-    return grpc.ssl_server_credentials([(issued.key_pem, issued.chain_pem)])
+    return grpc.ssl_server_credentials([(issued.key_pem, issued.chain_pem)],
+                                       root_certificates=ca.root_pem,
+                                       require_client_auth=require_client_cert)
 
 
 class Controller:
@@ -83,8 +97,11 @@ class Controller:
                                    "Registry watch failures (the last state keeps serving)",
                                    registry=self.metrics)
         self.add_services = add_services
+        # Called with each published state, after the push (e.g. the waypoint publisher).
+        self.on_state: list[Callable[[MeshConfig], None]] = []
         self.server: grpc.aio.Server | None = None
         self.grpc_port = 0
+        self.mtls_port = 0  # bound port of config.mtls_port (0 when not opened)
         self._tasks: list[asyncio.Task[None]] = []
         self._monitoring: Listener | None = None
 
@@ -104,6 +121,8 @@ class Controller:
             try:
                 async for config in self.feed.states():
                     self.publisher.publish(config)
+                    for hook in self.on_state:
+                        hook(config)
                     log.info("state version %s: %d workloads, %d services, %d policies",
                              config.version, len(config.workloads), len(config.services),
                              len(config.policies))
@@ -130,9 +149,18 @@ class Controller:
                                                          serving_credentials(self.ca, c))
         if not self.grpc_port:
             raise OSError(f"cannot listen on {address} for gRPC")
+        if c.mtls_port is not None and not c.insecure:
+            mtls_address = f"{c.listen_host}:{c.mtls_port}"
+            self.mtls_port = self.server.add_secure_port(
+                mtls_address, serving_credentials(self.ca, c, require_client_cert=True))
+            if not self.mtls_port:
+                raise OSError(f"cannot listen on {mtls_address} for gRPC (mutual TLS)")
         await self.server.start()
         log.info("gRPC (state push, CA) on %s:%d (%s)", c.listen_host, self.grpc_port,
                  "plaintext" if c.insecure else "TLS")
+        if self.mtls_port:
+            log.info("gRPC with required client certificates on %s:%d", c.listen_host,
+                     self.mtls_port)
         if c.monitoring_port:
             self._monitoring = Listener("monitoring",
                                         bind_socket(c.monitoring_host, c.monitoring_port),

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from ambit.spiffe import SpiffeId
 from controller.registry.k8s_auth import TokenReviewAuthenticator
 from controller.registry.kubernetes import KubernetesRegistry
+from controller.registry.model import RegistrySnapshot
 from controller.registry.translate import (
     Membership,
     node_hosts_identity,
@@ -31,9 +32,11 @@ class KubernetesFeed:
         self.registry = registry
         self.authenticator = authenticator
         self.trust_domain = trust_domain
+        self.snapshot: RegistrySnapshot | None = None  # the one the last state came from
 
     async def states(self) -> AsyncIterator[MeshConfig]:
         async for snap in self.registry.snapshots():
+            self.snapshot = snap
             result = translate(snap, self.trust_domain, snap.revision)
             for problem in result.problems:
                 log.warning("registry revision %d: %s", snap.revision, problem)

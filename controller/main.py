@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from controller import GRPC_PORT, MONITORING_PORT
+from controller import GRPC_PORT, MONITORING_PORT, XDS_PORT
 
 if TYPE_CHECKING:
     from controller.app import StateFeed
@@ -54,6 +54,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--listen-host", default="0.0.0.0")
     p.add_argument("--grpc-port", type=int, default=GRPC_PORT,
                    help=f"state push and CA (default {GRPC_PORT})")
+    p.add_argument("--xds-port", type=int, default=XDS_PORT,
+                   help=f"waypoints' xDS (ADS), client certificate required (default {XDS_PORT}; "
+                   "-1 disables; not opened with --insecure, where 15012 serves it)")
     p.add_argument("--monitoring-host", default="0.0.0.0")
     p.add_argument("--monitoring-port", type=int, default=MONITORING_PORT,
                    help=f"/metrics and /ready (default {MONITORING_PORT}; 0 disables)")
@@ -100,11 +103,15 @@ async def _main(args: argparse.Namespace, mode: str) -> int:
     from controller.embedded import EmbeddedFeed
     from controller.node_service import NodeService
     from controller.registry.sqlite import EmbeddedRegistry, RegistryError
+    from controller.waypoint.publisher import WaypointPublisher, node_metadata
+    from controller.xds.server import AdsServer, XdsCache
 
     try:
         ca = open_ca(args.trust_domain, args.data_dir, args.ca_cert, args.ca_key)
     except CaStoreError as e:
         raise ControllerUsageError(str(e)) from None
+    if not -1 <= args.xds_port <= 65535:
+        raise ControllerUsageError("--xds-port: not a port number (-1 disables)")
     for port_name in ("grpc_port", "monitoring_port"):
         if not 0 <= getattr(args, port_name) <= 65535:
             raise ControllerUsageError(f"--{port_name.replace('_', '-')}: not a port number")
@@ -127,14 +134,28 @@ async def _main(args: argparse.Namespace, mode: str) -> int:
         serving_names=(*ControllerConfig.serving_names, *args.serving_name),
         serving_ips=(*ControllerConfig.serving_ips, *args.serving_ip),
         insecure=args.insecure,
+        mtls_port=None if args.xds_port < 0 else args.xds_port,
     )
     controller = Controller(config, feed, ca)
     ca_service = CertificateService(ca, args.trust_domain, auth, auth, controller.metrics)
     node_service = NodeService(auth, auth.pod_membership, controller.metrics)
 
+    cache = XdsCache()
+    waypoints = WaypointPublisher(cache, controller.metrics, insecure=args.insecure)
+    ads = AdsServer(cache, lambda node, identity: waypoints.authorize(
+        node_metadata(node), identity), controller.metrics)
+
+    def on_state(config: Any) -> None:
+        snapshot = getattr(feed, "snapshot", None)
+        if snapshot is not None:
+            waypoints.update(snapshot, config)
+
+    controller.on_state.append(on_state)
+
     def add_services(server: Any) -> None:
         ca_service.add_to_server(server)
         node_service.add_to_server(server)
+        ads.add_to_server(server)
 
     controller.add_services = add_services
     bundle = args.data_dir / "trust-bundle.pem"

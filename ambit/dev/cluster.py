@@ -55,6 +55,7 @@ STATE_ROOT = Path("/var/run/ambit-dev")
 NS_PREFIX = "ambd-"
 CONTROL_PLANE_IP = "10.100.0.254"
 GRPC_PORT = 15012
+XDS_PORT = 15011  # the controller's xDS port for waypoints (client certificate required)
 CONTROLLER_MONITORING_PORT = 15014
 ZTUNNEL_READY_PORT = 15021
 NODE_METRICS_PORT = 15022
@@ -304,11 +305,15 @@ class DevCluster:
         with EmbeddedRegistry(self.db) as registry:
             registry.apply(list(documents))
 
-    def delete(self, kind: str, namespace: str, name: str) -> None:
-        from controller.registry.sqlite import EmbeddedRegistry
+    def delete(self, kind: str, namespace: str, name: str, missing_ok: bool = False) -> None:
+        from controller.registry.sqlite import EmbeddedRegistry, NotFoundError
 
         with EmbeddedRegistry(self.db) as registry:
-            registry.delete(kind, namespace, name)
+            try:
+                registry.delete(kind, namespace, name)
+            except NotFoundError:
+                if not missing_ok:
+                    raise
 
     def set_namespace(self, name: str, ambient: bool,
                       labels: Mapping[str, str] | None = None) -> None:
@@ -398,6 +403,8 @@ class DevCluster:
             for other in self.nodes:
                 if other is not node:
                     netns.add_route(node.netns, other.pod_cidr, via=other.ip, dev="eth0")
+            # Waypoint pods talk to the controller (CA, xDS): the way back to pod addresses.
+            netns.add_route(self.cp_ns, node.pod_cidr, via=node.ip, dev="eth0")
         for node in self.nodes:
             self.baseline[node.name] = node_snapshot(node.netns)
 
@@ -576,6 +583,87 @@ class DevCluster:
                                    f"{self.log_tail(role)}")
             time.sleep(0.05)
         return proc
+
+    def start_http_echo(self, name: str, port: int = 8080, version: str = "v1",
+                        timeout: float = 10.0) -> Process:
+        """Run ``ambit.dev.http_echo`` in the pod: every answer names ``version``."""
+        pod = self.pod(name)
+        ready = self.dir / f"http-{name}-{port}.ready"
+        ready.unlink(missing_ok=True)
+        role = f"pod/{name}/http-{port}"
+        proc = self.spawn(role, pod.netns, [mesh.PYTHON, "-m", "ambit.dev.http_echo", "--port",
+                                            str(port), "--version", version, "--pod", name,
+                                            "--ready-file", str(ready)],
+                          cgroup=Path(pod.cgroup))
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if not self.alive(role) or time.monotonic() > deadline:
+                raise ClusterError(f"HTTP echo server in pod {name} did not start; log:\n"
+                                   f"{self.log_tail(role)}")
+            time.sleep(0.05)
+        return proc
+
+    # --- waypoints -------------------------------------------------------------------------
+
+    @staticmethod
+    def waypoint_pod(name: str, namespace: str = "default") -> str:
+        """The waypoint's pod name (pods are named cluster-wide here)."""
+        return f"{name}-wp" if namespace == "default" else f"{namespace}-{name}-wp"
+
+    def add_waypoint(self, name: str, namespace: str = "default",
+                     node_ref: str | int | None = None, waypoint_for: str = "service",
+                     timeout: float = 60.0) -> PodInfo:
+        """Declare a waypoint (a Gateway of class ambit-waypoint) and run it, as Kubernetes'
+        Gateway controller and kubelet would: a pod labelled with the gateway's name (never
+        captured), running ``ambit waypoint run`` (certificate from the CA, then Envoy
+        configured by the controller over xDS). Ready when Envoy has its listeners."""
+        from controller.waypoint.model import GATEWAY_NAME_LABEL, WAYPOINT_CLASS
+
+        node = self.node(node_ref) if node_ref is not None else min(
+            self.nodes, key=lambda n: sum(1 for p in self.pods.values() if p.node == n.name))
+        self.apply([{
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": name, "namespace": namespace,
+                         "labels": {"ambit.dev/waypoint-for": waypoint_for}},
+            "spec": {"gatewayClassName": WAYPOINT_CLASS,
+                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+        }])
+        pod_name = self.waypoint_pod(name, namespace)
+        pod = self.add_pod(pod_name, node.name, namespace=namespace, service_account=name,
+                           labels={GATEWAY_NAME_LABEL: name, "app": name})
+        run_dir = self.dir / "waypoints" / f"{namespace}-{name}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        role = f"pod/{pod_name}/waypoint"
+        self.spawn(role, pod.netns, self._ambit(
+            "waypoint", "run", "--namespace", namespace, "--gateway", name,
+            "--pod-name", pod_name, "--pod-ip", pod.ip, "--service-account", name,
+            "--controller", f"{CONTROL_PLANE_IP}:{XDS_PORT}",
+            "--ca-address", self.controller_address,
+            "--token-file", str(Path(node.run_dir) / "node.token"),
+            "--ca-root-cert", str(self.trust_bundle), "--run-dir", str(run_dir)),
+            cgroup=Path(pod.cgroup))
+        self._wait_http(role, pod.netns, "http://127.0.0.1:15021/healthz/ready", timeout)
+        self.save()
+        return pod
+
+    def delete_waypoint(self, name: str, namespace: str = "default") -> None:
+        pod_name = self.waypoint_pod(name, namespace)
+        if pod_name in self.pods:
+            self.delete_pod(pod_name)
+        with contextlib.suppress(Exception):
+            self.delete("Gateway", namespace, name)
+        shutil.rmtree(self.dir / "waypoints" / f"{namespace}-{name}", ignore_errors=True)
+
+    def waypoint_metrics(self, name: str, namespace: str = "default") -> str:
+        pod = self.pod(self.waypoint_pod(name, namespace))
+        status, body = mesh.http_get(pod.netns, "http://127.0.0.1:15020/metrics")
+        if status != 200:
+            raise ClusterError(f"waypoint {namespace}/{name} metrics: {status} {body[:200]}")
+        return body
+
+    def restart_controller(self, timeout: float = 60.0) -> None:
+        self.stop("controller")
+        self._start_controller(timeout)
 
     # --- down ------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import (
     address_pb2,
@@ -309,7 +310,7 @@ def connect_originate() -> listener_pb2.Listener:
                                            typed_config=_any(proxy))])])
 
 
-def _access_log() -> Any:
+def _access_log(addressed: Service) -> accesslog_pb2.AccessLog:
     def tag(name: str, key: str) -> custom_tag_pb2.CustomTag:
         return custom_tag_pb2.CustomTag(tag=name, metadata=custom_tag_pb2.CustomTag.Metadata(
             kind=metadata_kind_pb2.MetadataKind(host=metadata_kind_pb2.MetadataKind.Host()),
@@ -327,9 +328,14 @@ def _access_log() -> Any:
                      tag("destination_workload_namespace", "namespace"),
                      tag("destination_principal", "principal"),
                      tag("destination_app", "app"),
-                     tag("destination_service", "service")]))
-    from envoy.config.accesslog.v3 import accesslog_pb2
-
+                     tag("destination_service", "service"),
+                     # The service the client dialled: what a denied request is counted as.
+                     custom_tag_pb2.CustomTag(tag="addressed_service",
+                                              literal=custom_tag_pb2.CustomTag.Literal(
+                                                  value=addressed.hostname))],
+        ),
+        # gRPC or plain HTTP, for request_protocol.
+        additional_request_headers_to_log=["content-type"])
     return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=_any(als))
 
 
@@ -345,7 +351,7 @@ def main_internal(view: WaypointView) -> listener_pb2.Listener:
                                 config_source=_ads()),
                 http_filters=[*rbac_filters(view.policies_for(service), view.trust_domain),
                               _router()],
-                access_log=[_access_log()],
+                access_log=[_access_log(service)],
                 # Authorization matches paths: match what the application will see.
                 normalize_path=wrappers_pb2.BoolValue(value=True),
                 merge_slashes=True,

@@ -1,0 +1,111 @@
+"""Keeps every waypoint's Envoy resources in the xDS cache, one registry change at a time.
+
+Why it exists: the registry changes as a whole (one revision), but each waypoint only needs
+its own slice. On every published state this module rebuilds each waypoint's view and Envoy
+resources (pure functions in ``view.py`` and ``envoy_config.py``) and stores them under the
+waypoint's key with a version that is a hash of their content, so an unrelated change (a pod
+elsewhere) pushes nothing to a waypoint. It also decides which proxy may read which key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from ambit.spiffe import SpiffeId
+from controller.registry.model import RegistrySnapshot
+from controller.waypoint.envoy_config import content_version, resources
+from controller.waypoint.model import GATEWAY_NAME_LABEL, WAYPOINT_CLASS, Gateway
+from controller.waypoint.parse import resolve_faults, waypoint_policies
+from controller.waypoint.view import build_view
+from controller.xds.server import XdsCache, XdsDenied
+from ztunnel.state.model import MeshConfig
+from ztunnel.state.store import StateSnapshot
+
+log = logging.getLogger("controller.waypoint")
+
+
+def node_metadata(node: Any) -> dict[str, str]:
+    """An Envoy ``Node``'s string metadata fields (the waypoint agent's bootstrap sets them)."""
+    fields = node.metadata.fields
+    return {k: v.string_value for k, v in fields.items() if v.WhichOneof("kind") ==
+            "string_value"}
+
+
+class WaypointPublisher:
+    def __init__(self, cache: XdsCache, metrics: CollectorRegistry | None = None,
+                 insecure: bool = False) -> None:
+        self.cache = cache
+        self.insecure = insecure
+        self.snapshot: RegistrySnapshot | None = None
+        self._versions: dict[str, str] = {}
+        self._problems: tuple[str, ...] = ()
+        self.waypoints = Gauge("ambit_waypoints", "Waypoints the controller configures",
+                               registry=metrics)
+
+    def update(self, snapshot: RegistrySnapshot, config: MeshConfig) -> None:
+        """Recompute every waypoint's resources from one registry snapshot and its
+        translated mesh state; store what changed, drop waypoints that are gone."""
+        self.snapshot = snapshot
+        routes = resolve_faults(snapshot.http_routes, snapshot.http_faults)
+        policies, problems = waypoint_policies(snapshot.authorization_policies)
+        if tuple(problems) != self._problems:
+            for p in problems:
+                log.warning("%s", p)
+            self._problems = tuple(problems)
+        state = StateSnapshot.build(config)
+        seen: set[str] = set()
+        for gw in snapshot.gateways:
+            if gw.gateway_class != WAYPOINT_CLASS:
+                continue
+            seen.add(gw.key)
+            res = resources(build_view(gw, config, routes, policies, state))
+            version = content_version(res)
+            if self._versions.get(gw.key) != version:
+                self.cache.set(gw.key, version, res)
+                self._versions[gw.key] = version
+                log.info("waypoint %s: config version %s (%d listeners, %d clusters)",
+                         gw.key, version, len(res[next(iter(res))]), len(res.get(
+                             "type.googleapis.com/envoy.config.cluster.v3.Cluster", {})))
+        for key in set(self._versions) - seen:
+            self.cache.remove(key)
+            del self._versions[key]
+            log.info("waypoint %s removed", key)
+        self.waypoints.set(len(seen))
+
+    def gateway(self, namespace: str, name: str) -> Gateway | None:
+        snap = self.snapshot
+        if snap is None:
+            return None
+        return next((g for g in snap.gateways
+                     if g.namespace == namespace and g.name == name), None)
+
+    def authorize(self, metadata: Mapping[str, str], identity: SpiffeId | None) -> str:
+        """The cache key a proxy may read: its Gateway, when its certificate proves the
+        service account of that Gateway's pods. Without a certificate only an ``--insecure``
+        controller (loopback development) answers, trusting the metadata."""
+        namespace, name = metadata.get("NAMESPACE", ""), metadata.get("GATEWAY", "")
+        if not namespace or not name:
+            raise XdsDenied("node metadata must name NAMESPACE and GATEWAY (the waypoint "
+                            "agent's bootstrap sets them)")
+        gw = self.gateway(namespace, name)
+        if gw is None:
+            raise XdsDenied(f"no waypoint {namespace}/{name} in the registry (create it with "
+                            f"`ambit waypoint apply -n {namespace} --name {name}`)")
+        if identity is None and not self.insecure:
+            raise XdsDenied("no client certificate: waypoints read their config on the xDS "
+                            "port (15011), presenting the waypoint's mesh certificate")
+        if identity is not None:
+            snap = self.snapshot
+            accounts = {p.service_account for p in (snap.pods if snap else ())
+                        if p.namespace == namespace
+                        and dict(p.labels).get(GATEWAY_NAME_LABEL) == name}
+            accounts.add(name)
+            if identity.namespace != namespace or identity.service_account not in accounts:
+                raise XdsDenied(f"{identity} may not read waypoint {namespace}/{name}'s "
+                                "config: it is not the service account of that waypoint's "
+                                "pods")
+        return gw.key
