@@ -8,7 +8,8 @@ namespaces that are not connected to the machine's own network.
 
 The scene: ``client`` and ``denied`` pods on node-1, an echo ``server`` pod on node-2, and an
 AuthorizationPolicy that lets only the client's identity reach the server. The demo prints each
-step, checks each outcome and exits non-zero if one is wrong.
+step, checks each outcome and exits non-zero if one is wrong. Then L7: a waypoint (the real
+Envoy) for service ``web``, with an HTTPRoute (header match, 80/20 split) and an L7 DENY.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Checks:
 
 # Of Istio's many labels, the ones that tell the story on one line.
 SHOWN_LABELS = ("pod_name", "component", "reporter", "source_workload",
-                "destination_workload", "response_flags", "direction", "policy")  # fmt: skip
+                "destination_workload", "response_code", "response_flags", "direction",
+                "policy")  # fmt: skip
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -126,10 +128,10 @@ def run(workdir: Path, keep: bool = False, out: Out = _print, redirect_mode: str
     cluster = DevCluster(name, nodes=2, redirect_mode=redirect_mode, root=workdir,
                          out=lambda line: out(f"    {line}"))
     try:
-        out("[1/6] a 2-node cluster in network namespaces: controller, and a ztunnel and a "
+        out("[1/7] a 2-node cluster in network namespaces: controller, and a ztunnel and a "
             "node agent per node")
         cluster.up()
-        out("[2/6] namespace default joins the mesh; pods are created through CNI "
+        out("[2/7] namespace default joins the mesh; pods are created through CNI "
             "(ptp + host-local, then ambit-cni)")
         cluster.set_namespace(NAMESPACE, ambient=True)
         client = cluster.add_pod("client", "node-1")
@@ -143,7 +145,7 @@ def run(workdir: Path, keep: bool = False, out: Out = _print, redirect_mode: str
             names = [p["pod"] for p in st["pods"] if p["captured"]]
             out(f"    {node.name} agent ({st['redirectMode']}): capturing {', '.join(names)}")
 
-        out(f"[3/6] client -> server {server.ip}:{SERVER_PORT} (node-1 -> node-2 over HBONE)")
+        out(f"[3/7] client -> server {server.ip}:{SERVER_PORT} (node-1 -> node-2 over HBONE)")
         res = _probe_until_ok(client.netns, server.ip, "hello from client")
         if res.ok:
             out(f"    server answered: {json.dumps(res.answer)}")
@@ -163,7 +165,7 @@ def run(workdir: Path, keep: bool = False, out: Out = _print, redirect_mode: str
             if inbound else f"no 'ok' inbound record for {server.ip}:{SERVER_PORT} in {access2}",
         )
 
-        out("[4/6] policy allow-client: only the client's identity may call the server")
+        out("[4/7] policy allow-client: only the client's identity may call the server")
         cluster.apply([ALLOW_CLIENT])
         deadline = time.monotonic() + 5
         res = mesh.tcp_probe(denied.netns, server.ip, SERVER_PORT, "hello from denied")
@@ -175,7 +177,7 @@ def run(workdir: Path, keep: bool = False, out: Out = _print, redirect_mode: str
         res = _probe_until_ok(client.netns, server.ip, "hello again")
         checks.add("the client still gets through", res.ok, res.error or "answered")
 
-        out(f"[5/6] node metrics (GET http://127.0.0.1:{NODE_METRICS_PORT}/metrics in each "
+        out(f"[5/7] node metrics (GET http://127.0.0.1:{NODE_METRICS_PORT}/metrics in each "
             "node: the agent's and the ztunnel's)")
         denied_count = 0.0
         for node in cluster.nodes:
@@ -190,6 +192,10 @@ def run(workdir: Path, keep: bool = False, out: Out = _print, redirect_mode: str
                                 if ln.startswith("ambit_ztunnel_policy_denied_total"))
         checks.add("the denial is counted", denied_count >= 1, f"policy_denied = {denied_count:g}")
 
+        out("[6/7] L7: service web (v1 on node-1, v2 on node-2) gets a waypoint (Envoy, "
+            "configured by the controller over xDS)")
+        _waypoint_step(cluster, checks, out)
+
         out("")
         out(f"summary: {sum(ok for _, ok, _ in checks.results)}/{len(checks.results)} checks "
             f"passed; files in {cluster.dir}")  # fmt: skip
@@ -197,19 +203,100 @@ def run(workdir: Path, keep: bool = False, out: Out = _print, redirect_mode: str
             out(f"  {'PASS' if ok else 'FAIL'}  {check}")
         if keep:
             out("")
-            out("[6/6] --keep: the mesh is still running. Try:")
+            out("[7/7] --keep: the mesh is still running. Try:")
             for line in cluster.status_lines()[1:]:
                 out(f"  {line}")
             out(f"remove it with: ambit dev cluster down --name {name}"
                 + (f"  (state in {workdir})" if workdir != STATE_ROOT else ""))
         else:
-            out("[6/6] tearing down (pods via CNI DEL, agent uninstall, namespaces)")
+            out("[7/7] tearing down (pods via CNI DEL, agent uninstall, namespaces)")
     except BaseException:
         cluster.down(quiet=True)  # even with --keep: a half-built mesh is of no use to anyone
         raise
     if not keep:
         cluster.down(quiet=True)
     return 0 if checks.ok else 1
+
+
+WEB_VIP = "10.96.0.20"
+WEB_L7 = [
+    {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+     "metadata": {"name": "web", "namespace": NAMESPACE},
+     "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+              "rules": [
+                  {"matches": [{"headers": [{"name": "x-version", "value": "v2"}]}],
+                   "backendRefs": [{"name": "web-v2", "port": 80}]},
+                  {"backendRefs": [{"name": "web-v1", "port": 80, "weight": 80},
+                                   {"name": "web-v2", "port": 80, "weight": 20}]}]}},
+    {"apiVersion": "security.ambit.dev/v1", "kind": "AuthorizationPolicy",
+     "metadata": {"name": "no-admin-writes", "namespace": NAMESPACE},
+     "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                              "name": "waypoint"}],
+              "action": "DENY",
+              "rules": [{"to": [{"operation": {"methods": ["POST"], "paths": ["/admin*"]}}]}]}},
+]
+
+
+def _web_service(name: str, vip: str, selector: dict[str, str],
+                 labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels or {}},
+            "spec": {"clusterIP": vip, "selector": selector,
+                     "ports": [{"port": 80, "targetPort": SERVER_PORT}]}}
+
+
+def _load(ns: str, path: str, count: int, *extra: str) -> dict[str, Any]:
+    out = netns.ns_run(ns, [mesh.PYTHON, "-m", "ambit.dev.http_load",
+                            f"http://{WEB_VIP}{path}", "--count", str(count), *extra],
+                       timeout=120)
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+def _waypoint_step(cluster: DevCluster, checks: Checks, out: Out) -> None:
+    for pod, node, version in (("web-v1", "node-1", "v1"), ("web-v2", "node-2", "v2")):
+        cluster.add_pod(pod, node, labels={"app": "web", "version": version})
+        cluster.start_http_echo(pod, SERVER_PORT, version)
+    cluster.apply([_web_service("web-v1", "10.96.0.21", {"app": "web", "version": "v1"}),
+                   _web_service("web-v2", "10.96.0.22", {"app": "web", "version": "v2"}),
+                   _web_service("web", WEB_VIP, {"app": "web"},
+                                {"ambit.dev/use-waypoint": "waypoint"})])
+    wp = cluster.add_waypoint("waypoint", NAMESPACE, "node-2")
+    out(f"    `ambit waypoint apply --name waypoint`: pod {wp.name} {wp.ip} on {wp.node}; "
+        "service web labelled ambit.dev/use-waypoint=waypoint")
+    out("    HTTPRoute web: x-version: v2 -> web-v2, else 80 % web-v1 / 20 % web-v2; "
+        "AuthorizationPolicy: DENY POST /admin*")
+    cluster.apply(WEB_L7)
+    client = cluster.pod("client").netns
+    deadline = time.monotonic() + 20
+    split = _load(client, "/", 20)
+    while time.monotonic() < deadline and (split["codes"] != {"200": 20}
+                                           or "v2" not in split["versions"]):
+        time.sleep(0.3)
+        split = _load(client, "/", 20)
+    split = _load(client, "/", 200)
+    v2 = split["versions"].get("v2", 0)
+    out(f"    200 requests from client to web: {json.dumps(split['versions'])} "
+        f"(p50 {split['p50_ms']} ms)")
+    checks.add("the waypoint splits web 80/20", split["codes"] == {"200": 200}
+               and 20 <= v2 <= 65, json.dumps(split["codes"]))
+    header = _load(client, "/", 20, "--header", "x-version:v2")
+    checks.add("x-version: v2 goes to web-v2", header["versions"] == {"v2": 20},
+               json.dumps(header["versions"]))
+    admin = _load(client, "/admin", 1, "--method", "POST")
+    get = _load(client, "/admin", 1)
+    checks.add("POST /admin is denied by the waypoint (403), GET passes",
+               admin["codes"] == {"403": 1} and get["codes"] == {"200": 1},
+               f"POST {admin['codes']}, GET {get['codes']}")
+    metrics = ""
+    for _ in range(20):
+        metrics = cluster.waypoint_metrics("waypoint", NAMESPACE)
+        if 'response_code="403"' in metrics:
+            break
+        time.sleep(0.3)
+    for line in metrics.splitlines():
+        if line.startswith("istio_requests_total{"):
+            out(f"      {_compact(line)}")
 
 
 def cleanup(out: Out = _print) -> int:

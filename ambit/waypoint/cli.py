@@ -38,7 +38,49 @@ def add_parser(sub: SubParsers) -> None:
                        "retries, faults, L7 authorization) to traffic bound for services that "
                        "use them.")
     wsub = p.add_subparsers(dest="waypoint_command", metavar="COMMAND", required=True)
+    _add_apply(wsub)
+    _add_delete(wsub)
+    _add_list(wsub)
     _add_run(wsub)
+
+
+def _where_flags(p: argparse.ArgumentParser, kubernetes: bool = True) -> None:
+    p.add_argument("--cluster", metavar="NAME",
+                   help="a local dev cluster (`ambit dev cluster up`): also start/stop the "
+                   "waypoint's pod there")
+    p.add_argument("--db", type=Path, help="embedded registry (default $AMBIT_DB or "
+                   "/var/lib/ambit/registry.db)")
+    if kubernetes:
+        p.add_argument("--kubeconfig", help="Kubernetes: create the Gateway in the API server "
+                       "(also used when $KUBECONFIG is set and neither --db nor --cluster is)")
+
+
+def _add_apply(wsub: SubParsers) -> None:
+    a = wsub.add_parser(
+        "apply", help="create (or update) a waypoint",
+        description="Declare a waypoint: a Gateway API Gateway of class ambit-waypoint. In "
+        "Kubernetes the controller runs it (Deployment + Service); in a dev cluster its pod is "
+        "started here. Then label a Service or Namespace ambit.dev/use-waypoint=NAME.")
+    a.add_argument("--for", dest="waypoint_for", default="service",
+                   choices=["service", "workload", "all", "none"],
+                   help="which traffic it serves (default service: traffic to service VIPs)")
+    a.add_argument("-n", "--namespace", default="default")
+    a.add_argument("--name", default="waypoint", help="the Gateway's name (default waypoint)")
+    a.add_argument("--node", help="dev cluster: the node to run it on (default: least busy)")
+    _where_flags(a)
+
+
+def _add_delete(wsub: SubParsers) -> None:
+    d = wsub.add_parser("delete", help="remove a waypoint")
+    d.add_argument("-n", "--namespace", default="default")
+    d.add_argument("--name", default="waypoint")
+    _where_flags(d)
+
+
+def _add_list(wsub: SubParsers) -> None:
+    ls = wsub.add_parser("list", help="waypoints, their instances and bound services "
+                         "(embedded registry or dev cluster)")
+    _where_flags(ls, kubernetes=False)
 
 
 def _add_run(wsub: SubParsers) -> None:
@@ -110,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch ``ambit waypoint <command>``; the exit status."""
     if args.waypoint_command == "run":
         return _run(args)
+    if args.waypoint_command in ("apply", "delete", "list"):
+        return _manage(args)
     print(f"ambit waypoint: unknown command {args.waypoint_command!r}", file=sys.stderr)
     return 2
 
@@ -125,3 +169,26 @@ def _run(args: argparse.Namespace) -> int:
     from ambit.waypoint.runner import run as run_waypoint
 
     return run_waypoint(config)
+
+
+def _manage(args: argparse.Namespace) -> int:
+    from ambit.waypoint import manage
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        if args.waypoint_command == "apply":
+            manage.apply(args.namespace, args.name, args.waypoint_for, out,
+                         cluster=args.cluster, node=args.node, db=args.db,
+                         kubeconfig=args.kubeconfig)
+        elif args.waypoint_command == "delete":
+            manage.delete(args.namespace, args.name, out, cluster=args.cluster, db=args.db,
+                          kubeconfig=args.kubeconfig)
+        else:
+            for line in manage.list_lines(cluster=args.cluster, db=args.db):
+                out(line)
+    except manage.ManageError as e:
+        print(f"ambit waypoint {args.waypoint_command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
