@@ -55,6 +55,7 @@ STATE_ROOT = Path("/var/run/ambit-dev")
 NS_PREFIX = "ambd-"
 CONTROL_PLANE_IP = "10.100.0.254"
 GRPC_PORT = 15012
+WAYPOINT_RUN_ROOT = Path("/var/run/ambit-dev-wp")
 XDS_PORT = 15011  # the controller's xDS port for waypoints (client certificate required)
 CONTROLLER_MONITORING_PORT = 15014
 ZTUNNEL_READY_PORT = 15021
@@ -605,6 +606,11 @@ class DevCluster:
 
     # --- waypoints -------------------------------------------------------------------------
 
+    def waypoint_run_dir(self, name: str, namespace: str = "default") -> Path:
+        """The waypoint agent's directory. Short and outside ``self.dir`` (which may be
+        deep, e.g. under pytest's tmp) because it holds a unix socket (108-byte limit)."""
+        return WAYPOINT_RUN_ROOT / f"{self.name}-{namespace}-{name}"
+
     @staticmethod
     def waypoint_pod(name: str, namespace: str = "default") -> str:
         """The waypoint's pod name (pods are named cluster-wide here)."""
@@ -631,7 +637,7 @@ class DevCluster:
         pod_name = self.waypoint_pod(name, namespace)
         pod = self.add_pod(pod_name, node.name, namespace=namespace, service_account=name,
                            labels={GATEWAY_NAME_LABEL: name, "app": name})
-        run_dir = self.dir / "waypoints" / f"{namespace}-{name}"
+        run_dir = self.waypoint_run_dir(name, namespace)
         run_dir.mkdir(parents=True, exist_ok=True)
         role = f"pod/{pod_name}/waypoint"
         self.spawn(role, pod.netns, self._ambit(
@@ -652,7 +658,7 @@ class DevCluster:
             self.delete_pod(pod_name)
         with contextlib.suppress(Exception):
             self.delete("Gateway", namespace, name)
-        shutil.rmtree(self.dir / "waypoints" / f"{namespace}-{name}", ignore_errors=True)
+        shutil.rmtree(self.waypoint_run_dir(name, namespace), ignore_errors=True)
 
     def waypoint_metrics(self, name: str, namespace: str = "default") -> str:
         pod = self.pod(self.waypoint_pod(name, namespace))
@@ -703,6 +709,10 @@ class DevCluster:
                 with contextlib.suppress(OSError):
                     cg.parent.rmdir()  # only if no other dev cluster uses it
         shutil.rmtree(self.dir, ignore_errors=True)
+        for wp_dir in WAYPOINT_RUN_ROOT.glob(f"{self.name}-*"):
+            shutil.rmtree(wp_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            WAYPOINT_RUN_ROOT.rmdir()  # only when no other cluster has waypoints
         say(f"cluster {self.name!r} removed")
 
     # --- status ----------------------------------------------------------------------------
