@@ -91,6 +91,45 @@ class _Identity:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@dataclass(frozen=True)
+class Issued:
+    """A CA answer that passed ``check_issued``, with our key in PEM."""
+
+    chain_pem: bytes
+    key_pem: bytes
+    bundle_pem: bytes
+    leaf: x509.Certificate
+
+
+def check_issued(identity: SpiffeId, key: ec.EllipticCurvePrivateKey,
+                 resp: ca_pb2.CreateCertificateResponse) -> Issued:
+    """Check the CA's answer is a certificate for ``key`` and ``identity`` (the ztunnel's and
+    the waypoint agent's one rule); ``ValueError`` says what is wrong otherwise."""
+    chain_pem = "".join(resp.cert_chain_pem).encode()
+    bundle_pem = "".join(resp.trust_bundle_pem).encode()
+    if not chain_pem or not bundle_pem:
+        raise ValueError("empty certificate chain or trust bundle")
+    try:
+        leaf = x509.load_pem_x509_certificate(resp.cert_chain_pem[0].encode())
+        x509.load_pem_x509_certificates(bundle_pem)
+    except ValueError as e:
+        raise ValueError(f"cannot parse it: {e}") from None
+    leaf_key = leaf.public_key()
+    if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or \
+            leaf_key.public_numbers() != key.public_key().public_numbers():
+        raise ValueError("the leaf certificate is not for the key in our CSR")
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if uris != [str(identity)]:
+        raise ValueError(f"the leaf certificate names {uris}")
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return Issued(chain_pem, key_pem, bundle_pem, leaf)
+
+
 def make_csr(identity: SpiffeId) -> tuple[ec.EllipticCurvePrivateKey, str]:
     """A fresh P-256 key and a CSR whose only SAN is ``identity``."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -330,28 +369,12 @@ class CaSecretManager:
             return CaFetchError("bad_response", f"CA {self.ca_address} answered for {identity} "
                                 f"with an unusable certificate: {why}")
 
-        chain_pem = "".join(resp.cert_chain_pem).encode()
-        bundle_pem = "".join(resp.trust_bundle_pem).encode()
-        if not chain_pem or not bundle_pem:
-            raise bad("empty certificate chain or trust bundle")
         try:
-            leaf = x509.load_pem_x509_certificate(resp.cert_chain_pem[0].encode())
+            issued = check_issued(identity, key, resp)
         except ValueError as e:
-            raise bad(f"cannot parse the leaf certificate: {e}") from None
-        leaf_key = leaf.public_key()
-        if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or \
-                leaf_key.public_numbers() != key.public_key().public_numbers():
-            raise bad("the leaf certificate is not for the key in our CSR")
-        try:
-            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-        except x509.ExtensionNotFound:
-            uris = []
-        if uris != [str(identity)]:
-            raise bad(f"the leaf certificate names {uris}")
-        key_pem = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
+            raise bad(str(e)) from None
+        chain_pem, key_pem, bundle_pem, leaf = (issued.chain_pem, issued.key_pem,
+                                                issued.bundle_pem, issued.leaf)
         try:
             client = context_from_pem(False, chain_pem, key_pem, bundle_pem)
             server = context_from_pem(True, chain_pem, key_pem, bundle_pem)

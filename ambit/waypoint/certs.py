@@ -30,13 +30,12 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ambit.spiffe import SpiffeId
 from controller.api.ambit.v1 import ca_pb2, ca_pb2_grpc
-from ztunnel.ca_client import CHANNEL_OPTIONS, make_csr
+from ztunnel.ca_client import CHANNEL_OPTIONS, check_issued, make_csr
 
 log = logging.getLogger("ambit.waypoint.certs")
 
@@ -96,32 +95,15 @@ def accept_response(identity: SpiffeId, key: ec.EllipticCurvePrivateKey,
         return CaError("bad_response", f"CA {ca_address} answered for {identity} with an "
                        f"unusable certificate: {why}")
 
-    chain_pem = "".join(resp.cert_chain_pem).encode()
-    bundle_pem = "".join(resp.trust_bundle_pem).encode()
-    if not chain_pem or not bundle_pem:
-        raise bad("empty certificate chain or trust bundle")
     try:
-        leaf = x509.load_pem_x509_certificate(resp.cert_chain_pem[0].encode())
-        x509.load_pem_x509_certificates(bundle_pem)
+        issued = check_issued(identity, key, resp)
     except ValueError as e:
-        raise bad(f"cannot parse it: {e}") from None
-    leaf_key = leaf.public_key()
-    if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or \
-            leaf_key.public_numbers() != key.public_key().public_numbers():
-        raise bad("the leaf certificate is not for the key in our CSR")
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    if uris != [str(identity)]:
-        raise bad(f"the leaf certificate names {uris}")
+        raise bad(str(e)) from None
+    leaf = issued.leaf
     not_after = leaf.not_valid_after_utc.timestamp()
     if not_after <= fetched_at:
         raise bad(f"it expired at {leaf.not_valid_after_utc.isoformat()}")
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return WaypointCertificate(identity, chain_pem, key_pem, bundle_pem,
+    return WaypointCertificate(identity, issued.chain_pem, issued.key_pem, issued.bundle_pem,
                                format(leaf.serial_number, "x"), not_after, fetched_at)
 
 
