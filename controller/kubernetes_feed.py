@@ -21,6 +21,7 @@ from controller.registry.translate import (
     pod_membership,
     translate,
 )
+from controller.waypoint.k8s_deployer import GatewayDeployer
 from ztunnel.state.model import MeshConfig
 
 log = logging.getLogger("controller.kubernetes")
@@ -33,6 +34,8 @@ class KubernetesFeed:
         self.authenticator = authenticator
         self.trust_domain = trust_domain
         self.snapshot: RegistrySnapshot | None = None  # the one the last state came from
+        # Renders waypoint Gateways' Deployments (controller --waypoint-image); None: off.
+        self.deployer: GatewayDeployer | None = None
 
     async def states(self) -> AsyncIterator[MeshConfig]:
         async for snap in self.registry.snapshots():

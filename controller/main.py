@@ -66,6 +66,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="IP ztunnels dial (repeatable; goes into the serving cert)")
     p.add_argument("--insecure", action="store_true",
                    help="serve gRPC in plaintext (loopback development only)")
+    p.add_argument("--waypoint-image", default="",
+                   help="Kubernetes: the image of waypoint pods (the controller renders each "
+                   "ambit-waypoint Gateway's Deployment with it); empty: do not deploy them")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -78,10 +81,13 @@ def choose_mode(mode: str, kubeconfig: str | None, environ: dict[str, str]) -> s
     return "embedded"
 
 
-async def _kubernetes_feed(args: argparse.Namespace) -> tuple[StateFeed, Callable[[], Any]]:
+async def _kubernetes_feed(args: argparse.Namespace, root_pem: bytes) \
+        -> tuple[StateFeed, Callable[[], Any]]:
+    from controller import XDS_PORT
     from controller.kubernetes_feed import KubernetesFeed
-    from controller.registry.k8s_auth import TokenReviewAuthenticator
+    from controller.registry.k8s_auth import WORKLOAD_AUDIENCE, TokenReviewAuthenticator
     from controller.registry.kubernetes import KubernetesRegistry, api_client
+    from controller.waypoint.k8s_deployer import GatewayDeployer
 
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
     try:
@@ -92,8 +98,24 @@ async def _kubernetes_feed(args: argparse.Namespace) -> tuple[StateFeed, Callabl
                                    "pass --kubeconfig or use --mode embedded") from None
     registry = KubernetesRegistry(api)
     registry.start()
-    feed = KubernetesFeed(registry, TokenReviewAuthenticator(api), args.trust_domain)
-    return feed, registry.stop
+    # Waypoint pods authenticate with their own projected token (audience ambit-ca).
+    feed = KubernetesFeed(registry, TokenReviewAuthenticator(
+        api, workload_audiences=(WORKLOAD_AUDIENCE,)), args.trust_domain)
+    deployer: GatewayDeployer | None = None
+    if args.waypoint_image:
+        service = "ambit-controller.ambit-system.svc"
+        deployer = GatewayDeployer(api, args.waypoint_image, args.trust_domain,
+                                   f"{service}:{XDS_PORT}", ca_address=f"{service}:{GRPC_PORT}",
+                                   root_cert_pem=root_pem)
+        await deployer.start()
+    feed.deployer = deployer
+
+    async def cleanup() -> None:
+        if deployer is not None:
+            await deployer.stop()
+        await registry.stop()
+
+    return feed, cleanup
 
 
 async def _main(args: argparse.Namespace, mode: str) -> int:
@@ -117,7 +139,7 @@ async def _main(args: argparse.Namespace, mode: str) -> int:
             raise ControllerUsageError(f"--{port_name.replace('_', '-')}: not a port number")
     cleanup: Callable[[], Any] | None = None
     if mode == "kubernetes":
-        feed, cleanup = await _kubernetes_feed(args)
+        feed, cleanup = await _kubernetes_feed(args, ca.root_pem)
         auth: Any = feed
         where = "Kubernetes API server"
     else:
@@ -137,7 +159,12 @@ async def _main(args: argparse.Namespace, mode: str) -> int:
         mtls_port=None if args.xds_port < 0 else args.xds_port,
     )
     controller = Controller(config, feed, ca)
-    ca_service = CertificateService(ca, args.trust_domain, auth, auth, controller.metrics)
+    policy: Any = auth
+    if mode == "kubernetes":
+        from controller.registry.k8s_auth import WorkloadScopedPolicy
+
+        policy = WorkloadScopedPolicy(auth, auth.registry.snapshot, args.trust_domain)
+    ca_service = CertificateService(ca, args.trust_domain, auth, policy, controller.metrics)
     node_service = NodeService(auth, auth.pod_membership, controller.metrics)
 
     cache = XdsCache()
@@ -149,6 +176,9 @@ async def _main(args: argparse.Namespace, mode: str) -> int:
         snapshot = getattr(feed, "snapshot", None)
         if snapshot is not None:
             waypoints.update(snapshot, config)
+            deployer = getattr(feed, "deployer", None)
+            if deployer is not None:
+                deployer.update(snapshot.gateways)
 
     controller.on_state.append(on_state)
 

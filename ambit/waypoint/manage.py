@@ -171,8 +171,12 @@ async def _with_api(kubeconfig: str | None, action: Callable[[Any], Any]) -> str
     except Exception as e:  # kubernetes_asyncio raises several unrelated types here
         raise ManageError(f"cannot load Kubernetes credentials ({kubeconfig or 'in-cluster'}):"
                           f" {e}") from None
+    from controller.waypoint.k8s_apply import WaypointApplyError
+
     try:
         result: str = await action(api)
         return result
+    except WaypointApplyError as e:
+        raise ManageError(str(e)) from None
     finally:
         await api.close()

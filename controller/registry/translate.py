@@ -160,6 +160,10 @@ def waypoint_binding(snapshot: RegistrySnapshot, service: Service) \
     NS/NAME" or "namespace NS"; "" when unbound). The Service's own label wins, so
     ``ambit.dev/use-waypoint=none`` on it opts it out of its namespace's waypoint."""
     labels = dict(service.labels)
+    if GATEWAY_NAME_LABEL in labels:
+        # A waypoint's own Service (rendered in Kubernetes): binding it to a waypoint, e.g.
+        # by a namespace-wide label, would send the waypoint's traffic to itself.
+        return None, ""
     source = f"service {service.key}"
     if USE_WAYPOINT_LABEL not in labels:
         ns = snapshot.namespace(service.namespace)

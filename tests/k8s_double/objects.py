@@ -78,12 +78,26 @@ def peer_authentication(name: str, ns: str, spec: dict[str, Any]) -> dict[str, A
 
 
 def gateway(name: str, ns: str, *, gateway_class: str = "ambit-waypoint",
-            labels: dict[str, str] | None = None) -> dict[str, Any]:
+            labels: dict[str, str] | None = None,
+            annotations: dict[str, str] | None = None, port: int = 15008) -> dict[str, Any]:
     """A waypoint Gateway as the API server stores it (listener defaults filled in)."""
-    return {"metadata": {"name": name, "namespace": ns, "labels": dict(labels or {})},
+    meta: dict[str, Any] = {"name": name, "namespace": ns, "labels": dict(labels or {})}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return {"metadata": meta,
             "spec": {"gatewayClassName": gateway_class,
-                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE",
+                     "listeners": [{"name": "mesh", "port": port, "protocol": "HBONE",
                                     "allowedRoutes": {"namespaces": {"from": "Same"}}}]}}
+
+
+def deployment(name: str, ns: str, labels: dict[str, str], *,
+               image: str = "example/app:1") -> dict[str, Any]:
+    """A Deployment as someone other than Ambit writes it (the API server's defaults left
+    out: tests put it into the store directly)."""
+    return {"metadata": {"name": name, "namespace": ns, "labels": dict(labels)},
+            "spec": {"replicas": 1, "selector": {"matchLabels": dict(labels)},
+                     "template": {"metadata": {"labels": dict(labels)},
+                                  "spec": {"containers": [{"name": "main", "image": image}]}}}}
 
 
 def http_route(name: str, ns: str, spec: dict[str, Any], *,

@@ -7,6 +7,10 @@ in a per-resource history so a watch can resume from any version still retained;
 Everything is single-threaded asyncio: registering a watcher and computing its replay happen
 without an ``await`` in between, so no write can fall in the gap (the property a real server
 gets from its watch cache).
+
+Label selectors (``labelSelector``) filter lists and watches as a real server's watch cache
+does: a MODIFIED object that starts matching arrives as ADDED, one that stops matching as
+DELETED. Objects with a ``spec`` carry ``metadata.generation``, bumped when the spec changes.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +52,16 @@ KINDS: dict[str, Kind] = {
         Kind("gateway.networking.k8s.io", "v1", "gateways", "Gateway"),
         Kind("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute"),
         Kind("networking.ambit.dev", "v1alpha1", "httpfaults", "HTTPFault"),
+        # Written by the waypoint deployer (controller/waypoint/k8s_deployer.py).
+        Kind("apps", "v1", "deployments", "Deployment"),
+        Kind("", "v1", "configmaps", "ConfigMap"),
     )
 }
+
+# Kinds whose ``status`` is a subresource: writes to the object keep the stored status, writes
+# to ``.../status`` change only the status (as for the real kinds and the Gateway API CRDs).
+STATUS_SUBRESOURCE = frozenset({"namespaces", "pods", "services", "deployments", "gateways",
+                                "httproutes"})
 
 Key = tuple[str, str]  # (namespace or "", name)
 
@@ -65,6 +78,74 @@ class Event:
     type: str  # ADDED | MODIFIED | DELETED | BOOKMARK
     rv: int
     obj: dict[str, Any]
+    prev: dict[str, Any] | None = None  # MODIFIED: the object before (for label selectors)
+
+
+# ----- label selectors (equality- and set-based, as ``labelSelector`` is written) -----
+
+@dataclass(frozen=True)
+class Requirement:
+    key: str
+    op: str  # "=", "!=", "in", "notin", "exists", "!exists"
+    values: frozenset[str] = frozenset()
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        if self.op == "exists":
+            return self.key in labels
+        if self.op == "!exists":
+            return self.key not in labels
+        if self.op in ("=", "in"):
+            return labels.get(self.key) in self.values
+        return labels.get(self.key) not in self.values  # "!=", "notin"
+
+
+Selector = tuple[Requirement, ...]
+_SET_TERM = re.compile(r"^([^\s!=(),]+)\s+(in|notin)\s+\(([^()]*)\)$")
+_LABEL_PART = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$")
+
+
+def parse_selector(text: str) -> Selector:
+    """``a=b,c!=d,e in (f,g),h,!i``; raises ValueError as the API server answers 400."""
+    terms: list[str] = []
+    depth, start = 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            terms.append(text[start:i])
+            start = i + 1
+    terms.append(text[start:])
+    out: list[Requirement] = []
+    for raw in terms:
+        term = raw.strip()
+        if not term:
+            if len(terms) == 1:
+                return ()
+            raise ValueError(f"empty term in label selector {text!r}")
+        m = _SET_TERM.match(term)
+        if m:
+            values = frozenset(v.strip() for v in m.group(3).split(",") if v.strip())
+            req = Requirement(m.group(1), m.group(2), values)
+        elif "!=" in term:
+            key, value = (p.strip() for p in term.split("!=", 1))
+            req = Requirement(key, "!=", frozenset({value}))
+        elif "=" in term:
+            key, value = (p.strip() for p in term.replace("==", "=", 1).split("=", 1))
+            req = Requirement(key, "=", frozenset({value}))
+        elif term.startswith("!"):
+            req = Requirement(term[1:].strip(), "!exists")
+        else:
+            req = Requirement(term, "exists")
+        if not _LABEL_PART.match(req.key) or any(
+                v and not _LABEL_PART.match(v) for v in req.values):
+            raise ValueError(f"invalid label selector term {term!r}")
+        out.append(req)
+    return tuple(out)
+
+
+def selector_matches(selector: Selector, obj: dict[str, Any]) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return all(r.matches(labels) for r in selector)
 
 
 @dataclass(eq=False)
@@ -75,9 +156,23 @@ class Watcher:
     namespace: str | None
     bookmarks: bool
     queue: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue)
+    selector: Selector = ()
 
     def wants(self, obj: dict[str, Any]) -> bool:
-        return self.namespace is None or obj["metadata"].get("namespace") == self.namespace
+        return ((self.namespace is None or obj["metadata"].get("namespace") == self.namespace)
+                and selector_matches(self.selector, obj))
+
+    def view(self, event: Event) -> Event | None:
+        """The event as this watcher sees it: filtered, and with a label selector, an object
+        that starts (stops) matching arrives as ADDED (DELETED), as from a real server."""
+        now = self.wants(event.obj)
+        if event.type == "MODIFIED" and self.selector:
+            before = event.prev is not None and self.wants(event.prev)
+            if now and not before:
+                return Event("ADDED", event.rv, event.obj)
+            if before and not now:
+                return Event("DELETED", event.rv, event.obj)
+        return event if now else None
 
 
 def _key(kind: Kind, obj: dict[str, Any]) -> Key:
@@ -119,12 +214,20 @@ class Store:
                 "uid", old["metadata"]["uid"] if old else str(uuid.uuid4()))
             meta.setdefault("creationTimestamp", old["metadata"]["creationTimestamp"] if old else
                             datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            if "spec" in stored:
+                before = int((old or {}).get("metadata", {}).get("generation") or 0)
+                changed = old is None or old.get("spec") != stored["spec"] or not before
+                meta["generation"] = before + 1 if changed else before
+            else:
+                meta.pop("generation", None)
             self.objects[plural][key] = stored
-        event = Event(type_, self.rv, stored)
+        event = Event(type_, self.rv, stored, prev=old if type_ == "MODIFIED" else None)
         self.history[plural].append(event)
         for w in self.watchers:
-            if w.plural == plural and w.wants(stored):
-                w.queue.put_nowait(event)
+            if w.plural == plural:
+                seen = w.view(event)
+                if seen is not None:
+                    w.queue.put_nowait(seen)
         return copy.deepcopy(stored)
 
     def create(self, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
@@ -163,29 +266,31 @@ class Store:
         obj = self.objects[plural].get((namespace, name))
         return copy.deepcopy(obj) if obj is not None else None
 
-    def list(self, plural: str, namespace: str | None) -> tuple[list[dict[str, Any]], int]:
+    def list(self, plural: str, namespace: str | None, selector: Selector = ()) \
+            -> tuple[list[dict[str, Any]], int]:
         items = [copy.deepcopy(o) for (ns, _), o in sorted(self.objects[plural].items())
-                 if namespace is None or ns == namespace]
+                 if (namespace is None or ns == namespace) and selector_matches(selector, o)]
         return items, self.rv
 
     # ----- watches -----
 
-    def watch(self, plural: str, namespace: str | None, rv: int | None, bookmarks: bool) \
-            -> Watcher:
+    def watch(self, plural: str, namespace: str | None, rv: int | None, bookmarks: bool,
+              selector: Selector = ()) -> Watcher:
         """Open a watch from ``rv`` (None: synthetic ADDED of everything now, like rv=0).
 
         Raises ``Gone`` when events after ``rv`` are no longer all retained.
         """
-        w = Watcher(plural, namespace, bookmarks)
+        w = Watcher(plural, namespace, bookmarks, selector=selector)
         if rv is None:
-            for obj in self.list(plural, namespace)[0]:
+            for obj in self.list(plural, namespace, selector)[0]:
                 w.queue.put_nowait(Event("ADDED", int(obj["metadata"]["resourceVersion"]), obj))
         else:
             if rv < self.compacted:
                 raise Gone(rv, self.compacted)
             for e in self.history[plural]:
-                if e.rv > rv and w.wants(e.obj):
-                    w.queue.put_nowait(e)
+                seen = w.view(e) if e.rv > rv else None
+                if seen is not None:
+                    w.queue.put_nowait(seen)
         self.watchers.add(w)
         self.watch_opened.set()
         return w

@@ -360,6 +360,9 @@ def test_waypoint_binding_reports_its_source() -> None:
     snap = waypoint_snapshot(namespaces=(MESH_BOUND,))
     assert waypoint_binding(snap, svc()) == (WaypointRef("mesh", "waypoint"), "namespace mesh")
     assert waypoint_binding(snap, svc(labels={"ambit.dev/use-waypoint": "none"})) == (None, "")
+    # A waypoint's own Service is never bound (it would send the waypoint's traffic to itself).
+    own = svc(labels={"gateway.networking.k8s.io/gateway-name": "waypoint"})
+    assert waypoint_binding(snap, own) == (None, "")
 
 
 def test_waypoint_policies_are_not_sent_to_ztunnels() -> None:
