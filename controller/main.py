@@ -83,7 +83,6 @@ def choose_mode(mode: str, kubeconfig: str | None, environ: dict[str, str]) -> s
 
 async def _kubernetes_feed(args: argparse.Namespace, root_pem: bytes) \
         -> tuple[StateFeed, Callable[[], Any]]:
-    from controller import XDS_PORT
     from controller.kubernetes_feed import KubernetesFeed
     from controller.registry.k8s_auth import WORKLOAD_AUDIENCE, TokenReviewAuthenticator
     from controller.registry.kubernetes import KubernetesRegistry, api_client
