@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from controller.registry.fields import dns_name, mapping, string
 from controller.registry.model import (
     AMBIENT,
     DATAPLANE_MODE_LABEL,
@@ -110,42 +111,7 @@ class DocumentError(ValueError):
 
 # --- field validation ----------------------------------------------------------------------
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
-
-
-def _mapping(value: Any, path: str, allowed: Iterable[str]) -> Mapping[str, Any]:
-    if value is None:
-        value = {}
-    if not isinstance(value, Mapping):
-        raise StateError(path, f"expected a mapping, got {type(value).__name__}")
-    allowed = set(allowed)
-    for key in value:
-        if key not in allowed:
-            raise StateError(f"{path}.{key}" if path else str(key),
-                             f"unknown field; expected one of: {', '.join(sorted(allowed))}")
-    return value
-
-
-def _str(value: Any, path: str) -> str:
-    if value is None:
-        raise StateError(path, "is required")
-    if not isinstance(value, str) or not value:
-        raise StateError(path, f"expected a non-empty string, got {value!r}")
-    return value
-
-
-def dns_name(value: Any, path: str, *, label: bool = False) -> str:
-    """A Kubernetes object name: a DNS-1123 label (namespaces, services) or subdomain."""
-    text = _str(value, path)
-    pattern, limit = (_DNS_LABEL, 63) if label else (_DNS_SUBDOMAIN, 253)
-    if len(text) > limit or not pattern.fullmatch(text):
-        what = "DNS label" if label else "DNS name"
-        raise StateError(path, f"{text!r} is not a valid {what}: lowercase letters, digits "
-                         f"and '-'{'' if label else ' or .'}, starting and ending with a "
-                         f"letter or digit, at most {limit} characters")
-    return text
 
 
 def _label_key(key: Any, path: str) -> str:
@@ -269,17 +235,17 @@ def _json(value: Any, path: str) -> dict[str, Any]:
 
 def parse_document(doc: Any) -> Record:
     """Validate one document and return its record; ``StateError`` names the bad field."""
-    top = _mapping(doc, "", ("apiVersion", "kind", "metadata", "spec"))
-    kind_name = _str(top.get("kind"), "kind")
+    top = mapping(doc, "", ("apiVersion", "kind", "metadata", "spec"))
+    kind_name = string(top.get("kind"), "kind")
     kind = KINDS.get(kind_name)
     if kind is None:
         raise StateError("kind", f"{kind_name!r} is not a registry kind; expected one of: "
                          f"{', '.join(KINDS)}")
-    api_version = _str(top.get("apiVersion"), "apiVersion")
+    api_version = string(top.get("apiVersion"), "apiVersion")
     if api_version != kind.api_version:
         raise StateError("apiVersion", f"{api_version!r} does not serve {kind.name}; use "
                          f"apiVersion: {kind.api_version}")
-    meta = _mapping(top.get("metadata"), "metadata",
+    meta = mapping(top.get("metadata"), "metadata",
                     ("name", "namespace", "labels", "annotations"))
     # Annotations are accepted (files exported from a cluster carry them) but not kept.
     if meta.get("annotations") is not None and not isinstance(meta["annotations"], Mapping):
@@ -299,7 +265,7 @@ def parse_document(doc: Any) -> Record:
     _check_waypoint_labels(kind.name, meta_labels)
     spec = top.get("spec")
     if kind.name == "Namespace":
-        _mapping(spec, "spec", ())
+        mapping(spec, "spec", ())
         return Namespace(name, meta_labels)
     if kind.name == "Workload":
         return _workload(name, namespace, meta_labels, spec)
@@ -325,7 +291,7 @@ def parse_document(doc: Any) -> Record:
 
 
 def _workload(name: str, namespace: str, meta_labels: Labels, spec: Any) -> Pod:
-    m = _mapping(spec, "spec", ("serviceAccount", "node", "addresses", "ready",
+    m = mapping(spec, "spec", ("serviceAccount", "node", "addresses", "ready",
                                 "workloadName"))
     # No addresses yet is a pod scheduled on a node whose sandbox is not up: the node agent
     # can already decide its capture (NodeService), and nothing can address it until the
@@ -346,7 +312,7 @@ def _workload(name: str, namespace: str, meta_labels: Labels, spec: Any) -> Pod:
 
 
 def _service(name: str, namespace: str, meta_labels: Labels, spec: Any) -> Service:
-    m = _mapping(spec, "spec", ("type", "clusterIP", "clusterIPs", "ports", "selector"))
+    m = mapping(spec, "spec", ("type", "clusterIP", "clusterIPs", "ports", "selector"))
     if m.get("type", "ClusterIP") != "ClusterIP":
         raise StateError("spec.type", f"{m['type']!r}: only ClusterIP services exist in "
                          "embedded mode")
@@ -368,7 +334,7 @@ def _service(name: str, namespace: str, meta_labels: Labels, spec: Any) -> Servi
     ports: list[ServicePort] = []
     for i, raw in enumerate(raw_ports):
         path = f"spec.ports[{i}]"
-        p = _mapping(raw, path, ("name", "port", "targetPort", "protocol"))
+        p = mapping(raw, path, ("name", "port", "targetPort", "protocol"))
         if p.get("protocol", "TCP") != "TCP":
             raise StateError(f"{path}.protocol", f"{p['protocol']!r}: the mesh carries TCP only")
         if p.get("port") is None:

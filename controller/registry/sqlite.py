@@ -32,13 +32,13 @@ from controller.registry.documents import (
     KINDS,
     DocumentError,
     describe,
-    dns_name,
     find_address_conflict,
     key_of,
     parse_document,
     parse_documents,
     to_document,
 )
+from controller.registry.fields import dns_name
 from controller.registry.model import (
     AMBIENT,
     DATAPLANE_MODE_LABEL,

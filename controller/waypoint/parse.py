@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from controller.registry.fields import dns_name, mapping, string
 from controller.registry.model import AuthorizationPolicy
 from controller.waypoint.model import (
     FAULT_GROUP,
@@ -106,8 +107,6 @@ _UNSUPPORTED_FILTERS = ("RequestRedirect", "URLRewrite", "RequestMirror", "CORS"
                         "ExternalAuth")
 _CORE_GROUPS = ("", "core")
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
 _PATH = re.compile(r"(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9a-fA-F]{2})+")
 _DURATION = re.compile(r"([0-9]{1,5}(h|m|s|ms)){1,4}")
@@ -120,24 +119,6 @@ _NOT_RE2 = re.compile(r"\(\?(=|!|<=|<!|>|P=)|\\[1-9]")
 
 
 # --- field helpers -------------------------------------------------------------------------
-
-
-def _fields(value: Any, path: str, allowed: Iterable[str],
-            unsupported: Mapping[str, str] | None = None) -> Mapping[str, Any]:
-    """A mapping with only ``allowed`` keys; ``unsupported`` keys get their own message."""
-    if value is None:
-        value = {}
-    if not isinstance(value, Mapping):
-        raise StateError(path, f"expected a mapping, got {type(value).__name__}")
-    allowed = set(allowed)
-    for key in value:
-        where = f"{path}.{key}" if path else str(key)
-        if unsupported and key in unsupported:
-            raise StateError(where, unsupported[key])
-        if key not in allowed:
-            raise StateError(where, f"unknown field; expected one of: "
-                             f"{', '.join(sorted(allowed))}")
-    return value
 
 
 def _list(value: Any, path: str, limit: int | None = None, what: str = "entries") -> list[Any]:
@@ -154,14 +135,6 @@ def _list(value: Any, path: str, limit: int | None = None, what: str = "entries"
 def _items(value: Any, path: str, item: Callable[[Any, str], T], limit: int | None = None,
            what: str = "entries") -> tuple[T, ...]:
     return tuple(item(v, f"{path}[{i}]") for i, v in enumerate(_list(value, path, limit, what)))
-
-
-def _str(value: Any, path: str) -> str:
-    if value is None:
-        raise StateError(path, "is required")
-    if not isinstance(value, str) or not value:
-        raise StateError(path, f"expected a non-empty string, got {value!r}")
-    return value
 
 
 def _int(value: Any, path: str, lo: int, hi: int) -> int:
@@ -185,19 +158,8 @@ def _percent(value: Any, path: str) -> float:
     return float(value)
 
 
-def _dns(value: Any, path: str, *, label: bool = True) -> str:
-    text = _str(value, path)
-    pattern, limit = (_DNS_LABEL, 63) if label else (_DNS_SUBDOMAIN, 253)
-    if len(text) > limit or not pattern.fullmatch(text):
-        what = "DNS label" if label else "DNS name"
-        raise StateError(path, f"{text!r} is not a valid {what}: lowercase letters, digits "
-                         f"and '-'{'' if label else ' or .'}, starting and ending with a "
-                         f"letter or digit, at most {limit} characters")
-    return text
-
-
 def _header_name(value: Any, path: str) -> str:
-    text = _str(value, path)
+    text = string(value, path)
     if len(text) > 256 or not _HEADER_NAME.fullmatch(text):
         raise StateError(path, f"{text!r} is not an HTTP header name (at most 256 letters, "
                          "digits and !#$%&'*+-.^_`|~)")
@@ -205,7 +167,7 @@ def _header_name(value: Any, path: str) -> str:
 
 
 def _header_value(value: Any, path: str) -> str:
-    text = _str(value, path)
+    text = string(value, path)
     if len(text) > 4096:
         raise StateError(path, "at most 4096 characters")
     return text
@@ -226,7 +188,7 @@ def _regex(value: str, path: str) -> str:
 
 def parse_duration(value: Any, path: str) -> int:
     """A GEP-2257 duration (``500ms``, ``1s``, ``1m30s``) in milliseconds."""
-    text = _str(value, path)
+    text = string(value, path)
     if not _DURATION.fullmatch(text):
         raise StateError(path, f"{text!r} is not a Gateway API duration: one to four "
                          "parts of up to 5 digits and a unit h, m, s or ms (e.g. 500ms, 1s, "
@@ -277,10 +239,10 @@ def parse_gateway(name: str, namespace: str, labels: Iterable[tuple[str, str]], 
     if waypoint_for not in WAYPOINT_FOR:
         raise StateError(f"metadata.labels.{WAYPOINT_FOR_LABEL}",
                          f"{waypoint_for!r} is not one of {', '.join(WAYPOINT_FOR)}")
-    m = _fields(spec, path, ("gatewayClassName", "listeners"), {
+    m = mapping(spec, path, ("gatewayClassName", "listeners"), {
         k: "is not supported by Ambit waypoints; remove it" for k in (
             "addresses", "infrastructure", "backendTLS", "allowedListeners")})
-    gateway_class = _str(m.get("gatewayClassName"), f"{path}.gatewayClassName")
+    gateway_class = string(m.get("gatewayClassName"), f"{path}.gatewayClassName")
     if gateway_class != WAYPOINT_CLASS:
         raise StateError(f"{path}.gatewayClassName", f"{gateway_class!r} is not Ambit's "
                          f"waypoint class; use gatewayClassName: {WAYPOINT_CLASS}")
@@ -290,11 +252,11 @@ def parse_gateway(name: str, namespace: str, labels: Iterable[tuple[str, str]], 
                          f"port: {HBONE_PORT}, protocol: HBONE}}")
     for i, raw in enumerate(listeners):
         p = f"{path}.listeners[{i}]"
-        listener = _fields(raw, p, ("name", "port", "protocol", "allowedRoutes"), {
+        listener = mapping(raw, p, ("name", "port", "protocol", "allowedRoutes"), {
             k: "is not supported on a waypoint's HBONE listener; remove it" for k in (
                 "hostname", "tls")})
         _allowed_routes(listener.get("allowedRoutes"), f"{p}.allowedRoutes")
-        _dns(listener.get("name"), f"{p}.name")
+        dns_name(listener.get("name"), f"{p}.name", label=True)
         if listener.get("port") != HBONE_PORT:
             raise StateError(f"{p}.port", f"a waypoint listens on port {HBONE_PORT} (HBONE) "
                              f"only, got {listener.get('port')!r}")
@@ -309,16 +271,16 @@ def _allowed_routes(value: Any, path: str) -> None:
     """Checked for shape only: Kubernetes defaults it on every listener ({namespaces: {from:
     Same}}), and routes reach a waypoint through the Services they attach to, not through
     this listener."""
-    m = _fields(value, path, ("namespaces", "kinds"))
-    ns = _fields(m.get("namespaces"), f"{path}.namespaces", ("from", "selector"))
+    m = mapping(value, path, ("namespaces", "kinds"))
+    ns = mapping(m.get("namespaces"), f"{path}.namespaces", ("from", "selector"))
     if ns.get("from", "Same") not in ("Same", "All", "Selector"):
         raise StateError(f"{path}.namespaces.from", f"{ns['from']!r} is not one of Same, All, "
                          "Selector")
     if ns.get("selector") is not None and not isinstance(ns["selector"], Mapping):
         raise StateError(f"{path}.namespaces.selector", "expected a label selector mapping")
     for i, kind in enumerate(_list(m.get("kinds"), f"{path}.kinds")):
-        k = _fields(kind, f"{path}.kinds[{i}]", ("group", "kind"))
-        _str(k.get("kind"), f"{path}.kinds[{i}].kind")
+        k = mapping(kind, f"{path}.kinds[{i}]", ("group", "kind"))
+        string(k.get("kind"), f"{path}.kinds[{i}].kind")
 
 
 def gateway_spec(gateway: Gateway) -> dict[str, Any]:
@@ -333,7 +295,7 @@ def parse_http_route(name: str, namespace: str, spec: Any, path: str = "spec",
                      creation_index: int = 0) -> HTTPRoute:
     """An ``HTTPRoute``; rules keep ExtensionRefs unresolved (``RouteRule.fault_ref``): call
     ``resolve_faults`` with the HTTPFaults before using the routes."""
-    m = _fields(spec, path, ("parentRefs", "rules"), {
+    m = mapping(spec, path, ("parentRefs", "rules"), {
         "hostnames": "is not supported by the waypoint: a mesh route applies to the "
                      "Service it attaches to (parentRefs), whatever the Host header; remove "
                      "it"})
@@ -358,7 +320,7 @@ def parse_http_route(name: str, namespace: str, spec: Any, path: str = "spec",
 
 
 def _parent_ref(value: Any, path: str, namespace: str) -> ParentRef:
-    m = _fields(value, path, ("group", "kind", "namespace", "name", "port"), {
+    m = mapping(value, path, ("group", "kind", "namespace", "name", "port"), {
         "sectionName": "is not supported; select a Service port with port, or attach to the "
                        "whole waypoint Gateway"})
     group = m.get("group", GATEWAY_GROUP)
@@ -377,7 +339,7 @@ def _parent_ref(value: Any, path: str, namespace: str) -> ParentRef:
     else:
         raise StateError(f"{path}.kind", f"{kind!r}: a route attaches to a Service (group "
                          f'"") or a waypoint Gateway (group {GATEWAY_GROUP})')
-    parent_namespace = _dns(m.get("namespace", namespace), f"{path}.namespace")
+    parent_namespace = dns_name(m.get("namespace", namespace), f"{path}.namespace", label=True)
     if kind == "Service" and parent_namespace != namespace:
         # GAMMA calls this a consumer route: it may only change the traffic of clients in the
         # route's own namespace. The waypoint applies a Service's routes to every client, so
@@ -387,18 +349,18 @@ def _parent_ref(value: Any, path: str, namespace: str) -> ParentRef:
                          "for another namespace's Service are not supported yet")
     return ParentRef(
         kind=kind,
-        name=_dns(m.get("name"), f"{path}.name"),
+        name=dns_name(m.get("name"), f"{path}.name", label=True),
         namespace=parent_namespace,
         port=None if m.get("port") is None else _port(m["port"], f"{path}.port"),
     )
 
 
 def _rule(value: Any, path: str, namespace: str) -> RouteRule:
-    m = _fields(value, path, ("name", "matches", "filters", "backendRefs", "timeouts",
+    m = mapping(value, path, ("name", "matches", "filters", "backendRefs", "timeouts",
                               "retry"), {
         "sessionPersistence": "is not supported by the waypoint yet; remove it"})
     if m.get("name") is not None:
-        _dns(m["name"], f"{path}.name")  # a label for status and logs; not kept
+        dns_name(m["name"], f"{path}.name", label=True)  # a label for status and logs; not kept
     matches = _items(m.get("matches"), f"{path}.matches", _match, MAX_MATCHES, "matches")
     request_headers: HeaderModifier | None = None
     response_headers: HeaderModifier | None = None
@@ -422,7 +384,7 @@ def _rule(value: Any, path: str, namespace: str) -> RouteRule:
             fault_ref = f"{namespace}/{_extension_ref(config, f'{p}.extensionRef')}"
     backends = _items(m.get("backendRefs"), f"{path}.backendRefs",
                       lambda v, p: _backend(v, p, namespace), MAX_BACKENDS, "backendRefs")
-    timeouts = _fields(m.get("timeouts"), f"{path}.timeouts", ("request", "backendRequest"))
+    timeouts = mapping(m.get("timeouts"), f"{path}.timeouts", ("request", "backendRequest"))
     request = _optional_duration(timeouts.get("request"), f"{path}.timeouts.request")
     backend = _optional_duration(timeouts.get("backendRequest"),
                                  f"{path}.timeouts.backendRequest")
@@ -442,7 +404,7 @@ def _rule(value: Any, path: str, namespace: str) -> RouteRule:
 
 
 def _match(value: Any, path: str) -> RouteMatch:
-    m = _fields(value, path, ("path", "headers", "method"), {
+    m = mapping(value, path, ("path", "headers", "method"), {
         "queryParams": "is not supported by the waypoint yet; remove it"})
     headers = _items(m.get("headers"), f"{path}.headers", _header_match, MAX_HEADERS,
                      "headers")
@@ -458,7 +420,7 @@ def _match(value: Any, path: str) -> RouteMatch:
 
 
 def _path(value: Any, path: str) -> PathMatch:
-    m = _fields(value, path, ("type", "value"))
+    m = mapping(value, path, ("type", "value"))
     raw_type = m.get("type", PathMatchType.PATH_PREFIX.value)
     try:
         kind = PathMatchType(raw_type)
@@ -486,7 +448,7 @@ def _path(value: Any, path: str) -> PathMatch:
 
 
 def _header_match(value: Any, path: str) -> HeaderMatch:
-    m = _fields(value, path, ("type", "name", "value"))
+    m = mapping(value, path, ("type", "name", "value"))
     raw_type = m.get("type", HeaderMatchType.EXACT.value)
     try:
         kind = HeaderMatchType(raw_type)
@@ -502,7 +464,7 @@ def _header_match(value: Any, path: str) -> HeaderMatch:
 def _filter(value: Any, path: str) -> tuple[str, Any]:
     if not isinstance(value, Mapping):
         raise StateError(path, f"expected a mapping, got {type(value).__name__}")
-    kind = _str(value.get("type"), f"{path}.type")
+    kind = string(value.get("type"), f"{path}.type")
     supported = "RequestHeaderModifier, ResponseHeaderModifier and ExtensionRef (to an " \
                 f"{FAULT_KIND})"
     if kind in _UNSUPPORTED_FILTERS:
@@ -522,10 +484,10 @@ def _filter(value: Any, path: str) -> tuple[str, Any]:
 
 
 def _header_modifier(value: Any, path: str) -> HeaderModifier:
-    m = _fields(value, path, ("set", "add", "remove"))
+    m = mapping(value, path, ("set", "add", "remove"))
 
     def header(v: Any, p: str) -> tuple[str, str]:
-        h = _fields(v, p, ("name", "value"))
+        h = mapping(v, p, ("name", "value"))
         return _header_name(h.get("name"), f"{p}.name"), _header_value(h.get("value"),
                                                                         f"{p}.value")
 
@@ -540,16 +502,16 @@ def _header_modifier(value: Any, path: str) -> HeaderModifier:
 
 
 def _extension_ref(value: Any, path: str) -> str:
-    m = _fields(value, path, ("group", "kind", "name"))
+    m = mapping(value, path, ("group", "kind", "name"))
     if m.get("group") != FAULT_GROUP or m.get("kind") != FAULT_KIND:
         raise StateError(path, f"group {m.get('group')!r}, kind {m.get('kind')!r} is not "
                          f"supported; the waypoint's extension is group: {FAULT_GROUP}, "
                          f"kind: {FAULT_KIND}")
-    return _dns(m.get("name"), f"{path}.name", label=False)
+    return dns_name(m.get("name"), f"{path}.name")
 
 
 def _backend(value: Any, path: str, namespace: str) -> BackendRef:
-    m = _fields(value, path, ("group", "kind", "name", "namespace", "port", "weight"), {
+    m = mapping(value, path, ("group", "kind", "name", "namespace", "port", "weight"), {
         "filters": "per-backend filters are not supported by the waypoint yet; put them on "
                    "the rule"})
     if m.get("group", "") not in _CORE_GROUPS:
@@ -560,8 +522,8 @@ def _backend(value: Any, path: str, namespace: str) -> BackendRef:
     if m.get("port") is None:
         raise StateError(f"{path}.port", "is required for a Service backend")
     return BackendRef(
-        name=_dns(m.get("name"), f"{path}.name"),
-        namespace=_dns(m.get("namespace", namespace), f"{path}.namespace"),
+        name=dns_name(m.get("name"), f"{path}.name", label=True),
+        namespace=dns_name(m.get("namespace", namespace), f"{path}.namespace", label=True),
         port=_port(m["port"], f"{path}.port"),
         weight=1 if m.get("weight") is None else _int(m["weight"], f"{path}.weight", 0,
                                                       MAX_WEIGHT),
@@ -569,7 +531,7 @@ def _backend(value: Any, path: str, namespace: str) -> BackendRef:
 
 
 def _retry(value: Any, path: str) -> Retry:
-    m = _fields(value, path, ("codes", "attempts", "backoff"))
+    m = mapping(value, path, ("codes", "attempts", "backoff"))
     codes = Retry(0).codes if m.get("codes") is None else _items(
         m["codes"], f"{path}.codes", lambda v, p: _int(v, p, 400, 599))
     _unique((str(c) for c in codes), f"{path}.codes", "status code")
@@ -682,13 +644,13 @@ def resolve_faults(routes: Iterable[HTTPRoute],
 def parse_http_fault(name: str, namespace: str, spec: Any, path: str = "spec") -> HTTPFault:
     """An ``HTTPFault``: ``delay`` (fixedDelay, percentage) and/or ``abort`` (httpStatus,
     percentage); percentages default to 100."""
-    m = _fields(spec, path, ("delay", "abort"))
+    m = mapping(spec, path, ("delay", "abort"))
     if m.get("delay") is None and m.get("abort") is None:
         raise StateError(path, "needs delay, abort or both")
     fault = Fault()
     if m.get("delay") is not None:
         p = f"{path}.delay"
-        d = _fields(m["delay"], p, ("fixedDelay", "percentage"))
+        d = mapping(m["delay"], p, ("fixedDelay", "percentage"))
         delay = parse_duration(d.get("fixedDelay"), f"{p}.fixedDelay")
         if not delay:
             raise StateError(f"{p}.fixedDelay", "must be more than 0")
@@ -696,7 +658,7 @@ def parse_http_fault(name: str, namespace: str, spec: Any, path: str = "spec") -
                         delay_percent=_percent(d.get("percentage"), f"{p}.percentage"))
     if m.get("abort") is not None:
         p = f"{path}.abort"
-        a = _fields(m["abort"], p, ("httpStatus", "percentage"))
+        a = mapping(m["abort"], p, ("httpStatus", "percentage"))
         if a.get("httpStatus") is None:
             raise StateError(f"{p}.httpStatus", "is required")
         fault = replace(fault, abort_status=_int(a["httpStatus"], f"{p}.httpStatus", 200, 599),
@@ -730,7 +692,7 @@ def has_target_refs(spec: Any) -> bool:
 def parse_waypoint_policy(name: str, namespace: str, spec: Any,
                           path: str = "spec") -> WaypointPolicy:
     """An AuthorizationPolicy with ``targetRefs``, enforced by the waypoint (L7)."""
-    m = _fields(spec, path, ("targetRefs", "targetRef", "action", "rules", "selector"), {
+    m = mapping(spec, path, ("targetRefs", "targetRef", "action", "rules", "selector"), {
         "provider": "CUSTOM providers are not supported by the waypoint; remove it"})
     if m.get("selector") is not None:
         raise StateError(f"{path}.selector", "a policy either selects workloads (selector, "
@@ -767,7 +729,7 @@ def _targets(m: Mapping[str, Any], path: str, namespace: str) -> tuple[TargetRef
 
 
 def _target(value: Any, path: str, namespace: str) -> TargetRef:
-    m = _fields(value, path, ("group", "kind", "name", "namespace"))
+    m = mapping(value, path, ("group", "kind", "name", "namespace"))
     group, kind = m.get("group", ""), m.get("kind")
     if (group, kind) not in ((GATEWAY_GROUP, "Gateway"), ("", "Service"), ("core", "Service")):
         raise StateError(path, f"group {group!r}, kind {kind!r} cannot be targeted; use "
@@ -776,13 +738,13 @@ def _target(value: Any, path: str, namespace: str) -> TargetRef:
     if m.get("namespace") not in (None, namespace):
         raise StateError(f"{path}.namespace", f"{m['namespace']!r}: a policy targets objects "
                          f"of its own namespace ({namespace}) only")
-    return TargetRef(kind=str(kind), name=_dns(m.get("name"), f"{path}.name"),
+    return TargetRef(kind=str(kind), name=dns_name(m.get("name"), f"{path}.name", label=True),
                      namespace=namespace)
 
 
 def _match_values(value: Any, path: str, *, principal: bool = False) -> tuple[Match, ...]:
     def one(v: Any, p: str) -> Match:
-        s = _str(v, p)
+        s = string(v, p)
         if s != "*" and "*" in s[1:-1]:
             raise StateError(p, f"{s!r}: '*' is only allowed as a prefix or suffix")
         return Match(s.removeprefix("spiffe://") if principal else s)
@@ -791,15 +753,15 @@ def _match_values(value: Any, path: str, *, principal: bool = False) -> tuple[Ma
 
 
 def _l7_rule(value: Any, path: str) -> L7Rule:
-    m = _fields(value, path, ("from", "to"), {"when": f"(conditions) {_NOT_YET}"})
+    m = mapping(value, path, ("from", "to"), {"when": f"(conditions) {_NOT_YET}"})
     return L7Rule(sources=_items(m.get("from"), f"{path}.from", _l7_source),
                   operations=_items(m.get("to"), f"{path}.to", _l7_operation))
 
 
 def _l7_source(value: Any, path: str) -> L7Source:
-    outer = _fields(value, path, ("source",))
+    outer = mapping(value, path, ("source",))
     p = f"{path}.source"
-    m = _fields(outer.get("source"), p, (
+    m = mapping(outer.get("source"), p, (
         "principals", "notPrincipals", "namespaces", "notNamespaces"), {
         k: _NOT_YET for k in ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks",
                               "requestPrincipals", "notRequestPrincipals")})
@@ -820,9 +782,9 @@ def _policy_port(value: Any, path: str) -> int:
 
 
 def _l7_operation(value: Any, path: str) -> L7Operation:
-    outer = _fields(value, path, ("operation",))
+    outer = mapping(value, path, ("operation",))
     p = f"{path}.operation"
-    m = _fields(outer.get("operation"), p, (
+    m = mapping(outer.get("operation"), p, (
         "methods", "notMethods", "paths", "notPaths", "ports", "notPorts"), {
         k: _NOT_YET for k in ("hosts", "notHosts")})
     return L7Operation(
