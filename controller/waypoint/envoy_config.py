@@ -183,8 +183,9 @@ def mesh_tls_context(trust_domain: str) -> tls_pb2.CommonTlsContext:
             validation_context_sds_secret_config=_sds(ROOT_SECRET)))
 
 
-def _h2_options() -> protocol_pb2.Http2ProtocolOptions:
+def _h2_options(allow_connect: bool = False) -> protocol_pb2.Http2ProtocolOptions:
     return protocol_pb2.Http2ProtocolOptions(
+        allow_connect=allow_connect,
         initial_stream_window_size=wrappers_pb2.UInt32Value(value=STREAM_WINDOW),
         initial_connection_window_size=wrappers_pb2.UInt32Value(value=CONNECTION_WINDOW))
 
@@ -269,10 +270,7 @@ def connect_terminate(trust_domain: str, bind: str = "0.0.0.0",
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=CONNECT_TERMINATE,
         codec_type=hcm_pb2.HttpConnectionManager.HTTP2,
-        http2_protocol_options=protocol_pb2.Http2ProtocolOptions(
-            allow_connect=True,
-            initial_stream_window_size=wrappers_pb2.UInt32Value(value=STREAM_WINDOW),
-            initial_connection_window_size=wrappers_pb2.UInt32Value(value=CONNECTION_WINDOW)),
+        http2_protocol_options=_h2_options(allow_connect=True),
         upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="CONNECT")],
         route_config=route_pb2.RouteConfiguration(
             name=CONNECT_TERMINATE,
@@ -349,7 +347,7 @@ def main_internal(view: WaypointView) -> listener_pb2.Listener:
                 codec_type=hcm_pb2.HttpConnectionManager.AUTO,
                 rds=hcm_pb2.Rds(route_config_name=route_name(service, sp.port),
                                 config_source=_ads()),
-                http_filters=[*rbac_filters(view.policies_for(service), view.trust_domain),
+                http_filters=[*rbac_filters(view.policies_for(service)),
                               _router()],
                 access_log=[_access_log(service)],
                 # Authorization matches paths: match what the application will see.
@@ -440,9 +438,8 @@ def _or_permissions(items: list[rbac_pb2.Permission]) -> rbac_pb2.Permission:
 
 
 def _method(m: Match) -> rbac_pb2.Permission:
-    from envoy.config.route.v3 import route_components_pb2 as rc
-
-    return rbac_pb2.Permission(header=rc.HeaderMatcher(name=":method", string_match=_string(m)))
+    return rbac_pb2.Permission(header=route_components_pb2.HeaderMatcher(
+        name=":method", string_match=_string(m)))
 
 
 def _path(m: Match) -> rbac_pb2.Permission:
@@ -477,11 +474,9 @@ def _rbac_policy(rule: L7Rule) -> rbac_pb2.Policy:
     return rbac_pb2.Policy(permissions=permissions, principals=principals)
 
 
-def rbac_filters(policies: Sequence[WaypointPolicy], trust_domain: str) \
-        -> list[hcm_pb2.HttpFilter]:
+def rbac_filters(policies: Sequence[WaypointPolicy]) -> list[hcm_pb2.HttpFilter]:
     """Istio's evaluation order: any matching DENY denies; then, when ALLOW policies exist,
     one must match. A policy with no rules matches nothing (ALLOW with no rules denies all)."""
-    del trust_domain  # principals carry their trust domain; kept for future aliases
     filters = []
     for action, name in ((PolicyAction.DENY, "deny"), (PolicyAction.ALLOW, "allow")):
         chosen = [p for p in policies if p.action is action]

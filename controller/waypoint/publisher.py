@@ -17,7 +17,12 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from ambit.spiffe import SpiffeId
 from controller.registry.model import RegistrySnapshot
-from controller.waypoint.envoy_config import content_version, resources
+from controller.waypoint.envoy_config import (
+    CLUSTER_TYPE,
+    LISTENER_TYPE,
+    content_version,
+    resources,
+)
 from controller.waypoint.model import GATEWAY_NAME_LABEL, WAYPOINT_CLASS, Gateway
 from controller.waypoint.parse import resolve_faults, waypoint_policies
 from controller.waypoint.view import build_view
@@ -68,8 +73,7 @@ class WaypointPublisher:
                 self.cache.set(gw.key, version, res)
                 self._versions[gw.key] = version
                 log.info("waypoint %s: config version %s (%d listeners, %d clusters)",
-                         gw.key, version, len(res[next(iter(res))]), len(res.get(
-                             "type.googleapis.com/envoy.config.cluster.v3.Cluster", {})))
+                         gw.key, version, len(res[LISTENER_TYPE]), len(res[CLUSTER_TYPE]))
         for key in set(self._versions) - seen:
             self.cache.remove(key)
             del self._versions[key]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from controller.waypoint.model import (
     Gateway,
     HTTPRoute,
+    TargetRef,
     WaypointPolicy,
 )
 from ztunnel.state.model import MeshConfig, Service, Workload
@@ -46,11 +47,15 @@ class WaypointView:
             and (p.port is None or p.port == port) for p in r.parents))
 
     def policies_for(self, service: Service) -> tuple[WaypointPolicy, ...]:
-        return tuple(p for p in self.policies if any(
-            (t.kind == "Gateway" and t.name == self.gateway.name
-             and t.namespace == self.gateway.namespace)
-            or (t.kind == "Service" and t.name == service.name
-                and t.namespace == service.namespace) for t in p.targets))
+        return tuple(p for p in self.policies
+                     if any(_aims_at(t, self.gateway, {service.key}) for t in p.targets))
+
+
+def _aims_at(target: TargetRef, gateway: Gateway, service_keys: set[str]) -> bool:
+    """A policy target naming this gateway, or one of these services ("ns/name")."""
+    if target.kind == "Gateway":
+        return target.namespace == gateway.namespace and target.name == gateway.name
+    return target.kind == "Service" and f"{target.namespace}/{target.name}" in service_keys
 
 
 def build_view(gateway: Gateway, config: MeshConfig, routes: tuple[HTTPRoute, ...],
@@ -74,10 +79,8 @@ def build_view(gateway: Gateway, config: MeshConfig, routes: tuple[HTTPRoute, ..
         for rule in r.rules:
             wanted.update(f"{b.namespace}/{b.name}" for b in rule.backends)
     endpoints = {k: snap.service_endpoints(services[k]) for k in sorted(wanted) if k in services}
-    mine = tuple(p for p in sorted(policies, key=lambda p: p.key) if any(
-        (t.kind == "Gateway" and t.namespace == gateway.namespace and t.name == gateway.name)
-        or (t.kind == "Service" and f"{t.namespace}/{t.name}" in bound_keys)
-        for t in p.targets))
+    mine = tuple(p for p in sorted(policies, key=lambda p: p.key)
+                 if any(_aims_at(t, gateway, bound_keys) for t in p.targets))
     return WaypointView(gateway=gateway, trust_domain=config.trust_domain, bound=bound,
                         services={k: services[k] for k in sorted(wanted) if k in services},
                         endpoints=endpoints, routes=attached, policies=mine)

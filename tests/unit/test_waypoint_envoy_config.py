@@ -221,7 +221,7 @@ def rbac_of(v: WaypointView) -> list[tuple[str, int, list[str]]]:
     from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 
     out = []
-    for f in ec.rbac_filters(v.policies_for(SERVICES[0]), "cluster.local"):
+    for f in ec.rbac_filters(v.policies_for(SERVICES[0])):
         r = rbac_pb2.RBAC()
         f.typed_config.Unpack(r)
         out.append((f.name, r.rules.action, sorted(r.rules.policies)))
