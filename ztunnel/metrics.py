@@ -20,7 +20,9 @@ from prometheus_client import (
 
 from ztunnel.state.model import Service, Workload
 
-CONNECTION_LABELS = (
+# Istio's labels for who talked to whom, shared by its TCP (ztunnel) and request (waypoint)
+# metrics.
+PEER_LABELS = (
     "reporter",
     "source_workload",
     "source_workload_namespace",
@@ -33,10 +35,9 @@ CONNECTION_LABELS = (
     "destination_service",
     "destination_service_name",
     "destination_service_namespace",
-    "request_protocol",
-    "connection_security_policy",
-    "response_flags",
 )
+CONNECTION_LABELS = (*PEER_LABELS, "request_protocol", "connection_security_policy",
+                     "response_flags")
 
 UNKNOWN = "unknown"
 

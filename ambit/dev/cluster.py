@@ -570,36 +570,29 @@ class DevCluster:
                           cgroup=Path(pod.cgroup))
 
     def start_echo(self, name: str, port: int = 8080, timeout: float = 10.0) -> Process:
-        pod = self.pod(name)
-        ready = self.dir / f"echo-{name}-{port}.ready"
-        ready.unlink(missing_ok=True)
-        role = f"pod/{name}/echo-{port}"
-        proc = self.spawn(role, pod.netns, [mesh.PYTHON, "-m", "ambit.dev.echo", "--host",
-                                            "0.0.0.0", "--port", str(port), "--ready-file",
-                                            str(ready)], cgroup=Path(pod.cgroup))
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if not self.alive(role) or time.monotonic() > deadline:
-                raise ClusterError(f"echo server in pod {name} did not start; log:\n"
-                                   f"{self.log_tail(role)}")
-            time.sleep(0.05)
-        return proc
+        return self._start_server(name, f"echo-{port}", "echo server", [
+            "-m", "ambit.dev.echo", "--host", "0.0.0.0", "--port", str(port)], timeout)
 
     def start_http_echo(self, name: str, port: int = 8080, version: str = "v1",
                         timeout: float = 10.0) -> Process:
         """Run ``ambit.dev.http_echo`` in the pod: every answer names ``version``."""
+        return self._start_server(name, f"http-{port}", "HTTP echo server", [
+            "-m", "ambit.dev.http_echo", "--port", str(port), "--version", version,
+            "--pod", name], timeout)
+
+    def _start_server(self, name: str, tag: str, what: str, args: Sequence[str],
+                      timeout: float) -> Process:
+        """Start ``python ARGS --ready-file F`` in pod ``name`` and wait until F exists."""
         pod = self.pod(name)
-        ready = self.dir / f"http-{name}-{port}.ready"
+        ready = self.dir / f"{tag}-{name}.ready"
         ready.unlink(missing_ok=True)
-        role = f"pod/{name}/http-{port}"
-        proc = self.spawn(role, pod.netns, [mesh.PYTHON, "-m", "ambit.dev.http_echo", "--port",
-                                            str(port), "--version", version, "--pod", name,
-                                            "--ready-file", str(ready)],
+        role = f"pod/{name}/{tag}"
+        proc = self.spawn(role, pod.netns, [mesh.PYTHON, *args, "--ready-file", str(ready)],
                           cgroup=Path(pod.cgroup))
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if not self.alive(role) or time.monotonic() > deadline:
-                raise ClusterError(f"HTTP echo server in pod {name} did not start; log:\n"
+                raise ClusterError(f"{what} in pod {name} did not start; log:\n"
                                    f"{self.log_tail(role)}")
             time.sleep(0.05)
         return proc

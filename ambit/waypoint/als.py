@@ -38,6 +38,7 @@ from google.protobuf import wrappers_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from ambit.spiffe import SpiffeError, SpiffeId
+from ztunnel.metrics import PEER_LABELS
 
 log = logging.getLogger("ambit.waypoint.als")
 
@@ -48,24 +49,8 @@ UNKNOWN = "unknown"
 OVERFLOW = "overflow"
 MAX_LABEL_LENGTH = 256
 
-LABELS = (
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "request_protocol",
-    "response_code",
-    "response_flags",
-    "connection_security_policy",
-)
+LABELS = (*PEER_LABELS, "request_protocol", "response_code", "response_flags",
+          "connection_security_policy")
 # Kept as they are when a label set folds into the overflow set.
 _KEPT_ON_OVERFLOW = frozenset({"reporter", "request_protocol", "response_code",
                                "response_flags", "connection_security_policy"})

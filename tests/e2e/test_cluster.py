@@ -15,7 +15,7 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +23,11 @@ import pytest
 
 from ambit.dev import mesh, netns
 from ambit.dev.cluster import DevCluster, PodInfo, node_snapshot
+from tests.e2e.waiting import until
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
 PORT = 8080
-
-
-def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module", params=["ebpf", "iptables"])

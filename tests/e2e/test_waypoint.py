@@ -14,11 +14,12 @@ one across. Each test sets the L7 config it needs (one HTTPRoute named "echo", r
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import pytest
 
 from ambit.dev import mesh, netns
 from ambit.dev.cluster import DevCluster
+from tests.e2e import waiting
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
@@ -33,17 +35,8 @@ VIP, VIP_V1, VIP_V2 = "10.96.0.10", "10.96.0.11", "10.96.0.12"
 URL = f"http://{VIP}"
 WAYPOINT = "wp"
 GROUP = "gateway.networking.k8s.io"
-
-
-def until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.2)
+# Config travels registry -> controller -> xDS -> Envoy: allow it a little longer.
+until = functools.partial(waiting.until, timeout=15.0, interval=0.2)
 
 
 def service(name: str, vip: str, selector: dict[str, str],
