@@ -11,8 +11,11 @@ cd "$(dirname "$0")/.."
 # python3-bpfcc + linux-headers-amd64: the node agent compiles its eBPF programs with bcc at
 # run time; bpftool: inspecting pinned maps and programs when debugging capture.
 # containernetworking-plugins: the real ptp/host-local CNI plugins the dev cluster's pods use.
+# gcc/libc6-dev/make: the static CNI host binary (agent/cni/shim); ruby/shellcheck: checking the
+# Vagrant cluster's Vagrantfile and provisioning scripts (they cannot run here: no hypervisor).
 PACKAGES=(iproute2 iptables nftables iperf3 wrk tshark procps psmisc python3 python3-venv
-          python3-bpfcc linux-headers-amd64 bpftool containernetworking-plugins)
+          python3-bpfcc linux-headers-amd64 bpftool containernetworking-plugins
+          gcc libc6-dev make ruby shellcheck)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
