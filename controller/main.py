@@ -7,16 +7,15 @@ this module does the wiring a user's flags ask for.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from controller import GRPC_PORT, MONITORING_PORT, XDS_PORT
-
-if TYPE_CHECKING:
-    from controller.app import StateFeed
 
 # The controller's own modules (gRPC, protobuf, the CA, the registries) are imported when it
 # runs, not here: every `ambit` command, the ztunnel included, builds this parser, and gRPC
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("controller")
 
 DEFAULT_DATA_DIR = Path("/var/lib/ambit")
+LEASE_NAME = "ambit-controller"
 
 
 class ControllerUsageError(Exception):
@@ -46,10 +46,34 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "service account when running in a pod)")
     p.add_argument("--db", type=Path, help="embedded registry database (default $AMBIT_DB or "
                    "/var/lib/ambit/registry.db)")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                   help="where the generated mesh root is kept (default /var/lib/ambit)")
-    p.add_argument("--ca-cert", type=Path, help="user-supplied root certificate (PEM)")
+    p.add_argument("--data-dir", type=Path,
+                   help="embedded mode: where the generated mesh root is kept (default "
+                   "/var/lib/ambit); both modes: where trust-bundle.pem is written (Kubernetes "
+                   "mode: only when given; node pods read ConfigMap ambit-ca-root)")
+    p.add_argument("--ca-cert", type=Path, help="user-supplied root certificate (PEM); with "
+                   "--ca-key, overrides the data directory and the --ca-secret Secret")
     p.add_argument("--ca-key", type=Path, help="user-supplied root key (PEM)")
+    k8s = p.add_argument_group("Kubernetes mode: mesh root and leader election")
+    k8s.add_argument("--ca-secret", metavar="NAMESPACE/NAME",
+                     help="the Secret holding the mesh root (keys root-cert.pem, root-key.pem; "
+                     "default $POD_NAMESPACE/ambit-ca, else ambit-system/ambit-ca): used as is "
+                     "when present, created by the leader when absent")
+    k8s.add_argument("--leader-election-namespace", metavar="NAMESPACE",
+                     help=f"namespace of the Lease {LEASE_NAME} (default $POD_NAMESPACE, else "
+                     "ambit-system)")
+    k8s.add_argument("--leader-election-id", metavar="ID",
+                     help="this replica's identity in the Lease (default $POD_NAME, else the "
+                     "hostname with a random suffix)")
+    k8s.add_argument("--no-leader-election", action="store_true",
+                     help="act as the leader always (a single replica only)")
+    k8s.add_argument("--leader-election-lease-duration", type=int, default=15, metavar="SEC",
+                     help="how long followers wait before taking over a lease no longer "
+                     "renewed (default 15)")
+    k8s.add_argument("--leader-election-renew-deadline", type=float, default=10.0,
+                     metavar="SEC", help="how long the leader tries to renew before it stops "
+                     "leading (default 10)")
+    k8s.add_argument("--leader-election-retry-period", type=float, default=2.0, metavar="SEC",
+                     help="how often replicas try to acquire or renew (default 2)")
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--listen-host", default="0.0.0.0")
     p.add_argument("--grpc-port", type=int, default=GRPC_PORT,
@@ -81,43 +105,203 @@ def choose_mode(mode: str, kubeconfig: str | None, environ: dict[str, str]) -> s
     return "embedded"
 
 
-async def _kubernetes_feed(args: argparse.Namespace, root_pem: bytes) \
-        -> tuple[StateFeed, Callable[[], Any]]:
-    from controller.kubernetes_feed import KubernetesFeed
-    from controller.registry.k8s_auth import WORKLOAD_AUDIENCE, TokenReviewAuthenticator
-    from controller.registry.kubernetes import KubernetesRegistry, api_client
-    from controller.waypoint.k8s_deployer import GatewayDeployer
+class KubernetesMode:
+    """Kubernetes mode's moving parts, opened in order and closed in reverse: the API client,
+    the registry, leader election, the mesh root (Secret) and the leader-only work."""
 
-    kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
-    try:
-        api = await api_client(kubeconfig)
-    except Exception as e:  # kubernetes_asyncio raises several unrelated types here
-        source = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster service account"
-        raise ControllerUsageError(f"cannot load Kubernetes credentials ({source}): {e}; "
-                                   "pass --kubeconfig or use --mode embedded") from None
-    registry = KubernetesRegistry(api)
-    registry.start()
-    # Waypoint pods authenticate with their own projected token (audience ambit-ca).
-    feed = KubernetesFeed(registry, TokenReviewAuthenticator(
-        api, workload_audiences=(WORKLOAD_AUDIENCE,)), args.trust_domain)
-    deployer: GatewayDeployer | None = None
-    if args.waypoint_image:
-        service = "ambit-controller.ambit-system.svc"
-        deployer = GatewayDeployer(api, args.waypoint_image, args.trust_domain,
-                                   f"{service}:{XDS_PORT}", ca_address=f"{service}:{GRPC_PORT}",
-                                   root_cert_pem=root_pem)
-        await deployer.start()
-    feed.deployer = deployer
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.api: Any = None
+        self.rest: Any = None
+        self.registry: Any = None
+        self.elector: Any = None
+        self.deployer: Any = None
+        self.root_pem: bytes | None = None
+        self._duties_ready = asyncio.Event()
+        self.election_error: str | None = None
 
-    async def cleanup() -> None:
+    async def open(self) -> None:
+        from controller.leader import AlwaysLeader, LeaderElector, Timings
+        from controller.registry.kubernetes import KubernetesRegistry, api_client
+        from controller.waypoint.k8s_apply import Rest
+
+        args = self.args
+        kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
+        try:
+            self.api = await api_client(kubeconfig)
+        except Exception as e:  # kubernetes_asyncio raises several unrelated types here
+            source = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster service account"
+            raise ControllerUsageError(f"cannot load Kubernetes credentials ({source}): {e}; "
+                                       "pass --kubeconfig or use --mode embedded") from None
+        self.rest = Rest(self.api)
+        # Listing the cluster overlaps with waiting for the mesh root.
+        self.registry = KubernetesRegistry(self.api)
+        self.registry.start()
+        if args.no_leader_election:
+            self.elector = AlwaysLeader(lead=self._lead, identity=args.leader_election_id)
+        else:
+            self.elector = LeaderElector(
+                self.rest, args.leader_election_namespace, LEASE_NAME, args.leader_election_id,
+                timings=Timings(args.leader_election_lease_duration,
+                                args.leader_election_renew_deadline,
+                                args.leader_election_retry_period),
+                lead=self._lead)
+            log.info("leader election: campaigning for Lease %s/%s as %s",
+                     args.leader_election_namespace, LEASE_NAME, args.leader_election_id)
+        self.elector.start().add_done_callback(self._election_ended)
+
+    def _election_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.election_error = str(task.exception())
+
+    async def load_ca(self, stop: asyncio.Event) -> Any:
+        """The mesh root: --ca-cert/--ca-key files when given, else the Secret (created by the
+        leader when absent). Returns None when ``stop`` is set first."""
+        from controller.ca_store import CaStoreError, open_ca
+        from controller.k8s_ca import load_or_create_ca
+
+        args = self.args
+        if args.ca_cert is not None or args.ca_key is not None:
+            try:
+                return open_ca(args.trust_domain, None, args.ca_cert, args.ca_key)
+            except CaStoreError as e:
+                raise ControllerUsageError(str(e)) from None
+        ns, name = args.ca_secret
+        elector = self.elector
+        loading = asyncio.ensure_future(load_or_create_ca(
+            self.rest, ns, name, args.trust_domain, is_leader=lambda: elector.is_leader,
+            leader=lambda: elector.leader, became_leader=elector.leading))
+        stopping = asyncio.ensure_future(stop.wait())
+        election = elector.start()
+        try:
+            await asyncio.wait({loading, stopping, election},
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (loading, stopping):
+                if not t.done():
+                    t.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+        if loading.done() and not loading.cancelled():
+            try:
+                ca, _created = loading.result()
+            except CaStoreError as e:
+                raise ControllerUsageError(str(e)) from None
+            return ca
+        if election.done() and not election.cancelled() and election.exception() is not None:
+            raise ControllerUsageError(str(election.exception()))
+        return None
+
+    def feed(self, ca: Any) -> Any:
+        from controller.kubernetes_feed import KubernetesFeed
+        from controller.registry.k8s_auth import WORKLOAD_AUDIENCE, TokenReviewAuthenticator
+        from controller.waypoint.k8s_deployer import GatewayDeployer
+
+        args = self.args
+        # Waypoint pods authenticate with their own projected token (audience ambit-ca).
+        feed = KubernetesFeed(self.registry, TokenReviewAuthenticator(
+            self.api, workload_audiences=(WORKLOAD_AUDIENCE,)), args.trust_domain)
+        if args.waypoint_image:
+            service = "ambit-controller.ambit-system.svc"
+            # Started and stopped by the leader-only work (_lead): one writer at a time.
+            self.deployer = GatewayDeployer(
+                self.api, args.waypoint_image, args.trust_domain, f"{service}:{XDS_PORT}",
+                ca_address=f"{service}:{GRPC_PORT}", root_cert_pem=ca.root_pem)
+        feed.deployer = self.deployer
+        self.root_pem = ca.root_pem
+        self._duties_ready.set()
+        return feed
+
+    async def _lead(self) -> None:
+        """The leader-only work: publish the root for node pods, run the waypoint deployer.
+        Cancelled when leadership is lost."""
+        from controller.k8s_ca import keep_ca_root
+
+        await self._duties_ready.wait()  # the root is known (the leader may create it first)
+        assert self.root_pem is not None
+        deployer = self.deployer
         if deployer is not None:
-            await deployer.stop()
-        await registry.stop()
+            await deployer.start()
+            log.info("waypoint deployer started (leader)")
+        try:
+            await keep_ca_root(self.rest, self.args.system_namespace, self.root_pem)
+        finally:
+            if deployer is not None:
+                await deployer.stop()
+                log.info("waypoint deployer stopped")
 
-    return feed, cleanup
+    async def close(self) -> None:
+        """Stop everything (idempotent): the leader-only work first, then release the Lease."""
+        elector, self.elector = self.elector, None
+        if elector is not None:
+            await elector.close()
+        registry, self.registry = self.registry, None
+        if registry is not None:
+            await registry.stop()
+        api, self.api = self.api, None
+        if api is not None:
+            await api.close()
+
+
+def resolve_flags(args: argparse.Namespace, mode: str, environ: dict[str, str]) -> None:
+    """Fill in defaults that depend on the mode and the pod's environment; check the flags."""
+    from controller.k8s_ca import CA_SECRET, SYSTEM_NAMESPACE, parse_secret_ref
+    from controller.leader import Timings, default_identity
+
+    if (args.ca_cert is None) != (args.ca_key is None):
+        raise ControllerUsageError("--ca-cert and --ca-key go together: give both (a "
+                                   "user-supplied root) or neither")
+    system_ns = environ.get("POD_NAMESPACE", "").strip() or SYSTEM_NAMESPACE
+    args.system_namespace = system_ns
+    if mode != "kubernetes":
+        if args.ca_secret is not None:
+            raise ControllerUsageError("--ca-secret is for --mode kubernetes (embedded mode "
+                                       "keeps the root in --data-dir, or takes "
+                                       "--ca-cert/--ca-key)")
+        args.data_dir = args.data_dir or DEFAULT_DATA_DIR
+        return
+    if args.ca_secret is not None and args.ca_cert is not None:
+        raise ControllerUsageError("--ca-secret and --ca-cert/--ca-key are two sources of the "
+                                   "mesh root: give one")
+    try:
+        args.ca_secret = parse_secret_ref(args.ca_secret or f"{system_ns}/{CA_SECRET}")
+    except ValueError as e:
+        raise ControllerUsageError(f"--ca-secret: {e}") from None
+    args.leader_election_namespace = args.leader_election_namespace or system_ns
+    args.leader_election_id = args.leader_election_id or default_identity(environ)
+    try:
+        Timings(args.leader_election_lease_duration, args.leader_election_renew_deadline,
+                args.leader_election_retry_period).check()
+    except ValueError as e:
+        raise ControllerUsageError(f"leader election: {e}") from None
 
 
 async def _main(args: argparse.Namespace, mode: str) -> int:
+    if not -1 <= args.xds_port <= 65535:
+        raise ControllerUsageError("--xds-port: not a port number (-1 disables)")
+    for port_name in ("grpc_port", "monitoring_port"):
+        if not 0 <= getattr(args, port_name) <= 65535:
+            raise ControllerUsageError(f"--{port_name.replace('_', '-')}: not a port number")
+    resolve_flags(args, mode, dict(os.environ))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if mode != "kubernetes":
+        return await _serve(args, mode, stop, None)
+    k8s = KubernetesMode(args)
+    try:
+        await k8s.open()
+        return await _serve(args, mode, stop, k8s)
+    finally:
+        await k8s.close()
+
+
+async def _serve(args: argparse.Namespace, mode: str, stop: asyncio.Event,
+                 k8s: KubernetesMode | None) -> int:
+    from prometheus_client import Gauge
+
     from controller.app import Controller, ControllerConfig, serve
     from controller.ca_service import CertificateService
     from controller.ca_store import CaStoreError, open_ca
@@ -127,21 +311,18 @@ async def _main(args: argparse.Namespace, mode: str) -> int:
     from controller.waypoint.publisher import WaypointPublisher, node_metadata
     from controller.xds.server import AdsServer, XdsCache
 
-    try:
-        ca = open_ca(args.trust_domain, args.data_dir, args.ca_cert, args.ca_key)
-    except CaStoreError as e:
-        raise ControllerUsageError(str(e)) from None
-    if not -1 <= args.xds_port <= 65535:
-        raise ControllerUsageError("--xds-port: not a port number (-1 disables)")
-    for port_name in ("grpc_port", "monitoring_port"):
-        if not 0 <= getattr(args, port_name) <= 65535:
-            raise ControllerUsageError(f"--{port_name.replace('_', '-')}: not a port number")
-    cleanup: Callable[[], Any] | None = None
-    if mode == "kubernetes":
-        feed, cleanup = await _kubernetes_feed(args, ca.root_pem)
-        auth: Any = feed
+    feed: Any
+    if k8s is not None:
+        ca = await k8s.load_ca(stop)
+        if ca is None:
+            return 0  # stopped (SIGTERM) while waiting for the mesh root
+        feed = auth = k8s.feed(ca)
         where = "Kubernetes API server"
     else:
+        try:
+            ca = open_ca(args.trust_domain, args.data_dir, args.ca_cert, args.ca_key)
+        except CaStoreError as e:
+            raise ControllerUsageError(str(e)) from None
         db = args.db or Path(os.environ.get("AMBIT_DB", DEFAULT_DATA_DIR / "registry.db"))
         try:
             embedded = EmbeddedFeed(EmbeddedRegistry(db), args.trust_domain)
@@ -158,6 +339,11 @@ async def _main(args: argparse.Namespace, mode: str) -> int:
         mtls_port=None if args.xds_port < 0 else args.xds_port,
     )
     controller = Controller(config, feed, ca)
+    elector = k8s.elector if k8s is not None else None
+    Gauge("ambit_controller_leader", "1 while this replica does the leader-only work (holds "
+          "the leader Lease, or is the only controller: embedded mode, --no-leader-election)",
+          registry=controller.metrics).set_function(
+        lambda: 1.0 if elector is None or elector.is_leader else 0.0)
     policy: Any = auth
     if mode == "kubernetes":
         from controller.registry.k8s_auth import WorkloadScopedPolicy
@@ -177,6 +363,7 @@ async def _main(args: argparse.Namespace, mode: str) -> int:
             waypoints.update(snapshot, config)
             deployer = getattr(feed, "deployer", None)
             if deployer is not None:
+                # Only sets what is wanted; the deployer acts only while started (leader).
                 deployer.update(snapshot.gateways)
 
     controller.on_state.append(on_state)
@@ -187,18 +374,29 @@ async def _main(args: argparse.Namespace, mode: str) -> int:
         ads.add_to_server(server)
 
     controller.add_services = add_services
-    bundle = args.data_dir / "trust-bundle.pem"
-    try:
-        args.data_dir.mkdir(parents=True, exist_ok=True)
-        bundle.write_bytes(ca.root_pem)
-    except OSError as e:
-        raise ControllerUsageError(f"cannot write the trust bundle to {bundle}: {e}") from None
-    log.info("registry: %s; trust bundle for ztunnels: %s", where, bundle)
-    try:
-        await serve(controller)
-    finally:
-        if cleanup is not None:
-            await cleanup()
+    if args.data_dir is not None:
+        bundle = args.data_dir / "trust-bundle.pem"
+        try:
+            args.data_dir.mkdir(parents=True, exist_ok=True)
+            bundle.write_bytes(ca.root_pem)
+        except OSError as e:
+            raise ControllerUsageError(f"cannot write the trust bundle to {bundle}: {e}") \
+                from None
+        log.info("registry: %s; trust bundle for ztunnels: %s", where, bundle)
+    else:
+        from controller.waypoint.deploy import CA_ROOT_CONFIGMAP
+
+        log.info("registry: %s; trust bundle for node pods: ConfigMap %s/%s (written by the "
+                 "leader)", where, args.system_namespace, CA_ROOT_CONFIGMAP)
+    if k8s is not None:
+        def election_failed(task: asyncio.Task[None]) -> None:
+            if k8s.election_error is not None:
+                stop.set()
+
+        k8s.elector.start().add_done_callback(election_failed)
+    await serve(controller, stop)
+    if k8s is not None and k8s.election_error is not None:
+        raise ControllerUsageError(k8s.election_error)
     return 0
 
 

@@ -39,6 +39,11 @@ Kubernetes controllers are:
 
 Status: ``Accepted``/``Programmed`` conditions and the Service's cluster IPs as addresses
 (``deploy.gateway_status``), written with a merge patch only when they change.
+
+One writer: with several controller replicas, only the leader (``controller.leader``) runs the
+deployer; ``start()`` on becoming leader, ``stop()`` on losing leadership (``update()`` may be
+called either way: it only records what is wanted), and a later ``start()`` begins afresh from
+new watches, with no retry state carried over from the previous term.
 """
 
 from __future__ import annotations
@@ -383,12 +388,16 @@ class GatewayDeployer:
         self._tasks.append(asyncio.create_task(self._run(), name="deployer"))
 
     async def stop(self) -> None:
+        """Stop watching and writing (e.g. leadership lost); ``start()`` may follow."""
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks = []
+        # Another replica writes meanwhile: what this one knew about groups is stale.
+        for table in (self.problems, self._logged, self._retry_at, self._backoffs):
+            table.clear()
 
     async def wait_synced(self) -> None:
         if not self._tasks:

@@ -45,6 +45,8 @@ async def double() -> AsyncIterator[ApiServerDouble]:
 
 async def test_controller_process_in_kubernetes_mode(double: ApiServerDouble,
                                                      tmp_path: Path) -> None:
+    # The controller keeps its Lease and the mesh root's Secret in ambit-system.
+    double.apply("namespaces", objects.namespace("ambit-system", ambient=False))
     double.apply("namespaces", objects.namespace("shop"))
     double.apply("namespaces", objects.namespace("legacy", ambient=False))
     double.apply("pods", objects.pod("web-1", "shop", "10.1.0.5"))

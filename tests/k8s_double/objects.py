@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from controller.registry.model import AMBIENT, DATAPLANE_MODE_LABEL
@@ -110,3 +111,65 @@ def http_route(name: str, ns: str, spec: dict[str, Any], *,
 
 def http_fault(name: str, ns: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+# ----- what controllers and the kubelet write (the double runs none of them) -----
+
+def deployment_status(obj: dict[str, Any], *, available: int | None = None) -> dict[str, Any]:
+    """The status the Deployment controller writes once ``available`` replicas (default: all)
+    of the current spec run."""
+    want = int(obj["spec"].get("replicas", 1))
+    ready = want if available is None else available
+    done = ready >= want
+    return {
+        "observedGeneration": obj["metadata"].get("generation", 1),
+        "replicas": want, "updatedReplicas": want, "readyReplicas": ready,
+        "availableReplicas": ready, "unavailableReplicas": want - ready,
+        "conditions": [
+            {"type": "Available", "status": "True" if ready else "False",
+             "reason": "MinimumReplicasAvailable" if ready else "MinimumReplicasUnavailable"},
+            {"type": "Progressing", "status": "True",
+             "reason": "NewReplicaSetAvailable" if done else "ReplicaSetUpdated"},
+        ],
+    }
+
+
+def daemonset_status(obj: dict[str, Any], nodes: int, *, ready: int | None = None,
+                     updated: int | None = None) -> dict[str, Any]:
+    """The status the DaemonSet controller writes for ``nodes`` nodes, ``ready`` of them
+    ready (default all) and ``updated`` of them on the current template (default all)."""
+    ready = nodes if ready is None else ready
+    return {
+        "observedGeneration": obj["metadata"].get("generation", 1),
+        "desiredNumberScheduled": nodes, "currentNumberScheduled": nodes,
+        "numberMisscheduled": 0, "numberReady": ready, "numberAvailable": ready,
+        "numberUnavailable": nodes - ready,
+        "updatedNumberScheduled": nodes if updated is None else updated,
+    }
+
+
+def daemonset_pod(ds: dict[str, Any], name: str, node: str, ip: str, *,
+                  ready: bool = True, restarts: int = 0,
+                  waiting: str | None = None) -> dict[str, Any]:
+    """A pod of DaemonSet ``ds`` on ``node``, owned by it as the DaemonSet controller does
+    (so foreground deletion and the garbage collector find it)."""
+    template = ds["spec"]["template"]
+    meta = {"name": name, "namespace": ds["metadata"]["namespace"],
+            "labels": dict(template["metadata"].get("labels") or {}),
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                                 "name": ds["metadata"]["name"], "uid": ds["metadata"]["uid"],
+                                 "controller": True, "blockOwnerDeletion": True}]}
+    statuses = []
+    for c in template["spec"].get("containers") or []:
+        state: dict[str, Any] = {"running": {"startedAt": "2025-01-01T00:00:00Z"}}
+        if waiting:
+            state = {"waiting": {"reason": waiting, "message": f"{waiting} for {c['image']}"}}
+        statuses.append({"name": c["name"], "image": c["image"], "ready": ready,
+                         "restartCount": restarts, "state": state})
+    return {"metadata": meta,
+            "spec": {"nodeName": node, "hostNetwork": True,
+                     "containers": copy.deepcopy(template["spec"].get("containers") or [])},
+            "status": {"phase": "Pending" if waiting else "Running", "podIP": ip,
+                       "podIPs": [{"ip": ip}], "containerStatuses": statuses,
+                       "conditions": [{"type": "Ready",
+                                       "status": "True" if ready else "False"}]}}

@@ -23,11 +23,41 @@ prove nothing about the client. This double serves the wire protocol the real
   Deployments, their pod templates and Gateways, and immutable fields (a Deployment's
   selector, a Service's cluster IP) answered with 422;
 * ``labelSelector`` on lists and watches; API discovery (``GET /apis/<group>/<version>``);
-  faults on writes (``fail_writes``).
+  faults on writes (``fail_writes``);
+* server-side apply (``ambit install``): ``PATCH`` with ``application/apply-patch+yaml``
+  (``fieldManager`` required, ``force`` accepted; ``force`` on any other patch is a 422). The
+  simplification: apply is *create-or-merge*. A missing object is created from the body; an
+  existing one gets the body merged in (RFC 7386 rules: maps merge, lists and scalars
+  replace), then the defaults are filled in again. No ``managedFields`` are kept, so there is
+  no field ownership: a field dropped from a later apply stays (a real server removes it when
+  the manager owned it alone), and two managers never conflict (a real server answers 409
+  without ``force``);
+* no-op writes: an update or patch that changes nothing is not written (same
+  ``resourceVersion``, no watch event), as the real storage layer skips them;
+* deletion as the real server does it: an object with ``metadata.finalizers`` (or deleted with
+  ``propagationPolicy: Foreground``, which adds ``foregroundDeletion``, or ``Orphan`` with
+  dependents, which adds ``orphan``) only gets a ``deletionTimestamp``, and goes when an update
+  removes its last finalizer; a namespace goes to phase ``Terminating`` (creating objects in it
+  is then 403) until its contents are removed. A CRD's deletion removes its custom resources
+  and stops serving the kind at once (a real server takes a moment, with a ``Terminating``
+  condition). Creating a CRD of a kind the double knows serves that kind (``unserved`` loses
+  it) and sets ``Established`` at once, unless ``establish_crds`` is False (then
+  ``establish_crd`` does it);
+* the garbage collector and the namespace controller, run by ``collect_garbage()`` (one pass
+  to a fixed point) or, with ``gc_delay`` set, that long after every delete: dependents
+  (``ownerReferences``) of owners that are gone are deleted, owners in foreground deletion
+  lose ``foregroundDeletion`` once their dependents are gone, ``orphan`` strips the owner
+  references, and a terminating namespace is emptied then removed. Dependents go at once
+  (no kubelet: a pod has no grace period); nothing runs unless a test asks, so tests of
+  controllers that clean up after themselves still see exactly what those controllers do;
+* the pod proxy subresource (``/api/v1/namespaces/<ns>/pods/<pod>[:<port>]/proxy/<path>``),
+  forwarded to the URL a test registered for that pod and port (``register_pod_proxy``);
+  503, as from a real server that cannot dial the pod, when none is registered. Query
+  parameters go to the target unchecked.
 
-Not reproduced: admission (besides the namespace check), server-side apply and
-``managedFields``, strategic-merge and JSON patches, dry runs, field selectors, controllers
-(no ReplicaSets, pods or Deployment status appear) and garbage collection.
+Not reproduced: admission (besides the namespace checks), ``managedFields``, strategic-merge
+and JSON patches, dry runs, field selectors and controllers (no ReplicaSets or pods appear and
+nobody writes a Deployment's or DaemonSet's status: tests do, with ``set_status``).
 
 Every request is recorded in ``requests`` so tests can assert how the client resumed.
 """
@@ -37,13 +67,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import datetime
 import json
+import re
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 from aiohttp import web
 
@@ -64,8 +97,12 @@ API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 # the double would silently ignore shows up as a failing test instead.
 KNOWN_PARAMS = {"watch", "resourceVersion", "allowWatchBookmarks", "timeoutSeconds",
                 "resourceVersionMatch", "pretty", "labelSelector", "fieldManager",
-                "fieldValidation", "propagationPolicy"}
+                "fieldValidation", "propagationPolicy", "force"}
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+FOREGROUND = "foregroundDeletion"
+ORPHAN = "orphan"
+_POD_PROXY = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/proxy(/.*)?$")
 _BUILTIN_GROUPS = ("", "apps", "discovery.k8s.io")
 
 
@@ -164,6 +201,33 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _crd_plural(crd: dict[str, Any]) -> str | None:
+    """The double's plural for a CRD's kind, when the double knows the kind."""
+    spec = crd.get("spec") or {}
+    plural = (spec.get("names") or {}).get("plural")
+    kind = KINDS.get(str(plural))
+    return kind.plural if kind is not None and kind.group == spec.get("group") else None
+
+
+def _establish(crd: dict[str, Any]) -> None:
+    """The conditions the apiextensions controller sets on a CRD it accepted."""
+    now = _now()
+    crd["status"] = {
+        "acceptedNames": copy.deepcopy((crd.get("spec") or {}).get("names") or {}),
+        "storedVersions": [v.get("name") for v in (crd.get("spec") or {}).get("versions") or []
+                           if isinstance(v, dict) and v.get("storage")],
+        "conditions": [
+            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+             "message": "no conflicts found", "lastTransitionTime": now},
+            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+             "message": "the initial names have been accepted", "lastTransitionTime": now},
+        ]}
+
+
 class _Invalid(Exception):
     """A write the API server's validation rejects (422); the message names the field."""
 
@@ -204,6 +268,31 @@ def _default_pod_spec(spec: dict[str, Any]) -> None:
                 volume[source].setdefault("defaultMode", 420)
 
 
+def _check_workload(spec: dict[str, Any], old: dict[str, Any] | None) -> None:
+    """A Deployment's or DaemonSet's selector: required, matching, immutable; pod defaults."""
+    selector = (spec.get("selector") or {}).get("matchLabels")
+    template = spec.get("template") or {}
+    labels = (template.get("metadata") or {}).get("labels") or {}
+    if not selector:
+        raise _Invalid("spec.selector: Required value")
+    if any(labels.get(k) != v for k, v in selector.items()):
+        raise _Invalid("spec.template.metadata.labels: Invalid value: "
+                       f"{labels!r}: `selector` does not match template `labels`")
+    if old is not None and (old.get("spec") or {}).get("selector") != spec["selector"]:
+        raise _Invalid(f"spec.selector: Invalid value: {spec['selector']!r}: field is "
+                       "immutable")
+    if isinstance(template.get("spec"), dict):
+        _default_pod_spec(template["spec"])
+
+
+def _unchanged(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a write would store the same object (resourceVersion aside)."""
+    a, b = copy.deepcopy(old), copy.deepcopy(new)
+    for o in (a, b):
+        o.setdefault("metadata", {}).pop("resourceVersion", None)
+    return a == b
+
+
 @dataclass(frozen=True)
 class _Route:
     kind: Kind
@@ -223,6 +312,12 @@ class ApiServerDouble:
         self._faults: list[_Fault] = []
         self._write_faults: list[_WriteFault] = []
         self._next_cluster_ip = 1
+        # (namespace, pod, port) -> base URL the pod proxy forwards to.
+        self.pod_proxies: dict[tuple[str, str, int], str] = {}
+        # None: no garbage collector runs by itself (tests call collect_garbage()).
+        self.gc_delay: float | None = None
+        # False: CRDs stay un-Established (and their kinds unserved) until establish_crd().
+        self.establish_crds = True
         self._gate = asyncio.Event()
         self._gate.set()
         self._runner: web.AppRunner | None = None
@@ -267,6 +362,129 @@ class ApiServerDouble:
 
     def compact(self) -> int:
         return self.store.compact()
+
+    def set_status(self, plural: str, name: str, namespace: str,
+                   status: dict[str, Any]) -> dict[str, Any]:
+        """Write an object's status, as its controller (or the kubelet) would."""
+        obj = self.store.get(plural, name, namespace)
+        if obj is None:
+            raise KeyError(f"{plural} {namespace}/{name} not found")
+        obj["status"] = copy.deepcopy(status)
+        return self.store.update(plural, obj)
+
+    def register_pod_proxy(self, namespace: str, pod: str, port: int, url: str) -> None:
+        """Forward ``.../pods/<pod>:<port>/proxy/<path>`` to ``url`` + ``/<path>``."""
+        self.pod_proxies[(namespace, pod, port)] = url.rstrip("/")
+
+    def establish_crd(self, name: str) -> dict[str, Any]:
+        """What the apiextensions controller does: Established, and the kind is served."""
+        crd = self.store.get("customresourcedefinitions", name)
+        if crd is None:
+            raise KeyError(f"customresourcedefinition {name} not found")
+        _establish(crd)
+        plural = _crd_plural(crd)
+        if plural is not None:
+            self.unserved.discard(plural)
+        return self.store.update("customresourcedefinitions", crd)
+
+    # ----- the garbage collector and the namespace controller -----
+
+    def _remove(self, plural: str, obj: dict[str, Any]) -> bool:
+        """Delete as the collector does: with finalizers, only mark it; whether it changed."""
+        meta = obj["metadata"]
+        if meta.get("finalizers"):
+            if meta.get("deletionTimestamp"):
+                return False
+            meta["deletionTimestamp"] = _now()
+            meta["deletionGracePeriodSeconds"] = 0
+            self.store.update(plural, obj)
+            return True
+        self.store.delete(plural, meta["name"], meta.get("namespace", "")
+                          if KINDS[plural].namespaced else "")
+        return True
+
+    def _gc_pass(self) -> int:
+        objects = [(plural, copy.deepcopy(obj)) for plural, objs in self.store.objects.items()
+                   for obj in objs.values()]
+        by_uid = {obj["metadata"].get("uid"): (plural, obj) for plural, obj in objects}
+        dependents: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for plural, obj in objects:
+            for ref in obj["metadata"].get("ownerReferences") or []:
+                dependents.setdefault(str(ref.get("uid")), []).append((plural, obj))
+        changes = 0
+        for plural, obj in objects:
+            meta = obj["metadata"]
+            refs = meta.get("ownerReferences") or []
+            if not refs or meta.get("deletionTimestamp"):
+                continue
+            owners = [by_uid.get(r.get("uid")) for r in refs]
+            gone = all(o is None for o in owners)
+            foreground = any(o is not None and o[1]["metadata"].get("deletionTimestamp")
+                             and FOREGROUND in (o[1]["metadata"].get("finalizers") or [])
+                             for o in owners)
+            if (gone or foreground) and self._remove(plural, obj):
+                changes += 1
+        for plural, snapshot in objects:
+            current = self.store.get(plural, snapshot["metadata"]["name"],
+                                     snapshot["metadata"].get("namespace", ""))
+            if current is None or not current["metadata"].get("deletionTimestamp"):
+                continue
+            obj, meta = current, current["metadata"]
+            finalizers = list(meta.get("finalizers") or [])
+            uid = str(meta.get("uid"))
+            alive = [(p, d) for p, d in dependents.get(uid, [])
+                     if self.store.get(p, d["metadata"]["name"],
+                                       d["metadata"].get("namespace", "")) is not None]
+            if ORPHAN in finalizers:
+                for p, d in alive:
+                    d = self.store.get(p, d["metadata"]["name"],
+                                       d["metadata"].get("namespace", "")) or d
+                    d["metadata"]["ownerReferences"] = [
+                        r for r in d["metadata"].get("ownerReferences") or []
+                        if r.get("uid") != uid] or None
+                    if d["metadata"]["ownerReferences"] is None:
+                        del d["metadata"]["ownerReferences"]
+                    self.store.update(p, d)
+                finalizers.remove(ORPHAN)
+            elif FOREGROUND in finalizers and not alive:
+                finalizers.remove(FOREGROUND)
+            else:
+                continue
+            changes += 1
+            if finalizers:
+                meta["finalizers"] = finalizers
+                self.store.update(plural, obj)
+            else:
+                meta.pop("finalizers", None)
+                self.store.delete(plural, meta["name"], meta.get("namespace", ""), final=obj)
+        for ns in self.store.list("namespaces", None)[0]:
+            if not ns["metadata"].get("deletionTimestamp"):
+                continue
+            name = ns["metadata"]["name"]
+            left = 0
+            for plural, kind in KINDS.items():
+                if not kind.namespaced:
+                    continue
+                for obj in self.store.list(plural, name)[0]:
+                    left += 1
+                    if self._remove(plural, obj):
+                        changes += 1
+            if not left:
+                self.store.delete("namespaces", name)
+                changes += 1
+        return changes
+
+    def collect_garbage(self) -> int:
+        """Run the garbage collector and the namespace controller until nothing changes;
+        how many objects were deleted or changed."""
+        total = 0
+        while (changes := self._gc_pass()):
+            total += changes
+        return total
+
+    def _schedule_gc(self) -> None:
+        if self.gc_delay is not None:
+            asyncio.get_running_loop().call_later(self.gc_delay, self.collect_garbage)
 
     def bookmark(self, plural: str | None = None) -> int:
         return self.store.bookmark(plural)
@@ -372,6 +590,10 @@ class ApiServerDouble:
             if request.method != "POST":
                 return _status(405, "MethodNotAllowed", "tokenreviews: only create")
             return await self._token_review(request)
+        proxy = _POD_PROXY.match(request.path)
+        if proxy is not None:
+            return await self._pod_proxy(request, proxy.group(1), proxy.group(2),
+                                         proxy.group(3) or "/")
         if request.method == "GET":
             discovery = self._discovery(request.path)
             if discovery is not None:
@@ -459,6 +681,33 @@ class ApiServerDouble:
             if gone is None:
                 self.store.unwatch(watcher)
 
+    async def _pod_proxy(self, request: web.Request, namespace: str, target: str,
+                         path: str) -> web.StreamResponse:
+        parts = target.split(":")
+        if len(parts) == 3:
+            parts = parts[1:]  # scheme:name:port
+        name, port_text = parts[0], parts[1] if len(parts) > 1 else ""
+        pod = self.store.get("pods", name, namespace)
+        if pod is None:
+            return _status(404, "NotFound", f'pods "{name}" not found',
+                           {"name": name, "kind": "pods"})
+        ip = (pod.get("status") or {}).get("podIP") or "<none>"
+        url = self.pod_proxies.get((namespace, name, int(port_text))) \
+            if port_text.isdigit() else None
+        unreachable = (f"error trying to reach service: dial tcp {ip}:{port_text or 80}: "
+                       "connect: connection refused")
+        if url is None:
+            return _status(503, "ServiceUnavailable", unreachable)
+        try:
+            async with aiohttp.ClientSession() as session, session.request(
+                    request.method, url + path, params=list(request.query.items()),
+                    data=await request.read() or None) as resp:
+                body = await resp.read()
+                return web.Response(status=resp.status, body=body,
+                                    content_type=resp.content_type)
+        except aiohttp.ClientError as e:
+            return _status(503, "ServiceUnavailable", f"{unreachable} ({e})")
+
     # ----- writes -----
 
     async def _write(self, request: web.Request, route: _Route) -> web.Response:
@@ -475,9 +724,19 @@ class ApiServerDouble:
             return _status(405, "MethodNotAllowed", f"{method} is not supported on "
                            f"{request.path}")
         body: Any = None
+        apply = method == "PATCH" and request.content_type == APPLY_PATCH
+        if "force" in request.query and not apply:
+            raise_422 = "force: Forbidden: may not be specified for non-apply patch"
+            return _status(422, "Invalid", f"PatchOptions.meta.k8s.io \"\" is invalid: "
+                           f"{raise_422}")
         if method != "DELETE" or request.can_read_body:
             raw = await request.read()
-            if raw or method != "DELETE":
+            if apply:
+                try:
+                    body = yaml.safe_load(raw)
+                except yaml.YAMLError as e:
+                    return _status(400, "BadRequest", f"error decoding YAML: {e}")
+            elif raw or method != "DELETE":
                 try:
                     body = json.loads(raw)
                 except ValueError:
@@ -496,6 +755,12 @@ class ApiServerDouble:
             if method == "DELETE":
                 return self._delete(kind, route.namespace or "", route.name, body,
                                     request.query.get("propagationPolicy"))
+            if apply:
+                if route.subresource is not None:
+                    return _status(415, "UnsupportedMediaType", "the double implements apply "
+                                   "patches on objects only, not on subresources")
+                return self._apply(kind, route.namespace or "", route.name, body,
+                                   request.query.get("fieldManager", ""))
             if method == "PATCH":
                 ctype = request.content_type
                 if ctype != MERGE_PATCH:
@@ -505,7 +770,8 @@ class ApiServerDouble:
                            else f"the double implements only {MERGE_PATCH} patches")
                     return _status(415, "UnsupportedMediaType",
                                    f"the body of the request was in an unknown format - "
-                                   f"accepted media types include: {MERGE_PATCH} ({why})")
+                                   f"accepted media types include: {MERGE_PATCH}, "
+                                   f"{APPLY_PATCH} ({why})")
             return self._update(kind, route.namespace or "", route.name, body,
                                 patch=method == "PATCH",
                                 status_only=route.subresource == "status")
@@ -528,6 +794,34 @@ class ApiServerDouble:
                            f"does not match the expected kind ({kind.kind})")
         return None
 
+    def _apply(self, kind: Kind, namespace: str, name: str, body: Any,
+               manager: str) -> web.Response:
+        """Server-side apply, simplified to create-or-merge (see the module docstring)."""
+        if not manager:
+            return _status(422, "Invalid", 'PatchOptions.meta.k8s.io "" is invalid: '
+                           "fieldManager: Required value: is required for apply patch")
+        if not isinstance(body, dict):
+            return _status(400, "BadRequest", "the apply body must be a YAML mapping (an "
+                           "object)")
+        for key in ("apiVersion", "kind"):
+            if not body.get(key):
+                return _status(400, "BadRequest", f"{key} must be set")
+        bad = self._check_type(kind, body)
+        if bad is not None:
+            return bad
+        meta = body.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            return _status(400, "BadRequest", "metadata must be a mapping")
+        if meta.setdefault("name", name) != name:
+            return _status(400, "BadRequest", f"the name of the object ({meta['name']}) does "
+                           f"not match the name on the URL ({name})")
+        if kind.namespaced and meta.setdefault("namespace", namespace) != namespace:
+            return _status(400, "BadRequest", "the namespace of the provided object does not "
+                           "match the namespace sent on the request")
+        if self.store.get(kind.plural, name, namespace if kind.namespaced else "") is None:
+            return self._create(kind, namespace, body)
+        return self._update(kind, namespace, name, body, patch=True, status_only=False)
+
     def _create(self, kind: Kind, namespace: str, body: Any) -> web.Response:
         bad = self._check_type(kind, body)
         if bad is not None:
@@ -543,13 +837,19 @@ class ApiServerDouble:
             if meta.setdefault("namespace", namespace) != namespace:
                 return _status(400, "BadRequest", "the namespace of the provided object does "
                                "not match the namespace sent on the request")
-            if self.store.get("namespaces", namespace) is None:
+            ns = self.store.get("namespaces", namespace)
+            if ns is None:
                 return _status(404, "NotFound", f'namespaces "{namespace}" not found',
                                {"name": namespace, "kind": "namespaces"})
+            if ns["metadata"].get("deletionTimestamp"):
+                return _status(403, "Forbidden", f'{_resource(kind)} "{name}" is forbidden: '
+                               f"unable to create new content in namespace {namespace} "
+                               "because it is being terminated", _details(kind, name))
         if self.store.get(kind.plural, name, namespace if kind.namespaced else "") is not None:
             return _status(409, "AlreadyExists",
                            f'{_resource(kind)} "{name}" already exists', _details(kind, name))
-        for key in ("uid", "creationTimestamp", "generation", "deletionTimestamp"):
+        for key in ("uid", "creationTimestamp", "generation", "deletionTimestamp",
+                    "deletionGracePeriodSeconds"):
             meta.pop(key, None)
         if kind.plural in STATUS_SUBRESOURCE:
             body.pop("status", None)
@@ -598,7 +898,8 @@ class ApiServerDouble:
             meta["name"] = name
             if kind.namespaced:
                 meta["namespace"] = namespace
-            for key in ("uid", "creationTimestamp", "generation"):
+            for key in ("uid", "creationTimestamp", "generation", "deletionTimestamp",
+                        "deletionGracePeriodSeconds"):
                 meta[key] = old_meta.get(key)
                 if meta[key] is None:
                     meta.pop(key)
@@ -608,6 +909,14 @@ class ApiServerDouble:
                 else:
                     new.pop("status", None)
             self._default(kind, new, old)
+        if _unchanged(old, new):
+            return web.json_response(old)  # a no-op is not written
+        if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+            # The last finalizer went: the deletion completes.
+            new["metadata"].pop("finalizers", None)
+            gone = self.store.delete(kind.plural, name, key_ns, final=new)
+            self._schedule_gc()
+            return web.json_response(gone)
         return web.json_response(self.store.update(kind.plural, new))
 
     def _delete(self, kind: Kind, namespace: str, name: str, options: Any,
@@ -634,7 +943,42 @@ class ApiServerDouble:
                                f'{_resource(kind)} "{name}": Precondition failed: {label} in '
                                f"precondition: {wanted}, {label} in object meta: {actual}",
                                _details(kind, name))
-        return web.json_response(self.store.delete(kind.plural, name, key_ns))
+        meta = old["metadata"]
+        if kind.plural == "namespaces":
+            if not meta.get("deletionTimestamp"):
+                meta["deletionTimestamp"] = _now()
+                old["status"] = {**(old.get("status") or {}), "phase": "Terminating"}
+                old = self.store.update(kind.plural, old)
+            self._schedule_gc()
+            return web.json_response(old)
+        if kind.plural == "customresourcedefinitions":
+            plural = _crd_plural(old)
+            if plural is not None:
+                for obj in self.store.list(plural, None)[0]:
+                    self.store.delete(plural, obj["metadata"]["name"],
+                                      obj["metadata"].get("namespace", ""))
+                self.unserved.add(plural)
+        finalizers = list(meta.get("finalizers") or [])
+        if policy == "Foreground" and FOREGROUND not in finalizers:
+            finalizers.append(FOREGROUND)
+        elif policy == "Orphan" and ORPHAN not in finalizers and self._has_dependents(meta):
+            finalizers.append(ORPHAN)
+        if finalizers:
+            if finalizers != meta.get("finalizers") or not meta.get("deletionTimestamp"):
+                meta["finalizers"] = finalizers
+                meta.setdefault("deletionTimestamp", _now())
+                meta.setdefault("deletionGracePeriodSeconds", 0)
+                old = self.store.update(kind.plural, old)
+            self._schedule_gc()
+            return web.json_response(old)
+        gone = self.store.delete(kind.plural, name, key_ns)
+        self._schedule_gc()
+        return web.json_response(gone)
+
+    def _has_dependents(self, meta: dict[str, Any]) -> bool:
+        uid = meta.get("uid")
+        return any(r.get("uid") == uid for objs in self.store.objects.values()
+                   for o in objs.values() for r in o["metadata"].get("ownerReferences") or [])
 
     def _default(self, kind: Kind, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         """What the real API server fills in (and the validation it does) for the kinds
@@ -667,19 +1011,20 @@ class ApiServerDouble:
             spec.setdefault("progressDeadlineSeconds", 600)
             spec.setdefault("strategy", {"type": "RollingUpdate", "rollingUpdate": {
                 "maxUnavailable": "25%", "maxSurge": "25%"}})
-            selector = (spec.get("selector") or {}).get("matchLabels")
-            template = spec.get("template") or {}
-            labels = (template.get("metadata") or {}).get("labels") or {}
-            if not selector:
-                raise _Invalid("spec.selector: Required value")
-            if any(labels.get(k) != v for k, v in selector.items()):
-                raise _Invalid("spec.template.metadata.labels: Invalid value: "
-                               f"{labels!r}: `selector` does not match template `labels`")
-            if old is not None and (old.get("spec") or {}).get("selector") != spec["selector"]:
-                raise _Invalid(f"spec.selector: Invalid value: {spec['selector']!r}: field is "
-                               "immutable")
-            if isinstance(template.get("spec"), dict):
-                _default_pod_spec(template["spec"])
+            _check_workload(spec, old)
+        elif kind.plural == "daemonsets" and isinstance(spec, dict):
+            spec.setdefault("revisionHistoryLimit", 10)
+            spec.setdefault("updateStrategy", {"type": "RollingUpdate", "rollingUpdate": {
+                "maxUnavailable": 1, "maxSurge": 0}})
+            _check_workload(spec, old)
+        elif kind.plural == "namespaces" and old is None:
+            obj["status"] = {"phase": "Active"}
+        elif kind.plural == "customresourcedefinitions" and old is None \
+                and self.establish_crds:
+            _establish(obj)
+            plural = _crd_plural(obj)
+            if plural is not None:
+                self.unserved.discard(plural)
         elif kind.plural == "gateways" and isinstance(spec, dict):
             for listener in spec.get("listeners") or []:
                 if isinstance(listener, dict):

@@ -55,12 +55,29 @@ KINDS: dict[str, Kind] = {
         # Written by the waypoint deployer (controller/waypoint/k8s_deployer.py).
         Kind("apps", "v1", "deployments", "Deployment"),
         Kind("", "v1", "configmaps", "ConfigMap"),
+        # Written by the controller in Kubernetes mode (leader election, the mesh root) and by
+        # `ambit install` (the manifests in deploy/daemonset).
+        Kind("", "v1", "secrets", "Secret"),
+        Kind("coordination.k8s.io", "v1", "leases", "Lease"),
+        Kind("apps", "v1", "daemonsets", "DaemonSet"),
+        Kind("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget"),
+        Kind("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole",
+             namespaced=False),
+        Kind("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding",
+             namespaced=False),
+        Kind("rbac.authorization.k8s.io", "v1", "roles", "Role"),
+        Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
+        Kind("apiextensions.k8s.io", "v1", "customresourcedefinitions",
+             "CustomResourceDefinition", namespaced=False),
+        Kind("gateway.networking.k8s.io", "v1", "gatewayclasses", "GatewayClass",
+             namespaced=False),
     )
 }
 
 # Kinds whose ``status`` is a subresource: writes to the object keep the stored status, writes
 # to ``.../status`` change only the status (as for the real kinds and the Gateway API CRDs).
-STATUS_SUBRESOURCE = frozenset({"namespaces", "pods", "services", "deployments", "gateways",
+STATUS_SUBRESOURCE = frozenset({"namespaces", "pods", "services", "deployments", "daemonsets",
+                                "gateways", "gatewayclasses", "customresourcedefinitions",
                                 "httproutes"})
 
 Key = tuple[str, str]  # (namespace or "", name)
@@ -254,11 +271,14 @@ class Store:
             return self.update(plural, obj)
         return self.create(plural, obj)
 
-    def delete(self, plural: str, name: str, namespace: str = "") -> dict[str, Any]:
+    def delete(self, plural: str, name: str, namespace: str = "",
+               final: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Remove an object; the DELETED event carries ``final`` when given (the object as
+        its last update left it, e.g. without its last finalizer), else the stored one."""
         old = self.objects[plural].get((namespace, name))
         if old is None:
             raise KeyError(f"{plural} {namespace}/{name} not found")
-        return self._write(plural, "DELETED", old)
+        return self._write(plural, "DELETED", old if final is None else final)
 
     # ----- reads -----
 
