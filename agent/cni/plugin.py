@@ -19,16 +19,25 @@ must be deletable while the agent is down; the agent reconciles what it missed).
 
 Stdout carries exactly one JSON document (the result, the VERSION answer or a CNI error) or
 nothing; diagnostics go to stderr, and no traceback is ever printed.
+
+One implementation, two ways in: ``handle`` is the whole plugin as a function of its inputs
+(CNI variables, stdin) and of how to ask the agent. The ``ambit-cni`` Python executable (the
+dev cluster, tests) calls it with ``socket_ask`` (the request over the agent's socket). On a
+real node the runtime executes the static host binary (``agent/cni/shim``) instead, which
+forwards its inputs to the agent; the agent (``agent/cni_server.py``) calls ``handle`` with an
+in-process ``ask_agent``, so the CNI protocol logic (``spec``) and these messages live in one
+place. The shim repeats only what it must do without the agent (VERSION, failure policy).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -43,10 +52,17 @@ from agent.cni.spec import (
 )
 
 MAX_ANSWER_BYTES = 64 * 1024
+# socket.settimeout() overflows past ~9e9 s; a "timeoutSeconds" beyond a year means "wait".
+MAX_WAIT_SECONDS = 365 * 24 * 3600.0
 
 
 class AgentUnavailable(Exception):
     """The node agent could not be asked: no socket, nobody listening, timeout, closed early."""
+
+
+AskAgent = Callable[[NetConf, Mapping[str, Any]], AgentAnswer]
+"""How ``handle`` asks the node agent: the config (socket, timeout) and the request in, the
+answer out; raises ``AgentUnavailable`` or ``CniSpecError`` (code 101), as ``call_agent``."""
 
 
 def call_agent(socket_path: str, request: Mapping[str, Any], timeout: float) -> AgentAnswer:
@@ -61,7 +77,7 @@ def call_agent(socket_path: str, request: Mapping[str, Any], timeout: float) -> 
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError
-        return left
+        return min(left, MAX_WAIT_SECONDS)
 
     data = (json.dumps(request, separators=(",", ":")) + "\n").encode()
     buf = b""
@@ -92,6 +108,11 @@ def call_agent(socket_path: str, request: Mapping[str, Any], timeout: float) -> 
     if not buf.strip():
         raise AgentUnavailable("it closed the connection without answering")
     return spec.parse_agent_response(buf.split(b"\n", 1)[0])
+
+
+def socket_ask(conf: NetConf, request: Mapping[str, Any]) -> AgentAnswer:
+    """``AskAgent`` over the agent's Unix socket (the ``ambit-cni`` Python executable)."""
+    return call_agent(conf.agent_socket, request, conf.timeout_seconds)
 
 
 # --- the commands --------------------------------------------------------------------------
@@ -138,14 +159,14 @@ class _Failure:
     summary: str  # what fail-open logs
 
 
-def _ask(inv: Invocation) -> _Failure | None:
+def _ask(inv: Invocation, ask_agent: AskAgent) -> _Failure | None:
     """Ask the agent about ``inv``; ``None`` if it said ok, else what went wrong."""
     conf = inv.conf
     assert conf is not None  # parse_invocation sets it for every command but VERSION
     op = inv.command.lower()
     where = f"the node agent at {conf.agent_socket}"
     try:
-        answer = call_agent(conf.agent_socket, spec.agent_request(inv, op), conf.timeout_seconds)
+        answer = ask_agent(conf, spec.agent_request(inv, op))
     except AgentUnavailable as e:
         return _Failure(_unavailable_error(inv, conf, str(e)), f"{where} is unreachable ({e})")
     except CniSpecError as e:  # an answer that is not a response
@@ -171,31 +192,31 @@ def _apply_policy(inv: Invocation, failure: _Failure | None, err_out: IO[str]) -
     raise failure.error
 
 
-def _add(inv: Invocation, out: IO[str], err_out: IO[str]) -> None:
+def _add(inv: Invocation, ask_agent: AskAgent, out: IO[str], err_out: IO[str]) -> None:
     assert inv.conf is not None and inv.conf.prev_result is not None
-    _apply_policy(inv, _ask(inv), err_out)
+    _apply_policy(inv, _ask(inv, ask_agent), err_out)
     result = dict(inv.conf.prev_result)
     # A chained plugin passes the previous result through; a result must carry its version.
     result.setdefault("cniVersion", inv.conf.cni_version)
     _emit(out, result)
 
 
-def _check(inv: Invocation, err_out: IO[str]) -> None:
-    _apply_policy(inv, _ask(inv), err_out)
+def _check(inv: Invocation, ask_agent: AskAgent, err_out: IO[str]) -> None:
+    _apply_policy(inv, _ask(inv, ask_agent), err_out)
 
 
-def _delete(env: Mapping[str, str], stdin: bytes, err_out: IO[str]) -> None:
+def _delete(
+    env: Mapping[str, str], stdin: bytes, ask_agent: AskAgent, err_out: IO[str]
+) -> None:
     """Best effort: every failure is logged, none is returned."""
     try:
-        inv = spec.parse_invocation(env, stdin)
+        inv = _parse_invocation(env, stdin)
     except CniSpecError as e:
         _log(err_out, f"DEL: invalid input, nothing to tell the node agent: {e.msg}")
         return
     assert inv.conf is not None
     try:
-        answer = call_agent(
-            inv.conf.agent_socket, spec.agent_request(inv, "del"), inv.conf.timeout_seconds
-        )
+        answer = ask_agent(inv.conf, spec.agent_request(inv, "del"))
     except (AgentUnavailable, CniSpecError) as e:
         _log(
             err_out,
@@ -223,9 +244,30 @@ def _log(err_out: IO[str], msg: str) -> None:
         pass  # nobody reads our stderr; the exit status and stdout still tell the story
 
 
-def run(env: Mapping[str, str], stdin: bytes, out: IO[str], err_out: IO[str]) -> int:
-    """One plugin invocation with explicit inputs and outputs; returns the exit status."""
-    version = spec.cni_version_of(stdin)
+def _parse_invocation(env: Mapping[str, str], stdin: bytes) -> Invocation:
+    # json.loads raises RecursionError (not a ValueError) on deeply nested input: that is a
+    # config that cannot be decoded, not a bug of ours.
+    try:
+        return spec.parse_invocation(env, stdin)
+    except RecursionError as e:
+        raise CniSpecError(
+            spec.ERR_INVALID_NETWORK_CONFIG,
+            f"network config on stdin is not valid JSON ({e}); the runtime must pass the "
+            "plugin's entry of the conflist as one JSON object",
+        ) from None
+
+
+def _cni_version_of(stdin: bytes) -> str:
+    try:
+        return spec.cni_version_of(stdin)
+    except RecursionError:
+        return spec.LATEST_VERSION
+
+
+def _run(
+    env: Mapping[str, str], stdin: bytes, ask_agent: AskAgent, out: IO[str], err_out: IO[str]
+) -> int:
+    version = _cni_version_of(stdin)
     command: Command | None = None
     try:
         command = spec.parse_command(env)
@@ -233,13 +275,13 @@ def run(env: Mapping[str, str], stdin: bytes, out: IO[str], err_out: IO[str]) ->
             _emit(out, spec.version_result())
             return 0
         if command is Command.DEL:
-            _delete(env, stdin, err_out)
+            _delete(env, stdin, ask_agent, err_out)
             return 0
-        inv = spec.parse_invocation(env, stdin)
+        inv = _parse_invocation(env, stdin)
         if command is Command.ADD:
-            _add(inv, out, err_out)
+            _add(inv, ask_agent, out, err_out)
         else:
-            _check(inv, err_out)
+            _check(inv, ask_agent, err_out)
         return 0
     except CniSpecError as e:
         _emit(out, e.result(version))
@@ -255,6 +297,32 @@ def run(env: Mapping[str, str], stdin: bytes, out: IO[str], err_out: IO[str]) ->
         )
         _emit(out, err.result(version))
         return 1
+
+
+def handle(
+    env: Mapping[str, str],
+    stdin: bytes,
+    ask_agent: AskAgent,
+    err_out: IO[str] | None = None,
+) -> tuple[bytes, int]:
+    """The whole plugin as a function: CNI variables and stdin in, stdout and exit status out.
+
+    ``env`` needs only the ``CNI_*`` variables. ``ask_agent`` is how the node agent is asked
+    (``socket_ask``, or the agent's own in-process call when it runs a request of the host
+    binary). Diagnostics go to ``err_out`` (dropped if ``None``). Never raises.
+    """
+    out = io.StringIO()
+    code = _run(env, stdin, ask_agent, out, err_out if err_out is not None else io.StringIO())
+    return out.getvalue().encode(), code
+
+
+def run(env: Mapping[str, str], stdin: bytes, out: IO[str], err_out: IO[str]) -> int:
+    """One plugin invocation with explicit inputs and outputs; returns the exit status."""
+    stdout, code = handle(env, stdin, socket_ask, err_out)
+    if stdout:
+        out.write(stdout.decode())
+        out.flush()
+    return code
 
 
 def _read_stdin() -> bytes:

@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PLUGIN_TYPE = "ambit-cni"
-SUPPORTED_VERSIONS: tuple[str, ...] = ("0.4.0", "1.0.0")
+# 0.3.x: flannel's and Calico's default conflists still say 0.3.1, and the runtime passes the
+# list's version to every plugin in it. Its results have the shape of 0.4.0's (which only added
+# CHECK, and libcni never sends CHECK to a 0.3.x list).
+SUPPORTED_VERSIONS: tuple[str, ...] = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
 LATEST_VERSION = "1.0.0"
 DEFAULT_AGENT_SOCKET = "/var/run/ambit/cni.sock"
 DEFAULT_TIMEOUT_SECONDS = 10.0
@@ -363,7 +366,7 @@ def _sandboxed(iface: Mapping[str, Any]) -> bool:
 
 
 def pod_ips(result: Mapping[str, Any]) -> list[str]:
-    """The pod's IPv4 addresses in a CNI result (0.4.0 or 1.0.0), in order, without duplicates.
+    """The pod's IPv4 addresses in a CNI result (0.3.x, 0.4.0, 1.0.0), in order, no duplicates.
 
     An address counts when its ``interface`` index points at an interface inside a sandbox
     (the pod side), or when it names no interface at all (an IPAM-only result). Addresses on

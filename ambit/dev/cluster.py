@@ -427,7 +427,14 @@ class DevCluster:
 
         run_dir = Path(node.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        prepare_plugin_dir(self._plugin_dir())
+        # The static host binary, as a real node runs it (the agent does the CNI work).
+        from agent.cni import shim
+
+        try:
+            binary = shim.build()
+        except shim.ShimBuildError as e:
+            raise ClusterError(str(e)) from None
+        prepare_plugin_dir(self._plugin_dir(), ambit_cni=binary)
         conflist = conflist_for_node(node.pod_cidr, run_dir, run_dir / "cni.sock")
         (run_dir / "10-ambit.conflist").write_text(json.dumps(conflist, indent=1))
         with EmbeddedRegistry(self.db) as registry:

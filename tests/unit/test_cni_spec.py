@@ -178,7 +178,7 @@ def test_agent_request_has_every_pinned_key() -> None:
         (env(), "", 4, "not valid JSON"),
         (env(), "[1, 2]", 4, "must be a JSON object"),
         (env(), conf(cniVersion=None), 4, "'cniVersion' is missing"),
-        (env(), conf(cniVersion="0.3.1"), 1, "not supported by ambit-cni"),
+        (env(), conf(cniVersion="0.2.0"), 1, "not supported by ambit-cni"),
         (env(), conf(cniVersion="2.0.0"), 1, 'set "cniVersion": "1.0.0"'),
         (env(), conf(name=None), 4, "'name' is missing"),
         (env(), conf(type=""), 4, "'type' must be a non-empty string"),
@@ -269,7 +269,7 @@ def test_pod_ips_and_host_iface(result: dict[str, Any], ips: list[str], host: st
 def test_version_answer() -> None:
     assert spec.version_result() == {
         "cniVersion": "1.0.0",
-        "supportedVersions": ["0.4.0", "1.0.0"],
+        "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"],
     }
 
 
@@ -290,7 +290,7 @@ def test_error_object() -> None:
     [
         ('{"cniVersion": "0.4.0"}', "0.4.0"),
         ('{"cniVersion": "1.0.0"}', "1.0.0"),
-        ('{"cniVersion": "0.3.1"}', "1.0.0"),  # not ours to speak: answer in the latest
+        ('{"cniVersion": "0.2.0"}', "1.0.0"),  # not ours to speak: answer in the latest
         ('{"cniVersion": 4}', "1.0.0"),
         ("[]", "1.0.0"),
         ("{oops", "1.0.0"),
