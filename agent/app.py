@@ -9,6 +9,11 @@ module is the thin asyncio shell around them, in uvicorn's startup/serve/shutdow
 
 Kernel work (the eBPF loader process, bpf(2), netlink, iptables) is blocking and must not
 interleave, so every backend call goes through one worker thread, in order.
+
+In Kubernetes the agent also keeps ``ambit-cni`` installed and chained (``ChainWatcher``),
+re-resolves ``--uplink auto`` on every resync, and on SIGTERM asks whether its DaemonSet is
+being deleted (``agent.k8s_owner``): only then does it remove the chain, the binary and
+capture from the node; otherwise everything stays for the next agent.
 """
 
 from __future__ import annotations
@@ -21,14 +26,17 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from agent import uplinks
 from agent.capture.base import MODE_EBPF, CaptureBackend, CaptureError, PodCapture
+from agent.cni.installer import ChainWatcher
 from agent.cni_server import CniRequest, CniServer
 from agent.config import AgentConfig
 from agent.discover import host_iface_for
+from agent.k8s_owner import OwnerWatch
 from agent.membership import MembershipClient, MembershipUnavailable
 from agent.node_endpoint import NodeEndpoint
 from agent.node_metrics import NodeMetrics
@@ -55,10 +63,23 @@ def _ipv4_only(ips: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, backend: CaptureBackend, mode_reason: str) -> None:
+    """``initial_uplinks``: the resolved ``--uplink`` names the backend was built with; ``cni``
+    keeps the plugin chained; ``owner`` and ``remove_install`` decide and do the removal from
+    the node at SIGTERM (``remove_install`` returns what it removed, one line each)."""
+
+    def __init__(self, config: AgentConfig, backend: CaptureBackend, mode_reason: str, *,
+                 initial_uplinks: Sequence[str] | None = None,
+                 cni: ChainWatcher | None = None,
+                 owner: OwnerWatch | None = None,
+                 remove_install: Callable[[], list[str]] | None = None) -> None:
         self.config = config
         self.backend = backend
         self.mode_reason = mode_reason
+        self.uplinks = tuple(initial_uplinks if initial_uplinks is not None else
+                             (u for u in config.uplinks if u != uplinks.AUTO))
+        self.cni_watcher = cni
+        self.owner = owner
+        self.remove_install = remove_install
         self.table = PodTable(config.pods_file)
         self.store = StateStore()
         self.metrics = NodeMetrics(config.node, __version__, backend.mode,
@@ -143,9 +164,14 @@ class Agent:
         await self.endpoint.start()
         self._tasks += [asyncio.create_task(self.source.run()),
                         asyncio.create_task(self._reconcile_loop())]
-        log.info("agent for node %s started: redirect mode %s (%s); CNI socket %s; node "
-                 "metrics on %s:%d", self.config.node, self.backend.mode, self.mode_reason,
-                 self.config.cni_socket, self.config.metrics_host, self.endpoint.port)
+        if self.cni_watcher is not None:
+            self._tasks.append(asyncio.create_task(self.cni_watcher.run()))
+        if self.owner is not None:
+            self._tasks.append(asyncio.create_task(self.owner.learn()))
+        log.info("agent for node %s started: redirect mode %s (%s); uplinks %s; CNI socket %s; "
+                 "node metrics on %s:%d", self.config.node, self.backend.mode, self.mode_reason,
+                 ", ".join(self.uplinks) or "none", self.config.cni_socket,
+                 self.config.metrics_host, self.endpoint.port)
 
     async def shutdown(self) -> None:
         """Stop serving; capture stays in the kernel (that is what `ambit agent uninstall` is
@@ -162,6 +188,31 @@ class Agent:
             await self.membership.close()
         self._kernel_pool.shutdown(wait=True)
         log.info("agent stopped; capture left in place")
+
+    async def removal_wanted(self) -> bool:
+        """At SIGTERM: is Ambit being removed from the node (its DaemonSet deleted)?"""
+        if self.owner is None or self.remove_install is None:
+            return False
+        try:
+            return (await self.owner.decide_at_exit()).remove
+        except Exception as e:  # never remove on doubt
+            log.error("on SIGTERM: could not decide whether Ambit is being removed (%s: %s); "
+                      "leaving everything in place", type(e).__name__, e)
+            return False
+
+    async def remove_from_node(self) -> None:
+        """Remove the CNI chain entry, the plugin binary and all capture state (after
+        ``shutdown``: nothing of ours may run while it goes)."""
+        assert self.remove_install is not None
+        try:
+            lines = await asyncio.to_thread(self.remove_install)
+        except Exception as e:
+            log.error("removing Ambit from the node failed: %s: %s; finish with `ambit agent "
+                      "uninstall` on the node", type(e).__name__, e)
+            return
+        for line in lines:
+            log.info("removed: %s", line)
+        log.info("Ambit removed from node %s", self.config.node)
 
     # -- readiness and status --------------------------------------------------------------
 
@@ -185,6 +236,9 @@ class Agent:
             "ztunnelPid": self.link.ztunnel_pid,
             "lastReconcile": self.last_reconcile,
             "lastError": self.last_error,
+            "uplinks": list(self.uplinks),
+            "cni": (self.cni_watcher.status if self.cni_watcher is not None else
+                    "not managed by this agent (no --binary)"),
             "capture": self._backend_status,
             "pods": [
                 {"pod": p.uid, "ips": list(p.ips), "hostIface": p.host_iface, "netns": p.netns,
@@ -226,7 +280,7 @@ class Agent:
                     "plugin's result; ambit-cni must be chained after the plugin that assigns "
                     "addresses (capture is IPv4 only)"}
         found: str | None = req.host_iface or await self._kernel(
-            host_iface_for, ips[0], self.config.uplinks)
+            host_iface_for, ips[0], self.uplinks)
         iface = found or ""
         if not iface:
             return {"ok": False, "error": f"pod {req.uid}: cannot tell its node-side interface "
@@ -299,12 +353,37 @@ class Agent:
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.error("reconcile failed: %s", self.last_error)
 
+    async def refresh_uplinks(self) -> None:
+        """``--uplink auto``: find the uplinks again; attach capture to new ones."""
+        if not self.config.uplinks_auto:
+            return
+        pod_ifaces = {p.host_iface for p in self.table.pods.values()}
+        links = await self._kernel(uplinks.read_links)
+        found = uplinks.resolve(self.config.uplinks, links, pod_ifaces)
+        if found == self.uplinks:
+            return
+        added = [u for u in found if u not in self.uplinks]
+        gone = [u for u in self.uplinks if u not in found]
+        if hasattr(self.backend, "uplinks"):  # eBPF: the uplink program goes on new ones
+            self.backend.uplinks = found
+            if added:  # idempotent, programs replaced in place; a gone one keeps its filter
+                await self._kernel(self.backend.setup)  # until uninstall (harmless)
+        log.info("uplinks (auto): %s (new: %s; no longer: %s); not uplinks: %s",
+                 ", ".join(found) or "none", ", ".join(added) or "-", ", ".join(gone) or "-",
+                 "; ".join(uplinks.describe(links, pod_ifaces)) or "-")
+        self.uplinks = found
+
     async def reconcile_once(self) -> None:
+        try:
+            await self.refresh_uplinks()
+        except (uplinks.UplinkError, CaptureError) as e:  # pods still get reconciled
+            log.error("uplinks (auto): %s; still using %s, trying again next resync", e,
+                      ", ".join(self.uplinks) or "none")
         mesh = self._mesh()
         enrolled = await self._kernel(self.backend.enrolled)
         todo = plan(self.table.pods, mesh, enrolled)
         for ip in todo.discover:
-            iface = await self._kernel(host_iface_for, ip, self.config.uplinks)
+            iface = await self._kernel(host_iface_for, ip, self.uplinks)
             if iface is None:
                 continue
             uid = mesh[ip].uid
@@ -339,7 +418,11 @@ async def serve(agent: Agent, stop: asyncio.Event | None = None) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     await agent.start()
+    remove = False
     try:
         await stop.wait()
+        remove = await agent.removal_wanted()
     finally:
         await agent.shutdown()
+    if remove:
+        await agent.remove_from_node()

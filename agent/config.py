@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.capture.base import MODE_EBPF, MODE_IPTABLES
+from agent.uplinks import AUTO as UPLINKS_AUTO
 
 MODE_AUTO = "auto"
 REDIRECT_MODES = (MODE_AUTO, MODE_EBPF, MODE_IPTABLES)
@@ -20,10 +22,25 @@ NODE_METRICS_PORT = 15022
 DEFAULT_RUN_DIR = Path("/var/run/ambit")
 DEFAULT_BPF_DIR = Path("/sys/fs/bpf/ambit")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 class AgentConfigError(ValueError):
     """A flag value that cannot work; the message names the flag."""
+
+
+def parse_uplinks(values: Sequence[str], default: tuple[str, ...] = ("eth0",)) -> tuple[str, ...]:
+    """``--uplink`` values (repeatable, each a comma-separated list) as one tuple of names
+    and/or ``auto``; ``default`` when none is given."""
+    out: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            name = part.strip()
+            if not name:
+                raise AgentConfigError(f"--uplink: {value!r} has an empty name; give names "
+                                       "separated by commas (e.g. eth0,eth1) or auto")
+            out.append(name)
+    return tuple(dict.fromkeys(out)) or default
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,24 @@ class AgentConfig:
     membership_timeout: float = 5.0
     resync_interval: float = 10.0
     log_level: str = "info"
+    # The host's CNI directories as mounted in the pod, and the plugin binary to keep
+    # installed there (``--cni-bin-dir``, ``--cni-conf-dir``, ``--binary``).
+    cni_bin_dir: Path | None = None
+    cni_conf_dir: Path | None = None
+    cni_binary: Path | None = None
+    # ``--daemonset``: on SIGTERM, remove everything if this DaemonSet is being deleted.
+    daemonset: str | None = None
+    daemonset_namespace: str = ""
+
+    @property
+    def uplinks_auto(self) -> bool:
+        """``--uplink auto``: the agent finds the uplinks itself, on every resync."""
+        return UPLINKS_AUTO in self.uplinks
+
+    @property
+    def manages_cni(self) -> bool:
+        """The agent knows the CNI directories (to keep or to remove the chain)."""
+        return self.cni_bin_dir is not None and self.cni_conf_dir is not None
 
     @property
     def cni_socket(self) -> Path:
@@ -70,7 +105,8 @@ class AgentConfig:
                                    f"{', '.join(REDIRECT_MODES)}")
         for iface in self.uplinks:
             if not _IFNAME.match(iface):
-                raise AgentConfigError(f"--uplink: {iface!r} is not an interface name")
+                raise AgentConfigError(f"--uplink: {iface!r} is not an interface name (or "
+                                       f"{UPLINKS_AUTO})")
         for cidr in self.exclude_cidrs:
             try:
                 net = ipaddress.ip_network(cidr, strict=False)
@@ -87,4 +123,27 @@ class AgentConfig:
                 raise AgentConfigError(f"{name}: {path} does not exist or is not a file")
         if self.membership_timeout <= 0 or self.resync_interval <= 0:
             raise AgentConfigError("timeouts and intervals must be positive")
+        if (self.cni_bin_dir is None) != (self.cni_conf_dir is None):
+            raise AgentConfigError("--cni-bin-dir and --cni-conf-dir go together (the host's "
+                                   "/opt/cni/bin and /etc/cni/net.d as mounted in the pod)")
+        if self.cni_binary is not None:
+            if not self.manages_cni:
+                raise AgentConfigError("--binary: needs --cni-bin-dir and --cni-conf-dir (where "
+                                       "to keep the plugin installed and chained)")
+            if not self.cni_binary.is_file():
+                raise AgentConfigError(f"--binary: {self.cni_binary} does not exist or is not "
+                                       "a file (the image ships /opt/ambit/cni/ambit-cni)")
+        for name, path in (("--cni-bin-dir", self.cni_bin_dir),
+                           ("--cni-conf-dir", self.cni_conf_dir)):
+            if path is not None and not path.is_dir():
+                raise AgentConfigError(f"{name}: {path} is not a directory (mount the host's "
+                                       "CNI directory there)")
+        if self.daemonset is not None:
+            if not _DNS_NAME.match(self.daemonset):
+                raise AgentConfigError(f"--daemonset: {self.daemonset!r} is not a DaemonSet "
+                                       "name")
+            if not _DNS_NAME.match(self.daemonset_namespace):
+                raise AgentConfigError("--daemonset: the namespace comes from $POD_NAMESPACE "
+                                       "(downward API, metadata.namespace), which is "
+                                       f"{self.daemonset_namespace!r}")
         return self

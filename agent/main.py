@@ -1,9 +1,13 @@
-"""Entry points of ``ambit agent run|uninstall|status``: flags to config, backend choice.
+"""Entry points of ``ambit agent run|uninstall|status|cni``: flags to config, backend choice.
 
 Why apart from ``agent.app``: the process core stays testable with any backend, while this
 module picks the redirect mode the way the user asked (``auto`` says why it fell back) and keeps
 heavy imports (gRPC, pyroute2) out of every other ``ambit`` command. bcc is never imported by the
 agent at all: it runs in the eBPF loader process (``agent/capture/ebpf_loader.py``).
+
+``ambit agent cni install|uninstall`` are the DaemonSet's init step and the manual undo
+(``agent/cni/installer.py``); ``ambit agent uninstall`` removes capture and, given the CNI
+directories, the chain entry and the plugin binary too.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.capture.base import MODE_EBPF, MODE_IPTABLES
+from agent.capture.base import MODE_EBPF, MODE_IPTABLES, CaptureError
+from agent.cni.spec import DEFAULT_AGENT_SOCKET
 from agent.config import (
     DEFAULT_BPF_DIR,
     DEFAULT_RUN_DIR,
@@ -25,10 +31,14 @@ from agent.config import (
     REDIRECT_MODES,
     AgentConfig,
     AgentConfigError,
+    parse_uplinks,
 )
+from agent.uplinks import AUTO as UPLINKS_AUTO
 
 if TYPE_CHECKING:
     from agent.capture.base import CaptureBackend
+    from agent.cni.installer import CniPaths
+    from agent.k8s_owner import OwnerWatch
 
 log = logging.getLogger("agent")
 
@@ -54,7 +64,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                      "why")
     _paths(run)
     run.add_argument("--uplink", action="append", default=[],
-                     help="the node's uplink interface(s) for inbound capture (default eth0)")
+                     help="the node's uplink interface(s) for inbound capture: names, "
+                     "comma-separated or repeated, and/or `auto` (every up Ethernet interface "
+                     "with an IPv4 address that is not loopback, a bridge or a pod's veth; "
+                     "re-resolved on every resync). Default eth0")
     run.add_argument("--exclude-cidr", action="append", default=[],
                      help="destinations a pod reaches without the ztunnel (eBPF mode)")
     run.add_argument("--metrics-host", default="0.0.0.0")
@@ -64,10 +77,43 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                      help="merged into the node metrics ('' to leave out)")
     run.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"])
+    _cni_dirs(run, required=False)
+    run.add_argument("--binary", type=Path,
+                     help="keep this ambit-cni binary installed in --cni-bin-dir and chained "
+                     "into the primary config of --cni-conf-dir while running (re-checked "
+                     "every few seconds)")
+    run.add_argument("--daemonset", metavar="NAME",
+                     help="on SIGTERM, if DaemonSet $POD_NAMESPACE/NAME is being deleted "
+                     "(404 or deletionTimestamp), remove the CNI chain, the plugin binary and "
+                     "all capture from the node; otherwise leave them for the next agent")
     rm = agent_sub.add_parser("uninstall", help="remove every program, pinned map, rule and "
-                              "route the agent created on this node")
+                              "route the agent created on this node (and, given the CNI "
+                              "directories, the chain entry and the plugin binary)")
     _paths(rm)
-    rm.add_argument("--uplink", action="append", default=[])
+    rm.add_argument("--uplink", action="append", default=[],
+                    help="ignored (capture is removed from every interface); kept for "
+                    "compatibility")
+    _cni_dirs(rm, required=False)
+    cni = agent_sub.add_parser("cni", help="install or remove the ambit-cni plugin on this "
+                               "node", description="Install the ambit-cni binary into the "
+                               "host's CNI bin directory and chain it into the cluster's "
+                               "primary CNI config (the DaemonSet's init step), or undo that.")
+    cni_sub = cni.add_subparsers(dest="cni_command", required=True)
+    inst = cni_sub.add_parser("install", help="copy the binary, wait for the cluster's CNI "
+                              "config, chain ambit-cni into it (idempotent)")
+    _cni_dirs(inst, required=True)
+    inst.add_argument("--binary", type=Path, required=True,
+                      help="the ambit-cni binary to install (/opt/ambit/cni/ambit-cni in the "
+                      "image)")
+    inst.add_argument("--agent-socket", default=DEFAULT_AGENT_SOCKET,
+                      help=f"the agent's socket, as the host sees it (default "
+                      f"{DEFAULT_AGENT_SOCKET})")
+    inst.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                      help="give up (exit 1) if no usable CNI config appears in time "
+                      "(default: wait for ever, logging every 10 s)")
+    un = cni_sub.add_parser("uninstall", help="remove ambit-cni from every CNI config (a "
+                            ".conf we converted is restored) and remove the binary")
+    _cni_dirs(un, required=True)
     st = agent_sub.add_parser("status", help="what the agent captures, per pod")
     st.add_argument("--url", default=f"http://127.0.0.1:{NODE_METRICS_PORT}",
                     help="the agent's node endpoint")
@@ -81,8 +127,19 @@ def _paths(p: argparse.ArgumentParser) -> None:
                    help=f"pinned eBPF maps (default {DEFAULT_BPF_DIR}, on a bpffs)")
 
 
-def choose_backend(config: AgentConfig) -> tuple[CaptureBackend, str]:
-    """The backend for ``--redirect-mode`` and, for auto, the reason for the choice."""
+def _cni_dirs(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--cni-bin-dir", type=Path, required=required,
+                   help="the host's CNI plugin directory as mounted here (e.g. "
+                   "/host/opt/cni/bin)")
+    p.add_argument("--cni-conf-dir", type=Path, required=required,
+                   help="the host's CNI config directory as mounted here (e.g. "
+                   "/host/etc/cni/net.d)")
+
+
+def choose_backend(config: AgentConfig,
+                   uplinks: tuple[str, ...] | None = None) -> tuple[CaptureBackend, str]:
+    """The backend for ``--redirect-mode`` and, for auto, the reason for the choice.
+    ``uplinks`` are the resolved ``--uplink`` names (default: the explicit ones)."""
     from agent.capture.iptables_backend import IptablesCapture
 
     if config.redirect_mode == MODE_IPTABLES:
@@ -96,7 +153,9 @@ def choose_backend(config: AgentConfig) -> tuple[CaptureBackend, str]:
                                    "--redirect-mode iptables (or auto)")
         log.warning("eBPF capture is unavailable (%s); using iptables", reason)
         return IptablesCapture(), f"auto: eBPF unavailable ({reason})"
-    backend = ebpf.EbpfCapture(config.bpf_dir, config.uplinks, config.exclude_cidrs)
+    if uplinks is None:
+        uplinks = tuple(u for u in config.uplinks if u != UPLINKS_AUTO)
+    backend = ebpf.EbpfCapture(config.bpf_dir, uplinks, config.exclude_cidrs)
     why = ("requested with --redirect-mode ebpf" if config.redirect_mode == MODE_EBPF
            else "auto: the kernel supports it")
     return backend, why
@@ -105,50 +164,136 @@ def choose_backend(config: AgentConfig) -> tuple[CaptureBackend, str]:
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agent import uplinks
+
     try:
         config = AgentConfig(
             node=args.node, controller_address=args.controller,
             node_token_file=args.node_token_file, ca_root_cert=args.ca_root_cert,
             redirect_mode=args.redirect_mode, run_dir=args.run_dir, bpf_dir=args.bpf_dir,
-            uplinks=tuple(args.uplink) or ("eth0",), exclude_cidrs=tuple(args.exclude_cidr),
+            uplinks=parse_uplinks(args.uplink), exclude_cidrs=tuple(args.exclude_cidr),
             metrics_host=args.metrics_host, metrics_port=args.metrics_port,
             ztunnel_metrics_url=args.ztunnel_metrics_url, log_level=args.log_level,
+            cni_bin_dir=args.cni_bin_dir, cni_conf_dir=args.cni_conf_dir,
+            cni_binary=args.binary, daemonset=args.daemonset,
+            daemonset_namespace=os.environ.get("POD_NAMESPACE", ""),
         ).validate()
-        backend, why = choose_backend(config)
-    except AgentConfigError as e:
+        links = uplinks.read_links() if config.uplinks_auto else []
+        found = uplinks.resolve(config.uplinks, links)
+        if config.uplinks_auto:
+            log.info("uplinks (auto): %s; not uplinks: %s", ", ".join(found) or "none",
+                     "; ".join(uplinks.describe(links)) or "-")
+        owner = _owner(config)
+        backend, why = choose_backend(config, found)
+    except (AgentConfigError, uplinks.UplinkError) as e:
         print(f"ambit agent: error: {e}", file=sys.stderr)
         return 2
     import uvloop
 
     from agent.app import Agent, serve
-    from agent.capture.base import CaptureError
+    from agent.cni.installer import ChainWatcher
 
+    paths = _cni_paths(config.cni_bin_dir, config.cni_conf_dir)
+    watcher = (ChainWatcher(paths, config.cni_binary, str(config.cni_socket))
+               if paths is not None and config.cni_binary is not None else None)
+
+    def remove_install() -> list[str]:
+        done, failed = uninstall(config.run_dir, config.bpf_dir, paths)
+        if failed:
+            raise CaptureError("; ".join(failed))
+        return done
+
+    agent = Agent(config, backend, why, initial_uplinks=found, cni=watcher, owner=owner,
+                  remove_install=remove_install if owner is not None else None)
     try:
-        uvloop.run(serve(Agent(config, backend, why)))
+        uvloop.run(serve(agent))
     except CaptureError as e:
         log.error("%s", e)
         return 1
     return 0
 
 
-def uninstall(run_dir: Path, bpf_dir: Path, uplinks: tuple[str, ...]) -> list[str]:
-    """Remove both modes' leftovers (whichever exist); returns what was done, for printing."""
+def _owner(config: AgentConfig) -> OwnerWatch | None:
+    """The DaemonSet check for ``--daemonset`` (in-cluster API credentials)."""
+    if config.daemonset is None:
+        return None
+    from agent.k8s_owner import ApiConfigError, ApiTarget, DaemonSetClient, OwnerWatch
+
+    try:
+        target = ApiTarget.in_cluster()
+    except ApiConfigError as e:
+        raise AgentConfigError(f"--daemonset: {e}") from None
+    return OwnerWatch(DaemonSetClient(target, config.daemonset_namespace, config.daemonset))
+
+
+def _cni_paths(bin_dir: Path | None, conf_dir: Path | None) -> CniPaths | None:
+    from agent.cni.installer import CniPaths
+
+    if bin_dir is None or conf_dir is None:
+        return None
+    return CniPaths(bin_dir, conf_dir)
+
+
+def uninstall(run_dir: Path, bpf_dir: Path,
+              cni: CniPaths | None = None) -> tuple[list[str], list[str]]:
+    """Remove Ambit from this node: the CNI chain entry and binary first (when ``cni`` is
+    given: new pods must stop waiting for an agent that is going away), then both capture
+    modes' leftovers (whichever exist), then the agent's files. Returns what was done and
+    what failed, one line each; a failure does not stop the other steps."""
     from agent.capture.iptables_backend import IptablesCapture
 
-    done = []
+    done: list[str] = []
+    failed: list[str] = []
+    if cni is not None:
+        from agent.cni.installer import InstallError, remove_binary, remove_chain
+
+        try:
+            done += remove_chain(cni.conf_dir) or [f"no ambit-cni entry in {cni.conf_dir}"]
+            done.append(remove_binary(cni.bin_dir) or f"no {cni.installed_binary}")
+        except InstallError as e:
+            failed.append(f"CNI: {e}")
     try:
         from agent.capture import ebpf
 
-        ebpf.EbpfCapture(bpf_dir, uplinks).uninstall()
+        ebpf.EbpfCapture(bpf_dir, ()).uninstall()
         done.append(f"eBPF programs, filters and pinned maps under {bpf_dir}")
     except ImportError as e:
         done.append(f"eBPF: skipped ({e})")
-    IptablesCapture().uninstall()
-    done.append("iptables chains and policy routing")
+    except CaptureError as e:
+        failed.append(f"eBPF: {e}")
+    try:
+        IptablesCapture().uninstall()
+        done.append("iptables chains and policy routing")
+    except CaptureError as e:
+        failed.append(f"iptables: {e}")
     for name in ("cni.sock", "ztunnel.sock", "pods.json", "pods.tmp", "pods.corrupt"):
         (run_dir / name).unlink(missing_ok=True)
     done.append(f"agent files in {run_dir}")
-    return done
+    return done, failed
+
+
+def _cni(args: argparse.Namespace) -> int:
+    from agent.cni.installer import CniPaths, InstallError, install
+    from agent.cni.installer import uninstall as cni_uninstall
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    paths = CniPaths(args.cni_bin_dir, args.cni_conf_dir)
+    try:
+        if args.cni_command == "install":
+            if args.timeout is not None and args.timeout < 0:
+                raise InstallError("--timeout: must be >= 0 seconds")
+            lines = install(paths, args.binary, agent_socket=args.agent_socket,
+                            timeout=args.timeout)
+        else:
+            lines = cni_uninstall(paths) or ["nothing to remove: no ambit-cni entry in "
+                                             f"{paths.conf_dir}, no {paths.installed_binary}"]
+    except InstallError as e:
+        print(f"ambit agent cni {args.cni_command}: error: {e}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line)
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -161,19 +306,9 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
-    print(f"node {doc['node']}: redirect mode {doc['redirectMode']} "
-          f"({doc['redirectModeReason']}); {doc['ready']}")
-    for key, value in sorted(doc.get("capture", {}).items()):
-        print(f"  {key}: {value}")
-    if doc.get("lastError"):
-        print(f"  last reconcile error: {doc['lastError']}")
-    print(f"{'POD':<32} {'IPS':<16} {'IFACE':<16} {'CAPTURED':<9} REASON")
-    for p in doc["pods"]:
-        flag = "yes" if p["captured"] else "no"
-        if p["captured"] != p["shouldCapture"]:
-            flag += "!"
-        print(f"{p['pod']:<32} {','.join(p['ips']):<16} {p['hostIface']:<16} {flag:<9} "
-              f"{p['reason']}")
+    from agent.status_view import agent_lines
+
+    print("\n".join(agent_lines(doc)))
     return 0
 
 
@@ -182,7 +317,17 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
     if args.agent_command == "uninstall":
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        for line in uninstall(args.run_dir, args.bpf_dir, tuple(args.uplink) or ("eth0",)):
+        if (args.cni_bin_dir is None) != (args.cni_conf_dir is None):
+            print("ambit agent uninstall: error: --cni-bin-dir and --cni-conf-dir go together",
+                  file=sys.stderr)
+            return 2
+        done, failed = uninstall(args.run_dir, args.bpf_dir,
+                                 _cni_paths(args.cni_bin_dir, args.cni_conf_dir))
+        for line in done:
             print(f"removed: {line}")
-        return 0
+        for line in failed:
+            print(f"ambit agent uninstall: error: {line}", file=sys.stderr)
+        return 1 if failed else 0
+    if args.agent_command == "cni":
+        return _cni(args)
     return _status(args)

@@ -34,7 +34,7 @@ ZTUNNEL_METRICS_URL = "http://127.0.0.1:15020/metrics"
 ZTUNNEL_FETCH_TIMEOUT = 1.0
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SCRAPE_UP = "ambit_agent_ztunnel_scrape_up"
-ROUTES = ("/metrics", "/healthz/ready", "/debug/pods")
+ROUTES = ("/metrics", "/healthz/ready", "/healthz/live", "/debug/pods")
 
 ReadyFn = Callable[[], tuple[bool, str]]
 StatusFn = Callable[[], dict[str, Any]]
@@ -159,6 +159,10 @@ class NodeEndpoint:
             return Response(405, b"only GET\n")
         if path == "/metrics":
             return Response(200, await self.render_metrics(), METRICS_CONTENT_TYPE)
+        if path == "/healthz/live":
+            # The event loop answers; readiness (controller state, the ztunnel's listeners) is
+            # not a reason to restart the agent.
+            return Response(200, b"live\n")
         if path == "/healthz/ready":
             try:
                 ok, why = self._ready()

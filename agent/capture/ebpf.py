@@ -49,7 +49,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from pyroute2 import IPRoute, NetlinkError
 
-from agent.capture import bpffs, policy_routing
+from agent.capture import bpffs, kernel_headers, policy_routing
 from agent.capture.base import (
     INBOUND_HBONE_PORT,
     LISTENER_INBOUND,
@@ -536,9 +536,16 @@ def ebpf_unavailable_reason() -> str | None:
         return f"not root: missing {' and '.join(missing)}"
     if not _BTF.exists():
         return f"the kernel has no BTF ({_BTF} is missing)"
-    headers = _MODULES / release / "build"
-    if not headers.exists():
-        return f"no kernel headers at {headers} (Debian: apt-get install linux-headers-{release})"
+    # In the node pod the host's headers are mounted elsewhere; link them (or the image's) where
+    # bcc looks. On a host that has them already this changes nothing.
+    try:
+        linked = kernel_headers.ensure(release, modules=_MODULES)
+    except LookupError as e:
+        return f"{e} (Debian: apt-get install linux-headers-{release})"
+    except OSError as e:
+        return f"cannot link kernel headers under {_MODULES / release}: {e}"
+    if linked:
+        log.info("%s", linked)
     return _bcc_unavailable_reason()
 
 

@@ -179,6 +179,8 @@ async def test_readiness_debug_and_errors(agent: Agent) -> None:
     await ep.start()
     try:
         assert await _get(ep.port, "/healthz/ready") == (503, b"waiting for the registry\n")
+        # The liveness probe's path answers while not ready: waiting is no reason to restart.
+        assert await _get(ep.port, "/healthz/live") == (200, b"live\n")
         agent.ready = (True, "ready: 1 pod enrolled")
         assert await _get(ep.port, "/healthz/ready") == (200, b"ready: 1 pod enrolled\n")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import bpf_sys, bpffs, ebpf, policy_routing
+from agent.capture import bpf_sys, bpffs, ebpf, kernel_headers, policy_routing
 from agent.capture.base import (
     INBOUND_HBONE_PORT,
     LISTENER_INBOUND,
@@ -107,8 +107,11 @@ def test_unavailable_reasons(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert "BTF" in (ebpf.ebpf_unavailable_reason() or "")
     (tmp_path / "vmlinux").touch()
     monkeypatch.setattr(ebpf, "_MODULES", tmp_path / "modules")
+    # Neither the node's headers (mounted under /host in the pod) nor the image's fallback.
+    monkeypatch.setattr(kernel_headers, "HOST_MODULES", tmp_path / "host-modules")
+    monkeypatch.setattr(kernel_headers, "IMAGE_USR_SRC", tmp_path / "usr-src")
     assert "kernel headers" in (ebpf.ebpf_unavailable_reason() or "")
-    (tmp_path / "modules" / "6.1.0-test" / "build").mkdir(parents=True)
+    (tmp_path / "modules" / "6.1.0-test" / "build" / "include").mkdir(parents=True)
     reason = ebpf.ebpf_unavailable_reason()
     assert reason is None or "bcc" in reason
     real_find_spec = importlib.util.find_spec

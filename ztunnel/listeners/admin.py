@@ -89,6 +89,10 @@ def stats_routes(ctx: ProxyContext, is_ready: Callable[[], tuple[bool, str]]) \
         if path in ("/healthz/ready", "/ready"):
             ok, why = is_ready()
             return Response(200 if ok else 503, (why + "\n").encode())
-        return Response(404, b"try /metrics or /healthz/ready\n")
+        if path == "/healthz/live":
+            # Liveness: the event loop answers. Not readiness: a ztunnel waiting for the
+            # controller must not be restarted for it (that would not bring the controller).
+            return Response(200, b"live\n")
+        return Response(404, b"try /metrics, /healthz/ready or /healthz/live\n")
 
     return route
