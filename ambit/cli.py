@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agent import main as agent_main
 from ambit import __version__
+from ambit.install import cli as install_cli
 from ambit.waypoint import cli as waypoint_cli
 from controller import main as controller_main
 from controller.registry import commands as registry_commands
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     controller_main.add_parser(sub)
     agent_main.add_parser(sub)
     waypoint_cli.add_parser(sub)
+    install_cli.add_parsers(sub)
     return parser
 
 
@@ -201,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return agent_main.run(args)
         if args.command == "waypoint":
             return waypoint_cli.run(args)
+        if args.command in install_cli.COMMANDS:
+            return install_cli.run(args)
         if args.command in registry_commands.COMMANDS:
             return registry_commands.run(args)
     except (UsageError, registry_commands.CommandError,
