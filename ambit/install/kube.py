@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from kubernetes_asyncio import client
 
 from ambit.install.names import FIELD_MANAGER
 from controller.registry.kubernetes import api_client
-from controller.waypoint.k8s_apply import ApiError, Rest
+from controller.waypoint.k8s_apply import ApiError, Resource, Rest
 
 __all__ = ["APPLY_PATCH", "ApiError", "ApiResource", "Cluster", "ConnectError", "connect",
            "explain", "kubeconfig_source"]
@@ -64,40 +63,8 @@ async def connect(kubeconfig: str | None, context: str | None = None) -> client.
                            f"{e}") from None
 
 
-@dataclass(frozen=True)
-class ApiResource:
-    """A served resource: where its objects live in the URL space."""
-
-    group: str
-    version: str
-    plural: str
-    kind: str
-    namespaced: bool
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-    @property
-    def base(self) -> str:
-        return f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-
-    def path(self, namespace: str | None = None, name: str | None = None,
-             subresource: str | None = None) -> str:
-        """Collection (``name`` None; ``namespace`` None: across namespaces) or object."""
-        out = self.base
-        if self.namespaced and namespace:
-            out += f"/namespaces/{namespace}"
-        out += f"/{self.plural}"
-        if name is not None:
-            out += f"/{name}"
-            if subresource:
-                out += f"/{subresource}"
-        return out
-
-    def resource_name(self) -> str:
-        """How kubectl names it: ``deployments.apps``, ``pods``."""
-        return f"{self.plural}.{self.group}" if self.group else self.plural
+# A served resource: where its objects live in the URL space (the controller's own type).
+ApiResource = Resource
 
 
 def _split(api_version: str) -> tuple[str, str]:

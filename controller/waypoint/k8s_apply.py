@@ -41,12 +41,13 @@ MERGE_PATCH = "application/merge-patch+json"
 
 @dataclass(frozen=True)
 class Resource:
-    """Where a kind lives in the API's URL space."""
+    """Where a kind lives in the API's URL space (also ``ambit install``'s discovered kinds)."""
 
     group: str  # "" for the core group
     version: str
     plural: str
     kind: str
+    namespaced: bool = True
 
     @property
     def api_version(self) -> str:
@@ -56,9 +57,14 @@ class Resource:
     def base(self) -> str:
         return f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
 
-    def path(self, namespace: str, name: str | None = None,
+    def path(self, namespace: str | None, name: str | None = None,
              subresource: str | None = None) -> str:
-        out = f"{self.base}/namespaces/{namespace}/{self.plural}"
+        """An object, or a collection (``name`` None); ``namespace`` None or "" for a
+        cluster-scoped kind, or a list across namespaces."""
+        out = self.base
+        if self.namespaced and namespace:
+            out += f"/namespaces/{namespace}"
+        out += f"/{self.plural}"
         if name is not None:
             out += f"/{name}"
             if subresource:
@@ -67,6 +73,10 @@ class Resource:
 
     def describe(self, namespace: str, name: str) -> str:
         return f"{self.kind} {namespace}/{name}"
+
+    def resource_name(self) -> str:
+        """How kubectl names it: ``deployments.apps``, ``pods``."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
 
 
 SERVICE_ACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount")
