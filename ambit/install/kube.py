@@ -48,12 +48,21 @@ def kubeconfig_source(kubeconfig: str | None,
     return None
 
 
+def _check_exists(source: str | None) -> None:
+    """A single kubeconfig that does not exist is a typo ($KUBECONFIG may list several files,
+    which kubectl merges: those are left to the client)."""
+    if source is not None and os.pathsep not in source and not os.path.isfile(source):
+        raise ConnectError(f"kubeconfig {source} does not exist; pass --kubeconfig FILE or "
+                           "set $KUBECONFIG to your cluster's kubeconfig")
+
+
 async def connect(kubeconfig: str | None, context: str | None = None) -> client.ApiClient:
     """An API client for ``kubeconfig_source(kubeconfig)``; raises ``ConnectError``."""
     source = kubeconfig_source(kubeconfig)
     if source is None and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         raise ConnectError("no Kubernetes credentials: pass --kubeconfig FILE, set $KUBECONFIG, "
                            "or create ~/.kube/config (or run this inside a pod)")
+    _check_exists(source)
     try:
         return await api_client(source, context)
     except Exception as e:  # kubernetes_asyncio raises several unrelated types here

@@ -381,3 +381,12 @@ def test_agent_lines_match_what_ambit_agent_status_prints(
     printed = capsys.readouterr().out.splitlines()
     assert agent_lines(doc) == printed
     assert printed[-1].split()[3] == "no!"
+
+
+@pytest.mark.parametrize("command", ["status", "uninstall"])
+def test_a_missing_kubeconfig_is_named(tmp_path: Path, command: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert cli.main([command, "--kubeconfig", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"kubeconfig {missing} does not exist" in err and "Traceback" not in err
