@@ -162,12 +162,10 @@ class Proxy:
 
 
 @pytest.fixture
-async def double() -> AsyncIterator[ApiServerDouble]:
-    d = ApiServerDouble()
-    await d.start()
-    d.apply("namespaces", objects.namespace(NS, ambient=False))
-    yield d
-    await d.close()
+def double(double: ApiServerDouble) -> ApiServerDouble:
+    """conftest's double, with the namespace the Lease and the Secret live in."""
+    double.apply("namespaces", objects.namespace(NS, ambient=False))
+    return double
 
 
 @dataclass

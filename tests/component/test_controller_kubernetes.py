@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -33,14 +32,6 @@ from ztunnel.state.store import StateStore
 def test_choose_mode(mode: str, kubeconfig: str | None, env: dict[str, str],
                      expected: str) -> None:
     assert choose_mode(mode, kubeconfig, env) == expected
-
-
-@pytest.fixture
-async def double() -> AsyncIterator[ApiServerDouble]:
-    d = ApiServerDouble()
-    await d.start()
-    yield d
-    await d.close()
 
 
 async def test_controller_process_in_kubernetes_mode(double: ApiServerDouble,

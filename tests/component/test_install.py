@@ -45,14 +45,6 @@ FAST: dict[str, Any] = {"poll": 0.02, "heartbeat": 60.0}
 
 
 @pytest.fixture
-async def double() -> AsyncIterator[ApiServerDouble]:
-    d = ApiServerDouble()
-    await d.start()
-    yield d
-    await d.close()
-
-
-@pytest.fixture
 def kubeconfig(double: ApiServerDouble, tmp_path: Path) -> Path:
     return double.write_kubeconfig(tmp_path / "kubeconfig")
 

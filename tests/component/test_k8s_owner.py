@@ -9,7 +9,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +30,6 @@ DAEMONSET: dict[str, Any] = {
     "metadata": {"name": NAME, "namespace": NS},
     "spec": {"selector": {"matchLabels": {"app": NAME}}},
 }  # fmt: skip
-
-
-@pytest.fixture
-async def double() -> AsyncIterator[ApiServerDouble]:
-    d = ApiServerDouble()
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.close()
 
 
 def client_for(url: str, tmp_path: Path, token: str = ADMIN_TOKEN,

@@ -13,7 +13,6 @@ import ipaddress
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import pytest
 from kubernetes_asyncio import client
@@ -21,7 +20,7 @@ from kubernetes_asyncio import client
 from ambit.spiffe import SpiffeId
 from controller.kubernetes_feed import KubernetesFeed
 from controller.registry.k8s_watch import Backoff
-from controller.registry.kubernetes import KubernetesRegistry, TokenReviewAuthenticator, api_client
+from controller.registry.kubernetes import KubernetesRegistry, TokenReviewAuthenticator
 from controller.registry.model import RegistrySnapshot
 from controller.registry.translate import mesh_config
 from controller.waypoint.parse import resolve_faults
@@ -30,21 +29,6 @@ from tests.k8s_double.server import ApiServerDouble, ServiceAccountToken
 from ztunnel.state.model import Action, MeshConfig, MtlsMode, Protocol, WaypointRef, Workload
 
 TD = "cluster.local"
-
-
-@pytest.fixture
-async def double() -> AsyncIterator[ApiServerDouble]:
-    d = ApiServerDouble()
-    await d.start()
-    yield d
-    await d.close()
-
-
-@pytest.fixture
-async def api(double: ApiServerDouble, tmp_path: Path) -> AsyncIterator[client.ApiClient]:
-    a = await api_client(str(double.write_kubeconfig(tmp_path / "kubeconfig")))
-    yield a
-    await a.close()
 
 
 def make_registry(api: client.ApiClient) -> KubernetesRegistry:

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -35,7 +34,7 @@ from controller.registry.k8s_auth import (
     WorkloadScopedPolicy,
 )
 from controller.registry.k8s_watch import Backoff
-from controller.registry.kubernetes import KubernetesRegistry, api_client
+from controller.registry.kubernetes import KubernetesRegistry
 from controller.waypoint.deploy import (
     CA_ROOT_CONFIGMAP,
     CA_ROOT_KEY,
@@ -66,21 +65,6 @@ TD = "cluster.local"
 ROOT = "-----BEGIN CERTIFICATE-----\nMIIBdGVzdC1yb290\n-----END CERTIFICATE-----\n"
 IMAGE = "ghcr.io/ambit/ambit:test"
 MANAGED = ("serviceaccounts", "services", "deployments")
-
-
-@pytest.fixture
-async def double() -> AsyncIterator[ApiServerDouble]:
-    d = ApiServerDouble()
-    await d.start()
-    yield d
-    await d.close()
-
-
-@pytest.fixture
-async def api(double: ApiServerDouble, tmp_path: Path) -> AsyncIterator[client.ApiClient]:
-    a = await api_client(str(double.write_kubeconfig(tmp_path / "kubeconfig")))
-    yield a
-    await a.close()
 
 
 @pytest.fixture
