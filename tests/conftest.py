@@ -1,4 +1,5 @@
-"""Suite-wide rules: netns tests need root, and a skipped netns test fails the run.
+"""Suite-wide rules: netns tests need root, and a skipped netns test fails the run; and the
+static ``ambit-cni`` binary, built once for the unit, component and netns tests that run it.
 
 Why: the netns tests are the only proof that capture and the ztunnel work against the real
 kernel. A CI machine that silently lost root, or a test that skipped itself because some tool
@@ -14,8 +15,11 @@ ignored whenever ``CI`` is set.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+from agent.cni import shim as shim_build
 
 _skipped_netns: list[str] = []
 
@@ -69,3 +73,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         "netns tests must run (as root) and never skip; run `sudo make test`. "
         "Without CI, AMBIT_ALLOW_NETNS_SKIP=1 accepts the skips."
     )
+
+
+@pytest.fixture(scope="session")
+def shim() -> Path:
+    """The static ``ambit-cni`` host binary, (re)built from agent/cni/shim; a build failure
+    fails the tests that need it (never a skip: hack/setup.sh installs the compiler)."""
+    try:
+        return shim_build.build()
+    except shim_build.ShimBuildError as e:
+        pytest.fail(str(e))

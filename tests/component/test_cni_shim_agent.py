@@ -27,35 +27,15 @@ from typing import Any
 
 import pytest
 
-from agent.cni import shim as shim_build
 from agent.cni import spec
 from agent.cni_server import CniRequest, CniServer
 from ambit.dev.cni_runner import default_ambit_cni
+from tests.cni_data import PREV_040, PREV_RESULT
 
 PYTHON_PLUGIN = default_ambit_cni()
 
-PREV_RESULT: dict[str, Any] = {
-    "cniVersion": "1.0.0",
-    "interfaces": [
-        {"name": "veth12345678", "mac": "aa:bb:cc:dd:ee:01"},
-        {"name": "eth0", "mac": "aa:bb:cc:dd:ee:02", "sandbox": "/var/run/netns/x"},
-    ],
-    "ips": [{"interface": 1, "address": "10.244.1.5/24", "gateway": "10.244.1.1"}],
-    "routes": [{"dst": "0.0.0.0/0", "gw": "10.244.1.1"}],
-    "dns": {},
-}
-PREV_040: dict[str, Any] = {
-    "interfaces": [{"name": "vethabcdef01"}, {"name": "eth0", "sandbox": "/var/run/netns/y"}],
-    "ips": [{"version": "4", "interface": 1, "address": "10.244.2.7/24"}],
-}
 
 
-@pytest.fixture(scope="session")
-def shim() -> Path:
-    try:
-        return shim_build.build()
-    except shim_build.ShimBuildError as e:
-        pytest.fail(str(e))
 
 
 @pytest.fixture

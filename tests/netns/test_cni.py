@@ -48,6 +48,7 @@ from ambit.dev.cni_runner import (
 )
 from ambit.dev.mesh import PYTHON, tcp_probe
 from ambit.dev.topology import Cluster, Node
+from tests.cni_data import PREV_RESULT
 
 AMBIT_CNI = default_ambit_cni()
 NETNS_DIR = Path("/var/run/netns")
@@ -590,16 +591,6 @@ def test_plugin_dir_links_the_plugins(tmp_path: Path) -> None:
 
 # --- the ambit-cni executable on its own ---------------------------------------------------
 
-PREV_RESULT: dict[str, Any] = {
-    "cniVersion": "1.0.0",
-    "interfaces": [
-        {"name": "veth12345678", "mac": "aa:bb:cc:dd:ee:01"},
-        {"name": "eth0", "mac": "aa:bb:cc:dd:ee:02", "sandbox": "/var/run/netns/x"},
-    ],
-    "ips": [{"interface": 1, "address": "10.244.1.5/24", "gateway": "10.244.1.1"}],
-    "routes": [{"dst": "0.0.0.0/0", "gw": "10.244.1.1"}],
-    "dns": {},
-}
 
 
 @dataclass

@@ -45,12 +45,6 @@ from ambit.dev.topology import Cluster, Node
 NETNS_DIR = Path("/var/run/netns")
 
 
-@pytest.fixture(scope="module")
-def shim() -> Path:
-    try:
-        return shim_build.build()
-    except shim_build.ShimBuildError as e:
-        pytest.fail(str(e))
 
 
 class Agent:

@@ -37,35 +37,20 @@ import pytest
 from agent.cni import plugin, spec
 from agent.cni import shim as shim_build
 from ambit.dev.cni_runner import default_ambit_cni
+from tests import cni_data
+from tests.cni_data import PREV_RESULT
 
 PYTHON_PLUGIN = default_ambit_cni()
 
-PREV_RESULT: dict[str, Any] = {
-    "cniVersion": "1.0.0",
-    "interfaces": [
-        {"name": "veth12345678", "mac": "aa:bb:cc:dd:ee:01"},
-        {"name": "eth0", "mac": "aa:bb:cc:dd:ee:02", "sandbox": "/var/run/netns/x"},
-    ],
-    "ips": [{"interface": 1, "address": "10.244.1.5/24", "gateway": "10.244.1.1"}],
-    "routes": [{"dst": "0.0.0.0/0", "gw": "10.244.1.1"}],
-    "dns": {},
-}
-# A 0.4.0 result without its own cniVersion: the plugin adds the config's on pass-through.
+# Extra members of odd types, which pass-through must print exactly as Python's json does.
 PREV_040: dict[str, Any] = {
-    "interfaces": [{"name": "vethabcdef01"}, {"name": "eth0", "sandbox": "/var/run/netns/y"}],
-    "ips": [{"version": "4", "interface": 1, "address": "10.244.2.7/24"}],
+    **cni_data.PREV_040,
     "x-float": 1.5e-7,
     "x-big": 12345678901234567890,
     "x-text": "caf\u00e9 \U0001f600 \"q\" \\ \t",
 }
 
 
-@pytest.fixture(scope="session")
-def shim() -> Path:
-    try:
-        return shim_build.build()
-    except shim_build.ShimBuildError as e:
-        pytest.fail(str(e))
 
 
 @pytest.fixture
