@@ -22,11 +22,12 @@ generated models: the dicts are what the converters and the CRD schemas speak.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,6 +226,17 @@ class Reflector:
         if rv:
             self.resource_version = str(rv)
         self._on_change()
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Cancel the reflectors' (and their owner's) tasks, then wait for each to end; an error
+    other than the cancellation is raised, not hidden."""
+    tasks = list(tasks)
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
 
 
 def _message(body: bytes) -> str:

@@ -20,7 +20,6 @@ without the Gateway API still gets its L4 mesh. See docs/kubernetes.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +30,7 @@ from kubernetes_asyncio import client, config
 
 from controller.registry.k8s_auth import TokenReviewAuthenticator
 from controller.registry.k8s_convert import build_snapshot
-from controller.registry.k8s_watch import Backoff, ListFn, Reflector
+from controller.registry.k8s_watch import Backoff, ListFn, Reflector, stop_tasks
 from controller.registry.model import RegistrySnapshot
 
 __all__ = ["KubernetesRegistry", "ResourceKind", "TokenReviewAuthenticator", "api_client",
@@ -136,11 +135,7 @@ class KubernetesRegistry:
                        for plural, r in self.reflectors.items()]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await stop_tasks(self._tasks)
         self._tasks = []
 
     def _on_change(self) -> None:

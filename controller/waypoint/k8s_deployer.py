@@ -61,7 +61,7 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
-from controller.registry.k8s_watch import Backoff, ListFn, Reflector
+from controller.registry.k8s_watch import Backoff, ListFn, Reflector, stop_tasks
 from controller.waypoint.deploy import (
     CA_ROOT_CONFIGMAP,
     CA_ROOT_KEY,
@@ -389,11 +389,7 @@ class GatewayDeployer:
 
     async def stop(self) -> None:
         """Stop watching and writing (e.g. leadership lost); ``start()`` may follow."""
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await stop_tasks(self._tasks)
         self._tasks = []
         # Another replica writes meanwhile: what this one knew about groups is stale.
         for table in (self.problems, self._logged, self._retry_at, self._backoffs):
