@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -416,16 +416,13 @@ def _or_principals(items: list[rbac_pb2.Principal]) -> rbac_pb2.Principal:
 
 def _source(src: L7Source) -> rbac_pb2.Principal:
     parts: list[rbac_pb2.Principal] = []
-    if src.principals:
-        parts.append(_or_principals([_principal_match(m) for m in src.principals]))
-    if src.not_principals:
-        parts.append(rbac_pb2.Principal(not_id=_or_principals(
-            [_principal_match(m) for m in src.not_principals])))
-    if src.namespaces:
-        parts.append(_or_principals([_namespace_match(m) for m in src.namespaces]))
-    if src.not_namespaces:
-        parts.append(rbac_pb2.Principal(not_id=_or_principals(
-            [_namespace_match(m) for m in src.not_namespaces])))
+    for values, make, negate in ((src.principals, _principal_match, False),
+                                 (src.not_principals, _principal_match, True),
+                                 (src.namespaces, _namespace_match, False),
+                                 (src.not_namespaces, _namespace_match, True)):
+        if values:
+            p = _or_principals([make(m) for m in values])
+            parts.append(rbac_pb2.Principal(not_id=p) if negate else p)
     if not parts:
         return rbac_pb2.Principal(any=True)
     return parts[0] if len(parts) == 1 else rbac_pb2.Principal(
@@ -452,16 +449,14 @@ def _port(port: int) -> rbac_pb2.Permission:
 
 def _operation(op: L7Operation) -> rbac_pb2.Permission:
     parts: list[rbac_pb2.Permission] = []
-    for values, make, negate in ((op.methods, _method, False), (op.not_methods, _method, True),
-                                 (op.paths, _path, False), (op.not_paths, _path, True)):
+    table: tuple[tuple[Sequence[Any], Callable[[Any], rbac_pb2.Permission], bool], ...] = (
+        (op.methods, _method, False), (op.not_methods, _method, True),
+        (op.paths, _path, False), (op.not_paths, _path, True),
+        (op.ports, _port, False), (op.not_ports, _port, True))
+    for values, make, negate in table:
         if values:
-            p = _or_permissions([make(m) for m in values])
+            p = _or_permissions([make(v) for v in values])
             parts.append(rbac_pb2.Permission(not_rule=p) if negate else p)
-    if op.ports:
-        parts.append(_or_permissions([_port(p) for p in op.ports]))
-    if op.not_ports:
-        parts.append(rbac_pb2.Permission(not_rule=_or_permissions(
-            [_port(p) for p in op.not_ports])))
     if not parts:
         return rbac_pb2.Permission(any=True)
     return parts[0] if len(parts) == 1 else rbac_pb2.Permission(
