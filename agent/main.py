@@ -266,7 +266,7 @@ def uninstall(run_dir: Path, bpf_dir: Path,
         done.append("iptables chains and policy routing")
     except CaptureError as e:
         failed.append(f"iptables: {e}")
-    for name in ("cni.sock", "ztunnel.sock", "pods.json", "pods.tmp", "pods.corrupt"):
+    for name in ("cni.sock", "ztunnel.sock", "pods.json", "pods.json.tmp", "pods.corrupt"):
         (run_dir / name).unlink(missing_ok=True)
     done.append(f"agent files in {run_dir}")
     return done, failed

@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from agent.capture.base import PodCapture
+from ambit.files import write_atomic
 
 log = logging.getLogger("agent.pods")
 
@@ -70,9 +70,7 @@ class PodTable:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         doc: dict[str, Any] = {"pods": [asdict(p) for p in sorted(self.pods.values(),
                                                                    key=lambda p: p.uid)]}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(doc, indent=1))
 
     def put(self, pod: LocalPod) -> None:
         # One address belongs to one pod: a new pod with a reused IP replaces the old record.

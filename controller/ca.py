@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ambit.files import write_atomic
 from ambit.spiffe import SpiffeId
 
 DEFAULT_WORKLOAD_TTL = dt.timedelta(hours=24)
@@ -208,11 +208,7 @@ def identity_paths(root: Path, identity: SpiffeId) -> tuple[Path, Path]:
 
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)  # atomic, so a watching ztunnel never reads half a file
+    write_atomic(path, data, mode=0o600)  # a watching ztunnel never reads half a file
 
 
 def write_identity(root: Path, identity: SpiffeId, issued: IssuedCert) -> None:

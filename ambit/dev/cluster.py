@@ -50,6 +50,7 @@ from ambit.dev.cni_runner import (
     k8s_pod_args,
     prepare_plugin_dir,
 )
+from ambit.files import write_atomic
 
 STATE_ROOT = Path("/var/run/ambit-dev")
 NS_PREFIX = "ambd-"
@@ -194,9 +195,7 @@ class DevCluster:
             "processes": [asdict(p) for p in self.processes],
             "baseline": self.baseline,
         }
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        tmp.replace(self.state_file)
+        write_atomic(self.state_file, json.dumps(doc, indent=1))
 
     @classmethod
     def load(cls, name: str = "dev", root: Path = STATE_ROOT, out: Out = _print) -> DevCluster:

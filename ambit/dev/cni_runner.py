@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ambit.dev import netns
+from ambit.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +277,7 @@ class CniRunner:
             "config": self.conflist,
             "result": result,
         }
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(doc, indent=2))
 
     def _plugin_config(
         self, plugin: Mapping[str, Any], prev: Mapping[str, Any] | None

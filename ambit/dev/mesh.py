@@ -24,6 +24,7 @@ import yaml
 
 from ambit.dev import netns
 from ambit.dev.topology import Cluster, Node, Pod
+from ambit.files import write_atomic
 
 PYTHON = sys.executable
 READY_PATH = "/healthz/ready"
@@ -140,9 +141,7 @@ def workload(
 
 def write_state(path: Path, doc: Mapping[str, Any]) -> Path:
     """Write a state file atomically (a watching ztunnel never reads half of it)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(dict(doc), sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(dict(doc), sort_keys=False))
     return path
 
 

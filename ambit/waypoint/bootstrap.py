@@ -18,10 +18,10 @@ detects a dead controller instead.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from ambit.files import write_atomic
 from ambit.waypoint.config import WaypointConfig, is_ip, split_host_port
 
 XDS_CLUSTER = "xds-grpc"
@@ -176,7 +176,5 @@ def write_bootstrap(config: WaypointConfig) -> Path:
     """Write ``build_bootstrap(config)`` to ``<run-dir>/envoy.json`` (atomically)."""
     path = config.bootstrap_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(build_bootstrap(config), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(build_bootstrap(config), indent=2, sort_keys=True) + "\n")
     return path
