@@ -16,7 +16,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import pytest
 from agent.cni import chain, installer
 from agent.cni.chain import CONVERTED_KEY
 from agent.cni.installer import ChainWatcher, CniPaths, InstallError
+from tests.component.waiting import until
 
 ENTRY = chain.plugin_entry()
 VERSIONS = '["0.3.1", "0.4.0", "1.0.0"]'
@@ -44,11 +46,7 @@ BRIDGE: dict[str, Any] = {
 }  # fmt: skip
 
 
-async def eventually(cond: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+eventually = partial(until, limit=5.0)
 
 
 def fake_plugin(path: Path, tag: str = "v1", versions: str = VERSIONS) -> Path:

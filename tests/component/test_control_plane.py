@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from controller.ca_service import CertificateService
 from controller.ca_store import open_ca
 from controller.embedded import EmbeddedFeed
 from controller.registry.sqlite import EmbeddedRegistry
+from tests.component import waiting
 from tests.component.harness import (
     CLIENT_IP,
     ECHO_IP,
@@ -127,14 +129,7 @@ async def plane(tmp: Path) -> AsyncIterator[Plane]:
         registry.close()
 
 
-async def until(predicate: Any, limit: float = 5.0) -> float:
-    """Wait for ``predicate``; returns the seconds it took."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not predicate():
-        assert loop.time() - start < limit, "condition not reached in time"
-        await asyncio.sleep(0.01)
-    return loop.time() - start
+until = partial(waiting.until, limit=5.0)
 
 
 async def test_registry_changes_reach_the_data_plane_within_a_second(tmp_path: Path) -> None:

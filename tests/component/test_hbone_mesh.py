@@ -10,6 +10,7 @@ import os
 import random
 import ssl
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from tests.component.harness import (
     mesh,
     sample,
 )
+from tests.component.waiting import until
 
 
 async def roundtrip(m: Mesh, payload: bytes, source: str = CLIENT_IP,
@@ -53,12 +55,7 @@ async def refused(m: Mesh, source: str = CLIENT_IP,
     return got == b""
 
 
-async def wait_for(predicate: Any, limit: float = 3.0) -> None:
-    deadline = asyncio.get_running_loop().time() + limit
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+wait_for = partial(until, limit=3.0, interval=0.02)
 
 
 def with_policy(*policies: dict[str, Any], **extra: Any) -> dict[str, Any]:

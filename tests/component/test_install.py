@@ -17,7 +17,8 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from controller.registry.kubernetes import api_client
 from controller.waypoint.deploy import render as render_waypoint
 from controller.waypoint.deploy import render_ca_root
 from controller.waypoint.model import Gateway
+from tests.component.waiting import until
 from tests.k8s_double import objects as o
 from tests.k8s_double.manifests import REPO, write_manifests
 from tests.k8s_double.server import ApiServerDouble
@@ -77,12 +79,7 @@ class Lines(list[str]):
         return next(i for i, line in enumerate(self) if fragment in line)
 
 
-async def eventually(cond: Callable[[], bool], within: float = 5.0) -> None:
-    for _ in range(int(within / 0.02)):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"not true within {within}s")
+eventually = partial(until, limit=5.0, interval=0.02)
 
 
 def get(d: ApiServerDouble, plural: str, name: str, ns: str = NS) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import ipaddress
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 import pytest
 from kubernetes_asyncio import client
@@ -24,6 +25,7 @@ from controller.registry.kubernetes import KubernetesRegistry, TokenReviewAuthen
 from controller.registry.model import RegistrySnapshot
 from controller.registry.translate import mesh_config
 from controller.waypoint.parse import resolve_faults
+from tests.component.waiting import until
 from tests.k8s_double import objects as o
 from tests.k8s_double.server import ApiServerDouble, ServiceAccountToken
 from ztunnel.state.model import Action, MeshConfig, MtlsMode, Protocol, WaypointRef, Workload
@@ -73,12 +75,7 @@ async def snaps(registry: KubernetesRegistry) -> AsyncIterator[Snapshots]:
     await s.close()
 
 
-async def eventually(cond: Callable[[], bool], within: float = 1.0) -> None:
-    for _ in range(int(within / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not true within {within}s")
+eventually = partial(until, limit=1.0)
 
 
 def wl(cfg: MeshConfig, name: str, ns: str = "shop") -> Workload | None:
@@ -250,7 +247,7 @@ async def test_a_watch_ended_by_its_timeout_is_resumed_at_once(
         assert first.query["timeoutSeconds"] == "1"
         # The server ends the stream cleanly after 1 s; the client watches again at once
         # (no 5 s backoff: the watch had news), from the last version, without relisting.
-        await eventually(lambda: len(double.requests_for("pods", watch=True)) >= 2, within=3)
+        await eventually(lambda: len(double.requests_for("pods", watch=True)) >= 2, limit=3)
         second = double.requests_for("pods", watch=True)[1]
         assert second.resource_version == last["metadata"]["resourceVersion"]
         assert second.at - first.at < 2
@@ -437,7 +434,7 @@ async def test_missing_gateway_api_crds_do_not_break_the_mesh_and_are_logged_onc
         assert snaps.last is not None and snaps.last.gateways == ()
         # Retried (backoff at least 1 s), but warned about once.
         await eventually(lambda: len(double.requests_for("gateways", watch=False)) >= 2,
-                         within=4)
+                         limit=4)
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING
                     and r.getMessage().startswith("gateways:")]
         assert len(warnings) == 1 and "CRD not installed" in warnings[0].getMessage()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from functools import partial
 from typing import Any
 
 import grpc
 
 from controller.api.ambit.v1 import state_pb2_grpc
 from controller.push import StatePublisher, StateService
+from tests.component.waiting import until
 from tests.unit.test_state import GOOD
 from ztunnel.state.controller_source import ControllerSource
 from ztunnel.state.parse import parse_state
@@ -24,11 +26,7 @@ async def start_server(publisher: StatePublisher, port: int = 0) -> tuple[grpc.a
     return server, bound
 
 
-async def eventually(predicate: Any, limit: float = 3.0) -> None:
-    deadline = asyncio.get_running_loop().time() + limit
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "not reached in time"
-        await asyncio.sleep(0.01)
+eventually = partial(until, limit=3.0)
 
 
 def doc(version: str, **changes: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 import grpc
@@ -56,6 +57,7 @@ from controller.waypoint.k8s_apply import (
 from controller.waypoint.k8s_deployer import GatewayDeployer
 from controller.waypoint.model import GATEWAY_NAME_LABEL, WAYPOINT_FOR_LABEL, Gateway
 from controller.waypoint.parse import parse_gateway
+from tests.component.waiting import until
 from tests.k8s_double import objects as o
 from tests.k8s_double.server import ApiServerDouble, ServiceAccountToken
 from ztunnel.ca_client import make_csr
@@ -90,12 +92,7 @@ def served(d: ApiServerDouble) -> list[Gateway]:
     return out
 
 
-async def eventually(cond: Callable[[], bool], within: float = 3.0) -> None:
-    for _ in range(int(within / 0.02)):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"not true within {within}s")
+eventually = partial(until, limit=3.0, interval=0.02)
 
 
 def get(d: ApiServerDouble, plural: str, name: str, ns: str = "shop") -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from tests.component.harness import (
     mesh,
     sample,
 )
+from tests.component.waiting import until
 from ztunnel.hbone.conn import HboneProtocol, HboneStream, StreamError
 from ztunnel.identity import IdentityError, SecretManager, peer_identity
 from ztunnel.listeners.admin import config_dump
@@ -171,12 +173,7 @@ def records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-async def wait_for(predicate: Any, limit: float = 3.0) -> None:
-    deadline = asyncio.get_running_loop().time() + limit
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+wait_for = partial(until, limit=3.0, interval=0.02)
 
 
 async def refused(m: Mesh, dest: tuple[str, int]) -> bool:

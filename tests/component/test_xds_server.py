@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from controller.xds import (
     XdsCache,
     XdsDenied,
 )
+from tests.component import waiting
 from tests.component.harness import free_port
 from tests.component.test_controller_tls import QueueFeed
 
@@ -267,17 +269,7 @@ async def plaintext_server(ads: Ads) -> AsyncIterator[int]:
         await server.stop(0)
 
 
-async def until(predicate: Callable[[], bool | Awaitable[bool]], what: str,
-                limit: float = 8.0) -> None:
-    deadline = asyncio.get_running_loop().time() + limit
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        assert asyncio.get_running_loop().time() < deadline, f"not reached in time: {what}"
-        await asyncio.sleep(0.05)
+until = partial(waiting.until, limit=8.0, interval=0.05)
 
 
 # --- tests ---------------------------------------------------------------------------------------
