@@ -2,47 +2,22 @@
 
 Why one module: registry documents (``documents.py``) and the waypoint kinds
 (``controller/waypoint/parse.py``) check the same things (a mapping with known keys, a
-required string, a DNS-1123 name) and must say so in the same words, naming the field.
+required string, a DNS-1123 name) and must say so in the same words, naming the field. The
+mapping and string checks are the ztunnel's own state-file checks (``ztunnel/state/parse.py``),
+so a state file and a registry document reject the same mistake with the same message.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ztunnel.state.parse import StateError
+from ztunnel.state.parse import StateError, mapping, string
+
+__all__ = ["StateError", "dns_name", "mapping", "string"]
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-
-
-def mapping(value: Any, path: str, allowed: Iterable[str],
-            unsupported: Mapping[str, str] | None = None) -> Mapping[str, Any]:
-    """A mapping with only ``allowed`` keys (None is an empty one); keys in ``unsupported``
-    get their own message."""
-    if value is None:
-        value = {}
-    if not isinstance(value, Mapping):
-        raise StateError(path, f"expected a mapping, got {type(value).__name__}")
-    allowed = set(allowed)
-    for key in value:
-        where = f"{path}.{key}" if path else str(key)
-        if unsupported and key in unsupported:
-            raise StateError(where, unsupported[key])
-        if key not in allowed:
-            raise StateError(where, f"unknown field; expected one of: "
-                             f"{', '.join(sorted(allowed))}")
-    return value
-
-
-def string(value: Any, path: str) -> str:
-    """A required, non-empty string."""
-    if value is None:
-        raise StateError(path, "is required")
-    if not isinstance(value, str) or not value:
-        raise StateError(path, f"expected a non-empty string, got {value!r}")
-    return value
 
 
 def dns_name(value: Any, path: str, *, label: bool = False) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import yaml
@@ -46,17 +46,22 @@ class StateError(ValueError):
         self.problem = problem
 
 
-def _mapping(value: Any, path: str, allowed: set[str]) -> Mapping[str, Any]:
+def mapping(value: Any, path: str, allowed: Iterable[str],
+            unsupported: Mapping[str, str] | None = None) -> Mapping[str, Any]:
+    """A mapping with only ``allowed`` keys (None is an empty one); keys in ``unsupported``
+    get their own message. Public: the controller's documents are checked the same way."""
     if value is None:
         value = {}
     if not isinstance(value, Mapping):
         raise StateError(path, f"expected a mapping, got {type(value).__name__}")
+    allowed = set(allowed)
     for key in value:
+        where = f"{path}.{key}" if path else str(key)
+        if unsupported and key in unsupported:
+            raise StateError(where, unsupported[key])
         if key not in allowed:
-            raise StateError(
-                f"{path}.{key}" if path else str(key),
-                f"unknown field; expected one of: {', '.join(sorted(allowed))}",
-            )
+            raise StateError(where, f"unknown field; expected one of: "
+                             f"{', '.join(sorted(allowed))}")
     return value
 
 
@@ -76,6 +81,11 @@ def _str(value: Any, path: str, *, required: bool = True, default: str = "") -> 
     if not isinstance(value, str) or (required and not value):
         raise StateError(path, f"expected a non-empty string, got {value!r}")
     return value
+
+
+def string(value: Any, path: str) -> str:
+    """A required, non-empty string (public, for the controller's documents)."""
+    return _str(value, path)
 
 
 def _items(value: Any, path: str, item: Callable[[Any, str], T]) -> tuple[T, ...]:
@@ -126,7 +136,7 @@ def _enum(enum: type[Any], value: Any, path: str, default: Any) -> Any:
 
 def parse_workload(value: Any, path: str, trust_domain: str) -> Workload:
     """One workload entry; shared by the state file and the controller's wire format."""
-    m = _mapping(
+    m = mapping(
         value,
         path,
         {"uid", "name", "namespace", "serviceAccount", "node", "addresses", "labels",
@@ -168,7 +178,7 @@ def _status(value: Any, path: str) -> bool:
 
 
 def _service_port(value: Any, path: str) -> ServicePort:
-    m = _mapping(value, path, {"port", "targetPort", "name", "protocol"})
+    m = mapping(value, path, {"port", "targetPort", "name", "protocol"})
     port = _port(m.get("port"), f"{path}.port")
     target = m.get("targetPort")
     return ServicePort(port, port if target is None else _port(target, f"{path}.targetPort"))
@@ -183,7 +193,7 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 def _waypoint(value: Any, path: str, service_namespace: str) -> WaypointRef | None:
     if value is None:
         return None
-    m = _mapping(value, path, {"namespace", "name"})
+    m = mapping(value, path, {"namespace", "name"})
     name = _str(m.get("name"), f"{path}.name")
     if len(name) > 63 or not _LABEL_VALUE.fullmatch(name):
         raise StateError(f"{path}.name", f"{name!r} is not a waypoint (Gateway) name usable as "
@@ -198,7 +208,7 @@ def _waypoint(value: Any, path: str, service_namespace: str) -> WaypointRef | No
 
 def parse_service(value: Any, path: str) -> Service:
     """One service entry; shared by the state file and the controller's wire format."""
-    m = _mapping(value, path, {"name", "namespace", "hostname", "vips", "ports", "selector",
+    m = mapping(value, path, {"name", "namespace", "hostname", "vips", "ports", "selector",
                                "waypoint"})
     name = _str(m.get("name"), f"{path}.name")
     namespace = _str(m.get("namespace"), f"{path}.namespace")
@@ -231,9 +241,9 @@ def _matches(value: Any, path: str) -> tuple[StringMatch, ...]:
 
 
 def _source(value: Any, path: str) -> Source:
-    outer = _mapping(value, path, {"source"})
+    outer = mapping(value, path, {"source"})
     p = f"{path}.source"
-    m = _mapping(outer.get("source"), p, {
+    m = mapping(outer.get("source"), p, {
         "principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks",
         "notIpBlocks", "requestPrincipals", "notRequestPrincipals", "remoteIpBlocks",
         "notRemoteIpBlocks"})
@@ -256,9 +266,9 @@ L7_OPERATION_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "n
 
 
 def _operation(value: Any, path: str) -> Operation:
-    outer = _mapping(value, path, {"operation"})
+    outer = mapping(value, path, {"operation"})
     p = f"{path}.operation"
-    m = _mapping(outer.get("operation"), p, {"ports", "notPorts", *L7_OPERATION_FIELDS})
+    m = mapping(outer.get("operation"), p, {"ports", "notPorts", *L7_OPERATION_FIELDS})
     for l7 in L7_OPERATION_FIELDS:
         if l7 in m:
             raise StateError(f"{p}.{l7}", "is an L7 attribute; the ztunnel enforces L4 only "
@@ -270,7 +280,7 @@ def _operation(value: Any, path: str) -> Operation:
 
 
 def _rule(value: Any, path: str) -> Rule:
-    m = _mapping(value, path, {"from", "to", "when"})
+    m = mapping(value, path, {"from", "to", "when"})
     if m.get("when"):
         raise StateError(f"{path}.when", "conditions are not supported by the L4 ztunnel; "
                          "express them with from/to")
@@ -283,14 +293,14 @@ def _rule(value: Any, path: str) -> Rule:
 def _selector(value: Any, path: str) -> tuple[tuple[str, str], ...] | None:
     if value is None:
         return None
-    m = _mapping(value, path, {"matchLabels"})
+    m = mapping(value, path, {"matchLabels"})
     return _labels(m.get("matchLabels"), f"{path}.matchLabels")
 
 
 def parse_authorization_spec(name: str, namespace: str, spec: Any, path: str) \
         -> AuthorizationPolicy:
     """Parse an Istio-shaped AuthorizationPolicy spec (L4 subset)."""
-    m = _mapping(spec, path, {"selector", "action", "rules", "targetRefs", "targetRef"})
+    m = mapping(spec, path, {"selector", "action", "rules", "targetRefs", "targetRef"})
     if "targetRefs" in m or "targetRef" in m:
         raise StateError(f"{path}.targetRefs", "targets a waypoint; the ztunnel applies only "
                          "selector policies")
@@ -304,7 +314,7 @@ def parse_authorization_spec(name: str, namespace: str, spec: Any, path: str) \
 
 
 def _named(value: Any, path: str) -> tuple[str, str, Any]:
-    m = _mapping(value, path, {"name", "namespace", "spec"})
+    m = mapping(value, path, {"name", "namespace", "spec"})
     return (_str(m.get("name"), f"{path}.name"), _str(m.get("namespace"), f"{path}.namespace"),
             m.get("spec"))
 
@@ -316,15 +326,15 @@ def _authz(value: Any, path: str) -> AuthorizationPolicy:
 
 def parse_peer_authentication_spec(name: str, namespace: str, spec: Any, path: str) \
         -> PeerAuthentication:
-    m = _mapping(spec, path, {"selector", "mtls", "portLevelMtls"})
-    mtls = _mapping(m.get("mtls"), f"{path}.mtls", {"mode"})
+    m = mapping(spec, path, {"selector", "mtls", "portLevelMtls"})
+    mtls = mapping(m.get("mtls"), f"{path}.mtls", {"mode"})
     port_modes: list[tuple[int, MtlsMode]] = []
     levels = m.get("portLevelMtls") or {}
     if not isinstance(levels, Mapping):
         raise StateError(f"{path}.portLevelMtls", "expected a mapping of port to {mode: ...}")
     for port, v in levels.items():
         p = f"{path}.portLevelMtls.{port}"
-        mode_map = _mapping(v, p, {"mode"})
+        mode_map = mapping(v, p, {"mode"})
         port_modes.append(
             (_port(port, p), _enum(MtlsMode, mode_map.get("mode"), f"{p}.mode", MtlsMode.UNSET))
         )
@@ -353,7 +363,7 @@ def _unique(items: tuple[Any, ...], path: str, key: Callable[[Any], str], what: 
 
 def parse_state(doc: Any) -> MeshConfig:
     """Validate a whole state document; raise ``StateError`` on the first problem."""
-    m = _mapping(doc, "", {"trustDomain", "workloads", "services", "authorizationPolicies",
+    m = mapping(doc, "", {"trustDomain", "workloads", "services", "authorizationPolicies",
                            "peerAuthentications", "version"})
     td = _str(m.get("trustDomain"), "trustDomain", required=False, default="cluster.local")
     workloads = _items(m.get("workloads"), "workloads", lambda v, p: parse_workload(v, p, td))
