@@ -28,6 +28,7 @@ Everything is pure: no I/O, no clock. The ``*_spec`` functions are the inverse o
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -73,6 +74,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_E = TypeVar("_E", bound=enum.Enum)
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 GATEWAY_API_VERSION = f"{GATEWAY_GROUP}/v1"
@@ -419,14 +421,18 @@ def _match(value: Any, path: str) -> RouteMatch:
     )
 
 
+def _member(values: type[_E], raw: Any, path: str) -> _E:
+    """A Gateway API enum value, case-sensitive as the API's are."""
+    try:
+        return values(raw)
+    except ValueError:
+        raise StateError(path, f"{raw!r} is not one of "
+                         f"{', '.join(t.value for t in values)}") from None
+
+
 def _path(value: Any, path: str) -> PathMatch:
     m = mapping(value, path, ("type", "value"))
-    raw_type = m.get("type", PathMatchType.PATH_PREFIX.value)
-    try:
-        kind = PathMatchType(raw_type)
-    except ValueError:
-        raise StateError(f"{path}.type", f"{raw_type!r} is not one of "
-                         f"{', '.join(t.value for t in PathMatchType)}") from None
+    kind = _member(PathMatchType, m.get("type", PathMatchType.PATH_PREFIX.value), f"{path}.type")
     text = m.get("value", "/")
     p = f"{path}.value"
     if not isinstance(text, str) or not text:
@@ -449,12 +455,7 @@ def _path(value: Any, path: str) -> PathMatch:
 
 def _header_match(value: Any, path: str) -> HeaderMatch:
     m = mapping(value, path, ("type", "name", "value"))
-    raw_type = m.get("type", HeaderMatchType.EXACT.value)
-    try:
-        kind = HeaderMatchType(raw_type)
-    except ValueError:
-        raise StateError(f"{path}.type", f"{raw_type!r} is not one of "
-                         f"{', '.join(t.value for t in HeaderMatchType)}") from None
+    kind = _member(HeaderMatchType, m.get("type", HeaderMatchType.EXACT.value), f"{path}.type")
     text = _header_value(m.get("value"), f"{path}.value")
     if kind is HeaderMatchType.REGULAR_EXPRESSION:
         _regex(text, f"{path}.value")
