@@ -10,10 +10,12 @@ setup:
 test: setup
 	.venv/bin/pytest -q tests
 
-# ruff lint everywhere, mypy --strict over the packages listed in pyproject [tool.mypy].
+# ruff lint everywhere, mypy --strict over the packages listed in pyproject [tool.mypy], and the
+# layer check (mesh <- ztunnel/controller/agent/waypoint <- ambit/bench; docs/architecture.md).
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+	.venv/bin/python hack/check_layers.py
 
 # A 2-node dev cluster in network namespaces (controller, agents, ztunnels, CNI-wired pods):
 # cross-node HBONE, a denied client, node metrics; torn down at the end.

@@ -43,9 +43,9 @@ from agent.node_metrics import NodeMetrics
 from agent.pods import LocalPod, PodTable
 from agent.reconcile import MeshPod, desired, plan
 from agent.ztunnel_link import ZtunnelLinkServer
-from ambit import __version__
-from ztunnel.state.model import Protocol
-from ztunnel.state.store import StateSnapshot, StateStore
+from mesh import __version__
+from mesh.state.model import Protocol
+from mesh.state.store import StateSnapshot, StateStore
 
 log = logging.getLogger("agent")
 T = TypeVar("T")
@@ -133,7 +133,7 @@ class Agent:
     async def start(self) -> None:
         import grpc
 
-        from ztunnel.state.controller_source import ControllerSource
+        from mesh.state.controller_source import ControllerSource
 
         await self._kernel(self.backend.setup)
         self.setup_done = True

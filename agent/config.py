@@ -15,10 +15,10 @@ from pathlib import Path
 
 from agent.capture.base import MODE_EBPF, MODE_IPTABLES
 from agent.uplinks import AUTO as UPLINKS_AUTO
+from mesh.ports import NODE_METRICS_PORT
 
 MODE_AUTO = "auto"
 REDIRECT_MODES = (MODE_AUTO, MODE_EBPF, MODE_IPTABLES)
-NODE_METRICS_PORT = 15022
 DEFAULT_RUN_DIR = Path("/var/run/ambit")
 DEFAULT_BPF_DIR = Path("/sys/fs/bpf/ambit")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")

@@ -27,13 +27,13 @@ from agent.config import (
     DEFAULT_BPF_DIR,
     DEFAULT_RUN_DIR,
     MODE_AUTO,
-    NODE_METRICS_PORT,
     REDIRECT_MODES,
     AgentConfig,
     AgentConfigError,
     parse_uplinks,
 )
 from agent.uplinks import AUTO as UPLINKS_AUTO
+from mesh.ports import NODE_METRICS_PORT
 
 if TYPE_CHECKING:
     from agent.capture.base import CaptureBackend

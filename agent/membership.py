@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from controller.api.ambit.v1 import node_pb2, node_pb2_grpc
+from mesh.api.ambit.v1 import node_pb2, node_pb2_grpc
 
 
 class MembershipUnavailable(Exception):

@@ -24,12 +24,12 @@ from typing import Any
 import aiohttp
 
 from agent.node_metrics import NodeMetrics
-from ztunnel.listeners.base import Listener, bind_socket
-from ztunnel.listeners.http import Response, serve_http
+from mesh.http_server import Response, serve_http
+from mesh.listener import Listener, bind_socket
+from mesh.ports import NODE_METRICS_PORT
 
 log = logging.getLogger("agent.node_endpoint")
 
-NODE_METRICS_PORT = 15022
 ZTUNNEL_METRICS_URL = "http://127.0.0.1:15020/metrics"
 ZTUNNEL_FETCH_TIMEOUT = 1.0
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -139,7 +139,7 @@ class NodeEndpoint:
         self._ztunnel_up: bool | None = None  # for logging state changes only
 
     async def start(self) -> None:
-        """Bind and serve; raises ``ztunnel.listeners.base.BindError`` if the port is taken."""
+        """Bind and serve; raises ``mesh.listener.BindError`` if the port is taken."""
         sock = bind_socket(self.host, self.port)
         self._listener = Listener("node-metrics", sock, serve_http(self.route))
         self.port = self._listener.address[1]

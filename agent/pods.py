@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.capture.base import PodCapture
-from ambit.files import write_atomic
+from mesh.files import write_atomic
 
 log = logging.getLogger("agent.pods")
 

@@ -1,7 +1,8 @@
-"""Ambit: a sidecarless service mesh for Kubernetes.
-
-This package holds what every component shares: the ``ambit`` command line, SPIFFE identity
-helpers and the local development tooling (``ambit dev``).
+"""The ``ambit`` command line (the top layer, L2): the entry point, ``ambit install``, the local
+development tools (``ambit dev``) and the registry and waypoint commands. It may import every
+component; no component imports it (``tests/unit/test_layers.py``).
 """
 
-__version__ = "0.1.0"
+from mesh import __version__
+
+__all__ = ["__version__"]

@@ -12,11 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent import main as agent_main
-from ambit import __version__
+from ambit import __version__, waypoint_cli
+from ambit import registry_cli as registry_commands
 from ambit.install import cli as install_cli
-from ambit.waypoint import cli as waypoint_cli
 from controller import main as controller_main
-from controller.registry import commands as registry_commands
 
 
 class UsageError(Exception):
@@ -151,12 +150,12 @@ def _run_ztunnel(args: argparse.Namespace) -> int:
 def _run_dev_certs(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from ambit.spiffe import SpiffeId
     from controller.ca import (
         CertificateAuthority,
         write_identity,
         write_trust_bundle,
     )
+    from mesh.spiffe import SpiffeId
 
     out: Path = args.out
     ca_key, ca_cert = out / "ca" / "root-key.pem", out / "ca" / "root-cert.pem"

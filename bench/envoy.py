@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 
 from bench.procs import BenchError, Proc, ProcessSet, in_netns, ns_http_get, run, wait_until
+from mesh.ports import ADMIN_PORT
 
-ADMIN_PORT = 15000
 # Envoy A listens on OUT_OFFSET + backend port, Envoy B on IN_OFFSET + backend port.
 OUT_OFFSET = 10000
 IN_OFFSET = 20000

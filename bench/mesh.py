@@ -3,7 +3,7 @@
 Why it looks like this: it is how the mesh runs for real in node mode. The client dials the
 server pod's own IP and port, exactly as in the direct setup; the client node's TPROXY rules
 steer that connection into its ztunnel (15001), which opens HBONE (HTTP/2 CONNECT over mutual
-TLS) to the server pod's IP on 15008; the server node's rules steer that into its ztunnel,
+TLS) to the server pod's IP on the HBONE port; the server node's rules steer that into its ztunnel,
 which authenticates the peer and connects to the server pod. The capture rules are the ones
 the dev topology and the node agent apply (agent/capture/iptables.py via
 ambit.dev.topology), inside the benchmark's own node namespaces only.
@@ -21,9 +21,8 @@ import yaml
 from ambit.dev.mesh import ambit_command
 from bench.procs import BenchError, Proc, ProcessSet, in_netns, ns_http_get, wait_until
 from bench.topo import Topology
+from mesh.ports import METRICS_PORT, READINESS_PORT
 
-READINESS_PORT = 15021
-METRICS_PORT = 15020
 NODE_NAMES = {"client-node": "node-1", "server-node": "node-2"}
 
 

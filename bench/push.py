@@ -44,9 +44,9 @@ def _subscribers(port: int, count: int, ready: Any, results: Any, stop: Any) -> 
     import grpc
     import uvloop
 
-    from controller.api.ambit.v1 import state_pb2, state_pb2_grpc
-    from ztunnel.state.controller_source import ControllerSource
-    from ztunnel.state.store import StateStore
+    from mesh.api.ambit.v1 import state_pb2, state_pb2_grpc
+    from mesh.state.controller_source import ControllerSource
+    from mesh.state.store import StateStore
 
     async def receiver(i: int, seen: dict[str, int]) -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

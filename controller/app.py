@@ -22,14 +22,14 @@ from typing import Protocol
 import grpc
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from ambit.spiffe import SpiffeId
-from controller import GRPC_PORT, MONITORING_PORT
-from controller.api.ambit.v1 import state_pb2_grpc
 from controller.ca import CertificateAuthority
 from controller.push import StatePublisher, StateService
-from ztunnel.listeners.base import Listener, bind_socket
-from ztunnel.listeners.http import Response, serve_http
-from ztunnel.state.model import MeshConfig
+from mesh.api.ambit.v1 import state_pb2_grpc
+from mesh.http_server import Response, serve_http
+from mesh.listener import Listener, bind_socket
+from mesh.ports import GRPC_PORT, MONITORING_PORT
+from mesh.spiffe import SpiffeId
+from mesh.state.model import MeshConfig
 
 log = logging.getLogger("controller")
 

@@ -19,8 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ambit.files import write_atomic
-from ambit.spiffe import SpiffeId
+from mesh.files import write_atomic
+from mesh.identity_dir import TRUST_BUNDLE_FILE, identity_paths
+from mesh.spiffe import SpiffeId
 
 DEFAULT_WORKLOAD_TTL = dt.timedelta(hours=24)
 ROOT_TTL = dt.timedelta(days=3650)
@@ -192,18 +193,6 @@ class CertificateAuthority:
         chain = cert.public_bytes(serialization.Encoding.PEM) + self.root_pem
         key_pem = _pem_key(key) if key else b""
         return IssuedCert(key_pem=key_pem, chain_pem=chain, not_after=not_after)
-
-
-# Layout of an identity directory, read by the ztunnel's file-based secret source.
-TRUST_BUNDLE_FILE = "trust-bundle.pem"
-CERT_CHAIN_FILE = "cert-chain.pem"
-KEY_FILE = "key.pem"
-
-
-def identity_paths(root: Path, identity: SpiffeId) -> tuple[Path, Path]:
-    """Where the chain and key of ``identity`` live inside an identity directory."""
-    d = root / identity.namespace / identity.service_account
-    return d / CERT_CHAIN_FILE, d / KEY_FILE
 
 
 def _write_private(path: Path, data: bytes) -> None:

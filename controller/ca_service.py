@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from prometheus_client import CollectorRegistry, Counter
 
-from ambit.spiffe import SpiffeError, SpiffeId
-from controller.api.ambit.v1 import ca_pb2, ca_pb2_grpc
 from controller.ca import DEFAULT_WORKLOAD_TTL, CertificateAuthority, WorkloadPublicKey
+from mesh.api.ambit.v1 import ca_pb2, ca_pb2_grpc
+from mesh.spiffe import SpiffeError, SpiffeId
 
 log = logging.getLogger("controller.ca")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from ambit.spiffe import SpiffeId
 from controller.registry.model import RegistrySnapshot
 from controller.registry.sqlite import EmbeddedRegistry
 from controller.registry.translate import (
@@ -21,7 +20,8 @@ from controller.registry.translate import (
     pod_membership,
     translate,
 )
-from ztunnel.state.model import MeshConfig
+from mesh.spiffe import SpiffeId
+from mesh.state.model import MeshConfig
 
 log = logging.getLogger("controller.embedded")
 

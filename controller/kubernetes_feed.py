@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from ambit.spiffe import SpiffeId
 from controller.registry.k8s_auth import TokenReviewAuthenticator
 from controller.registry.kubernetes import KubernetesRegistry
 from controller.registry.model import RegistrySnapshot
@@ -22,7 +21,8 @@ from controller.registry.translate import (
     translate,
 )
 from controller.waypoint.k8s_deployer import GatewayDeployer
-from ztunnel.state.model import MeshConfig
+from mesh.spiffe import SpiffeId
+from mesh.state.model import MeshConfig
 
 log = logging.getLogger("controller.kubernetes")
 

@@ -15,7 +15,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from controller import GRPC_PORT, MONITORING_PORT, XDS_PORT
+from mesh.ports import GRPC_PORT, MONITORING_PORT, XDS_PORT
 
 # The controller's own modules (gRPC, protobuf, the CA, the registries) are imported when it
 # runs, not here: every `ambit` command, the ztunnel included, builds this parser, and gRPC

@@ -16,7 +16,6 @@ from typing import NoReturn
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
-from controller.api.ambit.v1 import node_pb2, node_pb2_grpc
 from controller.ca_service import (
     AuthenticatorUnavailable,
     NodeAuthenticator,
@@ -24,6 +23,7 @@ from controller.ca_service import (
     resolve,
 )
 from controller.registry.translate import Membership
+from mesh.api.ambit.v1 import node_pb2, node_pb2_grpc
 
 log = logging.getLogger("controller.node")
 

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from controller.api.ambit.v1 import state_pb2, state_pb2_grpc
-from ztunnel.state.model import MeshConfig
-from ztunnel.state.wire import delta_update, full_update
+from mesh.api.ambit.v1 import state_pb2, state_pb2_grpc
+from mesh.state.model import MeshConfig
+from mesh.state.wire import delta_update, full_update
 
 log = logging.getLogger("controller.push")
 

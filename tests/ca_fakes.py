@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ambit.spiffe import SpiffeId
+from mesh.spiffe import SpiffeId
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The ztunnel process: startup, serve, drain, shutdown.
 
 ``Ztunnel`` owns the listeners and the shared proxy context. Capture listeners are either
-shared (one socket per port on ``bind_host``, fed by TPROXY or eBPF) or per workload (15006 and
-15008 on each local pod IP, reconciled whenever the state changes). On SIGTERM it drains:
+shared (one socket per port on ``bind_host``, fed by TPROXY or eBPF) or per workload (the
+plaintext and HBONE inbound listeners on each local pod IP, reconciled whenever the state
+changes). On SIGTERM it drains:
 readiness fails, listeners stop accepting, inbound HBONE peers get GOAWAY, open connections get
 ``drain_seconds`` to finish, then the rest are closed.
 """
@@ -19,26 +20,26 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from mesh.http_server import serve_http
+from mesh.listener import BindError, Listener, bind_socket
+from mesh.state.file_source import FileSource
+from mesh.state.model import IPAddress
+from mesh.state.store import StateSnapshot, StateStore
 from ztunnel.accesslog import AccessLog
 from ztunnel.config import BIND_WORKLOAD, ZtunnelConfig
 from ztunnel.hbone.pool import HbonePool
 from ztunnel.identity import SecretManager, Secrets
 from ztunnel.listeners import inbound_plaintext, outbound, socks5
 from ztunnel.listeners.admin import admin_routes, stats_routes
-from ztunnel.listeners.base import BindError, Listener, bind_socket
-from ztunnel.listeners.http import serve_http
 from ztunnel.listeners.inbound import InboundServer
 from ztunnel.metrics import Metrics
 from ztunnel.proxy import ProxyContext
-from ztunnel.state.file_source import FileSource
-from ztunnel.state.model import IPAddress
-from ztunnel.state.store import StateSnapshot, StateStore
 
 if TYPE_CHECKING:
     import grpc
 
+    from mesh.state.controller_source import ControllerSource
     from ztunnel.agent_link import AgentLink
-    from ztunnel.state.controller_source import ControllerSource
 
 log = logging.getLogger("ztunnel")
 
@@ -143,7 +144,7 @@ class Ztunnel:
                 self.listeners[name] = self._open(name, host, port, transparent, handler)
 
     def _reconcile_workload_listeners(self, _old: StateSnapshot, new: StateSnapshot) -> None:
-        """Per-workload mode: 15006/15008 on every local mesh pod IP, nothing else."""
+        """Per-workload mode: plaintext and HBONE inbound on every local mesh pod IP, no more."""
         if self.config.inbound_bind != BIND_WORKLOAD or self.draining:
             return
         wanted = {ip for w in new.local_workloads(self.config.node) if new.in_mesh(w)
@@ -209,7 +210,7 @@ class Ztunnel:
             self.file_source.load()
             self._tasks.append(asyncio.create_task(self.file_source.watch()))
         if self.config.controller_address:
-            from ztunnel.state.controller_source import ControllerSource
+            from mesh.state.controller_source import ControllerSource
 
             self.controller_source = ControllerSource(
                 self.config.controller_address, self.config.node, self.store,

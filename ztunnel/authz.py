@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ztunnel.state.model import (
+from mesh.state.model import (
     Action,
     AuthorizationPolicy,
     IPAddress,

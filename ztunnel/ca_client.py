@@ -30,24 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ambit.spiffe import SpiffeId
-from controller.api.ambit.v1 import ca_pb2, ca_pb2_grpc
+from mesh.api.ambit.v1 import ca_pb2, ca_pb2_grpc
+from mesh.ca_client import CHANNEL_OPTIONS, check_issued, make_csr
+from mesh.spiffe import SpiffeId
 from ztunnel.identity import CertInfo, IdentityError, context_from_pem
 from ztunnel.metrics import Metrics
 
 log = logging.getLogger("ztunnel.ca")
 
-# gRPC's own reconnect backoff grows to 120 s by default; a CA that comes back should be used
-# within seconds.
-CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.min_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 5000),
-]
 
 
 class CaFetchError(Exception):
@@ -89,58 +81,6 @@ class _Identity:
     retry_at: float = 0.0
     last_error: str = ""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@dataclass(frozen=True)
-class Issued:
-    """A CA answer that passed ``check_issued``, with our key in PEM."""
-
-    chain_pem: bytes
-    key_pem: bytes
-    bundle_pem: bytes
-    leaf: x509.Certificate
-
-
-def check_issued(identity: SpiffeId, key: ec.EllipticCurvePrivateKey,
-                 resp: ca_pb2.CreateCertificateResponse) -> Issued:
-    """Check the CA's answer is a certificate for ``key`` and ``identity`` (the ztunnel's and
-    the waypoint agent's one rule); ``ValueError`` says what is wrong otherwise."""
-    chain_pem = "".join(resp.cert_chain_pem).encode()
-    bundle_pem = "".join(resp.trust_bundle_pem).encode()
-    if not chain_pem or not bundle_pem:
-        raise ValueError("empty certificate chain or trust bundle")
-    try:
-        leaf = x509.load_pem_x509_certificate(resp.cert_chain_pem[0].encode())
-        x509.load_pem_x509_certificates(bundle_pem)
-    except ValueError as e:
-        raise ValueError(f"cannot parse it: {e}") from None
-    leaf_key = leaf.public_key()
-    if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or \
-            leaf_key.public_numbers() != key.public_key().public_numbers():
-        raise ValueError("the leaf certificate is not for the key in our CSR")
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    if uris != [str(identity)]:
-        raise ValueError(f"the leaf certificate names {uris}")
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return Issued(chain_pem, key_pem, bundle_pem, leaf)
-
-
-def make_csr(identity: SpiffeId) -> tuple[ec.EllipticCurvePrivateKey, str]:
-    """A fresh P-256 key and a CSR whose only SAN is ``identity``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.UniformResourceIdentifier(str(identity))]), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 class CaSecretManager:

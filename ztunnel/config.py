@@ -15,19 +15,20 @@ from typing import Any
 
 import yaml
 
+from mesh.ports import (
+    ADMIN_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    METRICS_PORT,
+    OUTBOUND_PORT,
+    READINESS_PORT,
+    ZTUNNEL_SOCKET_MARK,
+)
+from mesh.ports import HBONE_PORT as INBOUND_HBONE_PORT
+
 
 class ConfigError(ValueError):
     """Invalid process configuration; the message names the setting and how to fix it."""
 
-
-# Istio-compatible well-known ports.
-OUTBOUND_PORT = 15001
-INBOUND_PLAINTEXT_PORT = 15006
-INBOUND_HBONE_PORT = 15008
-SOCKS5_PORT = 15080
-ADMIN_PORT = 15000
-METRICS_PORT = 15020
-READINESS_PORT = 15021
 
 BIND_SHARED = "shared"
 BIND_WORKLOAD = "workload"
@@ -50,8 +51,8 @@ class ZtunnelConfig:
     ca_root_cert: Path | None = None
     trust_domain: str = "cluster.local"
     # "shared": one socket per capture port on bind_host (TPROXY / eBPF steer into it).
-    # "workload": 15006/15008 opened on each local workload's own IP (loopback tests, and the
-    # shape the later in-pod mode takes).
+    # "workload": the plaintext and HBONE inbound listeners opened on each local workload's own
+    # IP (loopback tests, and the shape the later in-pod mode takes).
     inbound_bind: str = BIND_SHARED
     bind_host: str = "0.0.0.0"
     outbound_port: int = OUTBOUND_PORT
@@ -67,7 +68,7 @@ class ZtunnelConfig:
     # IP_TRANSPARENT on capture listeners (needed under TPROXY / sk_assign; needs CAP_NET_ADMIN).
     transparent: bool = True
     # fwmark on sockets the ztunnel opens, so capture rules never loop them back into itself.
-    socket_mark: int = 0x539
+    socket_mark: int = ZTUNNEL_SOCKET_MARK
     drain_seconds: float = 5.0
     connect_timeout: float = 5.0
     reload_interval: float = 1.0

@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from ambit.spiffe import SpiffeError, SpiffeId
-from controller.ca import CERT_CHAIN_FILE, KEY_FILE, TRUST_BUNDLE_FILE, identity_paths
+from mesh.identity_dir import CERT_CHAIN_FILE, KEY_FILE, TRUST_BUNDLE_FILE, identity_paths
+from mesh.spiffe import SpiffeError, SpiffeId
 
 log = logging.getLogger("ztunnel.identity")
 

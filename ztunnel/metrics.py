@@ -18,24 +18,9 @@ from prometheus_client import (
     generate_latest,
 )
 
-from ztunnel.state.model import Service, Workload
+from mesh.state.model import Service, Workload
+from mesh.telemetry import PEER_LABELS
 
-# Istio's labels for who talked to whom, shared by its TCP (ztunnel) and request (waypoint)
-# metrics.
-PEER_LABELS = (
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-)
 CONNECTION_LABELS = (*PEER_LABELS, "request_protocol", "connection_security_policy",
                      "response_flags")
 

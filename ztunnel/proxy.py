@@ -18,14 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mesh.state.model import IPAddress, Service, Workload
+from mesh.state.store import StateStore
 from ztunnel.accesslog import AccessLog
 from ztunnel.config import ZtunnelConfig
 from ztunnel.hbone.pool import HbonePool
 from ztunnel.identity import Secrets
 from ztunnel.metrics import ConnectionLabels, Metrics
 from ztunnel.relay import relay_tcp
-from ztunnel.state.model import IPAddress, Service, Workload
-from ztunnel.state.store import StateStore
 
 log = logging.getLogger("ztunnel.proxy")
 

@@ -11,9 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from ambit.spiffe import SpiffeId
-from ztunnel.state.model import IPAddress, Service, WaypointRef, Workload
-from ztunnel.state.store import StateSnapshot
+from mesh.ports import HBONE_PORT
+from mesh.spiffe import SpiffeId
+from mesh.state.model import IPAddress, Service, WaypointRef, Workload
+from mesh.state.store import StateSnapshot
 
 
 class PlanKind(Enum):
@@ -45,11 +46,6 @@ class OutboundPlan:
     waypoint: WaypointRef | None = None
 
 
-HBONE_PORT = 15008
-# Waypoints (Envoy) take HBONE on 15008 whatever this ztunnel's own inbound port is.
-WAYPOINT_PORT = 15008
-
-
 def _deny(reason: str, source: Workload | None = None,
           service: Service | None = None, waypoint: WaypointRef | None = None) -> OutboundPlan:
     return OutboundPlan(PlanKind.DENY, source=source, service=service, reason=reason,
@@ -63,7 +59,8 @@ def plan_outbound(
     dest: tuple[IPAddress, int],
     pick: Callable[[int], int] = lambda n: 0,
     hbone_port: int = HBONE_PORT,
-    waypoint_port: int = WAYPOINT_PORT,
+    # Waypoints (Envoy) take HBONE on the well-known port whatever our own inbound port is.
+    waypoint_port: int = HBONE_PORT,
 ) -> OutboundPlan:
     """Decide how to carry a connection from ``source_ip`` to ``dest``.
 

@@ -11,7 +11,8 @@ Semantics both backends implement (docs/architecture.md, "Capture"):
   original destination preserved (TPROXY semantics: ``getsockname()`` of the accepted socket is
   the address the pod dialled);
 * inbound: a new TCP connection *to* an enrolled pod's IP arriving from anywhere but the node
-  itself goes to 15008 when its destination port is 15008 (HBONE), else to 15006 (plaintext);
+  itself goes to the HBONE listener when its destination port is the HBONE port, else to the
+  plaintext inbound listener (``mesh.ports``);
 * packets of sockets that already exist on the node go to them; connections that existed before
   a pod was enrolled are left alone; the node's own traffic (kubelet probes, the ztunnel's own
   connections) is never captured.
@@ -23,10 +24,6 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
-
-OUTBOUND_PORT = 15001
-INBOUND_PLAINTEXT_PORT = 15006
-INBOUND_HBONE_PORT = 15008
 
 # Names of the ztunnel listeners a backend steers to; the eBPF backend keys its SOCKMAP by
 # ``LISTENER_SLOTS[name]``.

@@ -51,7 +51,6 @@ from pyroute2 import IPRoute, NetlinkError
 
 from agent.capture import bpffs, kernel_headers, policy_routing
 from agent.capture.base import (
-    INBOUND_HBONE_PORT,
     LISTENER_INBOUND,
     LISTENER_INBOUND_PLAINTEXT,
     LISTENER_OUTBOUND,
@@ -73,7 +72,8 @@ from agent.capture.bpf_sys import (
     obj_get,
     program_info,
 )
-from agent.capture.iptables import MARK_MASK, TPROXY_MARK
+from mesh.ports import HBONE_PORT as INBOUND_HBONE_PORT
+from mesh.ports import MARK_MASK, TPROXY_MARK
 
 log = logging.getLogger(__name__)
 

@@ -1,24 +1,25 @@
 """TPROXY capture rules for one node, as pure text: iptables-restore input plus `ip` commands.
 
-Why it exists: in node (shared) mode the ztunnel listens on 15001/15006/15008 in the node's
-network namespace and the kernel must steer enrolled pods' TCP into those listeners without
-rewriting addresses, so the ztunnel can read the original destination from the accepted
-socket. That is TPROXY plus policy routing. Rendering the rules is kept free of I/O so the
-exact rule set is unit-tested; whoever owns the node namespace (the dev topology today, the
-node agent later) applies it with ``iptables-restore`` and ``ip``.
+Why it exists: in node (shared) mode the ztunnel listens on its capture ports (``mesh.ports``)
+in the node's network namespace and the kernel must steer enrolled pods' TCP into those
+listeners without rewriting addresses, so the ztunnel can read the original destination from
+the accepted socket. That is TPROXY plus policy routing. Rendering the rules is kept free of
+I/O so the exact rule set is unit-tested; whoever owns the node namespace (the dev topology
+today, the node agent later) applies it with ``iptables-restore`` and ``ip``.
 
 The rule set lives in two chains of our own in the ``mangle`` table, reached by one jump from
 ``PREROUTING``. It is applied with ``iptables-restore --noflush``, which replaces our chains'
 contents and leaves every other rule of the node (kube-proxy's, the CNI's) alone:
 
-1. Packets carrying the ztunnel's socket mark (``SO_MARK`` 0x539 on every socket it opens) are
-   left alone, so the proxy's own connections can never be captured back into itself.
+1. Packets carrying the ztunnel's socket mark (``SO_MARK`` ``ZTUNNEL_SOCKET_MARK`` on every
+   socket it opens) are left alone, so the proxy's own connections can never be captured back
+   into itself.
 2. ``-m socket``: a packet belonging to a socket that already exists here (a reply to one of
    the ztunnel's connections, or a later segment of an already-captured connection) is marked
    and delivered to it. Without this, TPROXY would look those packets up as new connections.
 3. TCP entering from an enrolled pod's veth goes to the outbound listener (15001).
-4. TCP for an enrolled pod's IP arriving from anywhere else goes to 15008 if it is HBONE
-   (destination port 15008), else to the plaintext inbound listener (15006).
+4. TCP for an enrolled pod's IP arriving from anywhere else goes to the HBONE listener if it
+   is HBONE (destination port ``HBONE_PORT``), else to the plaintext inbound listener (15006).
 
 TPROXY marks what it captures; ``ip rule fwmark MARK lookup TABLE`` with ``local 0.0.0.0/0
 dev lo`` in that table makes the kernel deliver those packets locally even though their
@@ -32,15 +33,15 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-OUTBOUND_PORT = 15001
-INBOUND_PLAINTEXT_PORT = 15006
-INBOUND_HBONE_PORT = 15008
-# Must equal the ztunnel's ``socket_mark`` (ztunnel/config.py).
-ZTUNNEL_SOCKET_MARK = 0x539
-# Istio's choice too: distinct from 0x539 under the 0xfff mask, so the proxy's own packets
-# never match the policy-routing rule.
-TPROXY_MARK = 0x111
-MARK_MASK = 0xFFF
+from mesh.ports import HBONE_PORT as INBOUND_HBONE_PORT
+from mesh.ports import (
+    INBOUND_PLAINTEXT_PORT,
+    MARK_MASK,
+    OUTBOUND_PORT,
+    TPROXY_MARK,
+    ZTUNNEL_SOCKET_MARK,
+)
+
 ROUTE_TABLE = 100
 RULE_PRIORITY = 100
 

@@ -23,7 +23,8 @@ from typing import Any
 from pyroute2 import IPRoute, NetlinkError
 
 from agent.capture.base import CaptureError
-from agent.capture.iptables import MARK_MASK, ROUTE_TABLE, RULE_PRIORITY, TPROXY_MARK
+from agent.capture.iptables import ROUTE_TABLE, RULE_PRIORITY
+from mesh.ports import MARK_MASK, TPROXY_MARK
 
 _RT_SCOPE_HOST = 254
 _RTN_LOCAL = 2

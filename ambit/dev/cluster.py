@@ -50,17 +50,16 @@ from ambit.dev.cni_runner import (
     k8s_pod_args,
     prepare_plugin_dir,
 )
-from ambit.files import write_atomic
+from controller.waypoint.parse import HBONE_LISTENER
+from mesh.files import write_atomic
+from mesh.ports import GRPC_PORT, NODE_METRICS_PORT, XDS_PORT
+from mesh.ports import MONITORING_PORT as CONTROLLER_MONITORING_PORT
+from mesh.ports import READINESS_PORT as ZTUNNEL_READY_PORT
 
 STATE_ROOT = Path("/var/run/ambit-dev")
 NS_PREFIX = "ambd-"
 CONTROL_PLANE_IP = "10.100.0.254"
-GRPC_PORT = 15012
 WAYPOINT_RUN_ROOT = Path("/var/run/ambit-dev-wp")
-XDS_PORT = 15011  # the controller's xDS port for waypoints (client certificate required)
-CONTROLLER_MONITORING_PORT = 15014
-ZTUNNEL_READY_PORT = 15021
-NODE_METRICS_PORT = 15022
 BRIDGE = "br0"
 MAX_NODES = 20
 
@@ -622,7 +621,8 @@ class DevCluster:
         Gateway controller and kubelet would: a pod labelled with the gateway's name (never
         captured), running ``ambit waypoint run`` (certificate from the CA, then Envoy
         configured by the controller over xDS). Ready when Envoy has its listeners."""
-        from controller.waypoint.model import GATEWAY_NAME_LABEL, WAYPOINT_CLASS
+        from controller.waypoint.model import WAYPOINT_CLASS
+        from mesh.ports import GATEWAY_NAME_LABEL
 
         node = self.node(node_ref) if node_ref is not None else min(
             self.nodes, key=lambda n: sum(1 for p in self.pods.values() if p.node == n.name))
@@ -631,7 +631,7 @@ class DevCluster:
             "metadata": {"name": name, "namespace": namespace,
                          "labels": {"ambit.dev/waypoint-for": waypoint_for}},
             "spec": {"gatewayClassName": WAYPOINT_CLASS,
-                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+                     "listeners": [HBONE_LISTENER]},
         }])
         pod_name = self.waypoint_pod(name, namespace)
         pod = self.add_pod(pod_name, node.name, namespace=namespace, service_account=name,

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ambit.dev import netns
-from ambit.files import write_atomic
+from mesh.files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ambit.dev import mesh, netns
-from ambit.dev.cluster import NODE_METRICS_PORT, STATE_ROOT, ClusterError, DevCluster
+from ambit.dev.cluster import STATE_ROOT, ClusterError, DevCluster
+from mesh.ports import NODE_METRICS_PORT
 
 NAMESPACE = "default"
 TRUST_DOMAIN = "cluster.local"

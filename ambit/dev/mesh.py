@@ -24,7 +24,7 @@ import yaml
 
 from ambit.dev import netns
 from ambit.dev.topology import Cluster, Node, Pod
-from ambit.files import write_atomic
+from mesh.files import write_atomic
 
 PYTHON = sys.executable
 READY_PATH = "/healthz/ready"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from controller.registry.model import AMBIENT, DATAPLANE_MODE_LABEL
 from controller.waypoint.deploy import MANAGED_BY, MANAGED_BY_LABEL
 from controller.waypoint.model import WAYPOINT_CLASS
+from mesh.ports import NODE_METRICS_PORT as AGENT_PORT
 
 __all__ = [
     "AGENT_PORT", "AMBIENT", "CONFIG_HASH_ANNOTATION", "CONFIG_MAP", "CONTROLLER",
@@ -35,4 +36,3 @@ WAYPOINT_CONTROLLER_NAME = "ambit.dev/waypoint-controller"
 WAYPOINT_LABEL = MANAGED_BY_LABEL
 WAYPOINT_LABEL_VALUE = MANAGED_BY
 # The node agent's endpoint: /metrics, /healthz/ready, /debug/pods.
-AGENT_PORT = 15022

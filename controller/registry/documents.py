@@ -54,8 +54,8 @@ from controller.waypoint.parse import (
     parse_http_route,
     parse_waypoint_policy,
 )
-from ztunnel.state.model import IPAddress
-from ztunnel.state.parse import StateError, parse_authorization_spec, parse_peer_authentication_spec
+from mesh.state.model import IPAddress
+from mesh.state.parse import StateError, parse_authorization_spec, parse_peer_authentication_spec
 
 DEFAULT_NAMESPACE = "default"
 

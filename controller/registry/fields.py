@@ -3,7 +3,7 @@
 Why one module: registry documents (``documents.py``) and the waypoint kinds
 (``controller/waypoint/parse.py``) check the same things (a mapping with known keys, a
 required string, a DNS-1123 name) and must say so in the same words, naming the field. The
-mapping and string checks are the ztunnel's own state-file checks (``ztunnel/state/parse.py``),
+mapping and string checks are the ztunnel's own state-file checks (``mesh/state/parse.py``),
 so a state file and a registry document reject the same mistake with the same message.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ztunnel.state.parse import StateError, mapping, string
+from mesh.state.parse import StateError, mapping, string
 
 __all__ = ["StateError", "dns_name", "mapping", "string"]
 

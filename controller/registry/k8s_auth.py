@@ -42,11 +42,11 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
-from ambit.spiffe import SpiffeId
 from controller.ca_service import AuthenticatorUnavailable, IssuancePolicy, MaybeAwaitable
 from controller.registry.model import RegistrySnapshot
 from controller.registry.translate import waypoint_of
 from controller.waypoint.deploy import CA_AUDIENCE
+from mesh.spiffe import SpiffeId
 
 log = logging.getLogger(__name__)
 

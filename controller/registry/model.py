@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.waypoint.model import Gateway, HTTPFault, HTTPRoute
-from ztunnel.state.model import IPAddress
+from mesh.state.model import IPAddress
 
 # The label that enrols a namespace (value "ambient") or opts a pod out (value "none").
 DATAPLANE_MODE_LABEL = "ambit.dev/dataplane-mode"

@@ -52,7 +52,7 @@ from controller.registry.model import (
     Service,
 )
 from controller.waypoint.model import Gateway, HTTPFault, HTTPRoute
-from ztunnel.state.parse import StateError
+from mesh.state.parse import StateError
 
 SCHEMA_VERSION = 1
 

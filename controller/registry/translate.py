@@ -34,7 +34,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ambit.spiffe import SpiffeId
 from controller.registry.model import (
     AMBIENT,
     DATAPLANE_MODE_LABEL,
@@ -44,14 +43,15 @@ from controller.registry.model import (
     Service,
 )
 from controller.waypoint.model import (
-    GATEWAY_NAME_LABEL,
     USE_WAYPOINT_LABEL,
     USE_WAYPOINT_NAMESPACE_LABEL,
     WAYPOINT_CLASS,
     WAYPOINT_FOR_LABEL,
 )
 from controller.waypoint.parse import has_target_refs
-from ztunnel.state.model import (
+from mesh.ports import GATEWAY_NAME_LABEL
+from mesh.spiffe import SpiffeId
+from mesh.state.model import (
     Action,
     AuthorizationPolicy,
     IPAddress,
@@ -64,8 +64,8 @@ from ztunnel.state.model import (
     WaypointRef,
     Workload,
 )
-from ztunnel.state.model import Service as MeshService
-from ztunnel.state.parse import StateError, parse_authorization_spec, parse_peer_authentication_spec
+from mesh.state.model import Service as MeshService
+from mesh.state.parse import StateError, parse_authorization_spec, parse_peer_authentication_spec
 
 DEFAULT_DOMAIN_SUFFIX = "cluster.local"
 

@@ -26,7 +26,7 @@ collector removes them with it):
     deployer writes that ConfigMap when it is given the root (``render_ca_root``), as istiod
     writes ``istio-ca-root-cert`` into namespaces; it is shared by the namespace's waypoints,
     so each of them is an owner (none the controller);
-  - ports 15008 (HBONE), 15020 (metrics; Prometheus scrape annotations) and 15021 (readiness,
+  - ports HBONE, 15020 (metrics; Prometheus scrape annotations) and 15021 (readiness,
     ``GET /healthz/ready``, the probe);
   - hardened: non-root (uid/gid 1337), no privilege escalation, every capability dropped and
     none added, read-only root filesystem (the run directory ``/var/run/ambit/waypoint`` and
@@ -37,7 +37,7 @@ collector removes them with it):
     the count; without it the Deployment starts with Kubernetes' default of 1 and the field is
     left to whoever scales it (``kubectl scale``, a HorizontalPodAutoscaler).
 
-* Service ``<gw>``: ClusterIP, port 15008 named ``mesh`` with ``appProtocol: all``, selecting
+* Service ``<gw>``: ClusterIP, the HBONE port named ``mesh`` with ``appProtocol: all``, selecting
   the gateway-name label. Its cluster IP is the Gateway's address in status.
 
 ``gateway_status`` is the status patch: ``addresses`` (the Service's cluster IPs) and the
@@ -53,10 +53,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ambit.waypoint.config import METRICS_PORT, READINESS_PORT
 from controller.registry.model import DATAPLANE_MODE_LABEL, OPT_OUT
-from controller.waypoint.model import GATEWAY_NAME_LABEL, Gateway
+from controller.waypoint.model import Gateway
 from controller.waypoint.parse import GATEWAY_API_VERSION, HBONE_PORT
+from mesh.ports import GATEWAY_NAME_LABEL, METRICS_PORT, READINESS_PORT
 
 __all__ = [
     "CA_AUDIENCE", "CA_ROOT_CONFIGMAP", "CA_ROOT_KEY", "MANAGED_BY", "MANAGED_BY_LABEL",

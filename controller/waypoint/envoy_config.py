@@ -8,7 +8,7 @@ validate`` checks in the tests.
 
 The packet path inside Envoy (names as in Istio's waypoints, so Istio habits carry over):
 
-* ``connect_terminate`` (0.0.0.0:15008): mutual TLS with the waypoint's certificate (SDS
+* ``connect_terminate`` (0.0.0.0, the HBONE port): mutual TLS with the waypoint's certificate (SDS
   ``default``, trust bundle ``ROOTCA``), HTTP/2 ``CONNECT`` terminated. Filter state records
   the tunnel's ``:authority`` (the service VIP:port the client dialled) and the client's
   SPIFFE ID, both shared with the upstream (internal) connection;
@@ -18,7 +18,7 @@ The packet path inside Envoy (names as in Istio's waypoints, so Istio habits car
   logs each request to the waypoint agent (ALS) for Istio metrics;
 * clusters ``outbound|<port>||<hostname>`` (EDS): each endpoint is the internal listener
   ``connect_originate`` with the pod's address in metadata; there ``tcp_proxy`` opens an
-  HBONE tunnel (``CONNECT pod:port`` over mutual TLS) to ``pod:15008``, where the pod's
+  HBONE tunnel (``CONNECT pod:port`` over mutual TLS) to the pod's HBONE port, where the pod's
   ztunnel receives it. Pods outside the mesh are reached directly in plaintext;
 * a rule with a fault goes through one more internal listener (``fault|...``) that injects
   it, so the rule's retries and timeouts (in ``main_internal``'s router) act on faults as on
@@ -94,14 +94,14 @@ from controller.waypoint.model import (
     WaypointPolicy,
 )
 from controller.waypoint.view import WaypointView
-from ztunnel.state.model import Protocol, Service, Workload
+from mesh.ports import HBONE_PORT
+from mesh.state.model import Protocol, Service, Workload
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
-HBONE_PORT = 15008
 AGENT_CLUSTER = "waypoint-agent"  # the waypoint agent's unix socket: SDS and ALS
 CERT_SECRET = "default"
 ROOT_SECRET = "ROOTCA"
@@ -296,7 +296,7 @@ def connect_terminate(trust_domain: str, bind: str = "0.0.0.0",
 
 def connect_originate() -> listener_pb2.Listener:
     """HBONE out: each connection becomes a CONNECT tunnel to the pod named in the endpoint's
-    ``tunnel`` metadata (``destination`` = pod:port, ``address`` = pod:15008)."""
+    ``tunnel`` metadata (``destination`` = pod:port, ``address`` = pod:HBONE_PORT)."""
     proxy = tcp_proxy_pb2.TcpProxy(
         stat_prefix=CONNECT_ORIGINATE, cluster=CONNECT_ORIGINATE,
         tunneling_config=tcp_proxy_pb2.TcpProxy.TunnelingConfig(

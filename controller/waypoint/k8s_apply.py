@@ -240,7 +240,7 @@ def _listener_ok(spec: Mapping[str, Any]) -> bool:
 async def apply_waypoint(api_client: client.ApiClient, namespace: str, name: str,
                          waypoint_for: str = "service") -> str:
     """Create or update the waypoint Gateway ``namespace/name`` (class ``ambit-waypoint``, one
-    HBONE listener on 15008, label ``ambit.dev/waypoint-for``); a one-line summary of what
+    HBONE listener, label ``ambit.dev/waypoint-for``); a one-line summary of what
     happened. Raises ``WaypointApplyError``."""
     doing = f"applying waypoint {namespace}/{name}"
     if waypoint_for not in WAYPOINT_FOR:

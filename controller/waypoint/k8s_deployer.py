@@ -90,7 +90,7 @@ from controller.waypoint.k8s_apply import (
 )
 from controller.waypoint.model import WAYPOINT_CLASS, Gateway
 from controller.waypoint.parse import GATEWAY_GROUP, parse_gateway
-from ztunnel.state.parse import StateError
+from mesh.state.parse import StateError
 
 __all__ = ["EXACT", "FIELD_MANAGER", "Action", "GatewayDeployer", "drift", "merged",
            "owner_gateway", "plan_object"]

@@ -23,7 +23,6 @@ WAYPOINT_FOR_LABEL = "ambit.dev/waypoint-for"
 USE_WAYPOINT_LABEL = "ambit.dev/use-waypoint"
 USE_WAYPOINT_NAMESPACE_LABEL = "ambit.dev/use-waypoint-namespace"
 # On a waypoint's pods (set by whatever runs them, as Kubernetes' Gateway controllers do).
-GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 # Group/kind of Ambit's fault injection filter, referenced from an HTTPRoute rule's
 # ``filters: [{type: ExtensionRef, extensionRef: {group, kind, name}}]``.
 FAULT_GROUP = "networking.ambit.dev"

@@ -10,7 +10,7 @@ policy rule the waypoint ignored would change what the user asked for.
 
 What is parsed (Gateway API v1 field names and defaults, and its validation limits):
 
-* ``Gateway`` of class ``ambit-waypoint`` with at most the HBONE listener (15008);
+* ``Gateway`` of class ``ambit-waypoint`` with at most the HBONE listener (``HBONE_PORT``);
 * ``HTTPRoute``: parentRefs (a Service, or a waypoint Gateway), matches (path, headers,
   method), filters (Request/ResponseHeaderModifier, ExtensionRef to an ``HTTPFault``),
   Service backendRefs with weights, timeouts (GEP-2257 durations) and retry (GEP-1731);
@@ -63,7 +63,8 @@ from controller.waypoint.model import (
     TargetRef,
     WaypointPolicy,
 )
-from ztunnel.state.parse import StateError
+from mesh.ports import HBONE_PORT
+from mesh.state.parse import StateError
 
 __all__ = [
     "FAULT_API_VERSION", "GATEWAY_API_VERSION", "GATEWAY_GROUP",
@@ -79,7 +80,6 @@ _E = TypeVar("_E", bound=enum.Enum)
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 GATEWAY_API_VERSION = f"{GATEWAY_GROUP}/v1"
 FAULT_API_VERSION = f"{FAULT_GROUP}/v1alpha1"
-HBONE_PORT = 15008
 HBONE_LISTENER = {"name": "mesh", "port": HBONE_PORT, "protocol": "HBONE"}
 WAYPOINT_FOR = ("service", "workload", "all", "none")
 # Gateway API's HTTPMethod enum.

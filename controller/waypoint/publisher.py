@@ -15,7 +15,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from ambit.spiffe import SpiffeId
 from controller.registry.model import RegistrySnapshot
 from controller.waypoint.envoy_config import (
     CLUSTER_TYPE,
@@ -23,12 +22,14 @@ from controller.waypoint.envoy_config import (
     content_version,
     resources,
 )
-from controller.waypoint.model import GATEWAY_NAME_LABEL, WAYPOINT_CLASS, Gateway
+from controller.waypoint.model import WAYPOINT_CLASS, Gateway
 from controller.waypoint.parse import resolve_faults, waypoint_policies
 from controller.waypoint.view import build_view
 from controller.xds.server import XdsCache, XdsDenied
-from ztunnel.state.model import MeshConfig
-from ztunnel.state.store import StateSnapshot
+from mesh.ports import GATEWAY_NAME_LABEL
+from mesh.spiffe import SpiffeId
+from mesh.state.model import MeshConfig
+from mesh.state.store import StateSnapshot
 
 log = logging.getLogger("controller.waypoint")
 

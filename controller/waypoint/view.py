@@ -17,8 +17,8 @@ from controller.waypoint.model import (
     TargetRef,
     WaypointPolicy,
 )
-from ztunnel.state.model import MeshConfig, Service, Workload
-from ztunnel.state.store import StateSnapshot
+from mesh.state.model import MeshConfig, Service, Workload
+from mesh.state.store import StateSnapshot
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,6 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.any_pb2 import Any as AnyProto
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ambit.spiffe import SpiffeError, SpiffeId
 from controller.xds.cache import (
     CLUSTER_TYPE,
     WILDCARD_TYPES,
@@ -54,6 +53,7 @@ from controller.xds.cache import (
     push_order,
     short_type,
 )
+from mesh.spiffe import SpiffeError, SpiffeId
 
 __all__ = ["DELTA_REFUSED", "AdsServer", "Authorize", "StreamStatus", "TypeStatus", "XdsCache",
            "XdsDenied", "peer_identity"]

@@ -27,7 +27,6 @@ import grpc
 import yaml
 from prometheus_client import CollectorRegistry
 
-from ambit.spiffe import SpiffeId
 from controller.ca import (
     DEFAULT_WORKLOAD_TTL,
     CertificateAuthority,
@@ -35,6 +34,7 @@ from controller.ca import (
     write_trust_bundle,
 )
 from controller.ca_service import CertificateService
+from mesh.spiffe import SpiffeId
 from tests.ca_fakes import InMemoryNodeDirectory
 from ztunnel.app import Ztunnel
 from ztunnel.ca_client import CaSecretManager

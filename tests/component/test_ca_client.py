@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from ambit.spiffe import SpiffeId
+from mesh.spiffe import SpiffeId
 from tests.component.harness import (
     NET,
     OTHER_CLIENT_IP,

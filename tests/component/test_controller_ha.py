@@ -44,11 +44,11 @@ from controller.waypoint.deploy import CA_ROOT_CONFIGMAP, CA_ROOT_KEY
 from controller.waypoint.k8s_apply import Rest
 from controller.waypoint.model import Gateway
 from controller.waypoint.parse import parse_gateway
+from mesh.state.controller_source import ControllerSource
+from mesh.state.store import StateStore
 from tests.component.harness import free_port
 from tests.k8s_double import objects
 from tests.k8s_double.server import ADMIN_TOKEN, ApiServerDouble
-from ztunnel.state.controller_source import ControllerSource
-from ztunnel.state.store import StateStore
 
 NS = "ambit-system"
 TD = "cluster.local"

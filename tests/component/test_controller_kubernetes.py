@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from controller.main import choose_mode
+from mesh.state.controller_source import ControllerSource
+from mesh.state.store import StateStore
 from tests.component.harness import free_port
 from tests.component.test_push import eventually
 from tests.k8s_double import objects
 from tests.k8s_double.server import ApiServerDouble
-from ztunnel.state.controller_source import ControllerSource
-from ztunnel.state.store import StateStore
 
 
 @pytest.mark.parametrize(("mode", "kubeconfig", "env", "expected"), [

@@ -11,12 +11,12 @@ import pytest
 
 from controller.app import Controller, ControllerConfig
 from controller.ca import CertificateAuthority
+from mesh.state.controller_source import ControllerSource
+from mesh.state.model import MeshConfig
+from mesh.state.parse import parse_state
+from mesh.state.store import StateStore
 from tests.component.harness import free_port
 from tests.component.test_push import doc, eventually
-from ztunnel.state.controller_source import ControllerSource
-from ztunnel.state.model import MeshConfig
-from ztunnel.state.parse import parse_state
-from ztunnel.state.store import StateStore
 
 
 class QueueFeed:

@@ -19,8 +19,8 @@ import h2.connection
 import h2.events
 import pytest
 
-from ambit.spiffe import SpiffeId
 from controller.ca import CertificateAuthority, write_identity
+from mesh.spiffe import SpiffeId
 from tests.component.harness import (
     CLIENT_IP,
     ECHO_IP,
@@ -326,7 +326,7 @@ async def test_payload_edge_sizes(tmp_path: Path, payload_size: int) -> None:
 
 
 def test_state_fixture_is_valid() -> None:
-    from ztunnel.state.parse import parse_state
+    from mesh.state.parse import parse_state
 
     parse_state(copy.deepcopy(base_state()))
 
@@ -346,7 +346,7 @@ async def test_draining_peer_refuses_new_tunnels_and_client_retries(tmp_path: Pa
 
 async def test_listener_on_a_socket_opened_elsewhere(tmp_path: Path) -> None:
     """A capture listener can be any bound socket (e.g. one opened in a pod's netns)."""
-    from ztunnel.listeners.base import bind_socket
+    from mesh.listener import bind_socket
 
     async with mesh(tmp_path) as m:
         sock = bind_socket(ECHO_IP, 25008)

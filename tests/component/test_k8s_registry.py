@@ -18,17 +18,17 @@ from functools import partial
 import pytest
 from kubernetes_asyncio import client
 
-from ambit.spiffe import SpiffeId
 from controller.kubernetes_feed import KubernetesFeed
 from controller.registry.k8s_watch import Backoff
 from controller.registry.kubernetes import KubernetesRegistry, TokenReviewAuthenticator
 from controller.registry.model import RegistrySnapshot
 from controller.registry.translate import mesh_config
 from controller.waypoint.parse import resolve_faults
+from mesh.spiffe import SpiffeId
+from mesh.state.model import Action, MeshConfig, MtlsMode, Protocol, WaypointRef, Workload
 from tests.component.waiting import until
 from tests.k8s_double import objects as o
 from tests.k8s_double.server import ApiServerDouble, ServiceAccountToken
-from ztunnel.state.model import Action, MeshConfig, MtlsMode, Protocol, WaypointRef, Workload
 
 TD = "cluster.local"
 

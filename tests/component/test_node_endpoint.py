@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.capture.base import PodCounters
 from agent.node_endpoint import NodeEndpoint
 from agent.node_metrics import NodeMetrics
-from ztunnel.listeners.base import Listener, bind_socket
-from ztunnel.listeners.http import Response, serve_http
+from mesh.http_server import Response, serve_http
+from mesh.listener import Listener, bind_socket
 from ztunnel.metrics import Metrics
 
 LOOPBACK = "127.0.0.1"

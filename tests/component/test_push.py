@@ -9,13 +9,13 @@ from typing import Any
 
 import grpc
 
-from controller.api.ambit.v1 import state_pb2_grpc
 from controller.push import StatePublisher, StateService
+from mesh.api.ambit.v1 import state_pb2_grpc
+from mesh.state.controller_source import ControllerSource
+from mesh.state.parse import parse_state
+from mesh.state.store import StateStore
 from tests.component.waiting import until
 from tests.unit.test_state import GOOD
-from ztunnel.state.controller_source import ControllerSource
-from ztunnel.state.parse import parse_state
-from ztunnel.state.store import StateStore
 
 
 async def start_server(publisher: StatePublisher, port: int = 0) -> tuple[grpc.aio.Server, int]:

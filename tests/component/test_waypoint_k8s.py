@@ -23,8 +23,6 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.watch import Watch
 from prometheus_client import CollectorRegistry
 
-from ambit.spiffe import SpiffeId
-from controller.api.ambit.v1 import ca_pb2, ca_pb2_grpc
 from controller.ca import CertificateAuthority
 from controller.ca_service import CertificateService
 from controller.kubernetes_feed import KubernetesFeed
@@ -55,13 +53,16 @@ from controller.waypoint.k8s_apply import (
     delete_waypoint,
 )
 from controller.waypoint.k8s_deployer import GatewayDeployer
-from controller.waypoint.model import GATEWAY_NAME_LABEL, WAYPOINT_FOR_LABEL, Gateway
+from controller.waypoint.model import WAYPOINT_FOR_LABEL, Gateway
 from controller.waypoint.parse import parse_gateway
+from mesh.api.ambit.v1 import ca_pb2, ca_pb2_grpc
+from mesh.ports import GATEWAY_NAME_LABEL
+from mesh.spiffe import SpiffeId
+from mesh.state.parse import StateError
 from tests.component.waiting import until
 from tests.k8s_double import objects as o
 from tests.k8s_double.server import ApiServerDouble, ServiceAccountToken
 from ztunnel.ca_client import make_csr
-from ztunnel.state.parse import StateError
 
 TD = "cluster.local"
 ROOT = "-----BEGIN CERTIFICATE-----\nMIIBdGVzdC1yb290\n-----END CERTIFICATE-----\n"

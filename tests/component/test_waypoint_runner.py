@@ -40,15 +40,15 @@ from google.protobuf import json_format
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from ambit.spiffe import SpiffeId
-from ambit.waypoint.config import WaypointConfig
-from ambit.waypoint.runner import WaypointRunner
 from controller.ca import CertificateAuthority
 from controller.ca_service import CertificateService
+from mesh.http_server import Response, serve_http
+from mesh.listener import Listener, bind_socket
+from mesh.spiffe import SpiffeId
 from tests.ca_fakes import InMemoryNodeDirectory
 from tests.component.harness import free_port
-from ztunnel.listeners.base import Listener, bind_socket
-from ztunnel.listeners.http import Response, serve_http
+from waypoint.config import WaypointConfig
+from waypoint.runner import WaypointRunner
 
 HOST = "127.0.0.1"
 TD = "cluster.local"

@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from ambit.spiffe import SpiffeId
+from mesh.spiffe import SpiffeId
+from mesh.state.store import GATEWAY_NAME_LABEL
 from tests.component import harness
 from tests.component.harness import (
     CLIENT_IP,
@@ -42,7 +43,6 @@ from tests.component.waiting import until
 from ztunnel.hbone.conn import HboneProtocol, HboneStream, StreamError
 from ztunnel.identity import IdentityError, SecretManager, peer_identity
 from ztunnel.listeners.admin import config_dump
-from ztunnel.state.store import GATEWAY_NAME_LABEL
 
 WAYPOINT_IP = f"127.{NET}.30.1"
 WAYPOINT_PORT = 15008

@@ -34,7 +34,6 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
 
-from ambit.spiffe import SpiffeId
 from controller.app import Controller, ControllerConfig
 from controller.ca import CertificateAuthority
 from controller.xds import (
@@ -46,6 +45,7 @@ from controller.xds import (
     XdsCache,
     XdsDenied,
 )
+from mesh.spiffe import SpiffeId
 from tests.component import waiting
 from tests.component.harness import free_port
 from tests.component.test_controller_tls import QueueFeed

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from mesh.state.model import AuthorizationPolicy
+from mesh.state.parse import parse_authorization_spec
 from ztunnel.authz import ConnectionInfo, authorize
-from ztunnel.state.model import AuthorizationPolicy
-from ztunnel.state.parse import parse_authorization_spec
 
 SLEEP = "cluster.local/ns/default/sa/sleep"
 OTHER = "cluster.local/ns/other/sa/other"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from ambit.spiffe import SpiffeError, SpiffeId
 from controller.ca import CertificateAuthority, identity_paths, write_identity, write_trust_bundle
+from mesh.spiffe import SpiffeError, SpiffeId
 from ztunnel.identity import IdentityError, SecretManager, peer_identity
 
 

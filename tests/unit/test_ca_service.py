@@ -16,8 +16,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from prometheus_client import CollectorRegistry
 
-from ambit.spiffe import SpiffeId
-from controller.api.ambit.v1 import ca_pb2, ca_pb2_grpc
 from controller.ca import CertificateAuthority
 from controller.ca_service import CertificateService
 from controller.ca_store import (
@@ -28,6 +26,8 @@ from controller.ca_store import (
     load_or_create_ca,
     open_ca,
 )
+from mesh.api.ambit.v1 import ca_pb2, ca_pb2_grpc
+from mesh.spiffe import SpiffeId
 from tests.ca_fakes import InMemoryNodeDirectory
 
 TD = "cluster.local"

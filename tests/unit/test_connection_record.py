@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 
+from mesh.state.store import StateStore
 from ztunnel.accesslog import AccessLog
 from ztunnel.config import ZtunnelConfig
 from ztunnel.identity import SecretManager
 from ztunnel.metrics import Metrics
 from ztunnel.proxy import ConnectionRecord, ProxyContext
-from ztunnel.state.store import StateStore
 
 
 def _ctx() -> ProxyContext:

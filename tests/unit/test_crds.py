@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ztunnel.state.parse import (
+from mesh.state.parse import (
     L7_OPERATION_FIELDS,
     parse_authorization_spec,
     parse_peer_authentication_spec,

@@ -21,7 +21,6 @@ import pytest
 
 from agent.capture import bpf_sys, bpffs, ebpf, kernel_headers, policy_routing
 from agent.capture.base import (
-    INBOUND_HBONE_PORT,
     LISTENER_INBOUND,
     LISTENER_INBOUND_PLAINTEXT,
     LISTENER_OUTBOUND,
@@ -29,7 +28,9 @@ from agent.capture.base import (
     CaptureError,
     PodCounters,
 )
-from agent.capture.iptables import MARK_MASK, ROUTE_TABLE, RULE_PRIORITY, TPROXY_MARK
+from agent.capture.iptables import ROUTE_TABLE, RULE_PRIORITY
+from mesh.ports import HBONE_PORT as INBOUND_HBONE_PORT
+from mesh.ports import MARK_MASK, TPROXY_MARK
 
 
 def test_ipv4_key_is_network_order() -> None:

@@ -1,4 +1,4 @@
-"""ambit.files.write_atomic: the target is replaced whole, nothing is left beside it."""
+"""mesh.files.write_atomic: the target is replaced whole, nothing is left beside it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from ambit.files import write_atomic
+from mesh.files import write_atomic
 
 
 def test_replaces_whole_and_leaves_no_temporary(tmp_path: Path) -> None:

@@ -35,7 +35,6 @@ import yaml
 
 from agent.config import DEFAULT_RUN_DIR, NODE_METRICS_PORT
 from ambit.cli import build_parser
-from controller import GRPC_PORT, MONITORING_PORT, XDS_PORT
 from controller.app import ControllerConfig
 from controller.k8s_ca import CA_SECRET, SECRETS
 from controller.leader import LEASES
@@ -49,6 +48,7 @@ from controller.waypoint.k8s_apply import (
     SERVICE_ACCOUNTS,
     SERVICES,
 )
+from mesh.ports import GRPC_PORT, MONITORING_PORT, XDS_PORT
 from ztunnel.config import READINESS_PORT as ZTUNNEL_READINESS_PORT
 
 ROOT = Path(__file__).resolve().parents[2]

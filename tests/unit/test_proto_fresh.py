@@ -1,4 +1,4 @@
-"""The generated gRPC/protobuf code in controller/api matches controller/proto.
+"""The generated gRPC/protobuf code in mesh/api matches mesh/proto.
 
 Regenerates into a temporary directory with the pinned generators and compares byte for byte,
 so editing a .proto without running ``hack/gen-proto.sh`` fails the build.
@@ -20,7 +20,7 @@ def _files(d: Path) -> set[str]:
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
     subprocess.run([str(ROOT / "hack" / "gen-proto.sh"), str(tmp_path)], check=True, cwd=ROOT)
-    committed = ROOT / "controller" / "api"
+    committed = ROOT / "mesh" / "api"
     assert _files(tmp_path) == _files(committed), "run hack/gen-proto.sh and commit the result"
     stale = [f for f in sorted(_files(tmp_path))
              if not filecmp.cmp(tmp_path / f, committed / f, shallow=False)]
@@ -28,7 +28,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
 
 
 def test_generated_modules_import() -> None:
-    from controller.api.ambit.v1 import ca_pb2, ca_pb2_grpc, state_pb2, state_pb2_grpc
+    from mesh.api.ambit.v1 import ca_pb2, ca_pb2_grpc, state_pb2, state_pb2_grpc
 
     req = ca_pb2.CreateCertificateRequest(csr_pem="x", ttl_seconds=60)
     assert ca_pb2.CreateCertificateRequest.FromString(req.SerializeToString()) == req

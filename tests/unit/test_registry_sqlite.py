@@ -21,7 +21,7 @@ from controller.registry.documents import (
 from controller.registry.model import Namespace, Pod, RegistrySnapshot
 from controller.registry.sqlite import EmbeddedRegistry, NotFoundError, RegistryError
 from controller.registry.translate import mesh_config
-from ztunnel.state.model import Protocol
+from mesh.state.model import Protocol
 
 DOCS = load_documents("""
 apiVersion: v1

@@ -6,7 +6,6 @@ import ipaddress
 
 import pytest
 
-from ambit.spiffe import SpiffeId
 from controller.registry.model import (
     AuthorizationPolicy,
     Namespace,
@@ -26,8 +25,9 @@ from controller.registry.translate import (
     waypoint_binding,
 )
 from controller.waypoint.model import Gateway
-from ztunnel.state.model import Action, MtlsMode, Protocol, Rule, WaypointRef
-from ztunnel.state.store import StateSnapshot
+from mesh.spiffe import SpiffeId
+from mesh.state.model import Action, MtlsMode, Protocol, Rule, WaypointRef
+from mesh.state.store import StateSnapshot
 
 AMBIENT = Namespace("mesh", (("ambit.dev/dataplane-mode", "ambient"),))
 PLAIN = Namespace("plain", (("team", "x"),))
@@ -182,9 +182,9 @@ def test_output_does_not_depend_on_input_order() -> None:
 def test_node_hosts_identity_is_the_issuance_rule() -> None:
     import ipaddress
 
-    from ambit.spiffe import SpiffeId
     from controller.registry.model import Namespace, Pod, RegistrySnapshot
     from controller.registry.translate import node_hosts_identity
+    from mesh.spiffe import SpiffeId
 
     snap = RegistrySnapshot(
         namespaces=(Namespace("shop", (("ambit.dev/dataplane-mode", "ambient"),)),

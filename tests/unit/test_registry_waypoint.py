@@ -1,6 +1,6 @@
 """Waypoint kinds in the embedded registry: documents, round trips, creation order, `ambit get`.
 
-The commands are driven through ``controller.registry.commands`` with a parser of their own, so
+The commands are driven through ``ambit.registry_cli`` with a parser of their own, so
 these tests do not depend on the rest of ``ambit``'s command line.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.registry import commands
+from ambit import registry_cli as commands
 from controller.registry.documents import (
     DocumentError,
     load_documents,
@@ -28,7 +28,7 @@ from controller.registry.sqlite import EmbeddedRegistry
 from controller.registry.translate import translate
 from controller.waypoint.model import Fault, Gateway, HTTPFault, HTTPRoute
 from controller.waypoint.parse import resolve_faults, waypoint_policies
-from ztunnel.state.model import WaypointRef
+from mesh.state.model import WaypointRef
 
 DOCS = load_documents("""
 apiVersion: v1

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from mesh.state.model import WaypointRef
+from mesh.state.parse import parse_state
+from mesh.state.store import GATEWAY_NAME_LABEL, StateSnapshot
 from ztunnel.routing import PlanKind, plan_outbound, resolve_inbound
-from ztunnel.state.model import WaypointRef
-from ztunnel.state.parse import parse_state
-from ztunnel.state.store import GATEWAY_NAME_LABEL, StateSnapshot
 
 DOC: dict[str, Any] = {
     "workloads": [

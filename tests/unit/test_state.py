@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from ztunnel.state.model import MtlsMode, Protocol, WaypointRef
-from ztunnel.state.parse import StateError, load_state_text, parse_state
-from ztunnel.state.store import GATEWAY_NAME_LABEL, StateSnapshot, StateStore
+from mesh.state.model import MtlsMode, Protocol, WaypointRef
+from mesh.state.parse import StateError, load_state_text, parse_state
+from mesh.state.store import GATEWAY_NAME_LABEL, StateSnapshot, StateStore
 
 GOOD: dict[str, Any] = {
     "trustDomain": "example.org",

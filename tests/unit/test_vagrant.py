@@ -47,7 +47,6 @@ import kubernetes_validate  # type: ignore[import-untyped, unused-ignore]
 import pytest
 import yaml
 
-from ambit.waypoint.als import LABELS as WAYPOINT_LABELS
 from controller.registry.k8s_convert import build_snapshot, gateway_record
 from controller.registry.translate import translate
 from controller.waypoint.deploy import render
@@ -58,9 +57,10 @@ from controller.waypoint.parse import (
     parse_waypoint_policy,
     waypoint_policies,
 )
+from mesh.state.parse import parse_authorization_spec
+from waypoint.als import LABELS as WAYPOINT_LABELS
 from ztunnel.authz import ConnectionInfo, authorize
 from ztunnel.metrics import CONNECTION_LABELS, ConnectionLabels, Metrics
-from ztunnel.state.parse import parse_authorization_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 VAGRANT = ROOT / "vagrant"

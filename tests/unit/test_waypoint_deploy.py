@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ambit.waypoint.cli import add_parser
+from ambit.waypoint_cli import add_parser
 from controller.waypoint.deploy import (
     CA_AUDIENCE,
     CA_ROOT_CONFIGMAP,
@@ -28,7 +28,8 @@ from controller.waypoint.deploy import (
 )
 from controller.waypoint.k8s_apply import DEPLOYMENTS, SERVICES
 from controller.waypoint.k8s_deployer import drift, merged, owner_gateway, plan_object
-from controller.waypoint.model import GATEWAY_NAME_LABEL, Gateway
+from controller.waypoint.model import Gateway
+from mesh.ports import GATEWAY_NAME_LABEL
 
 GW = Gateway(name="waypoint", namespace="shop")
 UID = "7d0e4c1a-uid"

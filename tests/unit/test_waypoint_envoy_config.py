@@ -29,7 +29,7 @@ from controller.waypoint.model import (
     WaypointPolicy,
 )
 from controller.waypoint.view import WaypointView, build_view
-from ztunnel.state.model import (
+from mesh.state.model import (
     MeshConfig,
     Protocol,
     Service,

@@ -45,7 +45,7 @@ from controller.waypoint.parse import (
     resolve_faults,
     waypoint_policies,
 )
-from ztunnel.state.parse import StateError
+from mesh.state.parse import StateError
 
 GW = "gateway.networking.k8s.io"
 ISTIO_LISTENER = {"name": "mesh", "port": 15008, "protocol": "HBONE"}

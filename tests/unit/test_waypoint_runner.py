@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from ambit.cli import build_parser
-from ambit.waypoint.bootstrap import build_bootstrap, write_bootstrap
-from ambit.waypoint.cli import config_from_args
-from ambit.waypoint.config import (
+from ambit.waypoint_cli import config_from_args
+from waypoint.bootstrap import build_bootstrap, write_bootstrap
+from waypoint.config import (
     CONTROLLER_NAMESPACE,
     CONTROLLER_SERVICE_ACCOUNT,
     WaypointConfig,
@@ -22,8 +22,8 @@ from ambit.waypoint.config import (
     default_envoy_binary,
     split_host_port,
 )
-from ambit.waypoint.envoy_proc import describe_exit, envoy_command, parse_log_line
-from ambit.waypoint.runner import merge_envoy_stats
+from waypoint.envoy_proc import describe_exit, envoy_command, parse_log_line
+from waypoint.runner import merge_envoy_stats
 
 
 @pytest.fixture

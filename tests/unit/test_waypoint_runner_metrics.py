@@ -10,7 +10,7 @@ from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
 from prometheus_client import CollectorRegistry
 
-from ambit.waypoint.als import (
+from waypoint.als import (
     LABELS,
     PEER_PRINCIPAL_KEY,
     RESPONSE_FLAGS,

@@ -19,11 +19,11 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 from prometheus_client import CollectorRegistry
 
-from ambit.spiffe import SpiffeId
-from ambit.waypoint.certs import CaError, WaypointCertificate, accept_response, retry_delay
-from ambit.waypoint.sds import SECRET_TYPE_URL, SdsServer, SecretStore, build_sds_response
-from controller.api.ambit.v1 import ca_pb2
 from controller.ca import CertificateAuthority
+from mesh.api.ambit.v1 import ca_pb2
+from mesh.spiffe import SpiffeId
+from waypoint.certs import CaError, WaypointCertificate, accept_response, retry_delay
+from waypoint.sds import SECRET_TYPE_URL, SdsServer, SecretStore, build_sds_response
 from ztunnel.ca_client import make_csr
 
 TD = "cluster.local"

@@ -8,22 +8,22 @@ from typing import Any
 
 import pytest
 
-from controller.api.ambit.v1 import state_pb2
-from tests.unit.test_state import GOOD
-from ztunnel.state.model import MeshConfig, WaypointRef
-from ztunnel.state.parse import (
+from mesh.api.ambit.v1 import state_pb2
+from mesh.state.model import MeshConfig, WaypointRef
+from mesh.state.parse import (
     StateError,
     parse_authorization_spec,
     parse_peer_authentication_spec,
     parse_state,
 )
-from ztunnel.state.wire import (
+from mesh.state.wire import (
     apply_update,
     authorization_spec,
     delta_update,
     full_update,
     peer_authentication_spec,
 )
+from tests.unit.test_state import GOOD
 
 
 def canon(c: MeshConfig) -> tuple[Any, ...]:

@@ -23,7 +23,6 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
 
-from ambit.spiffe import SpiffeId
 from controller.ca import CertificateAuthority
 from controller.xds import (
     CLUSTER_TYPE,
@@ -35,6 +34,7 @@ from controller.xds import (
     XdsDenied,
     peer_identity,
 )
+from mesh.spiffe import SpiffeId
 
 KEY = "ns1/gw"
 

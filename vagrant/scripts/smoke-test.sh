@@ -36,7 +36,7 @@ export PATH=/opt/ambit-cli/bin:$PATH
 NS=demo
 SERVICE_URL=http://server.$NS.svc.cluster.local
 REQUESTS=5
-HELPER=(python3 "$AMBIT_SRC/vagrant/scripts/smokecheck.py")
+HELPER=(env PYTHONPATH="$AMBIT_SRC" python3 "$AMBIT_SRC/vagrant/scripts/smokecheck.py")
 CAPTURE_TEMPLATE=$AMBIT_SRC/vagrant/scripts/capture-pod.yaml
 CAPTURE_DIR=/var/tmp/ambit-smoke
 MARKER=ambit-smoke-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')

@@ -16,8 +16,8 @@ FAIL) and exits 1 if any check failed:
 * ``metric``: the samples of one metric whose labels match add up to at least a number;
 * ``wire``: what crossed the wire between the nodes: the marker string of the smoke test's
   requests appears in no packet (no plaintext), the sample pods' TCP traffic is HBONE only
-  (port 15008), there is HBONE traffic at all, and every HBONE connection whose start was
-  captured opens with a TLS handshake record.
+  (``mesh.ports.HBONE_PORT``), there is HBONE traffic at all, and every HBONE connection whose
+  start was captured opens with a TLS handshake record.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HBONE_PORT = 15008
+from mesh.ports import HBONE_PORT  # AMBIT_SRC on PYTHONPATH (smoke-test.sh)
+
 # Linux's VXLAN port (flannel's default) and IANA's.
 VXLAN_PORTS = (8472, 4789)
 # Link types: Ethernet, Linux cooked capture v1 and v2 (tcpdump -i any).

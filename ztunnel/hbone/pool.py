@@ -18,7 +18,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ambit.spiffe import SpiffeId
+from mesh.spiffe import SpiffeId
 from ztunnel.hbone.conn import HboneProtocol, HboneStream
 from ztunnel.hbone.core import DEFAULT_SETTINGS, HboneSettings
 from ztunnel.identity import IdentityError, peer_identity

@@ -1,2 +1,2 @@
-"""One module per listener (outbound 15001, inbound plaintext 15006, inbound HBONE 15008,
-SOCKS5 15080, admin 15000, stats 15020/15021), on top of the generic ``base.Listener``."""
+"""One module per listener (outbound, inbound plaintext, inbound HBONE, SOCKS5, admin, stats;
+their ports are in ``mesh.ports``), on top of the generic ``mesh.listener.Listener``."""

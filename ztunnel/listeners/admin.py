@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ztunnel.listeners.http import Response
+from mesh.http_server import Response
 from ztunnel.proxy import ProxyContext
 
 

@@ -1,5 +1,5 @@
-"""Inbound HBONE (15008): terminate mutual TLS as the destination workload, then serve each
-CONNECT tunnel to a pod on this node after L4 authorization.
+"""Inbound HBONE (``mesh.ports.HBONE_PORT``): terminate mutual TLS as the destination workload,
+then serve each CONNECT tunnel to a pod on this node after L4 authorization.
 
 The certificate presented is chosen by the connection's local address (the destination pod IP,
 preserved by capture), not by SNI. The client's SPIFFE ID comes from its verified certificate.
@@ -15,17 +15,17 @@ import logging
 import socket
 import ssl
 
-from ambit.spiffe import SpiffeId
+from mesh.listener import finish_or_cancel
+from mesh.spiffe import SpiffeId
+from mesh.state.model import IPAddress
 from ztunnel.authz import ConnectionInfo, authorize
 from ztunnel.hbone.conn import HboneProtocol, HboneStream
 from ztunnel.hbone.core import parse_authority, parse_forwarded_for
 from ztunnel.hbone.events import RequestRejected
 from ztunnel.identity import IdentityError, peer_identity
-from ztunnel.listeners.base import finish_or_cancel
 from ztunnel.proxy import ConnectionRecord, ProxyContext, sock_addr
 from ztunnel.relay import relay_stream
 from ztunnel.routing import resolve_inbound
-from ztunnel.state.model import IPAddress
 
 log = logging.getLogger("ztunnel.inbound")
 LISTENER = "inbound"

@@ -10,10 +10,10 @@ import asyncio
 import ipaddress
 import socket
 
+from mesh.state.model import MtlsMode
 from ztunnel.authz import ConnectionInfo, authorize
 from ztunnel.proxy import ConnectionRecord, ProxyContext, connect_and_relay, sock_addr
 from ztunnel.routing import resolve_inbound
-from ztunnel.state.model import MtlsMode
 
 LISTENER = "inbound_plaintext"
 

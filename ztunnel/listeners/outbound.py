@@ -15,6 +15,8 @@ import socket
 
 import h2.errors
 
+from mesh.ports import HBONE_PORT
+from mesh.state.model import IPAddress
 from ztunnel.authz import ConnectionInfo, authorize
 from ztunnel.hbone.conn import StreamError
 from ztunnel.hbone.core import format_authority, forwarded_for
@@ -22,7 +24,6 @@ from ztunnel.hbone.pool import PoolKey, UpstreamConnectError
 from ztunnel.proxy import ConnectionRecord, ProxyContext, connect_and_relay, sock_addr
 from ztunnel.relay import relay_stream
 from ztunnel.routing import OutboundPlan, PlanKind, plan_outbound
-from ztunnel.state.model import IPAddress
 
 LISTENER = "outbound"
 REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
@@ -46,7 +47,7 @@ async def proxy_outbound(
 ) -> None:
     state = ctx.store.current
     plan = plan_outbound(state, ctx.node, source_ip, dest, ctx.pick,
-                         hbone_port=ctx.config.inbound_port or 15008)
+                         hbone_port=ctx.config.inbound_port or HBONE_PORT)
     rec = ConnectionRecord(ctx, "source", listener, source_ip, dest)
     rec.source, rec.dest_workload, rec.service = plan.source, plan.destination, plan.service
     rec.source_principal = plan.source.identity.principal if plan.source else None

@@ -14,9 +14,9 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from mesh.state.model import IPAddress
 from ztunnel.listeners.outbound import proxy_outbound
 from ztunnel.proxy import ProxyContext, sock_addr
-from ztunnel.state.model import IPAddress
 
 LISTENER = "socks5"
 VERSION = 5

@@ -21,8 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ambit.files import write_atomic
-from ambit.waypoint.config import WaypointConfig, is_ip, split_host_port
+from mesh.files import write_atomic
+from waypoint.config import WaypointConfig, is_ip, split_host_port
 
 XDS_CLUSTER = "xds-grpc"
 AGENT_CLUSTER = "waypoint-agent"

@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import grpc
 
-from controller.api.ambit.v1 import state_pb2, state_pb2_grpc
-from ztunnel.state.parse import StateError
-from ztunnel.state.store import StateStore
-from ztunnel.state.wire import apply_update
+from mesh.api.ambit.v1 import state_pb2, state_pb2_grpc
+from mesh.state.parse import StateError
+from mesh.state.store import StateStore
+from mesh.state.wire import apply_update
 
 log = logging.getLogger("ztunnel.xds")
 

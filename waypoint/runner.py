@@ -35,14 +35,14 @@ from prometheus_client import (
     generate_latest,
 )
 
-from ambit.waypoint.als import AlsServer, IstioMetrics
-from ambit.waypoint.bootstrap import write_bootstrap
-from ambit.waypoint.certs import CertificateManager
-from ambit.waypoint.config import WaypointConfig
-from ambit.waypoint.envoy_proc import EnvoyAdmin, EnvoyProcess, describe_exit, envoy_command
-from ambit.waypoint.sds import SdsServer, SecretStore
-from ztunnel.listeners.base import BindError, Listener, bind_socket
-from ztunnel.listeners.http import Response, serve_http
+from mesh.http_server import Response, serve_http
+from mesh.listener import BindError, Listener, bind_socket
+from waypoint.als import AlsServer, IstioMetrics
+from waypoint.bootstrap import write_bootstrap
+from waypoint.certs import CertificateManager
+from waypoint.config import WaypointConfig
+from waypoint.envoy_proc import EnvoyAdmin, EnvoyProcess, describe_exit, envoy_command
+from waypoint.sds import SdsServer, SecretStore
 
 log = logging.getLogger("ambit.waypoint")
 

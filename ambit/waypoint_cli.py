@@ -15,14 +15,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ambit.waypoint.config import (
-    ADMIN_PORT,
+from mesh.ports import ADMIN_PORT, METRICS_PORT, READINESS_PORT
+from waypoint.config import (
     DEFAULT_RUN_DIR,
     DEFAULT_TRUST_DOMAIN,
     ENVOY_LOG_LEVELS,
     LOG_LEVELS,
-    METRICS_PORT,
-    READINESS_PORT,
     WaypointConfig,
     WaypointConfigError,
 )
@@ -166,13 +164,13 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, config.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ambit.waypoint.runner import run as run_waypoint
+    from waypoint.runner import run as run_waypoint
 
     return run_waypoint(config)
 
 
 def _manage(args: argparse.Namespace) -> int:
-    from ambit.waypoint import manage
+    from ambit import waypoint_manage as manage
 
     def out(line: str) -> None:
         print(line, flush=True)

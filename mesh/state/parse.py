@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ambit.spiffe import SpiffeError, SpiffeId
-from ztunnel.state.model import (
+from mesh.spiffe import SpiffeError, SpiffeId
+from mesh.state.model import (
     Action,
     AuthorizationPolicy,
     IPAddress,

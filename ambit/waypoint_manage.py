@@ -15,12 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from controller.waypoint.model import (
-    GATEWAY_NAME_LABEL,
-    USE_WAYPOINT_LABEL,
-    WAYPOINT_CLASS,
-    WAYPOINT_FOR_LABEL,
-)
+from controller.waypoint.model import USE_WAYPOINT_LABEL, WAYPOINT_CLASS, WAYPOINT_FOR_LABEL
+from controller.waypoint.parse import HBONE_LISTENER
+from mesh.ports import GATEWAY_NAME_LABEL, HBONE_PORT, METRICS_PORT
 
 Out = Callable[[str], None]
 
@@ -35,7 +32,7 @@ def gateway_document(namespace: str, name: str, waypoint_for: str) -> dict[str, 
         "metadata": {"name": name, "namespace": namespace,
                      "labels": {WAYPOINT_FOR_LABEL: waypoint_for}},
         "spec": {"gatewayClassName": WAYPOINT_CLASS,
-                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+                 "listeners": [HBONE_LISTENER]},
     }
 
 
@@ -74,7 +71,7 @@ def apply(namespace: str, name: str, waypoint_for: str, out: Out, *, cluster: st
             raise ManageError(str(e)) from None
         out(f"waypoint {namespace}/{name} ready: pod {pod.name} {pod.ip} on {pod.node}, "
             f"identity spiffe://cluster.local/ns/{namespace}/sa/{name}, HBONE on "
-            f"{pod.ip}:15008, metrics on {pod.ip}:15020")
+            f"{pod.ip}:{HBONE_PORT}, metrics on {pod.ip}:{METRICS_PORT}")
         out(_bind_hint(namespace, name))
         return
     if where == "kubernetes":
@@ -84,7 +81,7 @@ def apply(namespace: str, name: str, waypoint_for: str, out: Out, *, cluster: st
             api, namespace, name, waypoint_for))))
         out(_bind_hint(namespace, name))
         return
-    from controller.registry.commands import db_path
+    from ambit.registry_cli import db_path
     from controller.registry.documents import DocumentError
     from controller.registry.sqlite import EmbeddedRegistry, RegistryError
 
@@ -119,7 +116,7 @@ def delete(namespace: str, name: str, out: Out, *, cluster: str | None = None,
             api, namespace, name))))
         return
     else:
-        from controller.registry.commands import db_path
+        from ambit.registry_cli import db_path
         from controller.registry.sqlite import EmbeddedRegistry, RegistryError
 
         path = db_path(db)
@@ -134,7 +131,7 @@ def delete(namespace: str, name: str, out: Out, *, cluster: str | None = None,
 
 def list_lines(*, cluster: str | None = None, db: Path | None = None) -> list[str]:
     """Waypoints of the embedded registry (or a dev cluster's) and what is bound to them."""
-    from controller.registry.commands import db_path
+    from ambit.registry_cli import db_path
     from controller.registry.sqlite import EmbeddedRegistry
     from controller.registry.translate import translate
 

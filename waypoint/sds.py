@@ -29,8 +29,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ambit.waypoint.bootstrap import SECRET_DEFAULT, SECRET_ROOTCA
-from ambit.waypoint.certs import WaypointCertificate
+from waypoint.bootstrap import SECRET_DEFAULT, SECRET_ROOTCA
+from waypoint.certs import WaypointCertificate
 
 log = logging.getLogger("ambit.waypoint.sds")
 

@@ -14,11 +14,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ambit.spiffe import SpiffeId
+from mesh.ports import ADMIN_PORT, METRICS_PORT, READINESS_PORT
+from mesh.spiffe import SpiffeId
 
-ADMIN_PORT = 15000
-METRICS_PORT = 15020
-READINESS_PORT = 15021
 DEFAULT_RUN_DIR = Path("/var/run/ambit-waypoint")
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 # The controller's own identity (controller.app.CONTROLLER_IDENTITY; a unit test keeps the two

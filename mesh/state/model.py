@@ -10,7 +10,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ambit.spiffe import SpiffeId
+from mesh.spiffe import SpiffeId
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

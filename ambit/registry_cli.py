@@ -34,8 +34,8 @@ from controller.registry.model import (
 )
 from controller.registry.sqlite import Change, EmbeddedRegistry, RegistryError
 from controller.registry.translate import in_mesh, waypoint_binding, waypoint_of
-from controller.waypoint.model import GATEWAY_NAME_LABEL
 from controller.waypoint.parse import format_duration, has_target_refs
+from mesh.ports import GATEWAY_NAME_LABEL
 
 DB_ENV = "AMBIT_DB"
 DEFAULT_DB = Path("/var/lib/ambit/registry.db")

@@ -33,9 +33,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ambit.spiffe import SpiffeId
-from controller.api.ambit.v1 import ca_pb2, ca_pb2_grpc
-from ztunnel.ca_client import CHANNEL_OPTIONS, check_issued, make_csr
+from mesh.api.ambit.v1 import ca_pb2, ca_pb2_grpc
+from mesh.ca_client import CHANNEL_OPTIONS, check_issued, make_csr
+from mesh.spiffe import SpiffeId
 
 log = logging.getLogger("ambit.waypoint.certs")
 

@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ztunnel.state.model import (
+from mesh.ports import GATEWAY_NAME_LABEL
+from mesh.state.model import (
     AuthorizationPolicy,
     IPAddress,
     MeshConfig,
@@ -27,7 +28,6 @@ from ztunnel.state.model import (
 # The label Kubernetes Gateway controllers (and Ambit's waypoint deployer) put on a waypoint's
 # pods. Same string as controller.waypoint.model.GATEWAY_NAME_LABEL, duplicated on purpose: the
 # ztunnel does not import controller code.
-GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 
 
 def _selects(selector: tuple[tuple[str, str], ...], labels: dict[str, str]) -> bool:

@@ -37,8 +37,8 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import wrappers_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from ambit.spiffe import SpiffeError, SpiffeId
-from ztunnel.metrics import PEER_LABELS
+from mesh.spiffe import SpiffeError, SpiffeId
+from mesh.telemetry import PEER_LABELS
 
 log = logging.getLogger("ambit.waypoint.als")
 

@@ -12,11 +12,11 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from ztunnel.state.model import MeshConfig
-from ztunnel.state.parse import StateError, load_state_text
-from ztunnel.state.store import StateStore
+from mesh.state.model import MeshConfig
+from mesh.state.parse import StateError, load_state_text
+from mesh.state.store import StateStore
 
-log = logging.getLogger("ztunnel.state")
+log = logging.getLogger("mesh.state")
 
 
 class FileSource:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from controller.api.ambit.v1 import state_pb2
-from ztunnel.state.model import (
+from mesh.api.ambit.v1 import state_pb2
+from mesh.state.model import (
     AuthorizationPolicy,
     MeshConfig,
     PeerAuthentication,
@@ -24,7 +24,7 @@ from ztunnel.state.model import (
     Source,
     Workload,
 )
-from ztunnel.state.parse import (
+from mesh.state.parse import (
     StateError,
     parse_authorization_spec,
     parse_peer_authentication_spec,

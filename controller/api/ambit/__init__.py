@@ -1,1 +1,0 @@
-"""Generated from controller/proto by hack/gen-proto.sh; do not edit."""

@@ -1,0 +1,1 @@
+"""Generated from mesh/proto by hack/gen-proto.sh; do not edit."""
