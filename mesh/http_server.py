@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import h11
 
 MAX_REQUEST = 64 * 1024
-log = logging.getLogger("ztunnel.http")
+log = logging.getLogger("mesh.http")
 
 
 @dataclass(frozen=True)

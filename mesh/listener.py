@@ -16,7 +16,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 
-log = logging.getLogger("ztunnel.listener")
+log = logging.getLogger("mesh.listener")
 
 IP_TRANSPARENT = 19  # from linux/in.h; not exported by the socket module
 

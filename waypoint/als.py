@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from mesh.spiffe import SpiffeError, SpiffeId
 from mesh.telemetry import PEER_LABELS
 
-log = logging.getLogger("ambit.waypoint.als")
+log = logging.getLogger("waypoint.als")
 
 REPORTER = "waypoint"
 LOG_NAME = "ambit-waypoint"

@@ -4,7 +4,7 @@ Why it exists: the agent owns Envoy's lifecycle the way pilot-agent does. Envoy 
 session (a terminal's Ctrl-C reaches the agent only, which then drains Envoy) and gets SIGTERM
 if the agent dies (``PR_SET_PDEATHSIG``), so a killed agent never leaves an Envoy holding the
 waypoint's ports. Envoy's log (stderr and stdout) is parsed line by line into the agent's log
-under ``ambit.waypoint.envoy`` at Envoy's own level, and the last lines are kept to explain an
+under ``waypoint.envoy`` at Envoy's own level, and the last lines are kept to explain an
 unexpected exit. Hot restart is disabled: each Envoy is alone with its agent, and several
 waypoints on one host must not share a shared-memory region.
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-log = logging.getLogger("ambit.waypoint.envoy")
+log = logging.getLogger("waypoint.envoy")
 
 # "[%l][%n] %v": level and logger name first, so lines map to our levels.
 LOG_FORMAT = "[%l][%n] %v"

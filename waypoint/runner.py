@@ -44,7 +44,7 @@ from waypoint.config import WaypointConfig
 from waypoint.envoy_proc import EnvoyAdmin, EnvoyProcess, describe_exit, envoy_command
 from waypoint.sds import SdsServer, SecretStore
 
-log = logging.getLogger("ambit.waypoint")
+log = logging.getLogger("waypoint")
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ENVOY_STATS_UP = "ambit_waypoint_envoy_stats_up"

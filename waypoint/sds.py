@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from waypoint.bootstrap import SECRET_DEFAULT, SECRET_ROOTCA
 from waypoint.certs import WaypointCertificate
 
-log = logging.getLogger("ambit.waypoint.sds")
+log = logging.getLogger("waypoint.sds")
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 KNOWN_SECRETS = (SECRET_DEFAULT, SECRET_ROOTCA)

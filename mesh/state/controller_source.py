@@ -22,7 +22,7 @@ from mesh.state.parse import StateError
 from mesh.state.store import StateStore
 from mesh.state.wire import apply_update
 
-log = logging.getLogger("ztunnel.xds")
+log = logging.getLogger("mesh.state.controller")
 
 
 class ControllerSource:

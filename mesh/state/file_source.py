@@ -16,7 +16,7 @@ from mesh.state.model import MeshConfig
 from mesh.state.parse import StateError, load_state_text
 from mesh.state.store import StateStore
 
-log = logging.getLogger("mesh.state")
+log = logging.getLogger("mesh.state.file")
 
 
 class FileSource:
