@@ -15,8 +15,10 @@ from pathlib import Path
 
 from agent.capture.base import MODE_EBPF, MODE_IPTABLES
 from agent.uplinks import AUTO as UPLINKS_AUTO
-from mesh.ports import NODE_METRICS_PORT
+from mesh.ports import METRICS_PORT, NODE_METRICS_PORT
 
+# The node's ztunnel shares the node's network namespace (hostNetwork), so loopback reaches it.
+ZTUNNEL_METRICS_URL = f"http://127.0.0.1:{METRICS_PORT}/metrics"
 MODE_AUTO = "auto"
 REDIRECT_MODES = (MODE_AUTO, MODE_EBPF, MODE_IPTABLES)
 DEFAULT_RUN_DIR = Path("/var/run/ambit")
@@ -56,7 +58,7 @@ class AgentConfig:
     exclude_cidrs: tuple[str, ...] = ()
     metrics_host: str = "0.0.0.0"
     metrics_port: int = NODE_METRICS_PORT
-    ztunnel_metrics_url: str = "http://127.0.0.1:15020/metrics"
+    ztunnel_metrics_url: str = ZTUNNEL_METRICS_URL
     membership_timeout: float = 5.0
     resync_interval: float = 10.0
     log_level: str = "info"

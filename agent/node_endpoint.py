@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from agent.config import ZTUNNEL_METRICS_URL
 from agent.node_metrics import NodeMetrics
 from mesh.http_server import Response, serve_http
 from mesh.listener import Listener, bind_socket
@@ -30,7 +31,6 @@ from mesh.ports import NODE_METRICS_PORT
 
 log = logging.getLogger("agent.node_endpoint")
 
-ZTUNNEL_METRICS_URL = "http://127.0.0.1:15020/metrics"
 ZTUNNEL_FETCH_TIMEOUT = 1.0
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SCRAPE_UP = "ambit_agent_ztunnel_scrape_up"
