@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.state.model import IPAddress, Service, Workload
+from mesh.state.model import AuthorizationPolicy, IPAddress, Service, Workload
 from mesh.state.store import StateStore
 from ztunnel.accesslog import AccessLog
+from ztunnel.authz import ConnectionInfo, authorize
 from ztunnel.config import ZtunnelConfig
 from ztunnel.hbone.pool import HbonePool
 from ztunnel.identity import Secrets
@@ -146,6 +147,21 @@ class ConnectionRecord:
     def count_received(self, n: int) -> None:
         self.received += n
         self._received_counter.inc(n)
+
+    def authorize(self, policies: tuple[AuthorizationPolicy, ...], info: ConnectionInfo, *,
+                  record_audit: bool = True) -> bool:
+        """Authorize the connection against the policies selecting its destination; False if
+        denied, with the denial recorded (outcome ``denied``, flag ``DENY``, the deciding
+        policy in the access log and the denied metric). The caller then refuses the client
+        in its own way (abort, or HTTP 403 on a tunnel)."""
+        decision = authorize(policies, info)
+        if record_audit and decision.audit:
+            self.extra["audit"] = list(decision.audit)
+        if decision.allowed:
+            return True
+        self.extra["policy"] = decision.policy
+        self.fail("denied", decision.reason, "DENY")
+        return False
 
     def fail(self, outcome: str, reason: str, flags: str) -> None:
         """Record how the connection ended. Before it opened, the flag goes into its metric

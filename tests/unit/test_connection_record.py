@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 
+from mesh.state.model import Action, AuthorizationPolicy, Rule
 from mesh.state.store import StateStore
 from ztunnel.accesslog import AccessLog
+from ztunnel.authz import ConnectionInfo
 from ztunnel.config import ZtunnelConfig
 from ztunnel.identity import SecretManager
 from ztunnel.metrics import Metrics
@@ -52,3 +54,35 @@ def test_refused_connection_is_counted_with_its_flag() -> None:
     rec.finish()
     assert _flags(ctx, "istio_tcp_connections_opened_total") == {"DENY": 1}
     assert _flags(ctx, "istio_tcp_connections_closed_total") == {"DENY": 1}
+
+
+AUDIT_ALL = AuthorizationPolicy("audit", "default", Action.AUDIT, (Rule(),))
+DENY_ALL = AuthorizationPolicy("deny", "default", Action.DENY, (Rule(),))
+INFO = ConnectionInfo(ipaddress.ip_address("10.0.0.1"), 80)
+
+
+def _denied(ctx: ProxyContext) -> dict[str, float]:
+    return {s.labels["policy"]: s.value for family in ctx.metrics.registry.collect()
+            for s in family.samples if s.name == "ambit_ztunnel_policy_denied_total"}
+
+
+def test_authorize_records_a_denial_with_its_policy() -> None:
+    ctx = _ctx()
+    rec = _record(ctx)
+    assert not rec.authorize((AUDIT_ALL, DENY_ALL), INFO)
+    assert (rec.outcome, rec.flags, rec.reason) == ("denied", "DENY",
+                                                     "denied by DENY policy default/deny")
+    assert rec.extra == {"audit": ["default/audit"], "policy": "default/deny"}
+    rec.finish()
+    assert _flags(ctx, "istio_tcp_connections_opened_total") == {"DENY": 1}
+    assert _denied(ctx) == {"default/deny": 1}
+
+
+def test_authorize_allows_and_records_audit_matches() -> None:
+    ctx = _ctx()
+    rec = _record(ctx)
+    assert rec.authorize((AUDIT_ALL,), INFO)
+    assert (rec.outcome, rec.flags, rec.extra) == ("ok", "-", {"audit": ["default/audit"]})
+    rec = _record(ctx)
+    assert rec.authorize((AUDIT_ALL,), INFO, record_audit=False)
+    assert rec.extra == {}

@@ -18,7 +18,7 @@ import ssl
 from mesh.listener import finish_or_cancel
 from mesh.spiffe import SpiffeId
 from mesh.state.model import IPAddress
-from ztunnel.authz import ConnectionInfo, authorize
+from ztunnel.authz import ConnectionInfo
 from ztunnel.hbone.conn import HboneProtocol, HboneStream
 from ztunnel.hbone.core import parse_authority, parse_forwarded_for
 from ztunnel.hbone.events import RequestRejected
@@ -132,14 +132,9 @@ class InboundServer:
                          f"tunnel to {target.destination.identity} over a connection for "
                          f"{served}", "NR")
                 return
-            decision = authorize(state.policies_for(target.destination), ConnectionInfo(
-                source_ip, dest[1], client.principal, client.namespace))
-            if decision.audit:
-                rec.extra["audit"] = list(decision.audit)
-            if not decision.allowed:
+            if not rec.authorize(state.policies_for(target.destination), ConnectionInfo(
+                    source_ip, dest[1], client.principal, client.namespace)):
                 stream.reject(403)
-                rec.extra["policy"] = decision.policy
-                rec.fail("denied", decision.reason, "DENY")
                 return
             try:
                 reader, writer = await ctx.connect_tcp(target.address)

@@ -11,7 +11,7 @@ import ipaddress
 import socket
 
 from mesh.state.model import MtlsMode
-from ztunnel.authz import ConnectionInfo, authorize
+from ztunnel.authz import ConnectionInfo
 from ztunnel.proxy import ConnectionRecord, ProxyContext, connect_and_relay, sock_addr
 from ztunnel.routing import resolve_inbound
 
@@ -42,11 +42,9 @@ async def handle(ctx: ProxyContext, sock: socket.socket) -> None:
             rec.fail("unknown_destination", target.reason, "NR")
             writer.transport.abort()
             return
-        decision = authorize(state.policies_for(target.destination),
-                             ConnectionInfo(source_ip, dest[1]))
-        if not decision.allowed:
-            rec.extra["policy"] = decision.policy
-            rec.fail("denied", decision.reason, "DENY")
+        # Unlike the HBONE listeners, this one has never put AUDIT matches in the access log.
+        if not rec.authorize(state.policies_for(target.destination),
+                             ConnectionInfo(source_ip, dest[1]), record_audit=False):
             writer.transport.abort()
             return
         await connect_and_relay(ctx, rec, reader, writer, target.address, rec.count_received,

@@ -17,7 +17,7 @@ import h2.errors
 
 from mesh.ports import HBONE_PORT
 from mesh.state.model import IPAddress
-from ztunnel.authz import ConnectionInfo, authorize
+from ztunnel.authz import ConnectionInfo
 from ztunnel.hbone.conn import StreamError
 from ztunnel.hbone.core import format_authority, forwarded_for
 from ztunnel.hbone.pool import PoolKey, UpstreamConnectError
@@ -78,16 +78,10 @@ async def _direct(ctx: ProxyContext, plan: OutboundPlan, reader: asyncio.StreamR
     if plan.kind is PlanKind.LOCAL:
         # Same node: we are also the destination's ztunnel, so enforce its inbound policy here.
         assert plan.destination is not None and plan.source is not None
-        state = ctx.store.current
         ident = plan.source.identity
-        decision = authorize(state.policies_for(plan.destination), ConnectionInfo(
-            rec.source_ip, plan.target[1], ident.principal, ident.namespace))
         rec.mtls = True  # identity is established by the node itself, as in Istio's fast path
-        if decision.audit:
-            rec.extra["audit"] = list(decision.audit)
-        if not decision.allowed:
-            rec.extra["policy"] = decision.policy
-            rec.fail("denied", decision.reason, "DENY")
+        if not rec.authorize(ctx.store.current.policies_for(plan.destination), ConnectionInfo(
+                rec.source_ip, plan.target[1], ident.principal, ident.namespace)):
             writer.transport.abort()
             return
     await connect_and_relay(ctx, rec, reader, writer, plan.address, rec.count_sent,
