@@ -144,9 +144,9 @@ def choose_backend(config: AgentConfig,
 
     if config.redirect_mode == MODE_IPTABLES:
         return IptablesCapture(), "requested with --redirect-mode iptables"
-    from agent.capture import ebpf
+    from agent.capture import ebpf, ebpf_support
 
-    reason = ebpf.ebpf_unavailable_reason()
+    reason = ebpf_support.ebpf_unavailable_reason()
     if reason is not None:
         if config.redirect_mode == MODE_EBPF:
             raise AgentConfigError(f"--redirect-mode ebpf: {reason}; fix that or use "

@@ -2,7 +2,7 @@
 
 Why it exists: bcc compiles C with an embedded clang/LLVM, and once a process has used it,
 those pages stay resident: the node agent sat at ~220 MB in eBPF mode against ~70 MB in
-iptables mode. The agent (``agent/capture/ebpf.py`` ``load_programs``) therefore runs
+iptables mode. The agent (``agent/capture/ebpf_programs.py`` ``load_programs``) therefore runs
 
     python -m agent.capture.ebpf_loader --bpf-dir DIR --source-dir DIR [--program NAME ...]
 
@@ -34,7 +34,7 @@ from typing import Any
 
 from agent.capture.base import CaptureError
 from agent.capture.bpf_sys import obj_pin, program_info
-from agent.capture.ebpf import (
+from agent.capture.ebpf_programs import (
     DEFAULT_SOURCE_DIR,
     PROGRAMS,
     amalgamate,

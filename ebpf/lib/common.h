@@ -1,6 +1,6 @@
 /* Shared includes, constants and map value layouts for every Ambit eBPF program.
  *
- * Why it exists: the C side and the Python side (agent/capture/ebpf.py) must agree on every
+ * Why it exists: the C side and the Python side (agent/capture/ebpf_*.py) must agree on every
  * number (marks, ports, listener slots) and every struct layout (map keys and values). The
  * agent passes the numbers with -D when it compiles, so agent/capture/iptables.py and
  * agent/capture/base.py stay their single source of truth; the defaults below only serve a

@@ -41,16 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for `a
 import tproxy_relay  # this script's directory, sys.path[0]
 
 from agent.capture.base import (
-    INBOUND_HBONE_PORT,
-    INBOUND_PLAINTEXT_PORT,
     LISTENER_INBOUND,
     LISTENER_INBOUND_PLAINTEXT,
     LISTENER_OUTBOUND,
-    OUTBOUND_PORT,
     CaptureError,
     PodCapture,
 )
-from agent.capture.ebpf import DEFAULT_SOURCE_DIR, EbpfCapture
+from agent.capture.ebpf import EbpfCapture
+from agent.capture.ebpf_programs import DEFAULT_SOURCE_DIR
+from mesh.ports import HBONE_PORT as INBOUND_HBONE_PORT
+from mesh.ports import INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 
 LISTENERS = {
     LISTENER_OUTBOUND: OUTBOUND_PORT,

@@ -231,7 +231,8 @@ import asyncio, json, subprocess, sys
 from pathlib import Path
 from agent import uplinks
 from agent.app import Agent
-from agent.capture.ebpf import EbpfCapture, attached
+from agent.capture.ebpf import EbpfCapture
+from agent.capture.tc import attached
 from agent.config import AgentConfig
 
 bpf, run = Path(sys.argv[1]), Path(sys.argv[2])

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from agent.capture import ebpf
+from agent.capture import ebpf_programs
 from ambit.dev import netns
 from ambit.dev.mesh import start_echo, tcp_probe
 from ambit.dev.topology import Cluster, Node, Pod
@@ -218,7 +218,7 @@ def test_agent_sets_up_and_enrolls(world: World) -> None:
                                                 "prog_pod_ingress", "prog_uplink_ingress",
                                                 "stats"]  # fmt: skip
     # The attached programs are the pinned ones.
-    ids = ebpf.pinned_program_ids(w.bpf_dir(1))
+    ids = ebpf_programs.pinned_program_ids(w.bpf_dir(1))
     assert status["programs"] == ", ".join(f"{n} (id {i})" for n, i in ids.items())
     assert filter_ids(n1, "eth0") == [("uplink_ingress", ids["uplink_ingress"])]
     assert filter_ids(n1, "veth-plain") == [("pod_ingress", ids["pod_ingress"])]
@@ -350,7 +350,7 @@ def test_counters_count_new_connections(world: World) -> None:
 
 def _broken_sources(tmp: Path) -> Path:
     src = tmp / "broken-ebpf"
-    shutil.copytree(ebpf.DEFAULT_SOURCE_DIR, src)
+    shutil.copytree(ebpf_programs.DEFAULT_SOURCE_DIR, src)
     text = (src / "pod_ingress.c").read_text()
     at = text.index("return ", text.index("int pod_ingress("))
     (src / "pod_ingress.c").write_text(text[:at] + "ambit_oops = 1;\n\t" + text[at:])
@@ -363,7 +363,7 @@ def test_broken_program_fails_setup_and_leaves_capture_alone(world: World) -> No
     program loaded)."""
     w = world
     client, remote = w.pod("client"), w.pod("remote")
-    ids = ebpf.pinned_program_ids(w.bpf_dir(1))
+    ids = ebpf_programs.pinned_program_ids(w.bpf_dir(1))
     argv = [*w.agent_argv(1, "broken"), "--source-dir", str(_broken_sources(w.workdir))]
     res = subprocess.run(netns.ns_argv(w.c.node(1).netns, argv), capture_output=True,
                          text=True, timeout=60, check=False)  # fmt: skip
@@ -373,7 +373,7 @@ def test_broken_program_fails_setup_and_leaves_capture_alone(world: World) -> No
     assert "error: use of undeclared identifier 'ambit_oops'" in res.stdout
     # The driver logs the loader's whole output as the agent would (no logging set up: stderr).
     assert "eBPF loader failed" in res.stderr and "ambit_oops" in res.stderr
-    assert ebpf.pinned_program_ids(w.bpf_dir(1)) == ids
+    assert ebpf_programs.pinned_program_ids(w.bpf_dir(1)) == ids
     assert filter_ids(w.c.node(1).netns, "eth0") == [("uplink_ingress", ids["uplink_ingress"])]
     before = len(w.entries(1))
     with forwarding(w, 1, False):
@@ -408,13 +408,13 @@ def test_agent_restart_keeps_connections_and_capture(world: World) -> None:
         assert tcp_probe(client.netns, remote.ip, 8080, "agentless").ok
         # A new agent reads back what its predecessor enrolled and replaces the programs,
         # on every interface that had them, also a pod's it does not know about (yet).
-        old_ids = ebpf.pinned_program_ids(w.bpf_dir(1))
+        old_ids = ebpf_programs.pinned_program_ids(w.bpf_dir(1))
         w.start_agent(1, listen=False, tag="second", pods=["client", "server"])
         ready = w.wait_agent(1, "second")
         assert ready["enrolled_before"] == sorted([client.ip, w.pod("server").ip])
         assert ready["status"]["listeners"].startswith("outbound=ready")
-        new_ids = ebpf.pinned_program_ids(w.bpf_dir(1))
-        assert all(new_ids[n] != old_ids[n] for n in ebpf.PROGRAMS)
+        new_ids = ebpf_programs.pinned_program_ids(w.bpf_dir(1))
+        assert all(new_ids[n] != old_ids[n] for n in ebpf_programs.PROGRAMS)
         n1 = w.c.node(1).netns
         assert filter_ids(n1, "eth0") == [("uplink_ingress", new_ids["uplink_ingress"])]
         for name in ("client", "plain", "server"):

@@ -3,10 +3,11 @@
 Why it exists: a program the verifier rejects only shows up when the agent starts on a node,
 where it would silently fall back to no capture or fail the node. The files are found by glob,
 so a new program cannot escape this test, and the maps each one pins must have exactly the
-layout the Python side reads and writes (agent/capture/ebpf.py MAP_LAYOUTS).
+layout the Python side reads and writes (agent/capture/ebpf_maps.py MAP_LAYOUTS).
 
 Programs are compiled and loaded the way the agent does it: by the loader process
-(agent/capture/ebpf_loader.py, run by ``ebpf.load_programs``), which pins them next to the maps.
+(agent/capture/ebpf_loader.py, run by ``ebpf_programs.load_programs``), which pins them next to
+the maps.
 So this also proves the loader's contract: the pinned program is the one it reports, uses
 exactly the pinned maps, replaces an older pin, and a compiler or verifier failure reaches
 ``CaptureError`` with the compiler's (verifier's) message, leaving the pins as they were.
@@ -25,12 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import ebpf
+from agent.capture import bpf_sys, ebpf, ebpf_maps, ebpf_programs
 from agent.capture.base import CaptureError
 
 pytestmark = pytest.mark.netns
 
-SOURCES = sorted(ebpf.DEFAULT_SOURCE_DIR.glob("*.c"))
+SOURCES = sorted(ebpf_programs.DEFAULT_SOURCE_DIR.glob("*.c"))
 
 
 @pytest.fixture
@@ -48,28 +49,29 @@ def pin_dir(bpffs: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
 def _map_ids(pin_dir: Path) -> dict[str, int]:
     ids = {}
     for name in os.listdir(pin_dir):
-        if name in ebpf.MAP_LAYOUTS:
-            with ebpf.PinnedMap(pin_dir / name, ebpf.MAP_LAYOUTS[name]) as m:  # checks layout
+        if name in ebpf_maps.MAP_LAYOUTS:
+            layout = ebpf_maps.MAP_LAYOUTS[name]
+            with bpf_sys.PinnedMap(pin_dir / name, layout) as m:  # checks layout
                 ids[name] = m.id
     return ids
 
 
 def test_sources_are_found() -> None:
-    assert {s.stem for s in SOURCES} >= set(ebpf.PROGRAMS)
+    assert {s.stem for s in SOURCES} >= set(ebpf_programs.PROGRAMS)
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=[s.name for s in SOURCES])
 def test_program_loads(source: Path, pin_dir: Path) -> None:
-    ids = ebpf.load_programs(pin_dir, ebpf.DEFAULT_SOURCE_DIR, [source.stem])
+    ids = ebpf_programs.load_programs(pin_dir, ebpf_programs.DEFAULT_SOURCE_DIR, [source.stem])
     pinned = set(os.listdir(pin_dir))
-    program = ebpf.program_pin(pin_dir, source.stem).name
+    program = ebpf_programs.program_pin(pin_dir, source.stem).name
     assert program in pinned
-    assert pinned - {program} <= set(ebpf.MAP_LAYOUTS), f"maps unknown to Python: {pinned}"
-    prog = ebpf.open_program(pin_dir, source.stem)
+    assert pinned - {program} <= set(ebpf_maps.MAP_LAYOUTS), f"maps unknown to Python: {pinned}"
+    prog = ebpf_programs.open_program(pin_dir, source.stem)
     try:
-        info = ebpf.program_info(prog.fd)
+        info = bpf_sys.program_info(prog.fd)
         assert (prog.id, info.type, info.name) == (ids[source.stem],
-                                                   ebpf.PROG_TYPE_SCHED_CLS, source.stem)
+                                                   bpf_sys.PROG_TYPE_SCHED_CLS, source.stem)
         # Every map the program uses is one of the pins (none private to the program).
         assert info.map_ids and set(info.map_ids) <= set(_map_ids(pin_dir).values())
     finally:
@@ -78,38 +80,40 @@ def test_program_loads(source: Path, pin_dir: Path) -> None:
 
 def test_programs_share_pinned_maps(pin_dir: Path) -> None:
     """The second program reopens the first one's maps instead of creating its own."""
-    ids = ebpf.load_programs(pin_dir)
+    ids = ebpf_programs.load_programs(pin_dir)
     assert sorted(os.listdir(pin_dir)) == sorted(
-        [*ebpf.MAP_LAYOUTS, *(ebpf.program_pin(pin_dir, n).name for n in ebpf.PROGRAMS)])
+        [*ebpf_maps.MAP_LAYOUTS,
+         *(ebpf_programs.program_pin(pin_dir, n).name for n in ebpf_programs.PROGRAMS)])
     maps = _map_ids(pin_dir)
     used = {}
-    for name in ebpf.PROGRAMS:
-        prog = ebpf.open_program(pin_dir, name)
+    for name in ebpf_programs.PROGRAMS:
+        prog = ebpf_programs.open_program(pin_dir, name)
         assert prog.id == ids[name]
-        used[name] = set(ebpf.program_info(prog.fd).map_ids)
+        used[name] = set(bpf_sys.program_info(prog.fd).map_ids)
         prog.close()
     assert set().union(*used.values()) == set(maps.values())
-    for name in (ebpf.MAP_PODS, ebpf.MAP_STATS, ebpf.MAP_LISTENERS):
+    for name in (ebpf_maps.MAP_PODS, ebpf_maps.MAP_STATS, ebpf_maps.MAP_LISTENERS):
         assert all(maps[name] in u for u in used.values()), name
     # An entry written through the pin is what both programs see: it is the same map.
-    with ebpf.PinnedMap(pin_dir / ebpf.MAP_PODS, ebpf.MAP_LAYOUTS[ebpf.MAP_PODS]) as pods:
-        pods.update(ebpf.ipv4_key("10.244.1.2"), ebpf.pod_value(7))
-        assert pods.list_keys() == [ebpf.ipv4_key("10.244.1.2")]
+    with bpf_sys.PinnedMap(pin_dir / ebpf_maps.MAP_PODS,
+                           ebpf_maps.MAP_LAYOUTS[ebpf_maps.MAP_PODS]) as pods:
+        pods.update(ebpf_maps.ipv4_key("10.244.1.2"), ebpf_maps.pod_value(7))
+        assert pods.list_keys() == [ebpf_maps.ipv4_key("10.244.1.2")]
 
 
 def test_loading_again_replaces_the_program_pins(pin_dir: Path) -> None:
-    first = ebpf.load_programs(pin_dir)
+    first = ebpf_programs.load_programs(pin_dir)
     maps = _map_ids(pin_dir)
-    second = ebpf.load_programs(pin_dir)
-    assert all(second[n] != first[n] for n in ebpf.PROGRAMS)  # new programs...
-    assert ebpf.pinned_program_ids(pin_dir) == second  # ...at the same paths
+    second = ebpf_programs.load_programs(pin_dir)
+    assert all(second[n] != first[n] for n in ebpf_programs.PROGRAMS)  # new programs...
+    assert ebpf_programs.pinned_program_ids(pin_dir) == second  # ...at the same paths
     assert _map_ids(pin_dir) == maps  # the same maps, state kept
-    assert not [n for n in os.listdir(pin_dir) if n.endswith(ebpf.PROG_PIN_NEW_SUFFIX)]
+    assert not [n for n in os.listdir(pin_dir) if n.endswith(ebpf_programs.PROG_PIN_NEW_SUFFIX)]
 
 
 def _broken_sources(tmp_path: Path) -> Path:
     src = tmp_path / "ebpf"
-    shutil.copytree(ebpf.DEFAULT_SOURCE_DIR, src)
+    shutil.copytree(ebpf_programs.DEFAULT_SOURCE_DIR, src)
     text = (src / "pod_ingress.c").read_text()
     at = text.index("return ", text.index("int pod_ingress("))
     (src / "pod_ingress.c").write_text(text[:at] + "ambit_oops = 1;\n\t" + text[at:])
@@ -119,15 +123,15 @@ def _broken_sources(tmp_path: Path) -> Path:
 def test_compile_error_reaches_capture_error_and_the_log(
     pin_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    good = ebpf.load_programs(pin_dir)
+    good = ebpf_programs.load_programs(pin_dir)
     caplog.set_level(logging.ERROR, logger="agent.capture.ebpf")
     with pytest.raises(CaptureError) as raised:
-        ebpf.load_programs(pin_dir, _broken_sources(tmp_path))
+        ebpf_programs.load_programs(pin_dir, _broken_sources(tmp_path))
     message = str(raised.value)
     assert "compiling" in message and "pod_ingress.c" in message
     assert "error: use of undeclared identifier 'ambit_oops'" in message
     assert "error: use of undeclared identifier 'ambit_oops'" in caplog.text
-    assert ebpf.pinned_program_ids(pin_dir) == good  # the running programs are untouched
+    assert ebpf_programs.pinned_program_ids(pin_dir) == good  # the running programs are untouched
 
 
 def test_verifier_rejection_reaches_capture_error(pin_dir: Path, tmp_path: Path) -> None:
@@ -138,8 +142,8 @@ def test_verifier_rejection_reaches_capture_error(pin_dir: Path, tmp_path: Path)
         "}\n"
     )
     with pytest.raises(CaptureError, match=r"verifier.*invalid access to packet"):
-        ebpf.load_programs(pin_dir, tmp_path, ["unchecked"])
-    assert not ebpf.program_pin(pin_dir, "unchecked").exists()
+        ebpf_programs.load_programs(pin_dir, tmp_path, ["unchecked"])
+    assert not ebpf_programs.program_pin(pin_dir, "unchecked").exists()
 
 
 def test_capture_backend_reports_the_loader_failure(bpffs: Path, tmp_path: Path) -> None:

@@ -109,16 +109,17 @@ def test_parse_saved_counters() -> None:
 
 def test_redirect_mode_auto_falls_back_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     from agent import main
-    from agent.capture import ebpf
+    from agent.capture import ebpf_support
     from agent.capture.iptables_backend import IptablesCapture
 
-    monkeypatch.setattr(ebpf, "ebpf_unavailable_reason", lambda: "no BTF at /sys/kernel/btf")
+    monkeypatch.setattr(ebpf_support, "ebpf_unavailable_reason",
+                        lambda: "no BTF at /sys/kernel/btf")
     backend, why = main.choose_backend(cfg(redirect_mode="auto"))
     assert isinstance(backend, IptablesCapture) and "no BTF" in why
     with pytest.raises(AgentConfigError, match=r"--redirect-mode ebpf: no BTF.*iptables"):
         main.choose_backend(cfg(redirect_mode="ebpf"))
     backend, why = main.choose_backend(cfg(redirect_mode="iptables"))
     assert isinstance(backend, IptablesCapture) and "requested" in why
-    monkeypatch.setattr(ebpf, "ebpf_unavailable_reason", lambda: None)
+    monkeypatch.setattr(ebpf_support, "ebpf_unavailable_reason", lambda: None)
     backend, why = main.choose_backend(cfg(redirect_mode="auto"))
     assert backend.mode == "ebpf" and "supports" in why

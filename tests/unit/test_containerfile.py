@@ -23,7 +23,7 @@ import yaml
 
 import agent
 import ambit
-from agent.capture.ebpf import DEFAULT_SOURCE_DIR
+from agent.capture.ebpf_programs import DEFAULT_SOURCE_DIR
 from ambit.install.render import IMAGE_MANIFESTS_DIR
 
 ROOT = Path(__file__).resolve().parents[2]

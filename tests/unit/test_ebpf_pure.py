@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import bpf_sys, bpffs, ebpf, kernel_headers, policy_routing
+from agent.capture import (
+    bpf_sys,
+    bpffs,
+    ebpf,
+    ebpf_maps,
+    ebpf_programs,
+    ebpf_support,
+    kernel_headers,
+    policy_routing,
+)
 from agent.capture.base import (
     LISTENER_INBOUND,
     LISTENER_INBOUND_PLAINTEXT,
@@ -34,41 +43,41 @@ from mesh.ports import MARK_MASK, TPROXY_MARK
 
 
 def test_ipv4_key_is_network_order() -> None:
-    assert ebpf.ipv4_key("10.244.1.2") == bytes([10, 244, 1, 2])
-    assert ebpf.ipv4_from_key(bytes([10, 244, 1, 2])) == "10.244.1.2"
+    assert ebpf_maps.ipv4_key("10.244.1.2") == bytes([10, 244, 1, 2])
+    assert ebpf_maps.ipv4_from_key(bytes([10, 244, 1, 2])) == "10.244.1.2"
     for bad in ("fd00::1", "10.244.1", "pod"):
         with pytest.raises(CaptureError):
-            ebpf.ipv4_key(bad)
+            ebpf_maps.ipv4_key(bad)
     with pytest.raises(ValueError):
-        ebpf.ipv4_from_key(b"\x00" * 8)
+        ebpf_maps.ipv4_from_key(b"\x00" * 8)
 
 
 def test_pod_value_roundtrip() -> None:
-    value = ebpf.pod_value(17)
-    assert len(value) == ebpf.MAP_LAYOUTS[ebpf.MAP_PODS].value_size == 8
-    assert ebpf.decode_pod_value(value) == (17, ebpf.POD_ENROLLED)
+    value = ebpf_maps.pod_value(17)
+    assert len(value) == ebpf_maps.MAP_LAYOUTS[ebpf_maps.MAP_PODS].value_size == 8
+    assert ebpf_maps.decode_pod_value(value) == (17, ebpf_maps.POD_ENROLLED)
     assert struct.unpack("=I", value[:4]) == (17,)  # ifindex first, host order
 
 
 def test_parse_exclusions() -> None:
-    nets = ebpf.parse_exclusions(["10.96.0.0/12", " 169.254.169.254/32", "10.96.0.0/12"])
+    nets = ebpf_maps.parse_exclusions(["10.96.0.0/12", " 169.254.169.254/32", "10.96.0.0/12"])
     assert [str(n) for n in nets] == ["10.96.0.0/12", "169.254.169.254/32"]
-    assert ebpf.parse_exclusions([]) == ()
+    assert ebpf_maps.parse_exclusions([]) == ()
     for bad in ("10.96.0.1/12", "fd00::/8", "nonsense", "10.0.0.0/33"):
         with pytest.raises(CaptureError, match="excluded CIDR"):
-            ebpf.parse_exclusions([bad])
-    too_many = [f"10.{i // 256}.{i % 256}.0/24" for i in range(ebpf.MAX_EXCLUDED + 1)]
+            ebpf_maps.parse_exclusions([bad])
+    too_many = [f"10.{i // 256}.{i % 256}.0/24" for i in range(ebpf_maps.MAX_EXCLUDED + 1)]
     with pytest.raises(CaptureError, match="at most"):
-        ebpf.parse_exclusions(too_many)
+        ebpf_maps.parse_exclusions(too_many)
 
 
 def test_lpm_key_layout() -> None:
     net = ipaddress.IPv4Network("10.96.0.0/12")
-    key = ebpf.lpm_key(net)
+    key = ebpf_maps.lpm_key(net)
     # struct bpf_lpm_trie_key: prefix length in host order, then the address bytes.
     assert key == struct.pack("=I", 12) + bytes([10, 96, 0, 0])
-    assert len(key) == ebpf.MAP_LAYOUTS[ebpf.MAP_EXCLUDED].key_size
-    assert ebpf.lpm_network(key) == net
+    assert len(key) == ebpf_maps.MAP_LAYOUTS[ebpf_maps.MAP_EXCLUDED].key_size
+    assert ebpf_maps.lpm_network(key) == net
 
 
 def test_cpu_list() -> None:
@@ -79,53 +88,53 @@ def test_cpu_list() -> None:
 
 def test_percpu_counters_are_summed() -> None:
     raw = struct.pack("=QQQ", 1, 2, 0) + struct.pack("=QQQ", 3, 0, 4)
-    assert ebpf.sum_percpu_counters(raw, 2) == PodCounters(captured=4, passed=2, errors=4)
-    assert ebpf.sum_percpu_counters(raw, 1) == PodCounters(captured=1, passed=2, errors=0)
+    assert ebpf_maps.sum_percpu_counters(raw, 2) == PodCounters(captured=4, passed=2, errors=4)
+    assert ebpf_maps.sum_percpu_counters(raw, 1) == PodCounters(captured=1, passed=2, errors=0)
     with pytest.raises(ValueError):
-        ebpf.sum_percpu_counters(raw, 3)
+        ebpf_maps.sum_percpu_counters(raw, 3)
 
 
 def test_kernel_version_and_capabilities() -> None:
-    assert ebpf.kernel_version("6.1.0-18-amd64") == (6, 1)
-    assert ebpf.kernel_version("5.10.0") == (5, 10)
-    assert ebpf.kernel_version("5.4.0-150-generic") < ebpf.MIN_KERNEL
+    assert ebpf_support.kernel_version("6.1.0-18-amd64") == (6, 1)
+    assert ebpf_support.kernel_version("5.10.0") == (5, 10)
+    assert ebpf_support.kernel_version("5.4.0-150-generic") < ebpf_support.MIN_KERNEL
     with pytest.raises(ValueError):
-        ebpf.kernel_version("linux")
-    assert ebpf.missing_capabilities(0) == ["CAP_BPF", "CAP_NET_ADMIN"]
-    assert ebpf.missing_capabilities(1 << 39 | 1 << 12) == []
-    assert ebpf.missing_capabilities(1 << 21 | 1 << 12) == []  # CAP_SYS_ADMIN covers bpf
-    assert ebpf.missing_capabilities(0x1FFFFFFFFFF) == []  # root
+        ebpf_support.kernel_version("linux")
+    assert ebpf_support.missing_capabilities(0) == ["CAP_BPF", "CAP_NET_ADMIN"]
+    assert ebpf_support.missing_capabilities(1 << 39 | 1 << 12) == []
+    assert ebpf_support.missing_capabilities(1 << 21 | 1 << 12) == []  # CAP_SYS_ADMIN covers bpf
+    assert ebpf_support.missing_capabilities(0x1FFFFFFFFFF) == []  # root
 
 
 def test_unavailable_reasons(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(ebpf, "_kernel_release", lambda: "5.4.0-150-generic")
-    assert "older than 5.7" in (ebpf.ebpf_unavailable_reason() or "")
-    monkeypatch.setattr(ebpf, "_kernel_release", lambda: "6.1.0-test")
-    monkeypatch.setattr(ebpf, "_effective_capabilities", lambda: 1 << 12)
-    assert "CAP_BPF" in (ebpf.ebpf_unavailable_reason() or "")
-    monkeypatch.setattr(ebpf, "_effective_capabilities", lambda: 0x1FFFFFFFFFF)
-    monkeypatch.setattr(ebpf, "_BTF", tmp_path / "vmlinux")
-    assert "BTF" in (ebpf.ebpf_unavailable_reason() or "")
+    monkeypatch.setattr(ebpf_support, "_kernel_release", lambda: "5.4.0-150-generic")
+    assert "older than 5.7" in (ebpf_support.ebpf_unavailable_reason() or "")
+    monkeypatch.setattr(ebpf_support, "_kernel_release", lambda: "6.1.0-test")
+    monkeypatch.setattr(ebpf_support, "_effective_capabilities", lambda: 1 << 12)
+    assert "CAP_BPF" in (ebpf_support.ebpf_unavailable_reason() or "")
+    monkeypatch.setattr(ebpf_support, "_effective_capabilities", lambda: 0x1FFFFFFFFFF)
+    monkeypatch.setattr(ebpf_support, "_BTF", tmp_path / "vmlinux")
+    assert "BTF" in (ebpf_support.ebpf_unavailable_reason() or "")
     (tmp_path / "vmlinux").touch()
-    monkeypatch.setattr(ebpf, "_MODULES", tmp_path / "modules")
+    monkeypatch.setattr(ebpf_support, "_MODULES", tmp_path / "modules")
     # Neither the node's headers (mounted under /host in the pod) nor the image's fallback.
     monkeypatch.setattr(kernel_headers, "HOST_MODULES", tmp_path / "host-modules")
     monkeypatch.setattr(kernel_headers, "IMAGE_USR_SRC", tmp_path / "usr-src")
-    assert "kernel headers" in (ebpf.ebpf_unavailable_reason() or "")
+    assert "kernel headers" in (ebpf_support.ebpf_unavailable_reason() or "")
     (tmp_path / "modules" / "6.1.0-test" / "build" / "include").mkdir(parents=True)
-    reason = ebpf.ebpf_unavailable_reason()
+    reason = ebpf_support.ebpf_unavailable_reason()
     assert reason is None or "bcc" in reason
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bcc" else real_find_spec(name, *a))
-    assert "bcc is not installed" in (ebpf.ebpf_unavailable_reason() or "")
+    assert "bcc is not installed" in (ebpf_support.ebpf_unavailable_reason() or "")
 
 
 def test_the_agent_never_imports_bcc() -> None:
     """Importing the backend and asking whether eBPF works must not load bcc (nor libbcc and
     its LLVM, which would stay resident): the loader process does the compiling."""
-    code = ("import sys, pathlib; import agent.capture.ebpf as e; import agent.main; "
-            "reason = e.ebpf_unavailable_reason(); "
+    code = ("import sys, pathlib; import agent.capture.ebpf; import agent.main; "
+            "import agent.capture.ebpf_support as e; reason = e.ebpf_unavailable_reason(); "
             "maps = pathlib.Path('/proc/self/maps').read_text(); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'bcc'), "
             "'libbcc' in maps, reason)")  # fmt: skip
@@ -139,7 +148,7 @@ def test_amalgamate_pastes_local_headers_once(tmp_path: Path) -> None:
     (tmp_path / "lib" / "a.h").write_text('#include <uapi/linux/bpf.h>\nint a;\n')
     (tmp_path / "lib" / "b.h").write_text('#include "lib/a.h"\nint b;\n')
     (tmp_path / "prog.c").write_text('#include "lib/a.h"\n#include "lib/b.h"\nint main;\n')
-    text = ebpf.amalgamate(tmp_path / "prog.c", tmp_path)
+    text = ebpf_programs.amalgamate(tmp_path / "prog.c", tmp_path)
     assert text.count("int a;") == 1 and "int b;" in text
     assert "#include <uapi/linux/bpf.h>" in text  # system headers left to clang
     assert not re.search(r'#\s*include\s+"', text)
@@ -148,38 +157,40 @@ def test_amalgamate_pastes_local_headers_once(tmp_path: Path) -> None:
     assert text.splitlines()[-2:] == ['#line 3 "prog.c"', "int main;"]
     (tmp_path / "bad.c").write_text('#include "lib/missing.h"\n')
     with pytest.raises(CaptureError, match=r"bad.c:1: .*lib/missing.h"):
-        ebpf.amalgamate(tmp_path / "bad.c", tmp_path)
+        ebpf_programs.amalgamate(tmp_path / "bad.c", tmp_path)
 
 
 def test_real_sources_amalgamate() -> None:
-    for name in ebpf.PROGRAMS:
-        text = ebpf.amalgamate(ebpf.DEFAULT_SOURCE_DIR / f"{name}.c", ebpf.DEFAULT_SOURCE_DIR)
+    for name in ebpf_programs.PROGRAMS:
+        text = ebpf_programs.amalgamate(ebpf_programs.DEFAULT_SOURCE_DIR / f"{name}.c",
+                                        ebpf_programs.DEFAULT_SOURCE_DIR)
         assert f"int {name}(struct __sk_buff *skb)" in text
         assert not re.search(r'#\s*include\s+"', text)
 
 
 def test_compile_flags() -> None:
-    flags = ebpf.compile_flags(Path("/sys/fs/bpf/ambit"), Path("/src/ebpf"))
+    flags = ebpf_programs.compile_flags(Path("/sys/fs/bpf/ambit"), Path("/src/ebpf"))
     assert "-I/src/ebpf" in flags
     assert '-DAMBIT_PIN_DIR="/sys/fs/bpf/ambit"' in flags
     for bad in ("relative/dir", '/tmp/a"b', "/tmp/a\\b", "/tmp/a\nb"):
         with pytest.raises(CaptureError, match="bpf dir"):
-            ebpf.compile_flags(Path(bad), Path("/src/ebpf"))
+            ebpf_programs.compile_flags(Path(bad), Path("/src/ebpf"))
     with pytest.raises(CaptureError):
         ebpf.EbpfCapture(Path("relative"), ["eth0"])
 
 
 def test_program_pins_and_loader_command() -> None:
     pin_dir = Path("/sys/fs/bpf/ambit")
-    assert ebpf.program_pin(pin_dir, "pod_ingress") == pin_dir / "prog_pod_ingress"
-    new = ebpf.program_pin_new(pin_dir, "pod_ingress")
+    assert ebpf_programs.program_pin(pin_dir, "pod_ingress") == pin_dir / "prog_pod_ingress"
+    new = ebpf_programs.program_pin_new(pin_dir, "pod_ingress")
     assert new.parent == pin_dir and "." not in new.name  # bpffs refuses names with dots
-    assert not set(ebpf.MAP_LAYOUTS) & {ebpf.program_pin(pin_dir, n).name for n in ebpf.PROGRAMS}
-    argv = ebpf.loader_command(pin_dir, Path("/src/ebpf"), ebpf.PROGRAMS)
+    assert not set(ebpf_maps.MAP_LAYOUTS) & {ebpf_programs.program_pin(pin_dir, n).name
+                                             for n in ebpf_programs.PROGRAMS}
+    argv = ebpf_programs.loader_command(pin_dir, Path("/src/ebpf"), ebpf_programs.PROGRAMS)
     assert argv[:3] == [sys.executable, "-m", "agent.capture.ebpf_loader"]
     assert argv[3:] == ["--bpf-dir", str(pin_dir), "--source-dir", "/src/ebpf",
                         "--program", "pod_ingress", "--program", "uplink_ingress"]
-    assert importlib.util.find_spec(ebpf.LOADER_MODULE) is not None
+    assert importlib.util.find_spec(ebpf_programs.LOADER_MODULE) is not None
 
 
 CLANG_OUTPUT = """\
@@ -206,21 +217,21 @@ processed 2 insns (limit 1000000) max_states_per_insn 0 total_states 0 peak_stat
 
 
 def test_compiler_messages_digest_the_loader_output() -> None:
-    assert ebpf.compiler_messages(CLANG_OUTPUT) == (
+    assert ebpf_programs.compiler_messages(CLANG_OUTPUT) == (
         "pod_ingress.c:18:9: error: use of undeclared identifier 'oops'; "
         "/virtual/include/bcc/helpers.h:3:10: fatal error: 'linux/bpf.h' file not found"
     )
-    assert ebpf.compiler_messages(VERIFIER_OUTPUT) == (
+    assert ebpf_programs.compiler_messages(VERIFIER_OUTPUT) == (
         "invalid access to packet, off=0 size=4, R1(id=0,off=0,r=0); "
         "R1 offset is outside of the packet"
     )
     traceback = "Traceback (most recent call last):\n  File x\nImportError: no libbcc\n"
-    assert ebpf.compiler_messages(traceback).endswith("ImportError: no libbcc")
-    assert ebpf.compiler_messages("") == ""
+    assert ebpf_programs.compiler_messages(traceback).endswith("ImportError: no libbcc")
+    assert ebpf_programs.compiler_messages("") == ""
 
 
 def _header_defaults() -> dict[str, int]:
-    text = (ebpf.DEFAULT_SOURCE_DIR / "lib" / "common.h").read_text()
+    text = (ebpf_programs.DEFAULT_SOURCE_DIR / "lib" / "common.h").read_text()
     return {m[1]: int(m[2], 0) for m in re.finditer(r"#define (AMBIT_\w+) (0x[0-9a-f]+|\d+)", text)}
 
 
@@ -229,7 +240,7 @@ def test_c_defaults_match_python_constants() -> None:
     defaults = _header_defaults()
     passed = {
         f[2:].split("=")[0]: f.split("=", 1)[1]
-        for f in ebpf.compile_flags(Path("/x"), Path("/y"))
+        for f in ebpf_programs.compile_flags(Path("/x"), Path("/y"))
         if f.startswith("-D") and "PIN_DIR" not in f
     }
     assert {k: int(v, 0) for k, v in passed.items()} == {k: defaults[k] for k in passed}
@@ -240,8 +251,8 @@ def test_c_defaults_match_python_constants() -> None:
     assert defaults["AMBIT_SLOT_INBOUND"] == LISTENER_SLOTS[LISTENER_INBOUND]
     assert defaults["AMBIT_SLOT_INBOUND_PLAINTEXT"] == LISTENER_SLOTS[LISTENER_INBOUND_PLAINTEXT]
     assert defaults["AMBIT_LISTENER_SLOTS"] == len(LISTENER_SLOTS)
-    assert defaults["AMBIT_POD_ENROLLED"] == ebpf.POD_ENROLLED
-    assert ebpf.MAP_LAYOUTS[ebpf.MAP_LISTENERS].max_entries == len(LISTENER_SLOTS)
+    assert defaults["AMBIT_POD_ENROLLED"] == ebpf_maps.POD_ENROLLED
+    assert ebpf_maps.MAP_LAYOUTS[ebpf_maps.MAP_LISTENERS].max_entries == len(LISTENER_SLOTS)
 
 
 def test_policy_routing_defaults_are_the_iptables_ones() -> None:
