@@ -7,7 +7,8 @@ agent at all: it runs in the eBPF loader process (``agent/capture/ebpf_loader.py
 
 ``ambit agent cni install|uninstall`` are the DaemonSet's init step and the manual undo
 (``agent/cni/installer.py``); ``ambit agent uninstall`` removes capture and, given the CNI
-directories, the chain entry and the plugin binary too.
+directories, the chain entry and the plugin binary too. ``add_parser`` registers each
+subcommand with its handler (``set_defaults(func=...)``); ``ambit`` only calls it.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ if TYPE_CHECKING:
     from agent.capture.base import CaptureBackend
     from agent.cni.installer import CniPaths
     from agent.k8s_owner import OwnerWatch
+    from mesh.cli import SubParsers
 
 log = logging.getLogger("agent")
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: SubParsers) -> None:
+    """Register ``ambit agent`` and its subcommands, each with its handler."""
     p = sub.add_parser("agent", help="the node agent: capture pods into the ztunnel",
                        description="Run or remove the node agent. It captures the traffic of "
                        "the node's mesh pods into the ztunnel (eBPF, or iptables TPROXY), "
@@ -51,6 +54,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        "serves the node metrics endpoint.")
     agent_sub = p.add_subparsers(dest="agent_command", required=True)
     run = agent_sub.add_parser("run", help="run the agent on this node")
+    run.set_defaults(func=_run)
     run.add_argument("--node", required=True, help="this node's name in the registry")
     run.add_argument("--controller", required=True, metavar="HOST:PORT",
                      help="the controller's gRPC address (port 15012)")
@@ -89,6 +93,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     rm = agent_sub.add_parser("uninstall", help="remove every program, pinned map, rule and "
                               "route the agent created on this node (and, given the CNI "
                               "directories, the chain entry and the plugin binary)")
+    rm.set_defaults(func=_uninstall)
     _paths(rm)
     rm.add_argument("--uplink", action="append", default=[],
                     help="ignored (capture is removed from every interface); kept for "
@@ -98,6 +103,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                "node", description="Install the ambit-cni binary into the "
                                "host's CNI bin directory and chain it into the cluster's "
                                "primary CNI config (the DaemonSet's init step), or undo that.")
+    cni.set_defaults(func=_cni)
     cni_sub = cni.add_subparsers(dest="cni_command", required=True)
     inst = cni_sub.add_parser("install", help="copy the binary, wait for the cluster's CNI "
                               "config, chain ambit-cni into it (idempotent)")
@@ -115,6 +121,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                             ".conf we converted is restored) and remove the binary")
     _cni_dirs(un, required=True)
     st = agent_sub.add_parser("status", help="what the agent captures, per pod")
+    st.set_defaults(func=_status)
     st.add_argument("--url", default=f"http://127.0.0.1:{NODE_METRICS_PORT}",
                     help="the agent's node endpoint")
     st.add_argument("--json", action="store_true")
@@ -312,22 +319,16 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.agent_command == "run":
-        return _run(args)
-    if args.agent_command == "uninstall":
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        if (args.cni_bin_dir is None) != (args.cni_conf_dir is None):
-            print("ambit agent uninstall: error: --cni-bin-dir and --cni-conf-dir go together",
-                  file=sys.stderr)
-            return 2
-        done, failed = uninstall(args.run_dir, args.bpf_dir,
-                                 _cni_paths(args.cni_bin_dir, args.cni_conf_dir))
-        for line in done:
-            print(f"removed: {line}")
-        for line in failed:
-            print(f"ambit agent uninstall: error: {line}", file=sys.stderr)
-        return 1 if failed else 0
-    if args.agent_command == "cni":
-        return _cni(args)
-    return _status(args)
+def _uninstall(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if (args.cni_bin_dir is None) != (args.cni_conf_dir is None):
+        print("ambit agent uninstall: error: --cni-bin-dir and --cni-conf-dir go together",
+              file=sys.stderr)
+        return 2
+    done, failed = uninstall(args.run_dir, args.bpf_dir,
+                             _cni_paths(args.cni_bin_dir, args.cni_conf_dir))
+    for line in done:
+        print(f"removed: {line}")
+    for line in failed:
+        print(f"ambit agent uninstall: error: {line}", file=sys.stderr)
+    return 1 if failed else 0

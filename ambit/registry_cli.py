@@ -3,8 +3,10 @@ policy, apply, delete, node, get).
 
 Why here and not in ``ambit/cli.py``: the command line is one more client of
 ``EmbeddedRegistry``; keeping argument handling next to it keeps ``cli.py`` a thin dispatcher
-and lets the messages speak in the registry's terms. Every failure raises ``CommandError``,
-which ``ambit`` prints as ``ambit: error: ...`` with exit status 2.
+and lets the messages speak in the registry's terms. Each command's parser names its handler
+(``set_defaults``: ``func`` is ``run``, which opens the registry, and ``registry_handler`` the
+function that does the command). Every failure raises ``CommandError``, a
+``mesh.cli.UsageError``, which ``ambit`` prints as ``ambit: error: ...`` with exit status 2.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
@@ -35,13 +37,14 @@ from controller.registry.model import (
 from controller.registry.sqlite import Change, EmbeddedRegistry, RegistryError
 from controller.registry.translate import in_mesh, waypoint_binding, waypoint_of
 from controller.waypoint.parse import format_duration, has_target_refs
+from mesh.cli import UsageError
 from mesh.ports import GATEWAY_NAME_LABEL
+
+if TYPE_CHECKING:
+    from mesh.cli import SubParsers
 
 DB_ENV = "AMBIT_DB"
 DEFAULT_DB = Path("/var/lib/ambit/registry.db")
-
-COMMANDS = frozenset({"namespace", "workload", "service", "policy", "apply", "delete", "node",
-                      "get"})
 
 # What each command line word means, kubectl-style (singular, plural, short).
 _KIND_ALIASES: dict[str, str] = {
@@ -56,15 +59,19 @@ _KIND_WORDS = ("namespace, workload, service, authorizationpolicy, peerauthentic
                "gateway, httproute, httpfault")
 
 
-class CommandError(Exception):
+class CommandError(UsageError):
     """A registry command that cannot be done; the message says why and how to fix it."""
+
+
+Handler = Callable[[EmbeddedRegistry, argparse.Namespace, TextIO], None]
+"""Does one registry command on an open registry, writing its output to the stream."""
 
 
 # --- argument parsers ----------------------------------------------------------------------
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the registry commands to the ``ambit`` parser."""
+def add_commands(sub: SubParsers) -> None:
+    """Add the registry commands to the ``ambit`` parser, each with its handler."""
     db = argparse.ArgumentParser(add_help=False)
     db.add_argument("--db", type=Path, metavar="PATH",
                     help=f"registry database (default: ${DB_ENV}, else {DEFAULT_DB})")
@@ -76,6 +83,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     for action, text in (("enable", "enrol the namespace's workloads in the mesh"),
                          ("disable", "take the namespace's workloads out of the mesh")):
         p = nsub.add_parser(action, parents=[db], help=text, description=text + ".")
+        _handles(p, _namespace)
         p.add_argument("name", metavar="NAME")
 
     wl = sub.add_parser("workload", help="register or remove a workload (a pod's addresses)",
@@ -85,6 +93,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                           description="Register a workload, or replace the one with this "
                           "name. It is in the mesh when its namespace is enabled and it has no "
                           f"label {DATAPLANE_MODE_LABEL}=none.")
+    _handles(add, _workload_add)
     add.add_argument("--name", required=True)
     add.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     add.add_argument("--node", required=True, help="the node (ztunnel) that serves it")
@@ -100,6 +109,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                      help="register it as not ready: no service traffic until it is")
     rm = wsub.add_parser("remove", parents=[db], help="remove a workload",
                          description="Remove a registered workload.")
+    _handles(rm, _workload_remove)
     rm.add_argument("ref", metavar="NAMESPACE/NAME")
 
     svc = sub.add_parser("service", help="register services (virtual IPs)",
@@ -108,6 +118,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sap = ssub.add_parser("apply", parents=[db], help="create or replace services",
                           description="Create or replace services, from Service documents "
                           "(-f) or from flags.")
+    _handles(sap, _service_apply)
     sap.add_argument("-f", "--filename", action="append", default=[], metavar="FILE",
                      help="YAML file of Service documents, '-' for stdin (repeatable)")
     sap.add_argument("--name")
@@ -125,6 +136,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     pap = psub.add_parser("apply", parents=[db], help="create or replace policies",
                           description="Create or replace AuthorizationPolicy and "
                           "PeerAuthentication documents, all or none.")
+    _handles(pap, _policy_apply)
     pap.add_argument("-f", "--filename", action="append", required=True, metavar="FILE",
                      help="YAML file, '-' for stdin (repeatable)")
 
@@ -132,12 +144,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                         description="Create or replace objects of any registry kind "
                         f"({', '.join(KINDS)}) from YAML files, in one transaction: a bad "
                         "document rejects the whole batch.")
+    _handles(ap, _apply)
     ap.add_argument("-f", "--filename", action="append", required=True, metavar="FILE",
                     help="YAML file, '-' for stdin (repeatable)")
 
     de = sub.add_parser("delete", parents=[db], help="delete an object",
                         description="Delete an object. Deleting a namespace deletes "
                         "everything in it.")
+    _handles(de, _delete)
     de.add_argument("kind", metavar="KIND", help=f"{_KIND_WORDS} (or ns, wl, svc, ap, pa, "
                     "gtw)")
     de.add_argument("ref", metavar="NAMESPACE/NAME", help="NAME alone for a namespace; "
@@ -149,9 +163,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     join = nosub.add_parser("join", parents=[db], help="issue a token for a node",
                             description="Issue a token for NODE and print it (once; only its "
                             "hash is stored). The node's ztunnel authenticates with it.")
+    _handles(join, _node_join)
     join.add_argument("node", metavar="NODE")
     revoke = nosub.add_parser("revoke", parents=[db], help="revoke a node's tokens",
                               description="Revoke every token issued to NODE, or only one.")
+    _handles(revoke, _node_revoke)
     revoke.add_argument("node", metavar="NODE")
     revoke.add_argument("--token-id", metavar="ID", help="revoke only this token: the part "
                         "before the dot (listed by `ambit get nodes`)")
@@ -159,12 +175,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     get = sub.add_parser("get", parents=[db], help="list what is registered",
                          description="List registered objects and whether each workload is "
                          "in the mesh.")
+    _handles(get, _get)
     get.add_argument("kind", metavar="KIND", nargs="?", default="all",
                      help="namespaces, workloads, services, authorizationpolicies, "
                      "peerauthentications, gateways, httproutes, httpfaults, nodes or all "
                      "(default)")
     get.add_argument("-o", "--output", choices=["table", "yaml"], default="table",
                      help="yaml prints documents `ambit apply -f` takes back")
+
+
+def _handles(p: argparse.ArgumentParser, handler: Handler) -> None:
+    """``p``'s command is done by ``handler``, inside ``run`` (which opens the registry)."""
+    p.set_defaults(func=run, registry_handler=handler)
 
 
 # --- running -------------------------------------------------------------------------------
@@ -196,7 +218,7 @@ def _open(arg: Path | None) -> Iterator[EmbeddedRegistry]:
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run one registry command; ``CommandError`` for anything the user must fix."""
-    handler = _HANDLERS[(args.command, getattr(args, "registry_action", None))]
+    handler: Handler = args.registry_handler
     out = out or sys.stdout
     with _open(args.db) as registry:
         try:
@@ -543,19 +565,3 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
 
-
-Handler = Callable[[EmbeddedRegistry, argparse.Namespace, TextIO], None]
-
-_HANDLERS: dict[tuple[str, str | None], Handler] = {
-    ("namespace", "enable"): _namespace,
-    ("namespace", "disable"): _namespace,
-    ("workload", "add"): _workload_add,
-    ("workload", "remove"): _workload_remove,
-    ("service", "apply"): _service_apply,
-    ("policy", "apply"): _policy_apply,
-    ("apply", None): _apply,
-    ("delete", None): _delete,
-    ("node", "join"): _node_join,
-    ("node", "revoke"): _node_revoke,
-    ("get", None): _get,
-}

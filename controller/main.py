@@ -1,7 +1,9 @@
 """Entry point of ``ambit controller``: pick the registry, open the CA, serve.
 
 Kept apart from ``controller.app`` so the process core stays testable with any feed, while
-this module does the wiring a user's flags ask for.
+this module does the wiring a user's flags ask for. The sub-parser is the controller's own:
+``add_parser`` registers ``run`` as its handler, so ``ambit`` only calls it; bad flags or files
+raise ``ControllerUsageError``, a ``mesh.cli.UsageError`` that ``ambit`` prints with exit 2.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from mesh.cli import UsageError
 from mesh.ports import GRPC_PORT, MONITORING_PORT, XDS_PORT
+
+if TYPE_CHECKING:
+    from mesh.cli import SubParsers
 
 # The controller's own modules (gRPC, protobuf, the CA, the registries) are imported when it
 # runs, not here: every `ambit` command, the ztunnel included, builds this parser, and gRPC
@@ -27,17 +33,19 @@ DEFAULT_DATA_DIR = Path("/var/lib/ambit")
 LEASE_NAME = "ambit-controller"
 
 
-class ControllerUsageError(Exception):
-    """Bad flags or unusable files; the CLI prints it and exits 2."""
+class ControllerUsageError(UsageError):
+    """Bad flags or unusable files; ``ambit`` prints it and exits 2."""
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: SubParsers) -> None:
+    """Register ``ambit controller`` and its handler, ``run``."""
     p = sub.add_parser(
         "controller", help="run the control plane (registry, mesh CA, state push)",
         description="Run the controller: watch the registry, push mesh state to every "
         "ztunnel over gRPC and sign workload certificates. Embedded mode keeps the registry "
         "in SQLite, managed with the `ambit namespace|workload|service|policy|apply` commands.",
     )
+    p.set_defaults(func=run)
     p.add_argument("--mode", choices=["auto", "embedded", "kubernetes"], default="auto",
                    help="registry: kubernetes (watch the API server), embedded (SQLite), or "
                    "auto: kubernetes when --kubeconfig, $KUBECONFIG or in-cluster credentials "
@@ -401,6 +409,7 @@ async def _serve(args: argparse.Namespace, mode: str, stop: asyncio.Event,
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the controller until SIGTERM; ``ControllerUsageError`` for bad flags or files."""
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvloop

@@ -2,6 +2,8 @@
 
 Kept apart from ``ambit.dev.cluster`` so that module stays a library (the e2e tests and the
 demo drive it in-process) and this one only maps flags to calls and errors to exit codes.
+``add_parser`` registers ``run`` as the handler of every ``ambit dev cluster`` command
+(``set_defaults(func=run)``): they share its error handling and the loading of the cluster.
 """
 
 from __future__ import annotations
@@ -9,17 +11,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from ambit.dev import netns
 from ambit.dev.cluster import STATE_ROOT, ClusterError, DevCluster
 
+if TYPE_CHECKING:
+    from mesh.cli import SubParsers
 
-def add_parser(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+
+def add_parser(dsub: SubParsers) -> None:
+    """Register ``ambit dev cluster`` and its subcommands under ``ambit dev``."""
     p = dsub.add_parser(
         "cluster", help="a local multi-node mesh in network namespaces (needs root)",
         description="Build nodes and pods from network namespaces (never connected to this "
         "machine's network), each node running a ztunnel and a node agent, pods wired by the "
         "real CNI plugins with ambit-cni chained, and the controller in embedded mode.")
+    p.set_defaults(func=run)
     csub = p.add_subparsers(dest="cluster_command", required=True)
     up = csub.add_parser("up", help="create the cluster and leave it running")
     up.add_argument("--nodes", type=int, default=2)
@@ -46,6 +54,7 @@ def add_parser(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
+    """Do one ``ambit dev cluster`` command; the exit status (1 with one line on error)."""
     try:
         netns.require_root()
         cmd = args.cluster_command

@@ -3,12 +3,15 @@
 Why here and not in ``ambit/cli.py``: the three share their connection flags and their error
 handling (usage errors exit 2, a failure on the cluster exits 1, both with one line and no
 traceback; Ctrl-C says what state was left), and the top-level parser only registers them.
+Each parser's handler (``set_defaults(func=...)``) is its command wrapped in that shared
+handling by ``_reported``; the install modules are imported only when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,10 +22,10 @@ from ambit.install.names import CONFIG_MAP, DATAPLANE_MODE_LABEL, NAMESPACE, NOD
 
 if TYPE_CHECKING:
     from ambit.install.kube import Cluster
+    from mesh.cli import Handler, SubParsers
 
-__all__ = ["COMMANDS", "add_parsers", "run"]
+__all__ = ["add_parsers"]
 
-COMMANDS = ("install", "uninstall", "status")
 T = TypeVar("T")
 
 
@@ -40,7 +43,8 @@ def _manifests(p: argparse.ArgumentParser) -> None:
                    "in the image)")
 
 
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parsers(sub: SubParsers) -> None:
+    """Register ``ambit install``, ``uninstall`` and ``status``, each with its handler."""
     p = sub.add_parser(
         "install", help="install or upgrade Ambit on a Kubernetes cluster",
         description="Apply Ambit's manifests to the cluster with server-side apply (field "
@@ -51,6 +55,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         epilog=f"Settings go into the ConfigMap {NAMESPACE}/{CONFIG_MAP}; changing one rolls "
         "the pods that read it. After installing, add a namespace to the mesh with: kubectl "
         f"label namespace NAME {DATAPLANE_MODE_LABEL}=ambient")
+    p.set_defaults(func=_reported(_install))
     _connection(p)
     _manifests(p)
     p.add_argument("--image", help="the Ambit image for every component and for waypoints "
@@ -83,6 +88,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "waypoint objects the controller created in any namespace, the GatewayClass, the CRDs "
         f"(with every custom resource of theirs) and the namespace {NAMESPACE} last. Running "
         "it again finishes an interrupted uninstall.")
+    u.set_defaults(func=_reported(_uninstall))
     _connection(u)
     _manifests(u)
     u.add_argument("--keep-crds", action="store_true",
@@ -98,6 +104,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "its pods with what the node's agent captures (read through the API server's pod "
         "proxy), the mesh namespaces and the waypoint GatewayClass. Exit status 0 when no "
         "problem is found, 1 otherwise.")
+    s.set_defaults(func=_reported(_status))
     _connection(s)
     s.add_argument("--pods", action="store_true",
                    help="also list every pod each node agent knows and whether it is captured")
@@ -124,31 +131,35 @@ async def _with_cluster(args: argparse.Namespace,
         await api.close()
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``install``, ``uninstall`` or ``status``; the exit status."""
-    from ambit.install.apply import InstallError
-    from ambit.install.kube import ConnectError
-    from ambit.install.render import RenderError
-    from ambit.install.status import StatusError
-    from ambit.install.uninstall import UninstallError
+def _reported(command: Handler) -> Handler:
+    """``command`` with the error handling ``install``, ``uninstall`` and ``status`` share:
+    a bad manifest or flag exits 2, a failure on the cluster 1, Ctrl-C 130 saying what was
+    left; each with one line on stderr."""
 
-    command = str(args.command)
-    try:
-        if command == "install":
-            return _install(args)
-        if command == "uninstall":
-            return _uninstall(args)
-        return _status(args)
-    except RenderError as e:
-        return _err(command, str(e), 2)
-    except (InstallError, UninstallError, StatusError, ConnectError) as e:
-        return _err(command, str(e), 1)
-    except KeyboardInterrupt:
-        what = {"install": "what was applied so far stays; run ambit install again to finish",
-                "uninstall": "what is not deleted yet stays; run ambit uninstall again to "
-                             "finish"}.get(command, "")
-        print(f"\nambit {command}: interrupted{'; ' + what if what else ''}", file=sys.stderr)
-        return 130
+    @functools.wraps(command)
+    def handler(args: argparse.Namespace) -> int:
+        from ambit.install.apply import InstallError
+        from ambit.install.kube import ConnectError
+        from ambit.install.render import RenderError
+        from ambit.install.status import StatusError
+        from ambit.install.uninstall import UninstallError
+
+        name = str(args.command)
+        try:
+            return command(args)
+        except RenderError as e:
+            return _err(name, str(e), 2)
+        except (InstallError, UninstallError, StatusError, ConnectError) as e:
+            return _err(name, str(e), 1)
+        except KeyboardInterrupt:
+            what = {"install": "what was applied so far stays; run ambit install again to "
+                               "finish",
+                    "uninstall": "what is not deleted yet stays; run ambit uninstall again to "
+                                 "finish"}.get(name, "")
+            print(f"\nambit {name}: interrupted{'; ' + what if what else ''}", file=sys.stderr)
+            return 130
+
+    return handler
 
 
 def _install(args: argparse.Namespace) -> int:

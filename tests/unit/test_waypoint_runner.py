@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from ambit.cli import build_parser
-from ambit.waypoint_cli import config_from_args
 from waypoint.bootstrap import build_bootstrap, write_bootstrap
+from waypoint.cli import config_from_args
 from waypoint.config import (
     CONTROLLER_NAMESPACE,
     CONTROLLER_SERVICE_ACCOUNT,

@@ -1,0 +1,96 @@
+"""``ambit ztunnel``: the ztunnel's sub-parser and its handler, flags to ``ZtunnelConfig``.
+
+Why apart from ``ztunnel.app`` and ``ztunnel.config``: ``ambit`` builds every command's parser
+at each start, so this module imports nothing heavy; ``run`` imports the config and the process
+core only when a ztunnel actually runs. A bad setting is a ``mesh.cli.UsageError``, which
+``ambit`` prints as ``ambit: error: ...`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mesh.cli import UsageError
+
+if TYPE_CHECKING:
+    from mesh.cli import SubParsers
+
+# Every flag that overrides a setting of --config, by its ZtunnelConfig name.
+_OVERRIDES = ("node", "state_file", "identity_dir", "controller_address", "ca_address",
+              "node_token_file", "ca_root_cert", "trust_domain", "inbound_bind", "bind_host",
+              "outbound_port", "inbound_plaintext_port", "inbound_port", "socks5_port",
+              "socks5_host", "admin_host", "admin_port", "stats_host", "metrics_port",
+              "readiness_port", "transparent", "drain_seconds", "agent_socket", "access_log",
+              "log_level")
+
+
+def add_parser(sub: SubParsers) -> None:
+    """Register ``ambit ztunnel`` and its handler."""
+    p = sub.add_parser(
+        "ztunnel",
+        help="run the per-node HBONE proxy",
+        description="Run the ztunnel: the per-node proxy that carries mesh traffic over HBONE "
+        "(HTTP/2 CONNECT in mutual TLS) and enforces L4 authorization. Flags override the "
+        "settings of --config.",
+    )
+    p.set_defaults(func=run)
+    p.add_argument("--config", type=Path, help="YAML file of ztunnel settings (see docs)")
+    p.add_argument("--node", help="name of the node this ztunnel serves (required)")
+    p.add_argument("--state", dest="state_file", type=Path,
+                   help="workloads/services/policies file, hot-reloaded (docs/state-file.md)")
+    p.add_argument("--identity-dir", type=Path,
+                   help="directory of certificates: trust-bundle.pem, <ns>/<sa>/cert-chain.pem "
+                   "and key.pem (create with `ambit dev certs`)")
+    p.add_argument("--controller", dest="controller_address", metavar="HOST:PORT",
+                   help="get the mesh state from this controller (instead of --state); also "
+                   "the CA address when --node-token-file is given")
+    p.add_argument("--ca-address", metavar="HOST:PORT",
+                   help="mesh CA for workload certificates (default: --controller)")
+    p.add_argument("--node-token-file", type=Path,
+                   help="node credential for the CA (`ambit node join NODE` in embedded mode; "
+                   "the service-account token in Kubernetes)")
+    p.add_argument("--ca-root-cert", type=Path,
+                   help="mesh root certificate that verifies the controller's TLS "
+                   "(the controller writes it to DATA_DIR/trust-bundle.pem)")
+    p.add_argument("--trust-domain", help="SPIFFE trust domain (default cluster.local)")
+    p.add_argument("--inbound-bind", choices=["shared", "workload"],
+                   help="shared: capture listeners on --bind-host (TPROXY/eBPF); workload: "
+                   "15006/15008 on each local workload's IP (default shared)")
+    p.add_argument("--bind-host", help="address of the capture listeners (default 0.0.0.0)")
+    for name, default in (("outbound", 15001), ("inbound-plaintext", 15006), ("inbound", 15008),
+                          ("socks5", 0), ("admin", 15000), ("metrics", 15020),
+                          ("readiness", 15021)):
+        p.add_argument(f"--{name}-port", type=int,
+                       help=f"listener port, 0 disables (default {default})")
+    p.add_argument("--socks5-host", help="address of the SOCKS5 listener (default 127.0.0.1)")
+    p.add_argument("--admin-host", help="address of the admin listener (default 127.0.0.1)")
+    p.add_argument("--stats-host", help="address of metrics/readiness (default 0.0.0.0)")
+    p.add_argument("--no-transparent", dest="transparent", action="store_const", const=False,
+                   help="do not set IP_TRANSPARENT on capture listeners")
+    p.add_argument("--drain-seconds", type=float, help="drain deadline on SIGTERM (default 5)")
+    p.add_argument("--agent-socket", type=Path,
+                   help="the node agent's link socket (/var/run/ambit/ztunnel.sock): hand the "
+                   "capture listeners to it, as eBPF redirect mode needs")
+    p.add_argument("--access-log", help="'-' for stderr (default), '' to disable, or a file")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the ztunnel until SIGTERM; ``UsageError`` for a bad setting."""
+    from ztunnel.app import run as run_ztunnel
+    from ztunnel.config import ConfigError, ZtunnelConfig
+
+    overrides = {k: getattr(args, k) for k in _OVERRIDES}
+    if overrides["controller_address"] and overrides["node_token_file"] \
+            and not overrides["ca_address"]:
+        overrides["ca_address"] = overrides["controller_address"]
+    try:
+        if args.config is not None:
+            config = ZtunnelConfig.from_file(args.config, **overrides)
+        else:
+            config = ZtunnelConfig.from_mapping({}, **overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    return run_ztunnel(config)
