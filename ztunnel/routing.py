@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import ClassVar
 
 from mesh.ports import HBONE_PORT
 from mesh.spiffe import SpiffeId
@@ -18,38 +19,86 @@ from mesh.state.store import StateSnapshot
 
 
 class PlanKind(Enum):
-    LOCAL = "local"  # destination pod on this node: enforce its policy here, connect directly
-    HBONE = "hbone"  # destination pod on another node: HBONE to its ztunnel
-    PASSTHROUGH = "passthrough"  # not a mesh destination: plain TCP, as if not captured
-    # Service VIP bound to a waypoint: HBONE to a waypoint instance, :authority = the VIP:port
-    # the client dialled (the waypoint picks the endpoint and applies L7 policy).
+    """The plan kinds by name, as the access log reports them (``plan``)."""
+
+    LOCAL = "local"
+    HBONE = "hbone"
+    PASSTHROUGH = "passthrough"
     WAYPOINT = "waypoint"
     DENY = "deny"
 
 
+# One type per kind, each with the fields that kind always has, so a listener that matches on
+# the type needs no checks for missing ones.
+
+
 @dataclass(frozen=True)
-class OutboundPlan:
-    kind: PlanKind
-    # Where to connect: the final address for LOCAL/PASSTHROUGH, the HBONE endpoint for
-    # HBONE/WAYPOINT.
-    address: tuple[IPAddress, int] | None = None
-    # The destination after service resolution (HBONE :authority); for WAYPOINT the service
-    # VIP:port itself, since resolution is the waypoint's job.
-    target: tuple[IPAddress, int] | None = None
-    source: Workload | None = None
-    # The workload connected to: the endpoint pod, or for WAYPOINT the waypoint instance.
-    destination: Workload | None = None
+class LocalPlan:
+    """Destination pod on this node: enforce its policy here, connect directly."""
+
+    kind: ClassVar[PlanKind] = PlanKind.LOCAL
+    source: Workload
+    destination: Workload
+    # The pod's address after service resolution: where to connect, and the port its policy
+    # is checked against.
+    address: tuple[IPAddress, int]
+    expected_identity: SpiffeId
     service: Service | None = None
-    expected_identity: SpiffeId | None = None
-    reason: str = ""
-    # The waypoint the service is bound to (WAYPOINT, or DENY for want of an instance).
-    waypoint: WaypointRef | None = None
 
 
-def _deny(reason: str, source: Workload | None = None,
-          service: Service | None = None, waypoint: WaypointRef | None = None) -> OutboundPlan:
-    return OutboundPlan(PlanKind.DENY, source=source, service=service, reason=reason,
-                        waypoint=waypoint)
+@dataclass(frozen=True)
+class HbonePlan:
+    """Destination pod on another node: HBONE to its ztunnel."""
+
+    kind: ClassVar[PlanKind] = PlanKind.HBONE
+    source: Workload
+    destination: Workload
+    address: tuple[IPAddress, int]  # the HBONE endpoint: the pod's IP, the HBONE port
+    target: tuple[IPAddress, int]  # the pod's address after service resolution (:authority)
+    expected_identity: SpiffeId
+    service: Service | None = None
+
+
+@dataclass(frozen=True)
+class WaypointPlan:
+    """Service VIP bound to a waypoint: HBONE to a waypoint instance, which picks the endpoint
+    and applies L7 policy."""
+
+    kind: ClassVar[PlanKind] = PlanKind.WAYPOINT
+    source: Workload
+    destination: Workload  # the waypoint instance connected to (its identity is checked)
+    address: tuple[IPAddress, int]  # the instance's HBONE endpoint
+    # The service VIP:port the client dialled (:authority): resolution is the waypoint's job.
+    target: tuple[IPAddress, int]
+    expected_identity: SpiffeId
+    service: Service
+    waypoint: WaypointRef
+
+
+@dataclass(frozen=True)
+class PassthroughPlan:
+    """Not a mesh destination: plain TCP, as if not captured."""
+
+    kind: ClassVar[PlanKind] = PlanKind.PASSTHROUGH
+    source: Workload
+    address: tuple[IPAddress, int]
+    reason: str
+    destination: Workload | None = None  # a known workload that is not enrolled
+    service: Service | None = None
+
+
+@dataclass(frozen=True)
+class DenyPlan:
+    """No route: the connection is refused, for ``reason``."""
+
+    kind: ClassVar[PlanKind] = PlanKind.DENY
+    reason: str
+    source: Workload | None = None  # None: the source is not a workload at all
+    service: Service | None = None
+    waypoint: WaypointRef | None = None  # the waypoint the service is bound to, if that is why
+
+
+OutboundPlan = LocalPlan | HbonePlan | WaypointPlan | PassthroughPlan | DenyPlan
 
 
 def plan_outbound(
@@ -70,18 +119,18 @@ def plan_outbound(
     """
     source = state.workload_by_ip(source_ip)
     if source is None:
-        return _deny(f"unknown source {source_ip}: not a workload in the mesh state")
+        return DenyPlan(f"unknown source {source_ip}: not a workload in the mesh state")
     if source.node != node:
-        return _deny(f"source {source.uid} runs on node {source.node}, not on {node}", source)
+        return DenyPlan(f"source {source.uid} runs on node {source.node}, not on {node}", source)
     if not state.in_mesh(source):
-        return _deny(f"source {source.uid} is not enrolled in the mesh (protocol TCP)", source)
+        return DenyPlan(f"source {source.uid} is not enrolled in the mesh (protocol TCP)", source)
 
     ip, port = dest
     service = state.service_by_vip(ip)
     if service is not None:
         target_port = service.target_port(port)
         if target_port is None:
-            return _deny(f"service {service.key} has no port {port}", source, service)
+            return DenyPlan(f"service {service.key} has no port {port}", source, service)
         waypoint = service.waypoint
         # A waypoint's own connections to the service it serves go to an endpoint, or they
         # would come straight back to the waypoint.
@@ -89,15 +138,14 @@ def plan_outbound(
             return _to_waypoint(state, source, service, waypoint, dest, pick, waypoint_port)
         endpoints = [w for w in state.service_endpoints(service) if w.healthy]
         if not endpoints:
-            return _deny(f"service {service.key} has no healthy endpoints", source, service)
+            return DenyPlan(f"service {service.key} has no healthy endpoints", source, service)
         chosen = endpoints[pick(len(endpoints)) % len(endpoints)]
         return _to_workload(state, node, source, chosen, (chosen.addresses[0], target_port),
                             service, hbone_port)
 
     workload = state.workload_by_ip(ip)
     if workload is None:
-        return OutboundPlan(PlanKind.PASSTHROUGH, address=dest, target=dest, source=source,
-                            reason="destination is not in the mesh")
+        return PassthroughPlan(source, dest, "destination is not in the mesh")
     return _to_workload(state, node, source, workload, dest, None, hbone_port)
 
 
@@ -109,18 +157,18 @@ def _to_waypoint(
     vip: tuple[IPAddress, int],
     pick: Callable[[int], int],
     waypoint_port: int,
-) -> OutboundPlan:
+) -> WaypointPlan | DenyPlan:
     # Waypoint pods are not captured (protocol TCP in the state) yet speak HBONE themselves,
     # so they are reached like a remote ztunnel whatever node they run on.
     instances = state.waypoint_instances(waypoint)
     if not instances:
         # Fail closed: going around the waypoint would skip its L7 policy.
-        return _deny(f"service {service.key} is bound to waypoint {waypoint.key}, which has no "
-                     "ready instance", source, service, waypoint)
+        return DenyPlan(f"service {service.key} is bound to waypoint {waypoint.key}, which has "
+                        "no ready instance", source, service, waypoint)
     chosen = instances[pick(len(instances)) % len(instances)]
-    return OutboundPlan(PlanKind.WAYPOINT, address=(chosen.addresses[0], waypoint_port),
-                        target=vip, source=source, destination=chosen, service=service,
-                        expected_identity=chosen.identity, waypoint=waypoint)
+    return WaypointPlan(source=source, destination=chosen,
+                        address=(chosen.addresses[0], waypoint_port), target=vip,
+                        expected_identity=chosen.identity, service=service, waypoint=waypoint)
 
 
 def _to_workload(
@@ -131,15 +179,16 @@ def _to_workload(
     target: tuple[IPAddress, int],
     service: Service | None,
     hbone_port: int,
-) -> OutboundPlan:
+) -> LocalPlan | HbonePlan | PassthroughPlan:
     if not state.in_mesh(dest):
-        return OutboundPlan(PlanKind.PASSTHROUGH, address=target, target=target, source=source,
-                            destination=dest, service=service,
-                            reason="destination workload is not enrolled (protocol TCP)")
-    kind = PlanKind.LOCAL if dest.node == node else PlanKind.HBONE
-    address = target if kind is PlanKind.LOCAL else (target[0], hbone_port)
-    return OutboundPlan(kind, address=address, target=target, source=source, destination=dest,
-                        service=service, expected_identity=dest.identity)
+        return PassthroughPlan(source, target,
+                               "destination workload is not enrolled (protocol TCP)",
+                               destination=dest, service=service)
+    if dest.node == node:
+        return LocalPlan(source=source, destination=dest, address=target,
+                         expected_identity=dest.identity, service=service)
+    return HbonePlan(source=source, destination=dest, address=(target[0], hbone_port),
+                     target=target, expected_identity=dest.identity, service=service)
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,22 @@ from typing import Any
 
 import pytest
 
-from mesh.state.model import WaypointRef
+from mesh.ports import GATEWAY_NAME_LABEL
+from mesh.spiffe import SpiffeId
+from mesh.state.model import IPAddress, WaypointRef, Workload
 from mesh.state.parse import parse_state
-from mesh.state.store import GATEWAY_NAME_LABEL, StateSnapshot
-from ztunnel.routing import PlanKind, plan_outbound, resolve_inbound
+from mesh.state.store import StateSnapshot
+from ztunnel.routing import (
+    DenyPlan,
+    HbonePlan,
+    LocalPlan,
+    OutboundPlan,
+    PassthroughPlan,
+    PlanKind,
+    WaypointPlan,
+    plan_outbound,
+    resolve_inbound,
+)
 
 DOC: dict[str, Any] = {
     "workloads": [
@@ -44,6 +56,31 @@ STATE = parse_state(DOC)
 SNAP = StateSnapshot.build(STATE)
 ip = ipaddress.ip_address
 
+
+# Each plan kind is its own type with only the fields it has; the tables below read a field a
+# kind does not have as None (or "" for a reason), as the expectations are written for all
+# kinds at once.
+def address_of(plan: OutboundPlan) -> tuple[IPAddress, int] | None:
+    return None if isinstance(plan, DenyPlan) else plan.address
+
+
+def identity_of(plan: OutboundPlan) -> SpiffeId | None:
+    return plan.expected_identity if isinstance(plan, LocalPlan | HbonePlan | WaypointPlan) \
+        else None
+
+
+def destination_of(plan: OutboundPlan) -> Workload | None:
+    return None if isinstance(plan, DenyPlan) else plan.destination
+
+
+def waypoint_of(plan: OutboundPlan) -> WaypointRef | None:
+    return plan.waypoint if isinstance(plan, WaypointPlan | DenyPlan) else None
+
+
+def reason_of(plan: OutboundPlan) -> str:
+    return plan.reason if isinstance(plan, PassthroughPlan | DenyPlan) else ""
+
+
 # source, destination, pick index -> kind, connect address, expected identity (sa)
 CASES = [
     ("10.0.1.1", ("10.0.2.2", 8080), 0, PlanKind.HBONE, ("10.0.2.2", 15008), "srv"),
@@ -67,20 +104,21 @@ CASES = [
 def test_plan_outbound(src: str, dst: tuple[str, int], pick: int, kind: PlanKind,
                        address: tuple[str, int] | None, sa: str | None) -> None:
     plan = plan_outbound(SNAP, "a", ip(src), (ip(dst[0]), dst[1]), lambda n: pick)
-    assert plan.kind is kind, plan.reason
+    assert plan.kind is kind, reason_of(plan)
     if address is None:
-        assert plan.address is None and plan.reason
+        assert address_of(plan) is None and reason_of(plan)
     else:
-        assert plan.address == (ip(address[0]), address[1])
+        assert address_of(plan) == (ip(address[0]), address[1])
     if sa is None:
-        assert plan.expected_identity is None
+        assert identity_of(plan) is None
     else:
-        assert plan.expected_identity is not None
-        assert str(plan.expected_identity) == f"spiffe://cluster.local/ns/default/sa/{sa}"
+        assert identity_of(plan) is not None
+        assert str(identity_of(plan)) == f"spiffe://cluster.local/ns/default/sa/{sa}"
 
 
 def test_service_plan_keeps_original_target_for_authority() -> None:
     plan = plan_outbound(SNAP, "a", ip("10.0.1.1"), (ip("10.96.0.1"), 80), lambda n: 1)
+    assert isinstance(plan, HbonePlan)
     assert plan.target == (ip("10.0.2.2"), 8080)
     assert plan.service is not None and plan.service.name == "srv"
 
@@ -190,18 +228,20 @@ def test_plan_outbound_with_waypoints(
         address: tuple[str, int] | None, identity: str | None, dest: str | None,
         waypoint: str | None, reason: str | None) -> None:
     plan = plan_outbound(WP_SNAP, "a", ip(src), (ip(dst[0]), dst[1]), lambda n: pick)
-    assert plan.kind is kind, plan.reason
-    assert plan.address == (None if address is None else (ip(address[0]), address[1]))
+    assert plan.kind is kind, reason_of(plan)
+    assert address_of(plan) == (None if address is None else (ip(address[0]), address[1]))
     if identity is None:
-        assert plan.expected_identity is None
+        assert identity_of(plan) is None
     else:
-        assert str(plan.expected_identity) == "spiffe://cluster.local/ns/{}/sa/{}".format(
+        assert str(identity_of(plan)) == "spiffe://cluster.local/ns/{}/sa/{}".format(
             *identity.split("/"))
-    assert (plan.destination.name if plan.destination else None) == dest
-    assert (plan.waypoint.key if plan.waypoint else None) == waypoint
+    plan_dest, plan_waypoint = destination_of(plan), waypoint_of(plan)
+    assert (plan_dest.name if plan_dest else None) == dest
+    assert (plan_waypoint.key if plan_waypoint else None) == waypoint
     if reason is not None:
-        assert plan.reason == reason
+        assert reason_of(plan) == reason
     if kind is PlanKind.WAYPOINT:
+        assert isinstance(plan, WaypointPlan)
         # :authority is the address the client dialled; the service is reported as such and
         # the instance is the workload connected to (and whose identity is checked).
         assert plan.target == (ip(dst[0]), dst[1])
@@ -210,15 +250,15 @@ def test_plan_outbound_with_waypoints(
         assert plan.expected_identity == plan.destination.identity
         assert plan.source is not None and plan.source.addresses[0] == ip(src)
     if waypoint is not None and kind is PlanKind.DENY:
-        assert plan.service is not None and plan.address is None
+        assert plan.service is not None and address_of(plan) is None
 
 
 def test_waypoint_port_is_not_the_ztunnels_inbound_port() -> None:
     vip = (ip("10.96.0.10"), 80)
     plan = plan_outbound(WP_SNAP, "a", ip("10.0.1.1"), vip, hbone_port=16008)
-    assert plan.kind is PlanKind.WAYPOINT and plan.address == (ip("10.0.3.1"), 15008)
+    assert plan.kind is PlanKind.WAYPOINT and address_of(plan) == (ip("10.0.3.1"), 15008)
     plan = plan_outbound(WP_SNAP, "a", ip("10.0.1.1"), vip, waypoint_port=25008)
-    assert plan.address == (ip("10.0.3.1"), 25008)
+    assert address_of(plan) == (ip("10.0.3.1"), 25008)
 
 
 def test_unbinding_restores_direct_routing() -> None:
@@ -227,7 +267,8 @@ def test_unbinding_restores_direct_routing() -> None:
         svc.pop("waypoint", None)
     snap = StateSnapshot.build(parse_state(doc))
     plan = plan_outbound(snap, "a", ip("10.0.1.1"), (ip("10.96.0.10"), 80), lambda n: 1)
-    assert plan.kind is PlanKind.HBONE and plan.waypoint is None
+    assert plan.kind is PlanKind.HBONE and waypoint_of(plan) is None
+    assert isinstance(plan, HbonePlan)
     assert plan.target == (ip("10.0.2.2"), 8080)
     assert plan.destination is not None and plan.destination.name == "remote-srv"
 
@@ -236,7 +277,7 @@ def test_source_checks_come_before_the_waypoint() -> None:
     # An unknown or unenrolled source is refused as before, without a waypoint in the plan.
     for src in ("10.0.9.9", "10.0.1.9"):
         plan = plan_outbound(WP_SNAP, "a", ip(src), (ip("10.96.0.10"), 80))
-        assert plan.kind is PlanKind.DENY and plan.waypoint is None
+        assert plan.kind is PlanKind.DENY and waypoint_of(plan) is None
 
 
 def test_waypoint_ref_key() -> None:

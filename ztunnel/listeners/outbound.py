@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from typing import assert_never
 
 import h2.errors
 
@@ -23,7 +24,14 @@ from ztunnel.hbone.core import format_authority, forwarded_for
 from ztunnel.hbone.pool import PoolKey, UpstreamConnectError
 from ztunnel.proxy import ConnectionRecord, ProxyContext, connect_and_relay, sock_addr
 from ztunnel.relay import relay_stream
-from ztunnel.routing import OutboundPlan, PlanKind, plan_outbound
+from ztunnel.routing import (
+    DenyPlan,
+    HbonePlan,
+    LocalPlan,
+    PassthroughPlan,
+    WaypointPlan,
+    plan_outbound,
+)
 
 LISTENER = "outbound"
 REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
@@ -49,20 +57,27 @@ async def proxy_outbound(
     plan = plan_outbound(state, ctx.node, source_ip, dest, ctx.pick,
                          hbone_port=ctx.config.inbound_port or HBONE_PORT)
     rec = ConnectionRecord(ctx, "source", listener, source_ip, dest)
-    rec.source, rec.dest_workload, rec.service = plan.source, plan.destination, plan.service
+    rec.source, rec.service = plan.source, plan.service
+    rec.dest_workload = None if isinstance(plan, DenyPlan) else plan.destination
     rec.source_principal = plan.source.identity.principal if plan.source else None
     rec.extra["plan"] = plan.kind.value
-    if plan.waypoint is not None:
+    if isinstance(plan, WaypointPlan | DenyPlan) and plan.waypoint is not None:
         # The destination workload/identity are the waypoint instance's; this says why.
         rec.extra["waypoint"] = plan.waypoint.key
     try:
-        if plan.kind is PlanKind.DENY:
-            rec.fail("no_route", plan.reason, "NR")
-            writer.transport.abort()
-        elif plan.kind in (PlanKind.HBONE, PlanKind.WAYPOINT):
-            await _via_hbone(ctx, plan, reader, writer, rec)
-        else:
-            await _direct(ctx, plan, reader, writer, rec)
+        match plan:
+            case DenyPlan():
+                rec.fail("no_route", plan.reason, "NR")
+                writer.transport.abort()
+            case HbonePlan() | WaypointPlan():
+                await _via_hbone(ctx, plan, reader, writer, rec)
+            case LocalPlan():
+                await _local(ctx, plan, reader, writer, rec)
+            case PassthroughPlan():
+                await connect_and_relay(ctx, rec, reader, writer, plan.address, rec.count_sent,
+                                        rec.count_received)
+            case _:
+                assert_never(plan)
     except (ConnectionError, OSError, StreamError) as e:
         if rec.outcome == "ok":
             rec.fail("error", f"{type(e).__name__}: {e}", "UC")
@@ -72,27 +87,23 @@ async def proxy_outbound(
         writer.close()
 
 
-async def _direct(ctx: ProxyContext, plan: OutboundPlan, reader: asyncio.StreamReader,
-                  writer: asyncio.StreamWriter, rec: ConnectionRecord) -> None:
-    assert plan.address is not None and plan.target is not None
-    if plan.kind is PlanKind.LOCAL:
-        # Same node: we are also the destination's ztunnel, so enforce its inbound policy here.
-        assert plan.destination is not None and plan.source is not None
-        ident = plan.source.identity
-        rec.mtls = True  # identity is established by the node itself, as in Istio's fast path
-        if not rec.authorize(ctx.store.current.policies_for(plan.destination), ConnectionInfo(
-                rec.source_ip, plan.target[1], ident.principal, ident.namespace)):
-            writer.transport.abort()
-            return
+async def _local(ctx: ProxyContext, plan: LocalPlan, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, rec: ConnectionRecord) -> None:
+    # Same node: we are also the destination's ztunnel, so enforce its inbound policy here.
+    ident = plan.source.identity
+    rec.mtls = True  # identity is established by the node itself, as in Istio's fast path
+    if not rec.authorize(ctx.store.current.policies_for(plan.destination), ConnectionInfo(
+            rec.source_ip, plan.address[1], ident.principal, ident.namespace)):
+        writer.transport.abort()
+        return
     await connect_and_relay(ctx, rec, reader, writer, plan.address, rec.count_sent,
                             rec.count_received)
 
 
-async def _via_hbone(ctx: ProxyContext, plan: OutboundPlan, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter, rec: ConnectionRecord) -> None:
-    assert ctx.pool is not None and plan.source is not None
-    assert plan.address is not None and plan.target is not None
-    assert plan.expected_identity is not None
+async def _via_hbone(ctx: ProxyContext, plan: HbonePlan | WaypointPlan,
+                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     rec: ConnectionRecord) -> None:
+    assert ctx.pool is not None
     rec.mtls = True
     # A waypoint instance is pooled like a ztunnel: its address and identity are in the key.
     key = PoolKey(plan.source.identity, plan.expected_identity,
