@@ -29,6 +29,7 @@ from agent.config import (
     DEFAULT_RUN_DIR,
     MODE_AUTO,
     REDIRECT_MODES,
+    ZTUNNEL_METRICS_URL,
     AgentConfig,
     AgentConfigError,
     parse_uplinks,
@@ -77,7 +78,7 @@ def add_parser(sub: SubParsers) -> None:
     run.add_argument("--metrics-host", default="0.0.0.0")
     run.add_argument("--metrics-port", type=int, default=NODE_METRICS_PORT,
                      help=f"node metrics endpoint (default {NODE_METRICS_PORT})")
-    run.add_argument("--ztunnel-metrics-url", default="http://127.0.0.1:15020/metrics",
+    run.add_argument("--ztunnel-metrics-url", default=ZTUNNEL_METRICS_URL,
                      help="merged into the node metrics ('' to leave out)")
     run.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"])

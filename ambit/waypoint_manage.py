@@ -17,7 +17,7 @@ from typing import Any
 
 from controller.waypoint.model import USE_WAYPOINT_LABEL, WAYPOINT_CLASS, WAYPOINT_FOR_LABEL
 from controller.waypoint.parse import HBONE_LISTENER
-from mesh.ports import GATEWAY_NAME_LABEL, HBONE_PORT, METRICS_PORT
+from mesh.ports import GATEWAY_NAME_LABEL, GRPC_PORT, HBONE_PORT, METRICS_PORT, XDS_PORT
 
 Out = Callable[[str], None]
 
@@ -93,8 +93,8 @@ def apply(namespace: str, name: str, waypoint_for: str, out: Out, *, cluster: st
         raise ManageError(f"registry {path}: {e}") from None
     out(f"waypoint {namespace}/{name} recorded in {path}")
     out(f"start an instance on a node: ambit waypoint run --namespace {namespace} --gateway "
-        f"{name} --pod-name NAME --pod-ip IP --controller CONTROLLER:15011 --ca-address "
-        f"CONTROLLER:15012 --token-file NODE_TOKEN --ca-root-cert TRUST_BUNDLE (register it "
+        f"{name} --pod-name NAME --pod-ip IP --controller CONTROLLER:{XDS_PORT} --ca-address "
+        f"CONTROLLER:{GRPC_PORT} --token-file NODE_TOKEN --ca-root-cert TRUST_BUNDLE (register it "
         f"as a workload labelled {GATEWAY_NAME_LABEL}={name}, service account {name})")
     out(_bind_hint(namespace, name))
 

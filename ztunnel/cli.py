@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mesh.cli import UsageError
+from mesh.ports import (
+    ADMIN_PORT,
+    HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    METRICS_PORT,
+    OUTBOUND_PORT,
+    READINESS_PORT,
+)
 
 if TYPE_CHECKING:
     from mesh.cli import SubParsers
@@ -57,11 +65,13 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("--trust-domain", help="SPIFFE trust domain (default cluster.local)")
     p.add_argument("--inbound-bind", choices=["shared", "workload"],
                    help="shared: capture listeners on --bind-host (TPROXY/eBPF); workload: "
-                   "15006/15008 on each local workload's IP (default shared)")
+                   f"{INBOUND_PLAINTEXT_PORT}/{HBONE_PORT} on each local workload's IP "
+                   "(default shared)")
     p.add_argument("--bind-host", help="address of the capture listeners (default 0.0.0.0)")
-    for name, default in (("outbound", 15001), ("inbound-plaintext", 15006), ("inbound", 15008),
-                          ("socks5", 0), ("admin", 15000), ("metrics", 15020),
-                          ("readiness", 15021)):
+    for name, default in (("outbound", OUTBOUND_PORT),
+                          ("inbound-plaintext", INBOUND_PLAINTEXT_PORT), ("inbound", HBONE_PORT),
+                          ("socks5", 0), ("admin", ADMIN_PORT), ("metrics", METRICS_PORT),
+                          ("readiness", READINESS_PORT)):
         p.add_argument(f"--{name}-port", type=int,
                        help=f"listener port, 0 disables (default {default})")
     p.add_argument("--socks5-host", help="address of the SOCKS5 listener (default 127.0.0.1)")
