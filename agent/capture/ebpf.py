@@ -85,8 +85,6 @@ from agent.capture.ebpf_programs import (
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-DEFAULT_BPF_DIR = Path("/sys/fs/bpf/ambit")
-
 
 def _kernel_errors(method: Callable[_P, _T]) -> Callable[_P, _T]:
     """Report a failed bpf(2) or netlink call as ``CaptureError`` naming the operation, the
