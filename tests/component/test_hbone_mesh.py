@@ -133,6 +133,8 @@ async def test_wrong_server_identity_is_refused(tmp_path: Path) -> None:
         assert await refused(m)
         assert m.echo.received == 0
         assert sample(m.a, "istio_tcp_connections_opened_total", response_flags="IDENTITY") == 1
+        # The refused connection was never pooled, nor forgotten when it closed.
+        assert m.a.ctx.pool is not None and m.a.ctx.pool.size == 0
 
 
 async def test_strict_rejects_plaintext(tmp_path: Path) -> None:
@@ -342,6 +344,19 @@ async def test_draining_peer_refuses_new_tunnels_and_client_retries(tmp_path: Pa
         assert await roundtrip(m, b"retried") == b"retried"
         assert m.a.ctx.pool is not None and m.a.ctx.pool.connections_opened == 2
         w.close()
+
+
+async def test_closed_connection_leaves_the_pool(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        pool = m.a.ctx.pool
+        assert pool is not None
+        assert await roundtrip(m, b"first") == b"first"
+        assert pool.size == 1  # idle, still pooled
+        for proto in list(m.b.inbound.connections):  # B drops it under A
+            proto.abort()
+        await wait_for(lambda: pool.size == 0, "the closed connection leaving the pool")
+        assert await roundtrip(m, b"second") == b"second"
+        assert pool.size == 1 and pool.connections_opened == 2
 
 
 async def test_listener_on_a_socket_opened_elsewhere(tmp_path: Path) -> None:

@@ -87,11 +87,16 @@ class HbonePool:
             raise UpstreamConnectError(str(e), "NO_IDENTITY") from None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = self._make_socket(family)
+
+        def closed(proto: HboneProtocol) -> None:
+            # The connection knows nothing of pooling; its key is kept here, by the closure.
+            self._forget(key, proto)
+
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await loop.sock_connect(sock, (host, port))
                 _, proto = await loop.create_connection(
-                    lambda: HboneProtocol(True, settings=self._settings, on_close=self._forget),
+                    lambda: HboneProtocol(True, settings=self._settings, on_close=closed),
                     sock=sock, ssl=ctx, server_hostname=host,
                     ssl_handshake_timeout=self._connect_timeout,
                 )
@@ -119,21 +124,20 @@ class HbonePool:
                 "IDENTITY",
             )
         self.connections_opened += 1
-        proto.pool_key = key  # type: ignore[attr-defined]
         self._conns.setdefault(key, []).append(proto)
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap())
         return proto
 
-    def _forget(self, proto: HboneProtocol) -> None:
-        key: PoolKey | None = getattr(proto, "pool_key", None)
-        if key is None:
-            return
-        conns = self._conns.get(key, [])
-        if proto in conns:
-            conns.remove(proto)
+    def _forget(self, key: PoolKey, proto: HboneProtocol) -> None:
+        """``proto``, opened for ``key``, has closed: drop it, and the key with its lock once
+        no connection is left."""
+        conns = self._conns.get(key)
+        if conns is None or proto not in conns:
+            return  # never pooled: it failed the identity check (or the TLS handshake)
+        conns.remove(proto)
         if not conns:
-            self._conns.pop(key, None)
+            del self._conns[key]
             self._locks.pop(key, None)
 
     async def _reap(self) -> None:
