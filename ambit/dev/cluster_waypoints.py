@@ -18,7 +18,7 @@ from ambit.dev import mesh
 from ambit.dev.cluster_pods import ClusterPods
 from ambit.dev.cluster_state import CONTROL_PLANE_IP, ClusterError, PodInfo
 from controller.waypoint.parse import HBONE_LISTENER
-from mesh.ports import XDS_PORT
+from mesh.ports import METRICS_PORT, READINESS_PORT, XDS_PORT
 
 WAYPOINT_RUN_ROOT = Path("/var/run/ambit-dev-wp")
 
@@ -69,7 +69,8 @@ class ClusterWaypoints(ClusterPods):
             "--token-file", str(Path(node.run_dir) / "node.token"),
             "--ca-root-cert", str(self.trust_bundle), "--run-dir", str(run_dir)),
             cgroup=Path(pod.cgroup))
-        self._wait_http(role, pod.netns, "http://127.0.0.1:15021/healthz/ready", timeout)
+        self._wait_http(role, pod.netns, f"http://127.0.0.1:{READINESS_PORT}/healthz/ready",
+                        timeout)
         self.save()
         return pod
 
@@ -90,7 +91,7 @@ class ClusterWaypoints(ClusterPods):
 
     def waypoint_metrics(self, name: str, namespace: str = "default") -> str:
         pod = self.pod(self.waypoint_pod(name, namespace))
-        status, body = mesh.http_get(pod.netns, "http://127.0.0.1:15020/metrics")
+        status, body = mesh.http_get(pod.netns, f"http://127.0.0.1:{METRICS_PORT}/metrics")
         if status != 200:
             raise ClusterError(f"waypoint {namespace}/{name} metrics: {status} {body[:200]}")
         return body

@@ -25,6 +25,7 @@ import yaml
 from ambit.dev import netns
 from ambit.dev.topology import Cluster, Node, Pod
 from mesh.files import write_atomic
+from mesh.ports import ADMIN_PORT, METRICS_PORT, READINESS_PORT
 
 PYTHON = sys.executable
 READY_PATH = "/healthz/ready"
@@ -172,9 +173,9 @@ class Ztunnel:
     node: Node
     proc: subprocess.Popen[bytes]
     log: Path
-    admin_port: int = 15000
-    metrics_port: int = 15020
-    readiness_port: int = 15021
+    admin_port: int = ADMIN_PORT
+    metrics_port: int = METRICS_PORT
+    readiness_port: int = READINESS_PORT
 
     def get(self, port: int, path: str, timeout: float = 5.0) -> tuple[int | None, str]:
         """GET ``path`` from one of this ztunnel's HTTP listeners, from inside its node."""
@@ -230,7 +231,7 @@ def start_ztunnel(
     argv = [
         *ambit_command(), "ztunnel", "--node", node.name, "--state", str(state_file),
         "--identity-dir", str(identity_dir), "--inbound-bind", "shared",
-        "--admin-port", "15000", "--metrics-port", "15020", *extra_args,
+        "--admin-port", str(ADMIN_PORT), "--metrics-port", str(METRICS_PORT), *extra_args,
     ]  # fmt: skip
     zt = Ztunnel(node=node, proc=cluster.spawn(node.netns, argv, log=log), log=log)
     if wait:
