@@ -3,18 +3,17 @@
 Why it exists: Envoy needs a certificate for the waypoint identity
 (``spiffe://<td>/ns/<namespace>/sa/<service account>``) for its mutual-TLS xDS connection and
 for HBONE; the mesh CA issues it to a caller that proves itself with a bearer token (the node
-token in embedded mode, the pod's service-account token in Kubernetes). As in the ztunnel
-(``ztunnel/ca_client.py``, whose ``make_csr`` this reuses):
+token in embedded mode, the pod's service-account token in Kubernetes). The request, the check
+of the answer, the renewal time and the retry schedule are the CA client core the ztunnel uses
+too (``mesh/ca_client.py``: local P-256 key and CSR, the token re-read per request, renewal at
+half life measured from arrival, jittered exponential backoff at most a quarter of the
+remaining lifetime apart). What is the waypoint agent's own:
 
-* the EC P-256 key is generated here; only the CSR leaves the process;
-* the token file is re-read on every request (projected tokens rotate), and so is the trust
-  bundle file that verifies the CA's TLS when it changes;
-* the certificate is renewed at half its lifetime as measured from when it arrived (the CA
-  backdates ``notBefore``); a failed request is counted, logged with what to fix, and retried
-  with jittered exponential backoff, at most a quarter of the remaining lifetime apart, while
-  the current certificate keeps serving.
-
-Every new certificate is handed to the subscribers (the SDS server pushes it to Envoy).
+* the trust bundle file that verifies the CA's TLS is re-checked per request, and the channel
+  is rebuilt when it changes;
+* a failed request is counted, logged with what to fix (hints per gRPC status), and retried
+  while the current certificate keeps serving;
+* every new certificate is handed to the subscribers (the SDS server pushes it to Envoy).
 """
 
 from __future__ import annotations
@@ -34,12 +33,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh.api.ambit.v1 import ca_pb2, ca_pb2_grpc
-from mesh.ca_client import CHANNEL_OPTIONS, check_issued, make_csr
+from mesh.ca_client import (
+    CaError,
+    TokenFile,
+    accept_issued,
+    open_channel,
+    refresh_at,
+    request_certificate,
+    retry_delay,
+)
 from mesh.spiffe import SpiffeId
 
-log = logging.getLogger("ambit.waypoint.certs")
+log = logging.getLogger("waypoint.certs")
 
-# What a refusal most likely means for the operator, by gRPC status.
+# What a refusal most likely means for the operator, by gRPC status. The waypoint agent's own
+# (the ztunnel has none): they name its flags and its pod's setup, and its readiness endpoint
+# repeats the last error, so that is where an operator looks.
 _HINTS = {
     "UNAUTHENTICATED": "the CA does not accept the token in {token_file}; mount the pod's "
                        "service-account token (Kubernetes) or the node token from "
@@ -51,15 +60,6 @@ _HINTS = {
                    "the address right?",
     "DEADLINE_EXCEEDED": "the CA at {address} did not answer in time",
 }
-
-
-class CaError(Exception):
-    """One failed certificate request; ``code`` is the gRPC status name or a local reason
-    (``token``, ``trust_bundle``, ``bad_response``)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class WaypointCertificate:
 
     @property
     def refresh_at(self) -> float:
-        return self.fetched_at + (self.not_after - self.fetched_at) / 2
+        return refresh_at(self.fetched_at, self.not_after)
 
     def valid(self, now: float) -> bool:
         return now < self.not_after
@@ -89,33 +89,12 @@ class WaypointCertificate:
 def accept_response(identity: SpiffeId, key: ec.EllipticCurvePrivateKey,
                     resp: ca_pb2.CreateCertificateResponse, fetched_at: float,
                     ca_address: str) -> WaypointCertificate:
-    """Check the CA's answer is a certificate for our key and identity; raise ``CaError``
-    (code ``bad_response``) saying what is wrong otherwise."""
-    def bad(why: str) -> CaError:
-        return CaError("bad_response", f"CA {ca_address} answered for {identity} with an "
-                       f"unusable certificate: {why}")
-
-    try:
-        issued = check_issued(identity, key, resp)
-    except ValueError as e:
-        raise bad(str(e)) from None
-    leaf = issued.leaf
-    not_after = leaf.not_valid_after_utc.timestamp()
-    if not_after <= fetched_at:
-        raise bad(f"it expired at {leaf.not_valid_after_utc.isoformat()}")
+    """The CA's answer, checked (``accept_issued``: for our key and identity, not expired), as
+    the certificate to serve; ``CaError`` (code ``bad_response``) saying what is wrong
+    otherwise."""
+    issued = accept_issued(identity, key, resp, fetched_at, ca_address)
     return WaypointCertificate(identity, issued.chain_pem, issued.key_pem, issued.bundle_pem,
-                               format(leaf.serial_number, "x"), not_after, fetched_at)
-
-
-def retry_delay(failures: int, now: float, held: WaypointCertificate | None, initial: float,
-                maximum: float, rng: random.Random) -> float:
-    """Seconds until the next attempt after ``failures`` consecutive failures: exponential from
-    ``initial`` to ``maximum``, at most a quarter of the remaining lifetime of a valid
-    certificate (several attempts must fit before it expires), jittered to 50-100%."""
-    delay = min(maximum, initial * 2.0 ** min(max(failures - 1, 0), 30))
-    if held is not None and held.valid(now):
-        delay = min(delay, max((held.not_after - now) / 4, initial))
-    return delay * rng.uniform(0.5, 1.0)
+                               issued.serial, issued.not_after, fetched_at)
 
 
 class CertificateManager:
@@ -129,6 +108,9 @@ class CertificateManager:
         ca_root_cert: Path | None,
         registry: CollectorRegistry,
         ttl_seconds: int = 0,
+        # Longer than the ztunnel's 5 s: no connection waits on this request (only Envoy's
+        # start, which waits anyway), and in Kubernetes the CA reviews the pod's token with
+        # the API server before it answers.
         request_timeout: float = 10.0,
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
@@ -138,6 +120,9 @@ class CertificateManager:
         self.identity = identity
         self.ca_address = ca_address
         self.token_file = token_file
+        self._token = TokenFile(token_file, "CA token",
+                                "mount the pod's service-account token there (Kubernetes) or "
+                                "write the node token from `ambit node join` (embedded mode)")
         self.ca_root_cert = ca_root_cert  # None = plaintext gRPC (loopback development)
         self.ttl_seconds = ttl_seconds
         self.request_timeout = request_timeout
@@ -244,18 +229,6 @@ class CertificateManager:
 
     # -- one request ----------------------------------------------------------------------
 
-    def _token(self) -> str:
-        try:
-            token = self.token_file.read_text().strip()
-        except OSError as e:
-            raise CaError("token", f"cannot read the CA token file {self.token_file}: "
-                          f"{e.strerror}; mount the pod's service-account token there "
-                          "(Kubernetes) or write the node token from `ambit node join` "
-                          "(embedded mode)") from None
-        if not token:
-            raise CaError("token", f"the CA token file {self.token_file} is empty")
-        return token
-
     async def _connect(self) -> ca_pb2_grpc.CertificateServiceAsyncStub:
         stamp: tuple[float, int] | None = None
         if self.ca_root_cert is not None:
@@ -271,7 +244,7 @@ class CertificateManager:
         if old is not None:
             await old.close()
         if self.ca_root_cert is None:
-            self._channel = grpc.aio.insecure_channel(self.ca_address, options=CHANNEL_OPTIONS)
+            self._channel = open_channel(self.ca_address, None)
         else:
             try:
                 root = self.ca_root_cert.read_bytes()
@@ -280,8 +253,7 @@ class CertificateManager:
                 raise CaError("trust_bundle", f"the trust bundle {self.ca_root_cert} "
                               f"(--ca-root-cert) is unusable: {e}") from None
             creds = grpc.ssl_channel_credentials(root_certificates=root)
-            self._channel = grpc.aio.secure_channel(self.ca_address, creds,
-                                                    options=CHANNEL_OPTIONS)
+            self._channel = open_channel(self.ca_address, creds)
             if old is not None:
                 log.info("trust bundle %s changed; reconnecting to the CA", self.ca_root_cert)
         self._root_stamp = stamp
@@ -290,23 +262,11 @@ class CertificateManager:
 
     async def request(self) -> WaypointCertificate:
         """One CreateCertificate call; the verified certificate, or ``CaError``."""
-        token = self._token()
-        stub = await self._connect()
-        key, csr_pem = make_csr(self.identity)
-        try:
-            resp = await stub.CreateCertificate(
-                ca_pb2.CreateCertificateRequest(csr_pem=csr_pem, ttl_seconds=self.ttl_seconds),
-                metadata=(("authorization", f"Bearer {token}"),),
-                timeout=self.request_timeout,
-            )
-        except grpc.aio.AioRpcError as e:
-            code = e.code().name
-            hint = _HINTS.get(code, "").format(token_file=self.token_file,
-                                               identity=self.identity,
-                                               sa=self.identity.service_account,
-                                               address=self.ca_address, tls=self.transport)
-            raise CaError(code, f"CA {self.ca_address} did not issue a certificate for "
-                          f"{self.identity}: {code}: {e.details()}"
-                          + (f" ({hint})" if hint else "")) from None
+        hints = {code: text.format(token_file=self.token_file, identity=self.identity,
+                                   sa=self.identity.service_account, address=self.ca_address,
+                                   tls=self.transport)
+                 for code, text in _HINTS.items()}
+        key, resp = await request_certificate(
+            self._connect, self.identity, self._token, ca_address=self.ca_address,
+            ttl_seconds=self.ttl_seconds, request_timeout=self.request_timeout, hints=hints)
         return accept_response(self.identity, key, resp, self._clock(), self.ca_address)
-

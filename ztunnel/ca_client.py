@@ -2,18 +2,20 @@
 
 Why it exists: in a mesh with a controller, nothing writes identity directories; the ztunnel
 asks the CA for a short-lived certificate per identity of its node's workloads, and must keep
-the mesh running through CA restarts. So:
+the mesh running through CA restarts. The request, the check of the answer, the renewal time
+and the retry schedule are the CA client core every component shares (``mesh/ca_client.py``:
+local P-256 key and CSR, the node credential as ``authorization: Bearer <token>`` re-read from
+``node_token_file`` per request, renewal at half life, jittered exponential backoff). What is
+the ztunnel's own:
 
-* the key pair is generated here (EC P-256) and only a CSR leaves the node; the request carries
-  the node credential as ``authorization: Bearer <token>``, read from ``node_token_file`` on
-  every request (projected service-account tokens rotate);
 * fetches are on demand, single-flight per identity (a burst of first connections makes one
   request), and cached;
-* a background task per identity renews its certificate at half its lifetime; the new TLS
-  contexts serve new connections, open connections keep the ones they were made with;
-* a failed request is counted (``ambit_ca_fetch_errors_total{code}``), logged and retried with
-  jittered exponential backoff (sooner as expiry nears); the cached certificate keeps serving
-  while it is valid, so a CA outage shorter than half a lifetime is invisible.
+* a background task per identity renews its certificate; the new TLS contexts serve new
+  connections, open connections keep the ones they were made with;
+* a failed request is counted (``ambit_ca_fetch_errors_total{code}``), logged and retried; the
+  cached certificate keeps serving while it is valid, so a CA outage shorter than half a
+  lifetime is invisible, and while backing off, connections needing a certificate the ztunnel
+  does not have fail at once with the CA's reason.
 """
 
 from __future__ import annotations
@@ -33,21 +35,21 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh.api.ambit.v1 import ca_pb2, ca_pb2_grpc
-from mesh.ca_client import CHANNEL_OPTIONS, check_issued, make_csr
+from mesh.ca_client import (
+    CaError,
+    TokenFile,
+    accept_issued,
+    open_channel,
+    refresh_at,
+    request_certificate,
+    retry_delay,
+    unusable,
+)
 from mesh.spiffe import SpiffeId
 from ztunnel.identity import CertInfo, IdentityError, context_from_pem
 from ztunnel.metrics import Metrics
 
 log = logging.getLogger("ztunnel.ca")
-
-
-
-class CaFetchError(Exception):
-    """One failed certificate request; ``code`` is the gRPC status name or a local reason."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -62,9 +64,7 @@ class _Held:
 
     @property
     def refresh_at(self) -> float:
-        # Half of the lifetime as seen from here: the CA backdates notBefore for clock skew,
-        # so the certificate's own notBefore would put half-life too late.
-        return self.fetched_at + (self.not_after - self.fetched_at) / 2
+        return refresh_at(self.fetched_at, self.not_after)
 
     def valid(self, now: float) -> bool:
         return now < self.not_after
@@ -93,6 +93,9 @@ class CaSecretManager:
         metrics: Metrics,
         credentials: grpc.ChannelCredentials | None = None,
         ttl: dt.timedelta | None = None,
+        # Shorter than the waypoint agent's 10 s: a connection may be waiting on this request
+        # (on-demand fetch), and it should fail with the reason within the ztunnel's own 5 s
+        # connect timeout rather than after it.
         request_timeout: float = 5.0,
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
@@ -101,6 +104,9 @@ class CaSecretManager:
     ) -> None:
         self.ca_address = ca_address
         self.token_file = token_file
+        self._token = TokenFile(token_file, "node token",
+                                "join the node (`ambit node join`) or mount the ztunnel's "
+                                "service-account token there")
         self.metrics = metrics
         self.credentials = credentials
         self.ttl = ttl
@@ -171,13 +177,13 @@ class CaSecretManager:
                                 f"(next attempt in {st.retry_at - now:.1f}s)")
         try:
             return await self._fetch(identity)
-        except CaFetchError as e:
+        except CaError as e:
             raise IdentityError(f"{expired}{e}") from None
 
     async def _fetch(self, identity: SpiffeId) -> _Held:
         """Join the request in flight for ``identity``, or start one."""
         if self._closed:
-            raise CaFetchError("closed", "the ztunnel is shutting down")
+            raise CaError("closed", "the ztunnel is shutting down")
         st = self._state(identity)
         if st.inflight is None:
             task = asyncio.create_task(self._fetch_once(identity, st))
@@ -191,10 +197,11 @@ class CaSecretManager:
     async def _fetch_once(self, identity: SpiffeId, st: _Identity) -> _Held:
         try:
             held = await self._request(identity)
-        except CaFetchError as e:
+        except CaError as e:
             st.failures += 1
             now = self._clock()
-            st.retry_at = now + self._backoff(st, now)
+            st.retry_at = now + retry_delay(st.failures, now, st.held, self.backoff_initial,
+                                            self.backoff_max, self._rng)
             st.last_error = str(e)
             self.metrics.ca_fetch_errors.labels(e.code).inc()
             log.warning("%s; retrying in %.1fs%s", e, st.retry_at - now,
@@ -215,13 +222,6 @@ class CaSecretManager:
                  "renewed" if renewed else "obtained", identity, held.info.serial,
                  held.info.not_after.isoformat(timespec="seconds"))
         return held
-
-    def _backoff(self, st: _Identity, now: float) -> float:
-        delay = min(self.backoff_max, self.backoff_initial * 2.0 ** min(st.failures - 1, 30))
-        if st.held is not None and st.held.valid(now):
-            # Several attempts must fit before the certificate in use expires.
-            delay = min(delay, max((st.held.not_after - now) / 4, self.backoff_initial))
-        return delay * self._rng.uniform(0.5, 1.0)
 
     # -- renewal --------------------------------------------------------------------------
 
@@ -258,68 +258,34 @@ class CaSecretManager:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(st.changed.wait(), due - now)
                 continue
-            with contextlib.suppress(CaFetchError):  # counted, logged, scheduled for retry
+            with contextlib.suppress(CaError):  # counted, logged, scheduled for retry
                 await self._fetch(identity)
 
     # -- the request ----------------------------------------------------------------------
 
-    def _connect(self) -> ca_pb2_grpc.CertificateServiceAsyncStub:
+    async def _connect(self) -> ca_pb2_grpc.CertificateServiceAsyncStub:
         if self._stub is None:
-            if self.credentials is None:
-                self._channel = grpc.aio.insecure_channel(self.ca_address,
-                                                          options=CHANNEL_OPTIONS)
-            else:
-                self._channel = grpc.aio.secure_channel(self.ca_address, self.credentials,
-                                                        options=CHANNEL_OPTIONS)
+            self._channel = open_channel(self.ca_address, self.credentials)
             self._stub = ca_pb2_grpc.CertificateServiceStub(self._channel)
         return self._stub
 
-    def _token(self) -> str:
-        try:
-            token = self.token_file.read_text().strip()
-        except OSError as e:
-            raise CaFetchError("token", f"cannot read the node token {self.token_file}: "
-                               f"{e.strerror}; join the node (`ambit node join`) or mount "
-                               "the ztunnel's service-account token there") from None
-        if not token:
-            raise CaFetchError("token", f"the node token file {self.token_file} is empty")
-        return token
-
     async def _request(self, identity: SpiffeId) -> _Held:
-        token = self._token()
-        key, csr_pem = make_csr(identity)
         ttl = int(self.ttl.total_seconds()) if self.ttl else 0
-        try:
-            resp = await self._connect().CreateCertificate(
-                ca_pb2.CreateCertificateRequest(csr_pem=csr_pem, ttl_seconds=ttl),
-                metadata=(("authorization", f"Bearer {token}"),),
-                timeout=self.request_timeout,
-            )
-        except grpc.aio.AioRpcError as e:
-            code = e.code()
-            raise CaFetchError(code.name, f"CA {self.ca_address} did not issue a certificate "
-                               f"for {identity}: {code.name}: {e.details()}") from None
-        fetched_at = self._clock()
-        return self._accept(identity, key, resp, fetched_at)
+        key, resp = await request_certificate(
+            self._connect, identity, self._token, ca_address=self.ca_address,
+            ttl_seconds=ttl, request_timeout=self.request_timeout)
+        return self._accept(identity, key, resp, self._clock())
 
     def _accept(self, identity: SpiffeId, key: ec.EllipticCurvePrivateKey,
                 resp: ca_pb2.CreateCertificateResponse, fetched_at: float) -> _Held:
-        """Check the CA's answer is a certificate for our key and identity; build contexts."""
-        def bad(why: str) -> CaFetchError:
-            return CaFetchError("bad_response", f"CA {self.ca_address} answered for {identity} "
-                                f"with an unusable certificate: {why}")
-
+        """The CA's answer, checked (``accept_issued``), as the TLS contexts that serve it."""
+        issued = accept_issued(identity, key, resp, fetched_at, self.ca_address)
         try:
-            issued = check_issued(identity, key, resp)
-        except ValueError as e:
-            raise bad(str(e)) from None
-        chain_pem, key_pem, bundle_pem, leaf = (issued.chain_pem, issued.key_pem,
-                                                issued.bundle_pem, issued.leaf)
-        try:
-            client = context_from_pem(False, chain_pem, key_pem, bundle_pem)
-            server = context_from_pem(True, chain_pem, key_pem, bundle_pem)
+            client = context_from_pem(False, issued.chain_pem, issued.key_pem,
+                                      issued.bundle_pem)
+            server = context_from_pem(True, issued.chain_pem, issued.key_pem,
+                                      issued.bundle_pem)
         except (ssl.SSLError, ValueError) as e:
-            raise bad(f"TLS cannot use it: {e}") from None
-        not_after = leaf.not_valid_after_utc
-        info = CertInfo(identity, not_after, format(leaf.serial_number, "x"))
-        return _Held(info, client, server, fetched_at, not_after.timestamp())
+            raise unusable(self.ca_address, identity, f"TLS cannot use it: {e}") from None
+        info = CertInfo(identity, issued.leaf.not_valid_after_utc, issued.serial)
+        return _Held(info, client, server, fetched_at, issued.not_after)

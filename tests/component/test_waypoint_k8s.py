@@ -56,13 +56,13 @@ from controller.waypoint.k8s_deployer import GatewayDeployer
 from controller.waypoint.model import WAYPOINT_FOR_LABEL, Gateway
 from controller.waypoint.parse import parse_gateway
 from mesh.api.ambit.v1 import ca_pb2, ca_pb2_grpc
+from mesh.ca_client import make_csr
 from mesh.ports import GATEWAY_NAME_LABEL
 from mesh.spiffe import SpiffeId
 from mesh.state.parse import StateError
 from tests.component.waiting import until
 from tests.k8s_double import objects as o
 from tests.k8s_double.server import ApiServerDouble, ServiceAccountToken
-from ztunnel.ca_client import make_csr
 
 TD = "cluster.local"
 ROOT = "-----BEGIN CERTIFICATE-----\nMIIBdGVzdC1yb290\n-----END CERTIFICATE-----\n"

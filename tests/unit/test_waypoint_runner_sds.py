@@ -21,10 +21,10 @@ from prometheus_client import CollectorRegistry
 
 from controller.ca import CertificateAuthority
 from mesh.api.ambit.v1 import ca_pb2
+from mesh.ca_client import CaError, make_csr, retry_delay
 from mesh.spiffe import SpiffeId
-from waypoint.certs import CaError, WaypointCertificate, accept_response, retry_delay
+from waypoint.certs import WaypointCertificate, accept_response
 from waypoint.sds import SECRET_TYPE_URL, SdsServer, SecretStore, build_sds_response
-from ztunnel.ca_client import make_csr
 
 TD = "cluster.local"
 WAYPOINT = SpiffeId(TD, "wp-ns", "wp")
