@@ -257,19 +257,33 @@ async def test_oversized_headers_close_the_connection(tmp_path: Path) -> None:
         assert await roundtrip(m, b"alive") == b"alive"
 
 
+def _reissue_identities(m: Mesh, client_issued_at: dt.datetime) -> None:
+    """Replace the whole identity bundle with one from a new CA the servers then trust; the
+    client's certificate is valid for an hour from ``client_issued_at``, the others from now."""
+    assert (m.ids / "trust-bundle.pem").exists()
+    ca = CertificateAuthority.generate(TD)
+    (m.ids / "trust-bundle.pem").write_bytes(ca.root_pem)
+    for ns, sa in (("default", "echo"), ("other", "other")):
+        write_identity(m.ids, SpiffeId(TD, ns, sa), ca.issue(SpiffeId(TD, ns, sa)))
+    ident = SpiffeId(TD, "default", "client")
+    write_identity(m.ids, ident, ca.issue(ident, ttl=dt.timedelta(hours=1),
+                                          now=client_issued_at))
+
+
 async def test_expired_client_certificate_is_refused(tmp_path: Path) -> None:
-    async with mesh(tmp_path) as m:
-        ca_root = m.ids / "trust-bundle.pem"
-        assert ca_root.exists()
-        # Replace the client's certificate with one that expired an hour ago, signed by a CA
-        # the servers trust (re-issue the whole bundle so only expiry is wrong).
-        ca = CertificateAuthority.generate(TD)
-        (m.ids / "trust-bundle.pem").write_bytes(ca.root_pem)
-        for ns, sa in (("default", "echo"), ("other", "other")):
-            write_identity(m.ids, SpiffeId(TD, ns, sa), ca.issue(SpiffeId(TD, ns, sa)))
-        past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
-        ident = SpiffeId(TD, "default", "client")
-        write_identity(m.ids, ident, ca.issue(ident, ttl=dt.timedelta(hours=1), now=past))
+    now = dt.datetime.now(dt.UTC)
+    # Positive control: the same re-issued bundle with the client's certificate still valid
+    # carries traffic, so the refusal below is down to the expiry alone.
+    (tmp_path / "valid").mkdir()
+    async with mesh(tmp_path / "valid") as m:
+        _reissue_identities(m, client_issued_at=now - dt.timedelta(minutes=5))
+        assert await roundtrip(m, b"secret") == b"secret"
+        assert sample(m.b, "ambit_ztunnel_connection_errors_total", reason="tls_handshake") == 0
+        assert m.echo.received == len(b"secret")
+    # The same, but the client's certificate expired two hours ago.
+    (tmp_path / "expired").mkdir()
+    async with mesh(tmp_path / "expired") as m:
+        _reissue_identities(m, client_issued_at=now - dt.timedelta(hours=3))
         assert await refused(m)
         assert sample(m.b, "ambit_ztunnel_connection_errors_total", reason="tls_handshake") >= 1
         assert m.echo.received == 0
