@@ -33,13 +33,13 @@ import functools
 import io
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.cni import plugin, spec
+from mesh.unix import bind_unix
 
 log = logging.getLogger("agent.cni")
 
@@ -50,6 +50,7 @@ OPS = ("add", "del", "check")
 EXEC_OP = "exec"
 # Plugin runs at once; each blocks a thread for at most its config's timeoutSeconds.
 EXEC_WORKERS = 16
+SOCKET_MODE = 0o600
 
 
 class CniRequestError(ValueError):
@@ -134,12 +135,11 @@ class CniServer:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.unlink(missing_ok=True)
+        # 0600 from creation (mesh/unix.py): the plugin runs as root, run by the runtime.
+        sock = bind_unix(self.path, SOCKET_MODE)
         self._pool = concurrent.futures.ThreadPoolExecutor(EXEC_WORKERS, "cni-exec")
-        self._server = await asyncio.start_unix_server(self._serve, str(self.path),
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock,
                                                        limit=MAX_REQUEST)
-        os.chmod(self.path, 0o600)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

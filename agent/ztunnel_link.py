@@ -26,10 +26,13 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
+from mesh.unix import bind_unix
+
 log = logging.getLogger("agent.ztunnel_link")
 
 MAX_MESSAGE = 4096
 MAX_FDS = 8
+SOCKET_MODE = 0o600
 
 OnListeners = Callable[[Mapping[str, int], int], Awaitable[None]]  # (name -> fd, pid)
 
@@ -62,14 +65,8 @@ class ZtunnelLinkServer:
         self._conns: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.unlink(missing_ok=True)
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        srv.bind(str(self.path))
-        os.chmod(self.path, 0o600)
-        srv.listen(8)
-        srv.setblocking(False)
-        self._server = srv
+        # 0600 from creation (mesh/unix.py): the ztunnel runs as root, like the agent.
+        self._server = bind_unix(self.path, SOCKET_MODE, backlog=8)
         self._task = asyncio.create_task(self._accept())
 
     async def _accept(self) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -37,6 +36,7 @@ from prometheus_client import (
 
 from mesh.http_server import Response, serve_http
 from mesh.listener import BindError, Listener, bind_socket
+from mesh.unix import file_mode
 from waypoint.als import AlsServer, IstioMetrics
 from waypoint.bootstrap import write_bootstrap
 from waypoint.certs import CertificateManager
@@ -145,10 +145,13 @@ class WaypointRunner:
         server = grpc.aio.server()
         self.sds.add_to_server(server)
         self.als.add_to_server(server)
-        if not server.add_insecure_port(f"unix:{sock}"):
+        # gRPC binds here, synchronously: under the umask, the socket is 0600 from creation
+        # (Envoy runs as the agent's user).
+        with file_mode(0o600):
+            bound = server.add_insecure_port(f"unix:{sock}")
+        if not bound:
             raise OSError(f"cannot listen on the agent socket {sock}")
         await server.start()
-        os.chmod(sock, 0o600)
         self.grpc_server = server
         log.info("SDS and ALS on unix:%s", sock)
 
