@@ -38,3 +38,17 @@ MARK_MASK = 0xFFF
 # A waypoint's instances carry the Gateway API's gateway-name label; the registry (controller)
 # and the ztunnel's store both find a waypoint's pods by it.
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+
+
+def parse_port(text: str) -> int:
+    """A port number from text (wire or config): 1-5 ASCII digits, 1..65535; else ValueError.
+
+    Not ``int()`` or ``str.isdigit()`` alone: they accept non-ASCII digits ("٨٠٨٠" is 8080) and
+    ``int`` also signs, spaces and underscores, so one peer's port could read as another.
+    """
+    if not (0 < len(text) <= 5 and text.isascii() and text.isdigit()):
+        raise ValueError(f"port {text[:16]!r} is not 1-5 ASCII digits")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is not in 1..65535")
+    return port

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from mesh.ports import parse_port
 from mesh.spiffe import SpiffeError, SpiffeId
 from mesh.state.model import (
     Action,
@@ -107,13 +108,14 @@ def _net(value: Any, path: str) -> IPNetwork:
 
 
 def _port(value: Any, path: str) -> int:
+    # An int, or a string of ASCII digits (parse_port): int(str(value)) took "٨٠", "+80", "8_0".
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str):
+        raise StateError(path, f"{value!r} is not a port number")
     try:
-        port = int(str(value))
+        return parse_port(text)
     except ValueError:
-        raise StateError(path, f"{value!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise StateError(path, f"{port} is not a port number (1-65535)")
-    return port
+        raise StateError(path, f"{value!r} is not a port number (1-65535)") from None
 
 
 def _labels(value: Any, path: str) -> tuple[tuple[str, str], ...]:

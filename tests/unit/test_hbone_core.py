@@ -153,7 +153,8 @@ def test_non_connect_method_is_rejected_with_405() -> None:
     assert status == [b"405"]
 
 
-@pytest.mark.parametrize("authority", ["example.com:80", "10.0.0.1", "10.0.0.1:99999", ":80"])
+@pytest.mark.parametrize("authority", ["example.com:80", "10.0.0.1", "10.0.0.1:99999", ":80",
+                                       "127.0.0.20:\u0668\u0660\u0668\u0660"])
 def test_bad_authority_is_rejected_with_400(authority: str) -> None:
     s = HboneConnection(False)
     s.initiate()
@@ -194,9 +195,44 @@ def test_goaway_stops_new_streams() -> None:
 @pytest.mark.parametrize(("text", "expected"), [
     ("10.1.2.3:8080", (ipaddress.ip_address("10.1.2.3"), 8080)),
     ("[fd00::1]:443", (ipaddress.ip_address("fd00::1"), 443)),
+    ("10.1.2.3:1", (ipaddress.ip_address("10.1.2.3"), 1)),
+    ("10.1.2.3:65535", (ipaddress.ip_address("10.1.2.3"), 65535)),
+    ("10.1.2.3:00080", (ipaddress.ip_address("10.1.2.3"), 80)),  # 5 digits, still a port
+    ("[::ffff:255.255.255.255]:65535", (ipaddress.ip_address("::ffff:ffff:ffff"), 65535)),
 ])
 def test_parse_authority(text: str, expected: object) -> None:
     assert parse_authority(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "127.0.0.20:\u0668\u0660\u0668\u0660",  # Arabic-Indic 8080: isdigit() says yes
+    "127.0.0.20:\uff18\uff10",  # fullwidth 80
+    "127.0.0.20:\u00b2",  # superscript two
+    "10.0.0.1:+80",
+    "10.0.0.1:-80",
+    "10.0.0.1: 80",
+    "10.0.0.1:80 ",
+    " 10.0.0.1:80",
+    "10.0.0.1:8_0",
+    "10.0.0.1:",
+    "10.0.0.1:0",
+    "10.0.0.1:65536",
+    "10.0.0.1:000080",  # more than 5 digits
+    "10.0.0.1:" + "1" * 5000,  # int() would spend time (or raise) on this
+    "1" * 100 + ":80",
+    "",
+    ":80",
+    "10.0.0.1",
+    "example.com:80",
+    "fd00::1:80",  # IPv6 without brackets: which colon is the port?
+    "[10.0.0.1]:80",
+    "[fe80::1%eth0]:80",  # a zone names a local interface, never a pod
+    "[fe80::1%25eth0]:80",
+    "\u0661\u0660.0.0.1:80",
+])
+def test_parse_authority_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_authority(text)
 
 
 @pytest.mark.parametrize("ip", ["10.0.0.7", "fd00::7"])
@@ -236,3 +272,34 @@ def test_fast_frame_repr_is_identical(size: int) -> None:
         r = binascii.hexlify(data).decode("ascii")
         expected = "<hex:" + (r[:20] + "..." if len(r) > 20 else r) + ">"
     assert _raw_data_repr(data) == expected
+
+
+def raw_server() -> h2.connection.H2Connection:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=False, validate_outbound_headers=False))
+    conn.initiate_connection()
+    return conn
+
+
+@pytest.mark.parametrize(("status", "accepted", "refused_status"), [
+    ("200", True, 0),
+    ("204", True, 0),
+    ("403", False, 403),
+    ("\u0662\u0660\u0660", False, 0),  # Arabic-Indic 200 is not a status
+    ("+200", False, 0),
+    ("2000", False, 0),
+    ("20", False, 0),
+])
+def test_response_status_is_three_ascii_digits(status: str, accepted: bool,
+                                               refused_status: int) -> None:
+    c = HboneConnection(True)
+    c.initiate()
+    server = raw_server()
+    server.receive_data(c.data_to_send())
+    sid = c.open_stream("10.0.0.1:80")
+    server.receive_data(c.data_to_send())
+    server.send_headers(sid, [(":status", status)])
+    events = [e for e in c.receive(server.data_to_send())
+              if isinstance(e, ev.StreamAccepted | ev.StreamRefused)]
+    assert events == ([ev.StreamAccepted(sid)] if accepted
+                      else [ev.StreamRefused(sid, refused_status)])

@@ -21,6 +21,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from mesh.ports import parse_port
 from ztunnel.hbone import _h2fast
 from ztunnel.hbone.events import (
     ConnectionTerminated,
@@ -52,19 +53,34 @@ class HboneSettings:
 
 
 DEFAULT_SETTINGS = HboneSettings()
+# The longest valid authority, "[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:65535", is 53.
+_MAX_AUTHORITY = 64
 
 
 def parse_authority(authority: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
-    """``10.0.0.1:80`` or ``[fd00::1]:80`` to (address, port); ``ValueError`` otherwise."""
+    """``10.0.0.1:80`` or ``[fd00::1]:80`` to (address, port); ``ValueError`` otherwise.
+
+    Strict, because the authority is attacker-chosen: ASCII-digit port 1..65535 (see
+    ``parse_port``), IPv6 only in brackets and IPv4 never (``fd00::1:80`` is ambiguous), and no
+    IPv6 zone (``%eth0``): a tunnel names a pod address, never a local interface.
+    """
+    if len(authority) > _MAX_AUTHORITY:
+        raise ValueError(f"authority {authority[:_MAX_AUTHORITY]!r}... is too long")
     host, sep, port_text = authority.rpartition(":")
-    if not sep or not port_text.isdigit():
+    if not sep:
         raise ValueError(f"authority {authority!r} is not ip:port")
-    if host.startswith("[") and host.endswith("]"):
+    try:
+        port = parse_port(port_text)
+    except ValueError as e:
+        raise ValueError(f"authority {authority!r}: {e}") from None
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
+    if "%" in host:
+        raise ValueError(f"authority {authority!r} has an IPv6 zone")
     addr = ipaddress.ip_address(host)
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"authority {authority!r} has an invalid port")
+    if bracketed != (addr.version == 6):
+        raise ValueError(f"authority {authority!r}: IPv6 needs brackets, IPv4 takes none")
     return addr, port
 
 
@@ -91,6 +107,11 @@ def parse_forwarded_for(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Add
                 except ValueError:
                     return None
     return None
+
+
+def _status(text: str) -> int:
+    """An HTTP status is exactly three ASCII digits; anything else is 0 (a refusal)."""
+    return int(text) if len(text) == 3 and text.isascii() and text.isdigit() else 0
 
 
 def _text(value: bytes | str) -> str:
@@ -312,8 +333,7 @@ class HboneConnection:
             st = self._streams.get(ev.stream_id)
             if st is None:
                 return
-            status_text = _header_map(ev.headers).get(":status", "0")
-            status = int(status_text) if status_text.isdigit() else 0
+            status = _status(_header_map(ev.headers).get(":status", ""))
             if 200 <= status < 300:
                 st.open = True
                 out.append(StreamAccepted(ev.stream_id))
