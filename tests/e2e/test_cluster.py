@@ -139,6 +139,10 @@ def test_cross_node_is_hbone_mtls_on_the_wire(cluster: DevCluster) -> None:
 def test_same_node_goes_through_the_ztunnel_with_policy(cluster: DevCluster) -> None:
     c = cluster
     a, b, srv = add(c, "sa", 1), add(c, "sb", 1), add(c, "ssrv", 1, echo=True)
+    # Positive control: before the policy, sb reaches the server (through its ztunnel).
+    ok_probe(c, b, srv)
+    until(lambda: [r for r in records(c, srv, b, "outbound") if r["outcome"] == "ok"],
+          5, "sb's same-node outbound record before the policy")
     c.apply([{"apiVersion": "security.ambit.dev/v1", "kind": "AuthorizationPolicy",
               "metadata": {"name": "deny-sb", "namespace": "default"},
               "spec": {"selector": {"matchLabels": {"app": "ssrv"}}, "action": "DENY",
@@ -151,9 +155,36 @@ def test_same_node_goes_through_the_ztunnel_with_policy(cluster: DevCluster) -> 
     rec = until(lambda: [r for r in records(c, srv, a, "outbound") if r["outcome"] == "ok"],
                 5, "a same-node outbound record")[-1]
     assert rec["plan"] == "local"
-    until(lambda: not probe(c, b, srv).ok, 5, "the DENY policy to apply")
-    denied = records(c, srv, b, "outbound")
-    assert denied and all(r["outcome"] != "ok" for r in denied[-1:])
+
+    def refused_with_its_record() -> tuple[mesh.ProbeResult, list[dict[str, Any]]] | None:
+        before = len(records(c, srv, b, "outbound"))
+        res = probe(c, b, srv)
+        if res.ok:
+            return None  # the policy has not reached the ztunnel yet
+        new = until(lambda: records(c, srv, b, "outbound")[before:], 5,
+                    "the refused connection's access record")
+        return res, new
+
+    res, new = until(refused_with_its_record, 10, "the DENY policy to apply")
+    # The refusal is the policy's doing, not some other failure: one record, a denial by it.
+    assert len(new) == 1, new
+    denied = new[0]
+    assert denied["outcome"] == "denied", denied
+    assert denied["response_flags"] == "DENY", denied
+    assert denied["policy"] == "default/deny-sb", denied
+    assert denied["reason"] == "denied by DENY policy default/deny-sb", denied
+    assert denied["src_identity"] == "spiffe://cluster.local/ns/default/sa/sb", denied
+    assert res.answer is None and res.error, res
+
+    # ... and the ztunnel counts it as Istio does: opened with response_flags="DENY".
+    def denied_opened() -> float:
+        return sum(float(ln.rsplit(" ", 1)[1])
+                   for ln in c.node_metrics(c.node(srv.node)).splitlines()
+                   if ln.startswith("istio_tcp_connections_opened_total{")
+                   and 'response_flags="DENY"' in ln
+                   and 'source_principal="spiffe://cluster.local/ns/default/sa/sb"' in ln)
+
+    until(lambda: denied_opened() >= 1, 15, "the DENY-flagged connection metric")
 
 
 def test_pods_outside_the_mesh_are_untouched(cluster: DevCluster) -> None:
