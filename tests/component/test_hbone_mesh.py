@@ -247,6 +247,43 @@ async def test_unknown_destination_gets_400(tmp_path: Path) -> None:
                       reason="unknown_destination") == 1
 
 
+async def test_bad_header_bytes_refuse_one_stream_and_the_connection_carries_on(
+        tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        ctx = await _h2_client(m, SpiffeId(TD, "default", "client"))
+        r, w = await asyncio.open_connection(ECHO_IP, 15008, ssl=ctx, server_hostname=ECHO_IP)
+        # A client that sends the bytes it is given, as a probe would.
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, validate_outbound_headers=False))
+        conn.initiate_connection()
+        good = [(b":method", b"CONNECT"), (b":authority", f"{ECHO_IP}:{ECHO_PORT}".encode())]
+        conn.send_headers(1, [*good, (b"x-probe", b"\xff\xfe")])
+        conn.send_headers(3, good)
+        w.write(conn.data_to_send())
+        status: dict[int, bytes] = {}
+        echoed = b""
+        try:
+            async with asyncio.timeout(5):
+                while echoed != b"still here":
+                    data = await r.read(65536)
+                    assert data, f"connection closed; answers so far {status}"
+                    for e in conn.receive_data(data):
+                        assert not isinstance(e, h2.events.ConnectionTerminated)
+                        if isinstance(e, h2.events.ResponseReceived):
+                            status[e.stream_id] = dict(e.headers)[b":status"]
+                            if e.stream_id == 3:
+                                conn.send_data(3, b"still here")
+                        elif isinstance(e, h2.events.DataReceived) and e.stream_id == 3:
+                            echoed += e.data
+                            conn.acknowledge_received_data(e.flow_controlled_length, 3)
+                    w.write(conn.data_to_send())
+        finally:
+            w.close()
+        assert status == {1: b"400", 3: b"200"}
+        assert sample(m.b, "ambit_ztunnel_connection_errors_total", reason="bad_request") == 1
+        assert await roundtrip(m, b"alive") == b"alive"
+
+
 async def test_oversized_headers_close_the_connection(tmp_path: Path) -> None:
     async with mesh(tmp_path) as m:
         events = await _raw_hbone(m, [(":method", "CONNECT"),

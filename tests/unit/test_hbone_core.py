@@ -303,3 +303,53 @@ def test_response_status_is_three_ascii_digits(status: str, accepted: bool,
               if isinstance(e, ev.StreamAccepted | ev.StreamRefused)]
     assert events == ([ev.StreamAccepted(sid)] if accepted
                       else [ev.StreamRefused(sid, refused_status)])
+
+
+def lax_client() -> h2.connection.H2Connection:
+    """A client that sends whatever header bytes it is given."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
+    conn.initiate_connection()
+    return conn
+
+
+@pytest.mark.parametrize(("bad", "reason"), [
+    ((b"x-probe", b"\xff\xfe"), "not UTF-8"),
+    ((b"forwarded", b"for=10.0.0.9\x80"), "not UTF-8"),
+    ((b":authority", b"10.0.0.1:8\xc0\xb0"), "not UTF-8"),  # overlong '0'
+    ((b"x-probe", b"\xed\xa0\x80"), "not UTF-8"),  # an encoded surrogate
+    # h2's own header checks, made per stream: each used to end the whole connection.
+    ((b"x-\xc3", b"v"), "Illegal character"),
+    ((b"x-probe", b"a\x00b"), "Illegal character"),
+    ((b"x-probe", b"a\r\nx-injected: 1"), "Illegal character"),
+    ((b"x-probe", b" padded"), "whitespace"),
+    ((b"X-Probe", b"v"), "uppercase"),
+    ((b"connection", b"close"), "Connection-specific"),
+    ((b":path", b"/"), "MUST NOT include :scheme or :path"),
+])
+def test_bad_header_bytes_reject_that_stream_only(bad: tuple[bytes, bytes], reason: str) -> None:
+    s = HboneConnection(False)
+    s.initiate()
+    client = lax_client()
+    good = [(b":method", b"CONNECT"), (b":authority", b"10.0.0.1:80")]
+    request = [h for h in good if h[0] != bad[0]] + [bad]
+    client.send_headers(1, request)
+    client.send_headers(3, good)
+    events = s.receive(client.data_to_send())
+    assert len(events) == 2
+    assert isinstance(events[0], ev.RequestRejected) and events[0].stream_id == 1
+    assert events[0].status == 400 and reason in events[0].reason
+    assert events[1] == ev.ConnectRequest(3, "10.0.0.1:80", {})
+    s.accept_stream(3)
+    answers = client.receive_data(s.data_to_send())
+    status = {a.stream_id: dict(a.headers)[b":status"] for a in answers
+              if isinstance(a, h2.events.ResponseReceived)}
+    assert status == {1: b"400", 3: b"200"}
+    # The connection is intact: the second tunnel carries bytes both ways.
+    client.send_data(3, b"still here")
+    events = s.receive(client.data_to_send())
+    assert [e.data for e in events if isinstance(e, ev.DataReceived)] == [b"still here"]
+    s.send(3, b"and back")
+    answers = client.receive_data(s.data_to_send())
+    assert [a.data for a in answers if isinstance(a, h2.events.DataReceived)] == [b"and back"]
+    assert not s.closed and s.active_streams == 1

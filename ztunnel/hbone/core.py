@@ -20,6 +20,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.utilities
 
 from mesh.ports import parse_port
 from ztunnel.hbone import _h2fast
@@ -109,18 +110,28 @@ def parse_forwarded_for(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Add
     return None
 
 
-def _status(text: str) -> int:
-    """An HTTP status is exactly three ASCII digits; anything else is 0 (a refusal)."""
-    return int(text) if len(text) == 3 and text.isascii() and text.isdigit() else 0
+def _status(headers: object) -> int:
+    """The response's ``:status`` if it is exactly three ASCII digits, else 0 (a refusal)."""
+    for k, v in headers or []:  # type: ignore[attr-defined]
+        if k == b":status":
+            # bytes.isdigit() is ASCII-only, unlike str.isdigit().
+            return int(v) if len(v) == 3 and v.isdigit() else 0
+    return 0
 
 
-def _text(value: bytes | str) -> str:
-    # With header_encoding set, h2 hands us str at runtime; its annotations say bytes.
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+_REQUEST_FLAGS = h2.utilities.HeaderValidationFlags(
+    is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False)
 
 
-def _header_map(headers: object) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in (headers or [])}  # type: ignore[attr-defined]
+def _request_headers(headers: object) -> dict[str, str]:
+    """A request's header block as text, checked with h2's own rules (legal characters,
+    lowercase names, no connection-specific headers, pseudo-headers) and as UTF-8; raises
+    ``ValueError`` (``UnicodeDecodeError`` is one) with the reason otherwise."""
+    try:
+        checked = list(h2.utilities.validate_headers(headers, _REQUEST_FLAGS))  # type: ignore[arg-type]
+    except h2.exceptions.ProtocolError as e:
+        raise ValueError(str(e)) from None
+    return {k.decode(): v.decode() for k, v in checked}
 
 
 @dataclass
@@ -140,8 +151,12 @@ class HboneConnection:
     def __init__(self, client_side: bool, settings: HboneSettings = DEFAULT_SETTINGS) -> None:
         self.client_side = client_side
         self.settings = settings
+        # h2 decodes and validates header blocks inside receive_data, where one stream's bad
+        # header is fatal to the connection (a non-UTF-8 value even raised out of it). The
+        # server does both per request instead (_request_headers) and answers a bad one with
+        # 400 on that stream alone. The client keeps h2's checks: responses come from peers.
         config = h2.config.H2Configuration(
-            client_side=client_side, header_encoding="utf-8", validate_inbound_headers=True
+            client_side=client_side, header_encoding=None, validate_inbound_headers=client_side
         )
         self._h2 = h2.connection.H2Connection(config=config)
         self._h2.local_settings = h2.settings.Settings(
@@ -333,7 +348,7 @@ class HboneConnection:
             st = self._streams.get(ev.stream_id)
             if st is None:
                 return
-            status = _status(_header_map(ev.headers).get(":status", ""))
+            status = _status(ev.headers)
             if 200 <= status < 300:
                 st.open = True
                 out.append(StreamAccepted(ev.stream_id))
@@ -375,9 +390,7 @@ class HboneConnection:
 
     def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
         sid = ev.stream_id
-        headers = _header_map(ev.headers)
         self._streams[sid] = _Stream()
-        method = headers.get(":method", "")
         if self.client_side:
             self.reset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return
@@ -385,6 +398,17 @@ class HboneConnection:
             self.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             out.append(RequestRejected(sid, 503, "draining: new tunnels are refused"))
             return
+        try:
+            headers = _request_headers(ev.headers)
+        except UnicodeDecodeError as e:
+            self.reject_stream(sid, 400)
+            out.append(RequestRejected(sid, 400, f"header bytes are not UTF-8: {e.reason}"))
+            return
+        except ValueError as e:
+            self.reject_stream(sid, 400)
+            out.append(RequestRejected(sid, 400, f"malformed header: {str(e)[:200]}"))
+            return
+        method = headers.get(":method", "")
         if method != "CONNECT" or ":protocol" in headers:
             self.reject_stream(sid, 405)
             out.append(RequestRejected(sid, 405, f"method {method!r} is not CONNECT"))
