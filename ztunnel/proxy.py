@@ -88,6 +88,11 @@ def sock_addr(sockaddr: Any) -> tuple[str, int]:
     return str(sockaddr[0]), int(sockaddr[1])
 
 
+# A listener's answer to its client once the outcome is known: ``rec.outcome`` is "ok" when the
+# connection opened, else why it was refused (with the exception behind it, if any).
+Answer = Callable[["ConnectionRecord", BaseException | None], None]
+
+
 class ConnectionRecord:
     """Metrics and the access-log line for one proxied connection."""
 
@@ -117,6 +122,10 @@ class ConnectionRecord:
         self.flags = "-"
         self.extra: dict[str, Any] = {}
         self._opened = False
+        # Set by a listener that answers its client in its own protocol (SOCKS5): called once,
+        # before any byte is relayed, when the connection opens or is refused (see refuse).
+        self.answer: Answer | None = None
+        self._answered = False
         self._labels: tuple[str, ...] | None = None
         self._sent_counter: Any = None
         self._received_counter: Any = None
@@ -139,6 +148,19 @@ class ConnectionRecord:
         # Resolved once: byte counters are bumped for every chunk on the data path.
         self._sent_counter = m.sent.labels(*labels)
         self._received_counter = m.received.labels(*labels)
+        if self.answer is not None and not self._answered:
+            self._answered = True
+            self.answer(self, None)
+
+    def refuse(self, writer: asyncio.StreamWriter, error: BaseException | None = None) -> None:
+        """Refuse the client after ``fail`` recorded why: with a reset (what a closed port gives
+        a captured client), or, before the connection opened, with the listener's ``answer``;
+        the caller's ``writer.close()`` then flushes that answer."""
+        if self.answer is None or self._answered:
+            writer.transport.abort()
+        else:
+            self._answered = True
+            self.answer(self, error)
 
     def count_sent(self, n: int) -> None:
         self.sent += n
@@ -225,7 +247,7 @@ async def connect_and_relay(
         up_reader, up_writer = await ctx.connect_tcp(address)
     except OSError as e:
         rec.fail("connect_failed", f"{address[0]}:{address[1]}: {e.strerror or e}", "UF")
-        writer.transport.abort()
+        rec.refuse(writer, e)
         return
     rec.opened()
     try:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as dt
+import ipaddress
 import json
 import os
 import random
 import ssl
+import struct
 import urllib.request
 from functools import partial
 from pathlib import Path
@@ -33,6 +35,7 @@ from tests.component.harness import (
     base_state,
     digest,
     exchange,
+    free_port,
     mesh,
     sample,
 )
@@ -120,6 +123,50 @@ async def test_deny_policy(tmp_path: Path) -> None:
         assert await roundtrip(m, b"ok") == b"ok"
         assert sample(m.b, "ambit_ztunnel_policy_denied_total",
                       policy="default/deny-other") == 1
+
+
+async def socks_answer(m: Mesh, dest: tuple[str, int], source: str = CLIENT_IP,
+                       greeting: bytes = b"\x05\x01\x00") -> tuple[bytes, bytes]:
+    """A SOCKS5 CONNECT by hand: (method selection + reply as sent, what follows until EOF)."""
+    r, w = await asyncio.open_connection(*m.socks, local_addr=(source, 0))
+    try:
+        w.write(greeting)
+        method = await asyncio.wait_for(r.readexactly(2), 5)
+        if method != b"\x05\x00":
+            return method, await asyncio.wait_for(r.read(), 5)
+        ip = ipaddress.ip_address(dest[0])
+        w.write(b"\x05\x01\x00\x01" + ip.packed + struct.pack("!H", dest[1]))
+        answer = await asyncio.wait_for(r.readexactly(10), 5)
+        rest = await asyncio.wait_for(r.read(), 5) if answer[1] != 0 else b""
+        return method + answer, rest
+    finally:
+        w.close()
+
+
+async def test_socks5_replies_with_the_outcome(tmp_path: Path) -> None:
+    async with mesh(tmp_path, with_policy(ALLOW_CLIENT)) as m:
+        ok, _ = await socks_answer(m, (ECHO_IP, ECHO_PORT))
+        assert ok[3] == 0  # succeeded
+
+        # Denied by the destination's policy (403 over HBONE): "not allowed by ruleset", close.
+        answer, rest = await socks_answer(m, (ECHO_IP, ECHO_PORT), source=OTHER_CLIENT_IP)
+        assert (answer[3], rest) == (2, b"")
+        # Nothing listens on the pod's port (503 over HBONE): host unreachable.
+        answer, rest = await socks_answer(m, (ECHO_IP, free_port(ECHO_IP)))
+        assert (answer[3], rest) == (4, b"")
+        # Outside the mesh, a closed port: connection refused.
+        outside = f"127.{NET}.250.1"
+        answer, rest = await socks_answer(m, (outside, free_port(outside)))
+        assert (answer[3], rest) == (5, b"")
+        # No route: the service has no such port.
+        answer, rest = await socks_answer(m, (SERVICE_VIP, 81))
+        assert (answer[3], rest) == (4, b"")
+        assert m.echo.received == 0
+
+        # No acceptable method (only username/password): the greeting's refusal, then close.
+        assert await socks_answer(m, (ECHO_IP, ECHO_PORT), greeting=b"\x05\x01\x02") == (
+            b"\x05\xff", b"")
+        assert await roundtrip(m, b"alive") == b"alive"
 
 
 async def test_wrong_server_identity_is_refused(tmp_path: Path) -> None:

@@ -86,3 +86,43 @@ def test_authorize_allows_and_records_audit_matches() -> None:
     rec = _record(ctx)
     assert rec.authorize((AUDIT_ALL,), INFO, record_audit=False)
     assert rec.extra == {}
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.aborted = 0
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.transport = _Transport()
+
+
+def test_refuse_resets_unless_the_listener_answers_once() -> None:
+    ctx = _ctx()
+    # Captured (no answer): a refusal is a reset, as before.
+    rec, w = _record(ctx), _Writer()
+    rec.fail("denied", "policy", "DENY")
+    rec.refuse(w)  # type: ignore[arg-type]
+    assert w.transport.aborted == 1
+
+    # SOCKS5-style: the answer hears the refusal instead of the client getting a reset.
+    answers: list[tuple[str, BaseException | None]] = []
+    rec, w = _record(ctx), _Writer()
+    rec.answer = lambda r, e: answers.append((r.outcome, e))
+    err = ConnectionRefusedError(111, "refused")
+    rec.fail("connect_failed", "refused", "UF")
+    rec.refuse(w, err)  # type: ignore[arg-type]
+    assert answers == [("connect_failed", err)] and w.transport.aborted == 0
+
+    # Opened: the answer hears "ok" once; a later failure is a reset, not a second answer.
+    answers.clear()
+    rec, w = _record(ctx), _Writer()
+    rec.answer = lambda r, e: answers.append((r.outcome, e))
+    rec.opened()
+    rec.fail("error", "mid-stream", "UC")
+    rec.refuse(w)  # type: ignore[arg-type]
+    assert answers == [("ok", None)] and w.transport.aborted == 1

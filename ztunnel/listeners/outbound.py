@@ -22,7 +22,7 @@ from ztunnel.authz import ConnectionInfo
 from ztunnel.hbone.conn import StreamError
 from ztunnel.hbone.core import format_authority, forwarded_for
 from ztunnel.hbone.pool import PoolKey, UpstreamConnectError
-from ztunnel.proxy import ConnectionRecord, ProxyContext, connect_and_relay, sock_addr
+from ztunnel.proxy import Answer, ConnectionRecord, ProxyContext, connect_and_relay, sock_addr
 from ztunnel.relay import relay_stream
 from ztunnel.routing import (
     DenyPlan,
@@ -52,11 +52,15 @@ async def proxy_outbound(
     source_ip: IPAddress,
     dest: tuple[IPAddress, int],
     listener: str,
+    answer: Answer | None = None,
 ) -> None:
+    """Route, check and carry one connection. A refused one is reset, unless ``answer`` is
+    given: it is then told the outcome (before any byte is relayed) and the client is closed."""
     state = ctx.store.current
     plan = plan_outbound(state, ctx.node, source_ip, dest, ctx.pick,
                          hbone_port=ctx.config.inbound_port or HBONE_PORT)
     rec = ConnectionRecord(ctx, "source", listener, source_ip, dest)
+    rec.answer = answer
     rec.source, rec.service = plan.source, plan.service
     rec.dest_workload = None if isinstance(plan, DenyPlan) else plan.destination
     rec.source_principal = plan.source.identity.principal if plan.source else None
@@ -68,7 +72,7 @@ async def proxy_outbound(
         match plan:
             case DenyPlan():
                 rec.fail("no_route", plan.reason, "NR")
-                writer.transport.abort()
+                rec.refuse(writer)
             case HbonePlan() | WaypointPlan():
                 await _via_hbone(ctx, plan, reader, writer, rec)
             case LocalPlan():
@@ -81,7 +85,7 @@ async def proxy_outbound(
     except (ConnectionError, OSError, StreamError) as e:
         if rec.outcome == "ok":
             rec.fail("error", f"{type(e).__name__}: {e}", "UC")
-        writer.transport.abort()
+        rec.refuse(writer, e)
     finally:
         rec.finish()
         writer.close()
@@ -94,7 +98,7 @@ async def _local(ctx: ProxyContext, plan: LocalPlan, reader: asyncio.StreamReade
     rec.mtls = True  # identity is established by the node itself, as in Istio's fast path
     if not rec.authorize(ctx.store.current.policies_for(plan.destination), ConnectionInfo(
             rec.source_ip, plan.address[1], ident.principal, ident.namespace)):
-        writer.transport.abort()
+        rec.refuse(writer)
         return
     await connect_and_relay(ctx, rec, reader, writer, plan.address, rec.count_sent,
                             rec.count_received)
@@ -128,7 +132,7 @@ async def _via_hbone(ctx: ProxyContext, plan: HbonePlan | WaypointPlan,
             rec.fail("connect_failed", f"no answer to CONNECT {authority} from {key.address}",
                      "UF")
             stream.reset()
-        writer.transport.abort()
+        rec.refuse(writer)
         return
     rec.opened()
     await relay_stream(reader, writer, stream, rec.count_sent, rec.count_received)
