@@ -71,6 +71,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCluster]:
                    out=lambda _line: None)
     try:
         c.up()
+        # The module claims eBPF capture (redirect mode auto): hold the agents to it, so a
+        # fallback to iptables cannot pass unnoticed.
+        for node in c.nodes:
+            status = c.agent_status(node)
+            assert status["redirectMode"] == "ebpf", \
+                f"{node.name}: {status['redirectMode']}: {status['redirectModeReason']}"
         c.set_namespace("default", ambient=True)
         c.add_pod("client", 1)
         c.add_pod("echo-v1", 1, labels={"app": "echo", "version": "v1"})
@@ -292,4 +298,8 @@ def test_waypoint_pod_is_not_captured(cluster: DevCluster) -> None:
     c = cluster
     wp = c.pod(c.waypoint_pod(WAYPOINT))
     pods = {p["pod"]: p for p in c.agent_status(c.node(wp.node))["pods"]}
-    assert pods.get(f"default/{wp.name}", {}).get("captured") in (False, None), pods
+    # Present in the agent's table (it saw the pod through CNI), and reported not captured.
+    entry = pods.get(f"default/{wp.name}")
+    assert entry is not None, f"the waypoint pod is missing from the agent's pods: {pods}"
+    assert entry["captured"] is False, entry
+    assert entry["shouldCapture"] is False, entry
