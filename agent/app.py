@@ -46,6 +46,7 @@ from agent.ztunnel_link import ZtunnelLinkServer
 from mesh import __version__
 from mesh.state.model import Protocol
 from mesh.state.store import StateSnapshot, StateStore
+from mesh.unix import allowed_uids
 
 log = logging.getLogger("agent")
 T = TypeVar("T")
@@ -95,8 +96,10 @@ class Agent:
         self.last_error = ""
         self.membership: MembershipClient | None = None
         self.source: Any = None
-        self.cni = CniServer(config.cni_socket, self.handle_cni)
-        self.link = ZtunnelLinkServer(config.ztunnel_socket, self._on_listeners)
+        uids = allowed_uids(config.socket_uids)
+        self.cni = CniServer(config.cni_socket, self.handle_cni, uids=uids)
+        self.link = ZtunnelLinkServer(config.ztunnel_socket, self._on_listeners, uids=uids,
+                                      peer_check=config.ztunnel_peer_check)
         self.endpoint = NodeEndpoint(self.metrics, config.metrics_host, config.metrics_port,
                                      config.ztunnel_metrics_url, self.ready, self.status)
 
@@ -156,6 +159,7 @@ class Agent:
                                            self.config.membership_timeout)
         self.source = ControllerSource(
             self.config.controller_address, self.config.node, self.store, credentials=creds,
+            token_file=self.config.node_token_file,
             on_connected=self.metrics.set_registry_connected)
         self.metrics.set_registry_connected(False)
         self.store.subscribe(self._on_state)
@@ -234,6 +238,8 @@ class Agent:
             "ready": self.ready()[1],
             "registryVersion": self.store.current.version if self.store.ready else None,
             "ztunnelPid": self.link.ztunnel_pid,
+            "refusedPeers": {"cni": self.cni.refusals.total,
+                             "ztunnel": self.link.refusals.total},
             "lastReconcile": self.last_reconcile,
             "lastError": self.last_error,
             "uplinks": list(self.uplinks),

@@ -23,6 +23,11 @@ Two kinds of request share the socket:
   answered ``{"ok": false, "error": "bad request: ..."}``, which the shim reports as an
   invalid answer (code 101, failure policy applies), as it does for an agent too old to know
   ``exec``.
+
+Who may ask: the socket is 0600 and only peers whose uid the agent allows (``SO_PEERCRED``:
+root, which the runtime runs the plugin as, and the agent's own user; ``--socket-uid`` for
+more) are served. Anyone else gets ``{"ok": false, "error": ...}`` naming the reason and is
+closed, logged (rate limited) and counted (``refusals``), without reaching the handler.
 """
 
 from __future__ import annotations
@@ -33,13 +38,13 @@ import functools
 import io
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.cni import plugin, spec
-from mesh.unix import bind_unix
+from mesh.unix import RefusalLog, allowed_uids, bind_unix, peer_cred, uid_problem
 
 log = logging.getLogger("agent.cni")
 
@@ -51,6 +56,7 @@ EXEC_OP = "exec"
 # Plugin runs at once; each blocks a thread for at most its config's timeoutSeconds.
 EXEC_WORKERS = 16
 SOCKET_MODE = 0o600
+UID_FLAG = "--socket-uid"
 
 
 class CniRequestError(ValueError):
@@ -128,9 +134,11 @@ Handler = Callable[[CniRequest], Awaitable[dict[str, Any]]]
 
 
 class CniServer:
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, *, uids: Set[int] | None = None) -> None:
         self.path = path
         self.handler = handler
+        self.uids = allowed_uids() if uids is None else frozenset(uids)
+        self.refusals = RefusalLog(log)
         self._server: asyncio.AbstractServer | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -143,6 +151,12 @@ class CniServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            problem = self._peer_problem(writer)
+            if problem is not None:
+                self.refusals.refused(f"CNI socket: {problem}")
+                writer.write(json.dumps({"ok": False, "error": problem}).encode() + b"\n")
+                await writer.drain()
+                return
             try:
                 line = await asyncio.wait_for(reader.readline(), 10)
                 raw = json.loads(line)
@@ -161,6 +175,13 @@ class CniServer:
             pass
         finally:
             writer.close()
+
+    def _peer_problem(self, writer: asyncio.StreamWriter) -> str | None:
+        """Why the peer on this connection may not use the socket (None: it may)."""
+        sock = writer.get_extra_info("socket")
+        if sock is None:
+            return "cannot read the peer's credentials (no socket)"
+        return uid_problem(peer_cred(sock), self.uids, str(self.path), UID_FLAG)
 
     async def answer(self, raw: Any) -> dict[str, Any]:
         """The answer to one agent-protocol request (already decoded from JSON)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agent.capture.base import MODE_EBPF, MODE_IPTABLES
 from agent.uplinks import AUTO as UPLINKS_AUTO
+from agent.ztunnel_link import PEER_CHECK_CMDLINE, PEER_CHECKS
 from mesh.ports import METRICS_PORT, NODE_METRICS_PORT
 
 # The node's ztunnel shares the node's network namespace (hostNetwork), so loopback reaches it.
@@ -70,6 +71,11 @@ class AgentConfig:
     # ``--daemonset``: on SIGTERM, remove everything if this DaemonSet is being deleted.
     daemonset: str | None = None
     daemonset_namespace: str = ""
+    # Who may use the agent's sockets besides root and the agent's own user
+    # (``--socket-uid``), and how the ztunnel link tells the ztunnel from other processes
+    # (``--ztunnel-peer-check``, agent/ztunnel_link.py).
+    socket_uids: tuple[int, ...] = ()
+    ztunnel_peer_check: str = PEER_CHECK_CMDLINE
 
     @property
     def uplinks_auto(self) -> bool:
@@ -148,4 +154,10 @@ class AgentConfig:
                 raise AgentConfigError("--daemonset: the namespace comes from $POD_NAMESPACE "
                                        "(downward API, metadata.namespace), which is "
                                        f"{self.daemonset_namespace!r}")
+        for uid in self.socket_uids:
+            if not 0 <= uid < 2**32 - 1:
+                raise AgentConfigError(f"--socket-uid: {uid} is not a uid")
+        if self.ztunnel_peer_check not in PEER_CHECKS:
+            raise AgentConfigError(f"--ztunnel-peer-check: {self.ztunnel_peer_check!r} is not "
+                                   f"one of {', '.join(PEER_CHECKS)}")
         return self

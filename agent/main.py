@@ -35,6 +35,7 @@ from agent.config import (
     parse_uplinks,
 )
 from agent.uplinks import AUTO as UPLINKS_AUTO
+from agent.ztunnel_link import PEER_CHECK_CMDLINE, PEER_CHECKS
 from mesh.ports import NODE_METRICS_PORT
 
 if TYPE_CHECKING:
@@ -80,6 +81,13 @@ def add_parser(sub: SubParsers) -> None:
                      help=f"node metrics endpoint (default {NODE_METRICS_PORT})")
     run.add_argument("--ztunnel-metrics-url", default=ZTUNNEL_METRICS_URL,
                      help="merged into the node metrics ('' to leave out)")
+    run.add_argument("--socket-uid", type=int, action="append", default=[], metavar="UID",
+                     help="a uid that may use the agent's sockets (cni.sock, ztunnel.sock) "
+                     "besides root and the agent's own user (repeatable)")
+    run.add_argument("--ztunnel-peer-check", choices=PEER_CHECKS, default=PEER_CHECK_CMDLINE,
+                     help="cmdline (default): only an `ambit ztunnel` process (its /proc "
+                     "command line) may register capture listeners on ztunnel.sock; off: any "
+                     "allowed uid may")
     run.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"])
     _cni_dirs(run, required=False)
@@ -185,6 +193,7 @@ def _run(args: argparse.Namespace) -> int:
             cni_bin_dir=args.cni_bin_dir, cni_conf_dir=args.cni_conf_dir,
             cni_binary=args.binary, daemonset=args.daemonset,
             daemonset_namespace=os.environ.get("POD_NAMESPACE", ""),
+            socket_uids=tuple(args.socket_uid), ztunnel_peer_check=args.ztunnel_peer_check,
         ).validate()
         links = uplinks.read_links() if config.uplinks_auto else []
         found = uplinks.resolve(config.uplinks, links)

@@ -10,6 +10,12 @@ learns the ztunnel's pid (SO_PEERCRED) for the node metrics. The SOCKMAP holds i
 reference, so the agent closes its copies right away; when the ztunnel exits, the kernel
 drops its sockets from the map and new captured connections fail closed until it is back.
 
+Who may register: the socket is 0600 and the agent serves only peers whose uid it allows
+(``SO_PEERCRED``: root and its own user, ``--socket-uid`` for more), and, unless
+``--ztunnel-peer-check off``, only a peer that is an ``ambit ztunnel`` process
+(``ztunnel_problem``). Anyone else is answered with the reason, closed, logged (rate limited)
+and counted (``refusals``); the SOCKMAP is not touched.
+
 Wire format (both sides): ``ztunnel/agent_link.py`` is the client.
 """
 
@@ -22,17 +28,22 @@ import json
 import logging
 import os
 import socket
-import struct
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from pathlib import Path
 
-from mesh.unix import bind_unix
+from mesh.unix import PeerCred, RefusalLog, allowed_uids, bind_unix, peer_cred, uid_problem
 
 log = logging.getLogger("agent.ztunnel_link")
 
 MAX_MESSAGE = 4096
 MAX_FDS = 8
 SOCKET_MODE = 0o600
+PEER_CHECK_CMDLINE = "cmdline"
+PEER_CHECK_OFF = "off"
+PEER_CHECKS = (PEER_CHECK_CMDLINE, PEER_CHECK_OFF)
+UID_FLAG = "--socket-uid"
+# Interpreter options that take a value in the next argument (``python -X dev ambit ...``).
+_PYTHON_VALUE_OPTIONS = frozenset({"-X", "-W", "--check-hash-based-pycs"})
 
 OnListeners = Callable[[Mapping[str, int], int], Awaitable[None]]  # (name -> fd, pid)
 
@@ -48,16 +59,74 @@ def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     return msg, list(fds)
 
 
-def peer_pid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", creds)
-    return int(pid)
+def is_ztunnel_argv(argv: Sequence[str]) -> bool:
+    """``argv`` runs ``ambit ztunnel``: the ``ambit`` script itself, the script run by a Python
+    interpreter (``python3 /usr/local/bin/ambit ztunnel ...``, how a console script shows in
+    /proc), or ``python -m ambit.cli ztunnel``."""
+    args = list(argv)
+    if args and os.path.basename(args[0]).startswith("python"):
+        args.pop(0)
+        while args and args[0].startswith("-") and args[0] != "-m":
+            option = args.pop(0)
+            if option == "-c" or option == "-":  # code from the command line or stdin
+                return False
+            if option in _PYTHON_VALUE_OPTIONS and args:
+                args.pop(0)
+        if args[:1] == ["-m"]:
+            return args[1:2] in (["ambit"], ["ambit.cli"]) and args[2:3] == ["ztunnel"]
+    return (len(args) >= 2 and os.path.basename(args[0]) == "ambit"
+            and args[1] == "ztunnel")
+
+
+def read_cmdline(pid: int) -> list[str] | None:
+    """The command line of ``pid`` from /proc, None if it is gone or unreadable."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] if raw else None
+
+
+def ztunnel_problem(peer: PeerCred, argv: Sequence[str] | None) -> str | None:
+    """Why ``peer`` (whose command line is ``argv``, None if unreadable) is not the node's
+    ztunnel; None if it is.
+
+    Why the command line: the uid cannot tell the ztunnel apart (it runs as root, like every
+    process that could reach a 0600 root socket), and its pid is not known in advance (it
+    restarts on its own), but its command line is: ``ambit ztunnel``. A process that is not
+    one (a stray tool, a test client, a mistaken ``socat``) cannot replace or clear the
+    capture listeners. It is not a boundary against root, who could exec ``ambit ztunnel``
+    with its own listeners or write the pinned maps directly; the 0600 mode and the uid check
+    keep everyone else out.
+    """
+    off = f"--ztunnel-peer-check {PEER_CHECK_OFF} skips this check"
+    if peer.pid == 0:
+        return (f"a peer with uid {peer.uid} in a PID namespace the agent cannot see (SO_PEERCRED "
+                "pid 0), so the agent cannot tell it is `ambit ztunnel`: run the agent and the "
+                "ztunnel in one PID namespace (one pod with shareProcessNamespace: true, as "
+                f"deploy/daemonset/node.yaml does, or both on the host), or {off}")
+    if argv is None:
+        return (f"pid {peer.pid} (uid {peer.uid}) exited or hid /proc/{peer.pid}/cmdline before "
+                "the agent could check it is `ambit ztunnel`")
+    if is_ztunnel_argv(argv):
+        return None
+    shown = " ".join(argv)
+    shown = shown if len(shown) <= 200 else shown[:200] + "..."
+    return (f"pid {peer.pid} (uid {peer.uid}) is not an `ambit ztunnel` process (its command "
+            f"line: {shown!r}); only the node's ztunnel may register capture listeners ({off})")
 
 
 class ZtunnelLinkServer:
-    def __init__(self, path: Path, on_listeners: OnListeners) -> None:
+    def __init__(self, path: Path, on_listeners: OnListeners, *,
+                 uids: Set[int] | None = None,
+                 peer_check: str = PEER_CHECK_CMDLINE) -> None:
+        if peer_check not in PEER_CHECKS:
+            raise ValueError(f"peer_check: {peer_check!r} is not one of {', '.join(PEER_CHECKS)}")
         self.path = path
         self.on_listeners = on_listeners
+        self.uids = allowed_uids() if uids is None else frozenset(uids)
+        self.peer_check = peer_check
+        self.refusals = RefusalLog(log)
         self.ztunnel_pid: int | None = None
         self.registrations = 0
         self._server: socket.socket | None = None
@@ -74,17 +143,35 @@ class ZtunnelLinkServer:
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(self._server)
-            task = asyncio.create_task(self._serve(conn))
+            try:
+                peer = peer_cred(conn)
+            except OSError:
+                conn.close()
+                continue
+            problem = self.peer_problem(peer)
+            if problem is not None:
+                self.refusals.refused(f"ztunnel link: {problem}")
+                with contextlib.suppress(OSError):  # fresh socket, empty buffer: never blocks
+                    conn.send(json.dumps({"ok": False, "error": problem}).encode() + b"\n")
+                conn.close()
+                continue
+            task = asyncio.create_task(self._serve(conn, peer.pid))
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
 
-    async def _serve(self, conn: socket.socket) -> None:
+    def peer_problem(self, peer: PeerCred) -> str | None:
+        """Why ``peer`` may not use the link (None: it may)."""
+        problem = uid_problem(peer, self.uids, str(self.path), UID_FLAG)
+        if problem is None and self.peer_check == PEER_CHECK_CMDLINE:
+            # Read at accept time: the pid is the one that connected, still connected.
+            problem = ztunnel_problem(peer, read_cmdline(peer.pid) if peer.pid else None)
+        return problem
+
+    async def _serve(self, conn: socket.socket, pid: int) -> None:
         loop = asyncio.get_running_loop()
         fds: list[int] = []
-        pid = 0
         registered = False
         try:
-            pid = peer_pid(conn)
             conn.setblocking(False)
             await asyncio.wait_for(_readable(conn), 10)
             msg, fds = _recv_with_fds(conn)

@@ -1,20 +1,31 @@
-"""Unix sockets one node process serves to another: created with their final mode.
+"""Unix sockets one node process serves to another: created with their mode, peers checked.
 
 Why it exists: the node agent's ``cni.sock`` and ``ztunnel.sock`` and the waypoint agent's
 SDS/ALS socket let whoever connects change what the node captures or obtain a workload's
-certificates. The socket file has its final mode from the moment it exists: ``bind`` creates
-it with ``0777 & ~umask``, and a ``chmod`` afterwards leaves a window in which any local user
-can connect (and keep the connection). So the bind runs under a umask that leaves only the
-wanted bits (``file_mode``, ``bind_unix``).
+certificates. Two things keep strangers off them, both here so every server does them alike:
+
+* the socket file has its final mode from the moment it exists. ``bind`` creates it with
+  ``0777 & ~umask``; a ``chmod`` afterwards leaves a window in which any local user can
+  connect (and keep the connection). So the bind runs under a umask that leaves only the
+  wanted bits (``file_mode``, ``bind_unix``);
+* the server asks the kernel who is on the other end (``SO_PEERCRED``: pid, uid, gid as of
+  ``connect``, which the peer cannot forge) and serves only the uids it allows
+  (``uid_problem``): root and its own user unless configured otherwise. Refusals are logged
+  at most once per interval (``RefusalLog``), so a peer that keeps trying cannot flood the log,
+  and counted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
+import struct
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Set
+from dataclasses import dataclass
 from pathlib import Path
 
 # Serialises our own umask changes (two binds at once would restore each other's umask).
@@ -53,3 +64,66 @@ def bind_unix(path: Path, mode: int = 0o600, backlog: int = 128) -> socket.socke
         sock.close()
         raise
     return sock
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    """The peer of a Unix socket as the kernel recorded it at ``connect``. ``pid`` is 0 when
+    the peer lives in a PID namespace this process cannot see."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_cred(sock: socket.socket) -> PeerCred:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCred(int(pid), int(uid), int(gid))
+
+
+def allowed_uids(extra: Iterable[int] = ()) -> frozenset[int]:
+    """Who may talk on a node socket: root, this process's own user, and ``extra``."""
+    return frozenset({0, os.geteuid(), *extra})
+
+
+def uid_problem(peer: PeerCred, allowed: Set[int], what: str, flag: str) -> str | None:
+    """Why ``peer`` may not use ``what`` (None: it may). ``flag`` is the setting that allows
+    more uids, named in the message so the operator knows the fix."""
+    if peer.uid in allowed:
+        return None
+    uids = ", ".join(str(u) for u in sorted(allowed))
+    return (f"{what}: refused a peer with uid {peer.uid} (pid {peer.pid}); only uid(s) {uids} "
+            f"(root and the server's own user) may connect. If that process should, add its "
+            f"uid with {flag}")
+
+
+class RefusalLog:
+    """Counts refused peers and logs them, at most once per ``interval`` seconds.
+
+    The first refusal is logged at once; later ones within the interval are only counted, and
+    the next line logged says how many were left out.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self.total = 0
+        self._last: float | None = None
+        self._unlogged = 0
+
+    def refused(self, message: str) -> bool:
+        """Count one refusal; True if it was logged."""
+        self.total += 1
+        now = self.clock()
+        if self._last is not None and now - self._last < self.interval:
+            self._unlogged += 1
+            return False
+        more = (f" ({self._unlogged} more refused since the last such line)"
+                if self._unlogged else "")
+        self.logger.warning("%s%s", message, more)
+        self._last = now
+        self._unlogged = 0
+        return True

@@ -661,6 +661,7 @@ def test_node_daemonset() -> None:
         "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
     spec = node_pod()
     assert spec["hostNetwork"] is True
+    assert spec["shareProcessNamespace"] is True, "the agent checks the ztunnel's cmdline"
     assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert spec["priorityClassName"] == "system-node-critical"
     assert spec["tolerations"] == [{"operator": "Exists"}]
