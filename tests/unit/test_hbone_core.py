@@ -326,6 +326,9 @@ def lax_client() -> h2.connection.H2Connection:
     ((b"X-Probe", b"v"), "uppercase"),
     ((b"connection", b"close"), "Connection-specific"),
     ((b":path", b"/"), "MUST NOT include :scheme or :path"),
+    # h2 parsed content-length itself and failed the connection on a bad one.
+    ((b"content-length", b"x"), "content-length"),
+    ((b"content-length", "\u0668".encode()), "content-length"),
 ])
 def test_bad_header_bytes_reject_that_stream_only(bad: tuple[bytes, bytes], reason: str) -> None:
     s = HboneConnection(False)
@@ -353,3 +356,21 @@ def test_bad_header_bytes_reject_that_stream_only(bad: tuple[bytes, bytes], reas
     answers = client.receive_data(s.data_to_send())
     assert [a.data for a in answers if isinstance(a, h2.events.DataReceived)] == [b"and back"]
     assert not s.closed and s.active_streams == 1
+
+
+def test_content_length_does_not_limit_a_tunnel() -> None:
+    # Tunnel bytes are not content: a content-length (here 1) must not make h2 fail the
+    # connection when more DATA arrives, nor limit the tunnel.
+    s = HboneConnection(False)
+    s.initiate()
+    client = lax_client()
+    client.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"10.0.0.1:80"),
+                            (b"content-length", b"1")])
+    events = s.receive(client.data_to_send())
+    assert [type(e) for e in events] == [ev.ConnectRequest]
+    s.accept_stream(1)
+    client.receive_data(s.data_to_send())
+    client.send_data(1, b"more than one byte", end_stream=True)
+    events = s.receive(client.data_to_send())
+    assert [e.data for e in events if isinstance(e, ev.DataReceived)] == [b"more than one byte"]
+    assert ev.StreamEnded(1) in events and not s.closed

@@ -20,6 +20,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import h2.utilities
 
 from mesh.ports import parse_port
@@ -131,7 +132,28 @@ def _request_headers(headers: object) -> dict[str, str]:
         checked = list(h2.utilities.validate_headers(headers, _REQUEST_FLAGS))  # type: ignore[arg-type]
     except h2.exceptions.ProtocolError as e:
         raise ValueError(str(e)) from None
-    return {k.decode(): v.decode() for k, v in checked}
+    out = {k.decode(): v.decode() for k, v in checked}
+    # Ignored on a tunnel (see _TunnelH2), but still a number from the wire: ASCII digits only.
+    length = out.get("content-length")
+    if length is not None and not (length.isascii() and length.isdigit()):
+        raise ValueError(f"content-length {length[:20]!r} is not ASCII digits")
+    return out
+
+
+class _TunnelH2(h2.connection.H2Connection):
+    """h2 with ``content-length`` ignored: h2 checks it per stream but fails the whole
+    connection (a value like ``x``, or more DATA than it says), and a CONNECT tunnel's bytes
+    are not content it could describe (RFC 9110 9.3.6)."""
+
+    def _begin_new_stream(self, stream_id: int,
+                          allowed_ids: h2.connection.AllowedStreamIDs) -> h2.stream.H2Stream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream._initialize_content_length = _no_content_length  # type: ignore[method-assign]
+        return stream
+
+
+def _no_content_length(headers: object) -> None:
+    return None
 
 
 @dataclass
@@ -158,7 +180,7 @@ class HboneConnection:
         config = h2.config.H2Configuration(
             client_side=client_side, header_encoding=None, validate_inbound_headers=client_side
         )
-        self._h2 = h2.connection.H2Connection(config=config)
+        self._h2 = _TunnelH2(config=config)
         self._h2.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
