@@ -10,6 +10,10 @@ learns the ztunnel's pid (SO_PEERCRED) for the node metrics. The SOCKMAP holds i
 reference, so the agent closes its copies right away; when the ztunnel exits, the kernel
 drops its sockets from the map and new captured connections fail closed until it is back.
 
+What it accepts: exactly the capture listeners (``LISTENER_SLOTS``: outbound, inbound,
+inbound_plaintext), each a listening TCP socket (``registration_problem``); anything else is
+answered with the reason and leaves the SOCKMAP as it was.
+
 Who may register: the socket is 0600 and the agent serves only peers whose uid it allows
 (``SO_PEERCRED``: root and its own user, ``--socket-uid`` for more), and, unless
 ``--ztunnel-peer-check off``, only a peer that is an ``ambit ztunnel`` process
@@ -29,8 +33,10 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
+from dataclasses import dataclass
 from pathlib import Path
 
+from agent.capture.base import LISTENER_SLOTS
 from mesh.unix import PeerCred, RefusalLog, allowed_uids, bind_unix, peer_cred, uid_problem
 
 log = logging.getLogger("agent.ztunnel_link")
@@ -57,6 +63,87 @@ def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
             usable = len(data) - (len(data) % fds.itemsize)
             fds.frombytes(data[:usable])
     return msg, list(fds)
+
+
+@dataclass(frozen=True)
+class SocketKind:
+    """What the kernel says a received descriptor is (``SO_DOMAIN``, ``SO_TYPE``,
+    ``SO_PROTOCOL``, ``SO_ACCEPTCONN``)."""
+
+    family: int
+    type: int
+    protocol: int
+    listening: bool
+
+
+TCP_LISTENER = SocketKind(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, True)
+
+
+def socket_kind(fd: int) -> SocketKind | None:
+    """The kind of socket ``fd`` is; None if it is not a socket."""
+    # Work on a duplicate, closed here; ``fd`` itself stays open. (Not socket.fromfd: it
+    # leaks its duplicate when ``fd`` is not a socket.)
+    dup = os.dup(fd)
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=dup)
+    except OSError:
+        os.close(dup)
+        return None
+    with sock:
+        try:
+            return SocketKind(sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN),
+                              sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE),
+                              sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL),
+                              sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1)
+        except OSError:  # ENOTSOCK: a pipe, a file, ...
+            return None
+
+
+def listener_names_problem(names: Sequence[str]) -> str | None:
+    """Why ``names`` is not a listener set the agent accepts (None: it is).
+
+    Exactly the capture listeners (``LISTENER_SLOTS``), each once: the backend empties the slot
+    of a name it is not given, so a partial or empty set would quietly stop capture for the
+    missing listeners, and an unknown name has no slot.
+    """
+    expected = ", ".join(LISTENER_SLOTS)
+    fix = (f"the ztunnel must hand over exactly its capture listeners ({expected}), one "
+           "descriptor each: run it with --inbound-bind shared, at the agent's version")
+    if not names:
+        return f"no listeners (it would empty every SOCKMAP slot); {fix}"
+    twice = sorted({n for n in names if names.count(n) > 1})
+    missing = [n for n in LISTENER_SLOTS if n not in names]
+    unknown = sorted({n for n in names if n not in LISTENER_SLOTS})
+    wrong = [f"{what}: {', '.join(which)}" for what, which in
+             (("missing", missing), ("unknown", unknown), ("named twice", twice)) if which]
+    return f"{'; '.join(wrong)}; {fix}" if wrong else None
+
+
+def listener_fd_problem(name: str, kind: SocketKind | None) -> str | None:
+    """Why the descriptor sent for ``name`` cannot go into the SOCKMAP (None: it can)."""
+    if kind is None:
+        return f"{name}: the descriptor is not a socket"
+    if kind.family not in (socket.AF_INET, socket.AF_INET6) or \
+            kind.type != socket.SOCK_STREAM or kind.protocol != socket.IPPROTO_TCP:
+        return (f"{name}: not a TCP socket (family {kind.family}, type {kind.type}, protocol "
+                f"{kind.protocol})")
+    if not kind.listening:
+        return f"{name}: a TCP socket that is not listening (listen() before handing it over)"
+    return None
+
+
+def registration_problem(names: Sequence[str], kinds: Sequence[SocketKind | None]) -> str | None:
+    """Why a registration of ``names`` with descriptors of ``kinds`` (in the same order) is
+    refused; None if the agent may put them into the SOCKMAP."""
+    problem = listener_names_problem(names)
+    if problem is not None:
+        return problem
+    if len(kinds) != len(names):
+        return (f"{len(names)} listener name(s) but {len(kinds)} descriptor(s); send one "
+                "descriptor per name, in the same order (SCM_RIGHTS)")
+    fd_problems = [p for n, k in zip(names, kinds, strict=True)
+                   if (p := listener_fd_problem(n, k)) is not None]
+    return "; ".join(fd_problems) or None
 
 
 def is_ztunnel_argv(argv: Sequence[str]) -> bool:
@@ -177,10 +264,14 @@ class ZtunnelLinkServer:
             msg, fds = _recv_with_fds(conn)
             request = json.loads(msg.decode().strip() or "null")
             names = request.get("listeners") if isinstance(request, dict) else None
-            if not isinstance(names, list) or len(names) != len(fds) or \
-                    not all(isinstance(n, str) for n in names):
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise ValueError(f"expected {{\"listeners\": [names]}} with one descriptor "
                                  f"each; got {msg[:200]!r} with {len(fds)} descriptor(s)")
+            # Checked before anything reaches the SOCKMAP: a refused registration leaves the
+            # current listeners in place (the backend empties the slot of a missing name).
+            problem = registration_problem(names, [socket_kind(fd) for fd in fds])
+            if problem is not None:
+                raise ValueError(f"registration from pid {pid} refused: {problem}")
             await self.on_listeners(dict(zip(names, fds, strict=True)), pid)
             self.ztunnel_pid = pid
             registered = True

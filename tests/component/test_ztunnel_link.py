@@ -6,23 +6,31 @@ covers that check)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
 
+from agent.capture.base import LISTENER_SLOTS
 from agent.ztunnel_link import PEER_CHECK_OFF, ZtunnelLinkServer
 from ztunnel.agent_link import AgentLink
 
 
-async def test_listeners_cross_and_are_resent_after_an_agent_restart(tmp_path: Path) -> None:
-    path = tmp_path / "ztunnel.sock"
-    listeners = {}
-    for name in ("outbound", "inbound"):
+def listening() -> dict[str, socket.socket]:
+    """The ztunnel's capture listeners: one listening TCP socket per slot name."""
+    out = {}
+    for name in LISTENER_SLOTS:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         s.listen()
-        listeners[name] = s
+        out[name] = s
+    return out
+
+
+async def test_listeners_cross_and_are_resent_after_an_agent_restart(tmp_path: Path) -> None:
+    path = tmp_path / "ztunnel.sock"
+    listeners = listening()
     received: list[dict[str, tuple[str, int]]] = []
 
     async def on_listeners(fds: Mapping[str, int], pid: int) -> None:
@@ -73,19 +81,95 @@ async def test_a_bad_registration_is_refused_and_the_server_keeps_serving(tmp_pa
     await server.start()
     try:
         r, w = await asyncio.open_unix_connection(str(path))
-        w.write(b'{"listeners": ["outbound"]}\n')  # a name but no descriptor
+        names = json.dumps({"listeners": list(LISTENER_SLOTS)})
+        w.write(names.encode() + b"\n")  # the names but no descriptors
         await w.drain()
         answer = await asyncio.wait_for(r.readline(), 5)
-        assert b'"ok": false' in answer and b"descriptor" in answer
+        assert b'"ok": false' in answer and b"3 listener name(s) but 0 descriptor(s)" in answer
         w.close()
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        link = AgentLink(path, {"outbound": s})
+        listeners = listening()
+        link = AgentLink(path, listeners)
         task = asyncio.create_task(link.run())
         await asyncio.wait_for(link.registered.wait(), 5)
         task.cancel()
-        s.close()
+        for s in listeners.values():
+            s.close()
         assert len(calls) == 1
     finally:
         await server.close()
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+async def register_raw(path: Path, names: list[str], fds: list[int]) -> dict[str, object]:
+    """One registration as the ztunnel sends it, on a connection of its own; the answer."""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, str(path))
+        socket.send_fds(sock, [json.dumps({"listeners": names}).encode() + b"\n"], fds)
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+            assert chunk, "the agent closed the link without answering"
+            answer += chunk
+    reply: dict[str, object] = json.loads(answer)
+    return reply
+
+
+async def test_bad_listener_sets_are_refused_and_the_registration_in_place_stays(
+        tmp_path: Path) -> None:
+    path = tmp_path / "ztunnel.sock"
+    calls: list[tuple[dict[str, int], int]] = []
+
+    async def on_listeners(fds: Mapping[str, int], pid: int) -> None:
+        calls.append((dict(fds), pid))
+
+    server = ZtunnelLinkServer(path, on_listeners, peer_check=PEER_CHECK_OFF)
+    await server.start()
+    listeners = listening()
+    link = AgentLink(path, listeners)
+    task = asyncio.create_task(link.run())
+    unlistened = socket.socket()
+    unlistened.bind(("127.0.0.1", 0))
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    r, w = os.pipe()
+    try:
+        await asyncio.wait_for(link.registered.wait(), 5)
+        assert len(calls) == 1 and server.ztunnel_pid == os.getpid()
+        good = [listeners[n].fileno() for n in LISTENER_SLOTS]
+        names = list(LISTENER_SLOTS)
+        cases: list[tuple[list[str], list[int], str]] = [
+            ([], [], "no listeners (it would empty every SOCKMAP slot)"),
+            (["outbound"], good[:1], "missing: inbound, inbound_plaintext"),
+            ([*names, "socks5"], [*good, good[0]], "unknown: socks5"),
+            (names, [good[0], unlistened.fileno(), good[2]],
+             "inbound: a TCP socket that is not listening"),
+            (names, [good[0], good[1], udp.fileno()], "inbound_plaintext: not a TCP socket"),
+            (names, [r, good[1], good[2]], "outbound: the descriptor is not a socket"),
+        ]
+        for bad_names, fds, problem in cases:
+            before = open_fds()
+            reply = await register_raw(path, bad_names, fds)
+            assert reply["ok"] is False, bad_names
+            assert problem in str(reply["error"]), reply
+            # The descriptors the agent received are closed again (with the connection, just
+            # after the answer).
+            for _ in range(100):
+                if open_fds() <= before:
+                    break
+                await asyncio.sleep(0.02)
+            assert open_fds() <= before, bad_names
+        # Nothing reached the SOCKMAP; the ztunnel's registration is still the current one.
+        assert len(calls) == 1
+        assert server.ztunnel_pid == os.getpid() and link.registered.is_set()
+        assert server.registrations == 1
+    finally:
+        task.cancel()
+        await server.close()
+        for s in [*listeners.values(), unlistened, udp]:
+            s.close()
+        os.close(r)
+        os.close(w)

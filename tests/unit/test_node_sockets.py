@@ -1,10 +1,12 @@
 """The pure checks behind the node's Unix sockets (mesh/unix.py, agent/ztunnel_link.py): which
-uids may connect, which processes are the ztunnel, and how refusals are logged."""
+uids may connect, which processes are the ztunnel, how refusals are logged, and which listener
+sets the ztunnel may register."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +15,18 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, AgentConfigError
-from agent.ztunnel_link import ZtunnelLinkServer, is_ztunnel_argv, read_cmdline, ztunnel_problem
+from agent.ztunnel_link import (
+    TCP_LISTENER,
+    SocketKind,
+    ZtunnelLinkServer,
+    is_ztunnel_argv,
+    listener_fd_problem,
+    listener_names_problem,
+    read_cmdline,
+    registration_problem,
+    socket_kind,
+    ztunnel_problem,
+)
 from mesh.unix import PeerCred, RefusalLog, allowed_uids, uid_problem
 
 VENV = "/opt/ambit/venv/bin"
@@ -156,3 +169,84 @@ def test_link_server_refuses_an_unknown_peer_check() -> None:
 
     with pytest.raises(ValueError, match="peer_check: 'pid'"):
         ZtunnelLinkServer(Path("/nonexistent"), on_listeners, peer_check="pid")
+
+
+# --- what the ztunnel may register ---------------------------------------------------------
+
+ALL = ["outbound", "inbound", "inbound_plaintext"]
+FIX = "one descriptor each: run it with --inbound-bind shared"
+TCP6 = SocketKind(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, True)
+UNIX = SocketKind(socket.AF_UNIX, socket.SOCK_STREAM, 0, True)
+UDP = SocketKind(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP, False)
+CONNECTED = SocketKind(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, False)
+
+
+@pytest.mark.parametrize(("names", "fragments"), [
+    (ALL, None),
+    (["inbound_plaintext", "outbound", "inbound"], None),  # any order
+    ([], ["no listeners (it would empty every SOCKMAP slot)", FIX]),
+    (["outbound"], ["missing: inbound, inbound_plaintext;", FIX]),
+    ([*ALL, "socks5"], ["unknown: socks5;", FIX]),
+    (["outbound", "outbound", "inbound", "inbound_plaintext"], ["named twice: outbound;"]),
+    (["outbound", "admin"], ["missing: inbound, inbound_plaintext; unknown: admin;"]),
+])
+def test_listener_names_problem(names: list[str], fragments: list[str] | None) -> None:
+    problem = listener_names_problem(names)
+    if fragments is None:
+        assert problem is None
+        return
+    assert problem is not None
+    for f in fragments:
+        assert f in problem
+
+
+@pytest.mark.parametrize(("kind", "problem"), [
+    (TCP_LISTENER, None),
+    (TCP6, None),
+    (None, "inbound: the descriptor is not a socket"),
+    (UNIX, "inbound: not a TCP socket (family 1, type 1, protocol 0)"),
+    (UDP, "inbound: not a TCP socket (family 2, type 2, protocol 17)"),
+    (CONNECTED, "inbound: a TCP socket that is not listening (listen() before handing it over)"),
+])
+def test_listener_fd_problem(kind: SocketKind | None, problem: str | None) -> None:
+    assert listener_fd_problem("inbound", kind) == problem
+
+
+@pytest.mark.parametrize(("names", "kinds", "problem"), [
+    (ALL, [TCP_LISTENER] * 3, None),
+    # The names are checked first: an empty set is named as such, with or without descriptors.
+    ([], [], "no listeners"),
+    ([], [TCP_LISTENER], "no listeners"),
+    (ALL, [TCP_LISTENER] * 2, "3 listener name(s) but 2 descriptor(s)"),
+    (ALL, [TCP_LISTENER, CONNECTED, None],
+     "inbound: a TCP socket that is not listening (listen() before handing it over); "
+     "inbound_plaintext: the descriptor is not a socket"),
+])
+def test_registration_problem(names: list[str], kinds: list[SocketKind | None],
+                              problem: str | None) -> None:
+    got = registration_problem(names, kinds)
+    if problem is None:
+        assert got is None
+    else:
+        assert got is not None and got.startswith(problem)
+
+
+def test_socket_kind_of_real_descriptors() -> None:
+    with socket.socket() as listening, socket.socket() as fresh, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert socket_kind(listening.fileno()) == TCP_LISTENER
+        assert socket_kind(fresh.fileno()) == CONNECTED  # bound nowhere, not listening
+        assert socket_kind(udp.fileno()) == UDP
+        fileno = listening.fileno()
+        socket_kind(fileno)
+        assert listening.fileno() == fileno and listening.getsockname()  # still ours, open
+    r, w = os.pipe()
+    try:
+        before = os.listdir("/proc/self/fd")
+        assert socket_kind(r) is None
+        assert os.listdir("/proc/self/fd") == before, "no descriptor left behind"
+    finally:
+        os.close(r)
+        os.close(w)
