@@ -35,12 +35,15 @@ def _workload_doc(i: int, node_count: int, label: str = "a") -> dict[str, Any]:
     }
 
 
-def _subscribers(port: int, count: int, ready: Any, results: Any, stop: Any) -> None:
-    """Child process. ``count - 1`` plain gRPC subscribers record when each version has reached
-    all of them (delivery), and one real ztunnel ``ControllerSource`` records how long applying
-    it takes (receive -> new indexed snapshot swapped in). On real nodes every ztunnel applies
-    in parallel on its own CPU, so delivery-to-all plus one apply is the end-to-end time; here
-    100 applies would queue on one core and measure this machine, not the push."""
+def _subscribers(port: int, tokens: list[str], token_file: Path, ready: Any, results: Any,
+                 stop: Any) -> None:
+    """Child process. ``len(tokens) - 1`` plain gRPC subscribers record when each version has
+    reached all of them (delivery), and one real ztunnel ``ControllerSource`` records how long
+    applying it takes (receive -> new indexed snapshot swapped in). On real nodes every ztunnel
+    applies in parallel on its own CPU, so delivery-to-all plus one apply is the end-to-end
+    time; here 100 applies would queue on one core and measure this machine, not the push. Each
+    subscriber is node ``node-<i>`` and presents that node's token (``tokens[i]``; the real
+    ``ControllerSource`` reads it from ``token_file``), as the controller requires."""
     import grpc
     import uvloop
 
@@ -48,10 +51,14 @@ def _subscribers(port: int, count: int, ready: Any, results: Any, stop: Any) -> 
     from mesh.state.controller_source import ControllerSource
     from mesh.state.store import StateStore
 
+    count = len(tokens)
+
     async def receiver(i: int, seen: dict[str, int]) -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = state_pb2_grpc.StateServiceStub(channel)
-            async for update in stub.Subscribe(state_pb2.SubscribeRequest(node=f"node-{i}")):
+            async for update in stub.Subscribe(
+                    state_pb2.SubscribeRequest(node=f"node-{i}"),
+                    metadata=(("authorization", f"Bearer {tokens[i]}"),)):
                 seen[update.version] = seen.get(update.version, 0) + 1
                 if seen[update.version] == count - 1:
                     results.put(("delivered", update.version, time.monotonic()))
@@ -59,7 +66,8 @@ def _subscribers(port: int, count: int, ready: Any, results: Any, stop: Any) -> 
     async def main() -> None:
         seen: dict[str, int] = {}
         store = StateStore()
-        source = ControllerSource(f"127.0.0.1:{port}", "node-0", store, backoff_initial=0.05)
+        source = ControllerSource(f"127.0.0.1:{port}", "node-0", store, token_file=token_file,
+                                  backoff_initial=0.05)
         store.subscribe(lambda _old, new: results.put(
             ("applied", new.version, time.monotonic() - source.last_received)))
         tasks = [asyncio.create_task(receiver(i, seen)) for i in range(1, count)]
@@ -103,16 +111,20 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     registry.apply(docs)
     print(f"registry: {args.workloads} workloads written in {time.monotonic() - t0:.1f}s",
           flush=True)
+    # Subscribers are nodes: each gets its token, as `ambit node join` would give it.
+    tokens = [registry.issue_node_token(f"node-{i}") for i in range(args.subscribers)]
+    token_file = tmp / "node-0.token"
+    token_file.write_text(tokens[0])
+    feed = EmbeddedFeed(registry, "cluster.local", interval=0.02)
     controller = Controller(
         ControllerConfig(listen_host="127.0.0.1", grpc_port=0, monitoring_port=0,
                          insecure=True),
-        EmbeddedFeed(registry, "cluster.local", interval=0.02),
-        CertificateAuthority.generate("cluster.local"))
+        feed, CertificateAuthority.generate("cluster.local"), authenticator=feed)
     await controller.start()
     ctx = multiprocessing.get_context("spawn")
     ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
     child = ctx.Process(target=_subscribers,
-                        args=(controller.grpc_port, args.subscribers, ready, results, stop))
+                        args=(controller.grpc_port, tokens, token_file, ready, results, stop))
     child.start()
     latencies: list[float] = []
     try:

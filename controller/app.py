@@ -4,8 +4,9 @@ It watches a registry (embedded SQLite by default, Kubernetes when configured), 
 change into the ztunnels' mesh state and publishes it on the gRPC ``StateService``; it also
 serves the mesh CA (``CertificateService``) on the same port. gRPC runs over TLS with a serving
 certificate from the mesh root, so a ztunnel that holds the trust bundle can verify it;
-``insecure`` serves plaintext for loopback development and tests only. Monitoring (Prometheus
-``/metrics`` and ``/ready``) is on its own port, as istiod's 15014.
+``insecure`` serves plaintext for loopback development and tests only. Only nodes may
+subscribe to the state (``controller/push.py``): with their node token, TLS or not.
+Monitoring (Prometheus ``/metrics`` and ``/ready``) is on its own port, as istiod's 15014.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from controller.ca import CertificateAuthority
+from controller.ca_service import NodeAuthenticator
 from controller.push import StatePublisher, StateService
 from mesh.api.ambit.v1 import state_pb2_grpc
 from mesh.http_server import Response, serve_http
@@ -87,8 +89,12 @@ class Controller:
         feed: StateFeed,
         ca: CertificateAuthority,
         add_services: Callable[[grpc.aio.Server], None] | None = None,
+        *,
+        authenticator: NodeAuthenticator,
     ) -> None:
         self.config = config
+        # Who may subscribe to the state push: the nodes the CA's authenticator knows.
+        self.authenticator = authenticator
         self.feed = feed
         self.ca = ca
         self.metrics = CollectorRegistry(auto_describe=True)
@@ -137,8 +143,8 @@ class Controller:
     async def start(self) -> None:
         c = self.config
         self.server = grpc.aio.server()
-        state_pb2_grpc.add_StateServiceServicer_to_server(StateService(self.publisher),
-                                                          self.server)
+        state_pb2_grpc.add_StateServiceServicer_to_server(
+            StateService(self.publisher, self.authenticator), self.server)
         if self.add_services is not None:
             self.add_services(self.server)
         address = f"{c.listen_host}:{c.grpc_port}"

@@ -47,6 +47,7 @@ UNAUTHENTICATED = "unauthenticated"
 PERMISSION_DENIED = "permission_denied"
 INVALID_ARGUMENT = "invalid_argument"
 INTERNAL = "internal"
+UNAVAILABLE = "unavailable"
 
 
 class NodeAuthenticator(Protocol):
@@ -161,6 +162,55 @@ def bearer_token(metadata: Any) -> str | None:
     return None
 
 
+# What a caller does about a missing or refused node token (the ztunnel, the node agent and
+# the waypoint agent all take it as --node-token-file or a token file of the same meaning).
+NODE_TOKEN_FIX = ("pass the node's token with --node-token-file: `ambit node join NODE` in "
+                  "embedded mode, the ztunnel's service-account token in Kubernetes")
+
+
+class NodeAuthError(Exception):
+    """A call whose node credential is refused: ``code`` is the gRPC status to abort with,
+    ``result`` the CA's ``result`` label for it, the message says what to fix."""
+
+    def __init__(self, code: grpc.StatusCode, result: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.result = result
+
+
+async def authenticate_node(authenticator: NodeAuthenticator, metadata: Any,
+                            claimed_node: str | None = None) -> str:
+    """The node a call's ``authorization: Bearer <token>`` metadata proves, else
+    ``NodeAuthError``. With ``claimed_node`` (the node the request speaks for) the token must
+    be that node's: a node's credential speaks for that node only.
+
+    Why one function: the CA, the NodeService and the state push (``Subscribe``) all ask
+    "which node is calling"; one answer keeps their refusals (status and advice) the same.
+    A ``WorkloadCaller`` (a waypoint pod's own token, Kubernetes mode) is a ``str`` whose text
+    is never a node name, so it never equals a ``claimed_node`` (fail closed)."""
+    token = bearer_token(metadata)
+    if token is None:
+        raise NodeAuthError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED,
+                            "no node credential: send metadata 'authorization: Bearer "
+                            f"<node token>'; {NODE_TOKEN_FIX}")
+    try:
+        node = await resolve(authenticator.authenticate(token))
+    except AuthenticatorUnavailable as e:
+        raise NodeAuthError(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE,
+                            f"cannot check the node token right now ({e}); retry") from None
+    if node is None:
+        raise NodeAuthError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED,
+                            "the node token is not valid (unknown, revoked or expired); "
+                            "re-join the node (`ambit node join NODE`) or check the "
+                            "ztunnel's service-account token")
+    if claimed_node is not None and node != claimed_node:
+        raise NodeAuthError(grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED,
+                            f"this credential belongs to node {node}, not {claimed_node!r}; a "
+                            "node's token speaks only for that node: use the token of node "
+                            f"{claimed_node!r} (or fix --node)")
+    return node
+
+
 def _pem_chain(chain_pem: bytes) -> list[str]:
     return [c.public_bytes(serialization.Encoding.PEM).decode()
             for c in x509.load_pem_x509_certificates(chain_pem)]
@@ -218,21 +268,10 @@ class CertificateService(ca_pb2_grpc.CertificateServiceServicer):
     async def CreateCertificate(
         self, request: ca_pb2.CreateCertificateRequest, context: Context,
     ) -> ca_pb2.CreateCertificateResponse:
-        token = bearer_token(context.invocation_metadata())
-        if token is None:
-            await self._refuse(context, UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED,
-                               "no node credential: send metadata 'authorization: Bearer "
-                               "<node token>'")
         try:
-            node = await resolve(self.authenticator.authenticate(token))
-        except AuthenticatorUnavailable as e:
-            await self._refuse(context, "unavailable", grpc.StatusCode.UNAVAILABLE,
-                               f"cannot check the node token right now ({e}); retry")
-        if node is None:
-            await self._refuse(context, UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED,
-                               "the node token is not valid (unknown, revoked or expired); "
-                               "re-join the node (`ambit node join`) or check the ztunnel's "
-                               "service-account token")
+            node = await authenticate_node(self.authenticator, context.invocation_metadata())
+        except NodeAuthError as e:
+            await self._refuse(context, e.result, e.code, str(e))
         try:
             csr = validate_csr(request.csr_pem, self.trust_domain)
             ttl = self.ttl_for(request.ttl_seconds)

@@ -346,7 +346,7 @@ async def _serve(args: argparse.Namespace, mode: str, stop: asyncio.Event,
         insecure=args.insecure,
         mtls_port=None if args.xds_port < 0 else args.xds_port,
     )
-    controller = Controller(config, feed, ca)
+    controller = Controller(config, feed, ca, authenticator=auth)
     elector = k8s.elector if k8s is not None else None
     Gauge("ambit_controller_leader", "1 while this replica does the leader-only work (holds "
           "the leader Lease, or is the only controller: embedded mode, --no-leader-election)",

@@ -16,12 +16,7 @@ from typing import NoReturn
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
-from controller.ca_service import (
-    AuthenticatorUnavailable,
-    NodeAuthenticator,
-    bearer_token,
-    resolve,
-)
+from controller.ca_service import NodeAuthenticator, NodeAuthError, authenticate_node
 from controller.registry.translate import Membership
 from mesh.api.ambit.v1 import node_pb2, node_pb2_grpc
 
@@ -52,23 +47,11 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
 
     async def GetPodMembership(self, request: node_pb2.PodMembershipRequest,
                                context: Context) -> node_pb2.PodMembership:
-        token = bearer_token(context.invocation_metadata())
-        if token is None:
-            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED,
-                               "no node credential: send 'authorization: Bearer <node token>'")
         try:
-            node = await resolve(self.authenticator.authenticate(token))
-        except AuthenticatorUnavailable as e:
-            await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
-                               f"cannot check the node token right now ({e}); retry")
-        if node is None:
-            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED,
-                               "the node token is not valid; re-join the node "
-                               "(`ambit node join`)")
-        if request.node != node:
-            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
-                               f"this credential belongs to node {node}, not "
-                               f"{request.node!r}; a node may ask only about its own pods")
+            node = await authenticate_node(self.authenticator, context.invocation_metadata(),
+                                           claimed_node=request.node)
+        except NodeAuthError as e:
+            await self._refuse(context, e.code, str(e))
         if not request.namespace or not request.name:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                "namespace and name are required")

@@ -5,6 +5,10 @@ changes, each with the registry's version. The delta for one change is computed 
 by all subscribers, so pushing a one-pod change to 100 ztunnels costs one diff and 100 small
 messages. A subscriber that falls behind (its queue over ``max_pending``) is not allowed to
 hold memory: its queue is dropped and it gets a fresh full snapshot instead.
+
+Only nodes subscribe: ``Subscribe`` takes the node token the CA takes (``authorization: Bearer``
+metadata, checked by the same ``NodeAuthenticator``) and it must be the token of the node the
+request names.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import AsyncIterator
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from controller.ca_service import NodeAuthenticator, NodeAuthError, authenticate_node
 from mesh.api.ambit.v1 import state_pb2, state_pb2_grpc
 from mesh.state.model import MeshConfig
 from mesh.state.wire import delta_update, full_update
@@ -58,6 +63,10 @@ class StatePublisher:
                                  registry=registry)
         self.version = Gauge("ambit_controller_state_version", "Version of the pushed state",
                              registry=registry)
+        self.refused = Counter("ambit_controller_subscriptions_refused", "State subscriptions "
+                               "refused, by gRPC status (UNAUTHENTICATED: no or bad node token; "
+                               "PERMISSION_DENIED: another node's token; UNAVAILABLE: the "
+                               "token could not be checked)", ("code",), registry=registry)
 
     def publish(self, config: MeshConfig) -> None:
         delta = delta_update(self.config, config)
@@ -99,8 +108,14 @@ class StatePublisher:
 
 
 class StateService(state_pb2_grpc.StateServiceServicer):
-    def __init__(self, publisher: StatePublisher) -> None:
+    """``Subscribe`` for authenticated nodes only: the stream is the whole mesh (every
+    workload, address and policy of every node), so a caller must prove, with the same node
+    credential the CA takes, that it is the node it names. This holds on a plaintext
+    (``--insecure``) port too: TLS protects the stream, the token says who may read it."""
+
+    def __init__(self, publisher: StatePublisher, authenticator: NodeAuthenticator) -> None:
         self.publisher = publisher
+        self.authenticator = authenticator
 
     async def Subscribe(
         self, request: state_pb2.SubscribeRequest, context: grpc.aio.ServicerContext[
@@ -109,5 +124,13 @@ class StateService(state_pb2_grpc.StateServiceServicer):
         if not request.node:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "node is required: the ztunnel must say which node it serves")
+        try:
+            await authenticate_node(self.authenticator, context.invocation_metadata(),
+                                    claimed_node=request.node)
+        except NodeAuthError as e:
+            self.publisher.refused.labels(e.code.name).inc()
+            log.warning("refused a state subscription for node %r from %s: %s: %s",
+                        request.node, context.peer(), e.code.name, e)
+            await context.abort(e.code, str(e))
         async for update in self.publisher.updates(request.node):
             yield update

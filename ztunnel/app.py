@@ -215,6 +215,7 @@ class Ztunnel:
             self.controller_source = ControllerSource(
                 self.config.controller_address, self.config.node, self.store,
                 credentials=controller_credentials(self.config),
+                token_file=self.config.node_token_file,
                 on_result=self._on_state,
                 on_connected=lambda up: self.metrics.xds_connected.set(1 if up else 0))
             self.metrics.xds_connected.set(0)

@@ -57,8 +57,8 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("--ca-address", metavar="HOST:PORT",
                    help="mesh CA for workload certificates (default: --controller)")
     p.add_argument("--node-token-file", type=Path,
-                   help="node credential for the CA (`ambit node join NODE` in embedded mode; "
-                   "the service-account token in Kubernetes)")
+                   help="node credential for the CA and the state push (`ambit node join NODE` "
+                   "in embedded mode; the service-account token in Kubernetes)")
     p.add_argument("--ca-root-cert", type=Path,
                    help="mesh root certificate that verifies the controller's TLS "
                    "(the controller writes it to DATA_DIR/trust-bundle.pem)")

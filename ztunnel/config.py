@@ -46,7 +46,8 @@ class ZtunnelConfig:
     # controller instead of state_file.
     controller_address: str = ""
     ca_address: str = ""  # gRPC target of the CA (host:port); needs node_token_file
-    node_token_file: Path | None = None  # bearer token proving the node to the CA
+    # Bearer token proving the node to the CA and to the controller's state push.
+    node_token_file: Path | None = None
     # Root that verifies the CA's TLS serving certificate; unset = plaintext gRPC (loopback).
     ca_root_cert: Path | None = None
     trust_domain: str = "cluster.local"
@@ -115,7 +116,14 @@ class ZtunnelConfig:
         return self
 
     def _validate_ca(self) -> None:
-        if bool(self.ca_address) != (self.node_token_file is not None):
+        if self.node_token_file is None and self.controller_address:
+            raise ConfigError(
+                "controller_address needs node_token_file: the controller streams the mesh "
+                "state only to a node that proves itself with its token; create it with "
+                "`ambit node join NODE` (embedded mode) or mount the ztunnel's "
+                "service-account token there (Kubernetes)")
+        if bool(self.ca_address) != (self.node_token_file is not None) \
+                and not self.controller_address:
             raise ConfigError(
                 "ca_address and node_token_file go together: the ztunnel proves its node to "
                 "the CA with the token (set both, or neither to use identity_dir)")

@@ -1,10 +1,13 @@
 """The ztunnel's state source in a mesh with a controller: a gRPC subscription.
 
-It subscribes with the node name, applies the first (full) update and every delta atomically
-to the store, and reconnects with jittered exponential backoff when the stream breaks. While
-the controller is unreachable the last good state keeps serving; ``ambit_xds_connected`` and
-``ambit_state_age_seconds`` tell operators so. An update that does not validate is rejected
-whole (field named in the log) and the stream is restarted, which yields a fresh snapshot.
+It subscribes with the node name and the node's token (``authorization: Bearer`` metadata; the
+controller streams the mesh only to the node a token proves), applies the first (full) update
+and every delta atomically to the store, and reconnects with jittered exponential backoff when
+the stream breaks. While the controller is unreachable the last good state keeps serving;
+``ambit_xds_connected`` and ``ambit_state_age_seconds`` tell operators so. An update that does
+not validate is rejected whole (field named in the log) and the stream is restarted, which
+yields a fresh snapshot. The token is read from its file at every connection attempt, as the
+CA client does: projected service-account tokens rotate under a running process.
 """
 
 from __future__ import annotations
@@ -14,15 +17,20 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 
 from mesh.api.ambit.v1 import state_pb2, state_pb2_grpc
+from mesh.ca_client import CaError, TokenFile
 from mesh.state.parse import StateError
 from mesh.state.store import StateStore
 from mesh.state.wire import apply_update
 
 log = logging.getLogger("mesh.state.controller")
+
+NODE_TOKEN_FIX = ("pass the node's token with --node-token-file (`ambit node join NODE` in "
+                  "embedded mode, the ztunnel's service-account token in Kubernetes)")
 
 
 class ControllerSource:
@@ -32,6 +40,7 @@ class ControllerSource:
         node: str,
         store: StateStore,
         credentials: grpc.ChannelCredentials | None = None,
+        token_file: Path | None = None,
         on_result: Callable[[bool, str], None] | None = None,
         on_connected: Callable[[bool], None] | None = None,
         backoff_initial: float = 0.1,
@@ -41,6 +50,8 @@ class ControllerSource:
         self.node = node
         self.store = store
         self.credentials = credentials
+        self.token_file = (None if token_file is None else
+                           TokenFile(token_file, "node token", NODE_TOKEN_FIX))
         self._on_result = on_result
         self._on_connected = on_connected
         self.backoff_initial = backoff_initial
@@ -52,6 +63,9 @@ class ControllerSource:
         if credentials is None:
             log.warning("controller %s: plaintext gRPC (no --ca-root-cert); use this only on "
                         "loopback or a trusted development network", target)
+        if token_file is None:
+            log.warning("controller %s: no node token, so the controller will refuse the state "
+                        "stream (UNAUTHENTICATED); %s", target, NODE_TOKEN_FIX)
 
     def _set_connected(self, value: bool) -> None:
         if value != self.connected:
@@ -68,13 +82,20 @@ class ControllerSource:
             return grpc.aio.insecure_channel(self.target, options=options)
         return grpc.aio.secure_channel(self.target, self.credentials, options=options)
 
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """The node credential, read now (``CaError`` when the file is missing or empty)."""
+        if self.token_file is None:
+            return ()
+        return (("authorization", f"Bearer {self.token_file.read()}"),)
+
     async def _session(self) -> bool:
         """One subscription; returns True if at least one update was applied."""
         applied = False
+        metadata = self._metadata()
         async with self._channel() as channel:
             stub = state_pb2_grpc.StateServiceStub(channel)
             call = stub.Subscribe(state_pb2.SubscribeRequest(
-                node=self.node, last_version=self.store.current.version))
+                node=self.node, last_version=self.store.current.version), metadata=metadata)
             async for update in call:
                 self.last_received = time.monotonic()
                 self._set_connected(True)
@@ -105,9 +126,16 @@ class ControllerSource:
                     delay = self.backoff_initial
             except grpc.aio.AioRpcError as e:
                 self.last_error = f"{e.code().name}: {e.details()}"
-                log.warning("controller %s unreachable (%s); serving the last good state "
-                            "(version %r)", self.target, self.last_error,
-                            self.store.current.version)
+                # A refused credential is not an outage: say so, the details carry the fix.
+                refused = e.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                       grpc.StatusCode.PERMISSION_DENIED)
+                log.warning("controller %s %s (%s); serving the last good state (version %r)",
+                            self.target, "refused the subscription" if refused else
+                            "unreachable", self.last_error, self.store.current.version)
+            except CaError as e:  # the token file: its message names the file and the fix
+                self.last_error = str(e)
+                log.warning("cannot subscribe to controller %s: %s; serving the last good "
+                            "state (version %r)", self.target, e, self.store.current.version)
             self._set_connected(False)
             # Full jitter, so a controller restart is not met by every node at once.
             await asyncio.sleep(random.uniform(0, delay))

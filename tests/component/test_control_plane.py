@@ -83,7 +83,8 @@ def start_controller(tmp: Path, registry: EmbeddedRegistry, port: int) -> Contro
     ca = open_ca(TD, tmp / "data")
     feed = EmbeddedFeed(registry, TD, interval=0.02)
     controller = Controller(ControllerConfig(trust_domain=TD, listen_host="127.0.0.1",
-                                             grpc_port=port, monitoring_port=0), feed, ca)
+                                             grpc_port=port, monitoring_port=0), feed, ca,
+                            authenticator=feed)
     ca_service = CertificateService(ca, TD, feed, feed, controller.metrics)
     controller.add_services = ca_service.add_to_server
     (tmp / "trust-bundle.pem").write_bytes(ca.root_pem)

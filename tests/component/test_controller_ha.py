@@ -47,6 +47,7 @@ from controller.waypoint.parse import parse_gateway
 from mesh.state.controller_source import ControllerSource
 from mesh.state.store import StateStore
 from tests.component.harness import free_port
+from tests.component.test_controller_kubernetes import ztunnel_token_file
 from tests.k8s_double import objects
 from tests.k8s_double.server import ADMIN_TOKEN, ApiServerDouble
 
@@ -699,13 +700,13 @@ async def stop_process(p: Process, sig: int | None = signal.SIGTERM) -> tuple[in
     return code, p.log.read_text()
 
 
-async def ztunnel_ready(port: int, root_pem: bytes, within: float = 20.0) -> None:
+async def ztunnel_ready(port: int, root_pem: bytes, token: Path, within: float = 20.0) -> None:
     """A ztunnel that trusts only ``root_pem`` gets its state from the controller at
-    ``port``: the controller serves TLS from that root."""
+    ``port`` (presenting node-a's ``token``): the controller serves TLS from that root."""
     store = StateStore()
     source = ControllerSource(f"localhost:{port}", "node-a", store,
                               grpc.ssl_channel_credentials(root_certificates=root_pem),
-                              backoff_initial=0.05, backoff_max=0.3)
+                              token_file=token, backoff_initial=0.05, backoff_max=0.3)
     task = asyncio.create_task(source.run())
     try:
         await eventually(lambda: store.ready, within=within)
@@ -725,8 +726,9 @@ async def test_two_controller_processes_share_the_root_and_one_leads(
         secret = double.store.get("secrets", "ambit-ca", NS)
         assert secret is not None
         root = base64.b64decode(secret["data"]["root-cert.pem"])
+        token = ztunnel_token_file(double, tmp_path)
         for p in procs:  # both serve, with certificates from the Secret's root
-            await ztunnel_ready(p.grpc_port, root)
+            await ztunnel_ready(p.grpc_port, root, token)
         await eventually(lambda: holder(double) in ("ctl-a", "ctl-b"))
         leader = next(p for p in procs if p.name == holder(double))
         follower = next(p for p in procs if p is not leader)
@@ -743,7 +745,7 @@ async def test_two_controller_processes_share_the_root_and_one_leads(
         await eventually(lambda: holder(double) == follower.name, within=10)
         await follower.wait_metric("ambit_controller_leader", 1.0)
         assert lease(double)["spec"]["leaseTransitions"] == 1
-        await ztunnel_ready(follower.grpc_port, root)
+        await ztunnel_ready(follower.grpc_port, root, token)
         # A clean stop releases the Lease.
         code, err = await stop_process(follower)
         assert code == 0, err

@@ -18,7 +18,17 @@ from mesh.state.store import StateStore
 from tests.component.harness import free_port
 from tests.component.test_push import eventually
 from tests.k8s_double import objects
-from tests.k8s_double.server import ApiServerDouble
+from tests.k8s_double.server import ApiServerDouble, ServiceAccountToken
+
+
+def ztunnel_token_file(double: ApiServerDouble, tmp: Path, node: str = "node-a") -> Path:
+    """A file holding a ztunnel service-account token bound to ``node``, as the DaemonSet
+    mounts it: the controller reviews it (TokenReview) before it streams the state."""
+    token = f"ztunnel-token-{node}"
+    double.tokens[token] = ServiceAccountToken("ambit-system", "ztunnel", node_name=node)
+    path = tmp / f"{node}.token"
+    path.write_text(token)
+    return path
 
 
 @pytest.mark.parametrize(("mode", "kubeconfig", "env", "expected"), [
@@ -51,8 +61,9 @@ async def test_controller_process_in_kubernetes_mode(double: ApiServerDouble,
         "--listen-host", "127.0.0.1", "--grpc-port", str(port), "--monitoring-port", "0",
         "--insecure", env=env, stderr=subprocess.PIPE)
     store = StateStore()
-    source = ControllerSource(f"127.0.0.1:{port}", "node-a", store, backoff_initial=0.05,
-                              backoff_max=0.2)
+    source = ControllerSource(f"127.0.0.1:{port}", "node-a", store,
+                              token_file=ztunnel_token_file(double, tmp_path),
+                              backoff_initial=0.05, backoff_max=0.2)
     task = asyncio.create_task(source.run())
     try:
         await eventually(lambda: store.ready, limit=20)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from mesh.state.model import MeshConfig
 from mesh.state.parse import parse_state
 from mesh.state.store import StateStore
 from tests.component.harness import free_port
-from tests.component.test_push import doc, eventually
+from tests.component.test_push import NODE_TOKENS, Tokens, doc, eventually, token_file
 
 
 class QueueFeed:
@@ -30,17 +31,17 @@ class QueueFeed:
             yield await self.queue.get()
 
 
-async def test_ztunnel_subscribes_over_tls_and_sees_changes() -> None:
+async def test_ztunnel_subscribes_over_tls_and_sees_changes(tmp_path: Path) -> None:
     ca = CertificateAuthority.generate("cluster.local")
     feed = QueueFeed()
     cfg = ControllerConfig(listen_host="127.0.0.1", grpc_port=0, monitoring_host="127.0.0.1",
                            monitoring_port=free_port("127.0.0.1"))
-    controller = Controller(cfg, feed, ca)
+    controller = Controller(cfg, feed, ca, authenticator=Tokens(NODE_TOKENS))
     await controller.start()
     store = StateStore()
     creds = grpc.ssl_channel_credentials(root_certificates=ca.root_pem)
     source = ControllerSource(f"localhost:{controller.grpc_port}", "n1", store, creds,
-                              backoff_initial=0.05)
+                              token_file=token_file(tmp_path, "token-n1"), backoff_initial=0.05)
     task = asyncio.create_task(source.run())
     try:
         await feed.queue.put(parse_state(doc("1")))
@@ -59,16 +60,18 @@ async def test_ztunnel_subscribes_over_tls_and_sees_changes() -> None:
         await controller.stop()
 
 
-async def test_untrusted_controller_is_refused() -> None:
+async def test_untrusted_controller_is_refused(tmp_path: Path) -> None:
     ca, other = CertificateAuthority.generate("cluster.local"), CertificateAuthority.generate("x")
     feed = QueueFeed()
     controller = Controller(ControllerConfig(listen_host="127.0.0.1", grpc_port=0,
-                                             monitoring_port=0), feed, ca)
+                                             monitoring_port=0), feed, ca,
+                            authenticator=Tokens(NODE_TOKENS))
     await controller.start()
     await feed.queue.put(parse_state(doc("1")))
     store = StateStore()
     source = ControllerSource(f"localhost:{controller.grpc_port}", "n1", store,
-                              grpc.ssl_channel_credentials(root_certificates=other.root_pem))
+                              grpc.ssl_channel_credentials(root_certificates=other.root_pem),
+                              token_file=token_file(tmp_path, "token-n1"))
     try:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await asyncio.wait_for(source._session(), 5)

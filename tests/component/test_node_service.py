@@ -44,7 +44,8 @@ async def test_membership_answers_and_refusals(tmp_path: Path) -> None:
     port = free_port("127.0.0.1")
     controller = Controller(ControllerConfig(trust_domain=TD, listen_host="127.0.0.1",
                                              grpc_port=port, monitoring_port=0,
-                                             insecure=True), feed, ca)
+                                             insecure=True), feed, ca,
+                            authenticator=feed)
     service = NodeService(feed, feed.pod_membership, controller.metrics)
     controller.add_services = service.add_to_server
     await controller.start()

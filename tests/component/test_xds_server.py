@@ -49,6 +49,7 @@ from mesh.spiffe import SpiffeId
 from tests.component import waiting
 from tests.component.harness import free_port
 from tests.component.test_controller_tls import QueueFeed
+from tests.component.test_push import Tokens
 
 HOST = "127.0.0.1"
 KEY = "ns1/gw"
@@ -396,7 +397,8 @@ async def tls_controller(ads: Ads, ca: CertificateAuthority) -> AsyncIterator[Co
     """The real controller process core: 15012-style port (server TLS only) and the port that
     requires client certificates, both serving the ADS server."""
     config = ControllerConfig(listen_host=HOST, grpc_port=0, monitoring_port=0, mtls_port=0)
-    controller = Controller(config, QueueFeed(), ca, add_services=ads.server.add_to_server)
+    controller = Controller(config, QueueFeed(), ca, add_services=ads.server.add_to_server,
+                            authenticator=Tokens({}))
     await controller.start()
     try:
         yield controller

@@ -28,6 +28,14 @@ def test_ca_settings_from_a_mapping(token: Path) -> None:
     assert isinstance(make_secrets(c, Metrics()), CaSecretManager)
 
 
+def test_state_from_the_controller_with_certificates_from_a_directory(tmp_path: Path,
+                                                                       token: Path) -> None:
+    """The node token is for the state push too, not only for the CA."""
+    c = ZtunnelConfig(node="n1", controller_address="ctl:15012", node_token_file=token,
+                      identity_dir=tmp_path).validate()
+    assert isinstance(make_secrets(c, Metrics()), SecretManager)
+
+
 def test_identity_dir_selects_the_file_source(tmp_path: Path) -> None:
     c = ZtunnelConfig(node="n1", identity_dir=tmp_path).validate()
     assert isinstance(make_secrets(c, Metrics()), SecretManager)
@@ -50,6 +58,11 @@ def test_ca_root_cert_makes_the_channel_tls(tmp_path: Path, token: Path) -> None
     ({"ca_address": "ctl:15012", "node_token_file": "/nonexistent/token"},
      "node_token_file: /nonexistent/token does not exist; create it with `ambit node join`"),
     ({"ca_root_cert": "ROOT"}, "ca_root_cert: only meaningful with ca_address"),
+    # The controller streams the state only to a node that proves itself.
+    ({"controller_address": "ctl:15012", "identity_dir": "DIR"},
+     "controller_address needs node_token_file"),
+    ({"controller_address": "ctl:15012", "ca_address": "ctl:15012"},
+     "controller_address needs node_token_file"),
     ({"ca_address": "ctl:15012", "node_token_file": "TOKEN", "ca_root_cert": "/nonexistent"},
      "ca_root_cert: /nonexistent does not exist"),
 ])
