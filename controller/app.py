@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import ipaddress
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -54,11 +55,46 @@ class ControllerConfig:
     # Names ztunnels use to dial the controller; they go into the serving certificate.
     serving_names: tuple[str, ...] = ("ambit-controller.ambit-system.svc", "localhost")
     serving_ips: tuple[str, ...] = ("127.0.0.1",)
+    # Plaintext gRPC; loopback listen_host only (check_insecure_bind).
     insecure: bool = False
     # A second gRPC port, same services, that REQUIRES a client certificate from the mesh root,
     # so handlers can read the caller's SPIFFE ID (Envoy waypoints' ADS). None: no such port;
     # 0: any free port. Not opened with `insecure`. See serving_credentials for why.
     mtls_port: int | None = None
+
+
+class InsecureBindError(ValueError):
+    """``insecure`` asked for on an address other machines can reach; the message says why
+    that is refused and what to do instead."""
+
+
+def check_insecure_bind(insecure: bool, listen_host: str) -> None:
+    """Plaintext gRPC only on a loopback address, else ``InsecureBindError``.
+
+    Why: on 15012 the CA's answers, the node tokens (``authorization`` metadata) and the whole
+    mesh state travel; in plaintext on a reachable address anyone on the path reads the tokens
+    and can then subscribe as those nodes. ``--insecure`` is kept for development on one
+    machine (tests, the push benchmark), where only loopback is involved. ``localhost`` counts
+    as loopback; any other name is refused, as it cannot be checked here. The dev cluster
+    serves TLS, so nothing in the repository needs plaintext off loopback."""
+    if not insecure:
+        return
+    host = listen_host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise InsecureBindError(
+        f"--insecure with --listen-host {listen_host}: plaintext gRPC is refused on an address "
+        "other machines can reach, since node tokens, certificates and the mesh state would "
+        "cross the network in clear text. For development on this machine use --listen-host "
+        "127.0.0.1; otherwise drop --insecure and give ztunnels and agents the trust bundle "
+        "(--ca-root-cert DATA_DIR/trust-bundle.pem)")
 
 
 def serving_credentials(ca: CertificateAuthority, config: ControllerConfig,
@@ -142,6 +178,7 @@ class Controller:
 
     async def start(self) -> None:
         c = self.config
+        check_insecure_bind(c.insecure, c.listen_host)
         self.server = grpc.aio.server()
         state_pb2_grpc.add_StateServiceServicer_to_server(
             StateService(self.publisher, self.authenticator), self.server)

@@ -97,7 +97,8 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("--serving-ip", action="append", default=[],
                    help="IP ztunnels dial (repeatable; goes into the serving cert)")
     p.add_argument("--insecure", action="store_true",
-                   help="serve gRPC in plaintext (loopback development only)")
+                   help="serve gRPC in plaintext (development only: needs a loopback "
+                   "--listen-host, e.g. 127.0.0.1)")
     p.add_argument("--waypoint-image", default="",
                    help="Kubernetes: the image of waypoint pods (the controller renders each "
                    "ambit-waypoint Gateway's Deployment with it); empty: do not deploy them")
@@ -253,9 +254,14 @@ class KubernetesMode:
 
 def resolve_flags(args: argparse.Namespace, mode: str, environ: dict[str, str]) -> None:
     """Fill in defaults that depend on the mode and the pod's environment; check the flags."""
+    from controller.app import InsecureBindError, check_insecure_bind
     from controller.k8s_ca import CA_SECRET, SYSTEM_NAMESPACE, parse_secret_ref
     from controller.leader import Timings, default_identity
 
+    try:  # before anything is opened: a refused --insecure is a usage error (exit 2)
+        check_insecure_bind(args.insecure, args.listen_host)
+    except InsecureBindError as e:
+        raise ControllerUsageError(str(e)) from None
     if (args.ca_cert is None) != (args.ca_key is None):
         raise ControllerUsageError("--ca-cert and --ca-key go together: give both (a "
                                    "user-supplied root) or neither")

@@ -1,8 +1,12 @@
-"""The controller process core: TLS gRPC with a mesh-issued serving certificate, monitoring."""
+"""The controller process core: TLS gRPC with a mesh-issued serving certificate, monitoring;
+plaintext (``--insecure``) only on loopback."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controller.app import Controller, ControllerConfig
+from controller.app import Controller, ControllerConfig, InsecureBindError, check_insecure_bind
 from controller.ca import CertificateAuthority
 from mesh.state.controller_source import ControllerSource
 from mesh.state.model import MeshConfig
@@ -79,3 +83,40 @@ async def test_untrusted_controller_is_refused(tmp_path: Path) -> None:
         assert store.current.version == ""
     finally:
         await controller.stop()
+
+
+@pytest.mark.parametrize(("host", "allowed"), [
+    ("127.0.0.1", True), ("127.0.0.5", True), ("::1", True), ("[::1]", True),
+    ("localhost", True),
+    ("0.0.0.0", False), ("::", False), ("10.0.0.1", False), ("192.168.1.5", False),
+    ("ctl.example", False),
+])
+def test_plaintext_grpc_only_on_loopback(host: str, allowed: bool) -> None:
+    check_insecure_bind(False, host)  # TLS: any address
+    if allowed:
+        check_insecure_bind(True, host)
+    else:
+        with pytest.raises(InsecureBindError, match=r"use --listen-host 127\.0\.0\.1"):
+            check_insecure_bind(True, host)
+
+
+async def test_controller_core_refuses_insecure_off_loopback() -> None:
+    controller = Controller(ControllerConfig(listen_host="0.0.0.0", grpc_port=0,
+                                             monitoring_port=0, insecure=True),
+                            QueueFeed(), CertificateAuthority.generate("cluster.local"),
+                            authenticator=Tokens(NODE_TOKENS))
+    with pytest.raises(InsecureBindError, match="other machines can reach"):
+        await controller.start()
+    assert controller.server is None and controller.grpc_port == 0  # nothing bound
+
+
+def test_ambit_controller_insecure_off_loopback_is_a_usage_error(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "AMBIT_DB")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ambit.cli", "controller", "--mode", "embedded", "--insecure",
+         "--db", str(tmp_path / "registry.db"), "--data-dir", str(tmp_path / "data")],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "--insecure with --listen-host 0.0.0.0" in proc.stderr
+    assert "--listen-host 127.0.0.1" in proc.stderr
+    assert not (tmp_path / "registry.db").exists()  # refused before opening anything
