@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh.ratelimit import RateLimitedLog
+
 # Serialises our own umask changes (two binds at once would restore each other's umask).
 _UMASK_LOCK = threading.Lock()
 
@@ -98,32 +100,18 @@ def uid_problem(peer: PeerCred, allowed: Set[int], what: str, flag: str) -> str 
             f"uid with {flag}")
 
 
-class RefusalLog:
+class RefusalLog(RateLimitedLog):
     """Counts refused peers and logs them, at most once per ``interval`` seconds.
 
     The first refusal is logged at once; later ones within the interval are only counted, and
-    the next line logged says how many were left out.
+    the next line logged says how many were left out (``mesh.ratelimit.RateLimitedLog`` with a
+    single key).
     """
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.logger = logger
-        self.interval = interval
-        self.clock = clock
-        self.total = 0
-        self._last: float | None = None
-        self._unlogged = 0
+        super().__init__(logger, interval, clock, what="refused")
 
     def refused(self, message: str) -> bool:
         """Count one refusal; True if it was logged."""
-        self.total += 1
-        now = self.clock()
-        if self._last is not None and now - self._last < self.interval:
-            self._unlogged += 1
-            return False
-        more = (f" ({self._unlogged} more refused since the last such line)"
-                if self._unlogged else "")
-        self.logger.warning("%s%s", message, more)
-        self._last = now
-        self._unlogged = 0
-        return True
+        return self.log(None, "%s", message)
