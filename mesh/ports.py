@@ -25,6 +25,16 @@ GRPC_PORT = 15012  # state push (Subscribe), node service and the mesh CA
 XDS_PORT = 15011  # the same services with a REQUIRED client certificate: waypoints' ADS
 MONITORING_PORT = 15014  # the controller's /metrics and /ready
 
+# --- the node's own ports -----------------------------------------------------------------------
+# Every port a mesh process may listen on in the node's network namespace (the ztunnel and the
+# agent are hostNetwork; the controller may run there too). Traffic the ztunnel carries for a pod
+# (passthrough, SOCKS5, captured) must never reach one of them on a node address: a pod would
+# read /config_dump or the metrics, or HBONE 15008 would loop back into the ztunnel itself.
+NODE_OWN_PORTS = frozenset({
+    ADMIN_PORT, OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT, SOCKS5_PORT, METRICS_PORT,
+    READINESS_PORT, NODE_METRICS_PORT, XDS_PORT, GRPC_PORT, MONITORING_PORT,
+})
+
 # --- socket marks -------------------------------------------------------------------------------
 # SO_MARK on every socket the ztunnel opens, so no capture rule (iptables or eBPF) ever loops the
 # proxy's own traffic back into it. Istio's value.

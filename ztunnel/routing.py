@@ -2,17 +2,18 @@
 
 Every connection the ztunnel sees is first turned into a plan here, with no I/O, so each case
 (service VIP, service bound to a waypoint, local pod, remote pod, non-mesh destination, no
-endpoints) is a row in a table test. The listeners only carry plans out.
+endpoints, the node itself) is a row in a table test. The listeners only carry plans out.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import ClassVar
 
-from mesh.ports import HBONE_PORT
+from mesh.ports import HBONE_PORT, NODE_OWN_PORTS
 from mesh.spiffe import SpiffeId
 from mesh.state.model import IPAddress, Service, WaypointRef, Workload
 from mesh.state.store import StateSnapshot
@@ -96,9 +97,73 @@ class DenyPlan:
     source: Workload | None = None  # None: the source is not a workload at all
     service: Service | None = None
     waypoint: WaypointRef | None = None  # the waypoint the service is bound to, if that is why
+    # The destination is the node itself (loopback, or one of its own ports): refused as a
+    # policy denial (SOCKS5 0x02, flag DENY), not as a missing route.
+    protected: bool = False
 
 
 OutboundPlan = LocalPlan | HbonePlan | WaypointPlan | PassthroughPlan | DenyPlan
+
+
+@dataclass(frozen=True)
+class OwnEndpoints:
+    """The node itself, which traffic carried for a pod must never reach.
+
+    ``addresses`` are the node's own interface addresses: the ztunnel shares the node's network
+    namespace and learns them there (``ztunnel/node_addresses.py``), so this module stays pure.
+    ``ports`` are the ports the mesh's processes listen on there (``NODE_OWN_PORTS`` plus the
+    ztunnel's configured ones). ``loopback_pods``: pods live on loopback addresses (only the
+    component tests' one-machine topology); a loopback address that is a pod in the state is then
+    judged like any pod address, while every other loopback address stays refused.
+    """
+
+    addresses: frozenset[IPAddress] = frozenset()
+    ports: frozenset[int] = NODE_OWN_PORTS
+    loopback_pods: bool = False
+
+
+# "This network": the kernel delivers a connect() to 0.0.0.0 (and refuses or loops the rest of
+# 0/8), never to a pod.
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+
+
+def _unmapped(ip: IPAddress) -> IPAddress:
+    # ::ffff:127.0.0.1 dialled over AF_INET6 is 127.0.0.1: judge the IPv4 address it carries.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def node_protection(own: OwnEndpoints, address: tuple[IPAddress, int], is_pod: bool) \
+        -> str | None:
+    """Why dialling ``address`` for a pod would reach the node itself, in words; None if it
+    would not. ``is_pod``: the address is a workload's in the mesh state."""
+    ip, port = _unmapped(address[0]), address[1]
+    where = f"{ip}:{port}"
+    if ip.is_unspecified or (isinstance(ip, ipaddress.IPv4Address) and ip in _THIS_NETWORK):
+        return f"{where} is an unspecified address, which the kernel delivers to the node " \
+               "itself: never dialled for a pod"
+    if ip.is_loopback and not (own.loopback_pods and is_pod):
+        if port in own.ports:
+            return f"{where} is a loopback address and {port} one of the mesh's own ports on " \
+                   "the node: never reachable through the ztunnel"
+        return f"{where} is a loopback address, i.e. the node itself: never dialled for a pod"
+    if ip in own.addresses and port in own.ports:
+        return f"{where} is this node's own address and {port} one of the mesh's own ports " \
+               "(admin, metrics, capture, HBONE, node agent, controller): never reachable " \
+               "through the ztunnel"
+    return None
+
+
+def _guard(plan: OutboundPlan, own: OwnEndpoints) -> OutboundPlan:
+    """Refuse a plan whose connect address is the node itself; checked on the address actually
+    dialled, after service resolution, so a VIP whose endpoint is a node address is caught too."""
+    if isinstance(plan, DenyPlan):
+        return plan
+    why = node_protection(own, plan.address, plan.destination is not None)
+    if why is None:
+        return plan
+    return DenyPlan(why, plan.source, plan.service, protected=True)
 
 
 def plan_outbound(
@@ -110,13 +175,26 @@ def plan_outbound(
     hbone_port: int = HBONE_PORT,
     # Waypoints (Envoy) take HBONE on the well-known port whatever our own inbound port is.
     waypoint_port: int = HBONE_PORT,
+    own: OwnEndpoints = OwnEndpoints(),
 ) -> OutboundPlan:
     """Decide how to carry a connection from ``source_ip`` to ``dest``.
 
     ``pick(n)`` chooses an index in ``range(n)`` for load balancing (among endpoints, or among
     waypoint instances); the caller passes randomness or a round robin, tests pass something
-    fixed.
+    fixed. ``own``: the node itself, never dialled (loopback; own ports on its addresses).
     """
+    return _guard(_plan(state, node, source_ip, dest, pick, hbone_port, waypoint_port), own)
+
+
+def _plan(
+    state: StateSnapshot,
+    node: str,
+    source_ip: IPAddress,
+    dest: tuple[IPAddress, int],
+    pick: Callable[[int], int],
+    hbone_port: int,
+    waypoint_port: int,
+) -> OutboundPlan:
     source = state.workload_by_ip(source_ip)
     if source is None:
         return DenyPlan(f"unknown source {source_ip}: not a workload in the mesh state")
@@ -198,14 +276,22 @@ class InboundTarget:
     destination: Workload | None
     address: tuple[IPAddress, int] | None
     reason: str = ""
+    # The destination is the node itself: a peer must not use us to reach the node's admin or
+    # loopback services; refused as a denial (403), not as an unknown destination.
+    protected: bool = False
 
 
 def resolve_inbound(
-    state: StateSnapshot, node: str, dest: tuple[IPAddress, int], reserved_ports: frozenset[int]
+    state: StateSnapshot, node: str, dest: tuple[IPAddress, int], reserved_ports: frozenset[int],
+    own: OwnEndpoints = OwnEndpoints(),
 ) -> InboundTarget:
     """Check that an inbound connection is for an enrolled pod on this node."""
     ip, port = dest
     workload = state.workload_by_ip(ip)
+    # First, so the reason names the node whatever else is wrong with the destination.
+    why = node_protection(own, dest, workload is not None)
+    if why is not None:
+        return InboundTarget(workload, None, why, protected=True)
     if workload is None:
         return InboundTarget(None, None, f"unknown destination {ip}: no workload has this IP")
     if workload.node != node:

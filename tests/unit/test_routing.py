@@ -18,6 +18,7 @@ from ztunnel.routing import (
     HbonePlan,
     LocalPlan,
     OutboundPlan,
+    OwnEndpoints,
     PassthroughPlan,
     PlanKind,
     WaypointPlan,
@@ -97,13 +98,45 @@ CASES = [
     ("10.0.9.9", ("10.0.2.2", 8080), 0, PlanKind.DENY, None, None),  # unknown source
     ("10.0.2.4", ("10.0.2.2", 8080), 0, PlanKind.DENY, None, None),  # source on other node
     ("10.0.1.9", ("10.0.2.2", 8080), 0, PlanKind.DENY, None, None),  # source not enrolled
+    # The node itself is never dialled for a pod: loopback and unspecified addresses, whatever
+    # the port (0.0.0.0 and :: are the node to the kernel; ::ffff:127.0.0.1 is 127.0.0.1) ...
+    ("10.0.1.1", ("127.0.0.1", 15000), 0, PlanKind.DENY, None, None),
+    ("10.0.1.1", ("127.0.0.1", 8080), 0, PlanKind.DENY, None, None),
+    ("10.0.1.1", ("127.3.2.1", 10248), 0, PlanKind.DENY, None, None),  # all of 127/8
+    ("10.0.1.1", ("::1", 15000), 0, PlanKind.DENY, None, None),
+    ("10.0.1.1", ("::ffff:127.0.0.1", 15020), 0, PlanKind.DENY, None, None),
+    ("10.0.1.1", ("0.0.0.0", 15000), 0, PlanKind.DENY, None, None),
+    ("10.0.1.1", ("0.0.0.0", 80), 0, PlanKind.DENY, None, None),
+    ("10.0.1.1", ("::", 15021), 0, PlanKind.DENY, None, None),
+    # ... nor the mesh's own ports on one of the node's addresses ...
+    ("10.0.1.1", ("192.0.2.10", 15000), 0, PlanKind.DENY, None, None),  # ztunnel admin
+    ("10.0.1.1", ("192.0.2.10", 15008), 0, PlanKind.DENY, None, None),  # HBONE into itself
+    ("10.0.1.1", ("192.0.2.10", 15022), 0, PlanKind.DENY, None, None),  # agent
+    ("10.0.1.1", ("192.0.2.10", 15012), 0, PlanKind.DENY, None, None),  # controller
+    ("10.0.1.1", ("fd00::10", 15020), 0, PlanKind.DENY, None, None),
+    ("10.0.1.1", ("::ffff:192.0.2.10", 15021), 0, PlanKind.DENY, None, None),
+    ("10.0.1.1", ("192.0.2.10", 16000), 0, PlanKind.DENY, None, None),  # configured port
+    # ... while its other ports pass through, as for any address outside the mesh (ssh here),
+    ("10.0.1.1", ("192.0.2.10", 22), 0, PlanKind.PASSTHROUGH, ("192.0.2.10", 22), None),
+    # another node's address on the same port is not this node,
+    ("10.0.1.1", ("192.0.2.11", 15000), 0, PlanKind.PASSTHROUGH, ("192.0.2.11", 15000), None),
+    # and a pod's own service on 15000 is the pod's: only the node's addresses are protected.
+    ("10.0.1.1", ("10.0.1.2", 15000), 0, PlanKind.LOCAL, ("10.0.1.2", 15000), "srv"),
+    ("10.0.1.1", ("10.0.2.2", 15000), 0, PlanKind.HBONE, ("10.0.2.2", 15008), "srv"),
+    ("10.0.1.1", ("10.0.2.3", 15000), 0, PlanKind.PASSTHROUGH, ("10.0.2.3", 15000), None),
 ]
+
+# Node "a": its interface addresses (as the ztunnel learns them) and the mesh's own ports plus
+# one the ztunnel was configured with.
+NODE_A = OwnEndpoints(
+    addresses=frozenset(ip(a) for a in ("127.0.0.1", "::1", "192.0.2.10", "fd00::10")),
+    ports=OwnEndpoints().ports | {16000})
 
 
 @pytest.mark.parametrize(("src", "dst", "pick", "kind", "address", "sa"), CASES)
 def test_plan_outbound(src: str, dst: tuple[str, int], pick: int, kind: PlanKind,
                        address: tuple[str, int] | None, sa: str | None) -> None:
-    plan = plan_outbound(SNAP, "a", ip(src), (ip(dst[0]), dst[1]), lambda n: pick)
+    plan = plan_outbound(SNAP, "a", ip(src), (ip(dst[0]), dst[1]), lambda n: pick, own=NODE_A)
     assert plan.kind is kind, reason_of(plan)
     if address is None:
         assert address_of(plan) is None and reason_of(plan)
@@ -114,6 +147,79 @@ def test_plan_outbound(src: str, dst: tuple[str, int], pick: int, kind: PlanKind
     else:
         assert identity_of(plan) is not None
         assert str(identity_of(plan)) == f"spiffe://cluster.local/ns/default/sa/{sa}"
+
+
+def test_the_node_itself_is_a_denial_with_the_reason_in_words() -> None:
+    def plan(dst: str, port: int) -> OutboundPlan:
+        return plan_outbound(SNAP, "a", ip("10.0.1.1"), (ip(dst), port), own=NODE_A)
+
+    cases = {("127.0.0.1", 15000): "127.0.0.1:15000 is a loopback address and 15000 one of",
+             ("127.0.0.1", 8080): "127.0.0.1:8080 is a loopback address, i.e. the node itself",
+             ("::", 80): ":::80 is an unspecified address",
+             ("192.0.2.10", 15008): "192.0.2.10:15008 is this node's own address and 15008"}
+    for (dst, port), words in cases.items():
+        p = plan(dst, port)
+        # A denial (SOCKS5 0x02, DENY), not a missing route; the source is still reported.
+        assert isinstance(p, DenyPlan) and p.protected, p
+        assert p.reason.startswith(words), p.reason
+        assert p.source is not None and p.source.name == "client"
+    # Other refusals are missing routes, as before.
+    p = plan_outbound(SNAP, "a", ip("10.0.1.1"), (ip("10.96.0.3"), 80), own=NODE_A)
+    assert isinstance(p, DenyPlan) and not p.protected
+    # Without the node's addresses (the default), loopback is still refused.
+    p = plan_outbound(SNAP, "a", ip("10.0.1.1"), (ip("127.0.0.1"), 15000))
+    assert isinstance(p, DenyPlan) and p.protected
+
+
+# Workloads on loopback addresses: what a registry entry could claim, and what the component
+# tests' one-machine topology really has.
+LOOP_DOC = copy.deepcopy(DOC)
+LOOP_DOC["workloads"] += [
+    {"name": "loop-pod", "namespace": "default", "serviceAccount": "srv", "node": "a",
+     "addresses": ["127.0.5.2"], "labels": {"app": "loop"}},
+    {"name": "loop-remote", "namespace": "default", "serviceAccount": "srv", "node": "b",
+     "addresses": ["127.0.6.2"], "labels": {"app": "loop-remote"}},
+    {"name": "at-node-lo", "namespace": "default", "serviceAccount": "srv", "node": "a",
+     "addresses": ["127.0.0.1"], "labels": {"app": "node-lo"}},
+    {"name": "at-node-ip", "namespace": "default", "node": "a", "protocol": "TCP",
+     "addresses": ["192.0.2.10"], "labels": {"app": "node-ip"}},
+]
+LOOP_DOC["services"] += [
+    {"name": "loop", "namespace": "default", "vips": ["10.96.0.20"],
+     "selector": {"app": "loop"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    {"name": "node-ip", "namespace": "default", "vips": ["10.96.0.21"],
+     "selector": {"app": "node-ip"}, "ports": [{"port": 80, "targetPort": 15000}]},
+]
+LOOP_SNAP = StateSnapshot.build(parse_state(LOOP_DOC))
+
+
+@pytest.mark.parametrize(("dst", "loopback_pods", "kind", "address"), [
+    # A loopback pod is the node itself in a cluster, directly or behind a VIP ...
+    (("127.0.5.2", 8080), False, PlanKind.DENY, None),
+    (("10.96.0.20", 80), False, PlanKind.DENY, None),
+    (("127.0.6.2", 8080), False, PlanKind.DENY, None),  # HBONE to 127.0.6.2:15008
+    # ... unless pods live on loopback (component tests): then judged like a pod address,
+    (("127.0.5.2", 8080), True, PlanKind.LOCAL, ("127.0.5.2", 8080)),
+    (("10.96.0.20", 80), True, PlanKind.LOCAL, ("127.0.5.2", 8080)),
+    (("127.0.6.2", 8080), True, PlanKind.HBONE, ("127.0.6.2", 15008)),
+    (("127.0.5.2", 15000), True, PlanKind.LOCAL, ("127.0.5.2", 15000)),
+    # with the node's own addresses still protected on the own ports,
+    (("127.0.0.1", 15000), True, PlanKind.DENY, None),
+    (("127.0.0.1", 8080), True, PlanKind.LOCAL, ("127.0.0.1", 8080)),
+    # and other loopback addresses still refused.
+    (("127.0.9.9", 8080), True, PlanKind.DENY, None),
+    # A service whose endpoint is the node's address on an own port: checked after resolution.
+    (("10.96.0.21", 80), False, PlanKind.DENY, None),
+    (("192.0.2.10", 15000), False, PlanKind.DENY, None),
+    (("192.0.2.10", 8080), False, PlanKind.PASSTHROUGH, ("192.0.2.10", 8080)),
+])
+def test_workloads_on_loopback(dst: tuple[str, int], loopback_pods: bool, kind: PlanKind,
+                               address: tuple[str, int] | None) -> None:
+    own = OwnEndpoints(NODE_A.addresses, NODE_A.ports, loopback_pods=loopback_pods)
+    plan = plan_outbound(LOOP_SNAP, "a", ip("10.0.1.1"), (ip(dst[0]), dst[1]), own=own)
+    assert plan.kind is kind, reason_of(plan)
+    assert address_of(plan) == (None if address is None else (ip(address[0]), address[1]))
+    assert not isinstance(plan, DenyPlan) or plan.protected
 
 
 def test_service_plan_keeps_original_target_for_authority() -> None:
@@ -134,6 +240,28 @@ def test_resolve_inbound(dst: tuple[str, int], node: str, ok: bool) -> None:
     target = resolve_inbound(SNAP, node, (ip(dst[0]), dst[1]), frozenset({15001, 15006, 15008}))
     assert (target.address is not None) is ok
     assert ok or target.reason
+    assert not target.protected
+
+
+@pytest.mark.parametrize(("dst", "ok", "words"), [
+    # A peer must not use our HBONE listener to reach the node: loopback, unspecified, or the
+    # mesh's own ports on the node's address (each a denial naming the node) ...
+    (("127.0.0.1", 15000), False, "127.0.0.1:15000 is a loopback address and 15000"),
+    (("127.0.0.1", 22), False, "127.0.0.1:22 is a loopback address, i.e. the node itself"),
+    (("::1", 15020), False, "::1:15020 is a loopback address"),
+    (("0.0.0.0", 15000), False, "0.0.0.0:15000 is an unspecified address"),
+    (("192.0.2.10", 15000), False, "192.0.2.10:15000 is this node's own address"),
+    (("127.0.5.2", 8080), False, "127.0.5.2:8080 is a loopback address"),  # a loopback pod
+    # ... while a pod's own port 15000 is the pod's.
+    (("10.0.1.2", 15000), True, ""),
+])
+def test_resolve_inbound_never_reaches_the_node(dst: tuple[str, int], ok: bool,
+                                                words: str) -> None:
+    target = resolve_inbound(LOOP_SNAP, "a", (ip(dst[0]), dst[1]),
+                             frozenset({15001, 15006, 15008}), NODE_A)
+    assert (target.address is not None) is ok
+    assert target.protected is not ok
+    assert target.reason.startswith(words), target.reason
 
 
 # -- services bound to a waypoint ----------------------------------------------------------------
