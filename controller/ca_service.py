@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from controller.ca import DEFAULT_WORKLOAD_TTL, CertificateAuthority, WorkloadPublicKey
 from mesh.api.ambit.v1 import ca_pb2, ca_pb2_grpc
-from mesh.spiffe import SpiffeError, SpiffeId
+from mesh.spiffe import TRUST_DOMAIN, PeerIdentityError, SpiffeId, identity_from_uris
 
 log = logging.getLogger("controller.ca")
 
@@ -141,12 +141,12 @@ def validate_csr(csr_pem: str, trust_domain: str) -> ValidCsr:
     if not uris[0].startswith("spiffe://"):
         raise CsrError(f"URI SAN {uris[0]!r} is not a SPIFFE ID (spiffe://...)")
     try:
-        identity = SpiffeId.parse(uris[0])
-    except SpiffeError as e:
-        raise CsrError(str(e)) from None
-    if identity.trust_domain != trust_domain:
-        raise CsrError(f"{identity} is in trust domain {identity.trust_domain!r}; this CA "
-                       f"issues for {trust_domain!r} only")
+        # The mesh's one identity check (mesh.spiffe), the same the ztunnels and the xDS port
+        # apply to peers: a workload SPIFFE ID of this trust domain.
+        identity = identity_from_uris(uris, trust_domain)
+    except PeerIdentityError as e:
+        hint = f"; this CA issues for {trust_domain!r} only" if e.reason == TRUST_DOMAIN else ""
+        raise CsrError(f"{e}{hint}") from None
     return ValidCsr(identity, public_key)
 
 

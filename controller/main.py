@@ -369,7 +369,7 @@ async def _serve(args: argparse.Namespace, mode: str, stop: asyncio.Event,
     cache = XdsCache()
     waypoints = WaypointPublisher(cache, controller.metrics, insecure=args.insecure)
     ads = AdsServer(cache, lambda node, identity: waypoints.authorize(
-        node_metadata(node), identity), controller.metrics)
+        node_metadata(node), identity), controller.metrics, trust_domain=args.trust_domain)
 
     def on_state(config: Any) -> None:
         snapshot = getattr(feed, "snapshot", None)

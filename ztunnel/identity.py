@@ -26,7 +26,8 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from mesh.identity_dir import CERT_CHAIN_FILE, KEY_FILE, TRUST_BUNDLE_FILE, identity_paths
-from mesh.spiffe import SpiffeError, SpiffeId
+from mesh.spiffe import TRUST_DOMAIN, PeerIdentityError, SpiffeId
+from mesh.spiffe import peer_identity as mesh_peer_identity
 
 log = logging.getLogger("ztunnel.identity")
 
@@ -34,21 +35,24 @@ ALPN = ["h2"]
 
 
 class IdentityError(Exception):
-    """No usable certificate for an identity, or a peer presenting the wrong one."""
+    """No usable certificate for an identity, or a peer presenting the wrong one. ``reason``
+    is the label the listeners count it under."""
+
+    def __init__(self, message: str, reason: str = "peer_identity") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
-def peer_identity(peercert: dict[str, Any] | None) -> SpiffeId:
-    """The SPIFFE ID in a verified peer certificate (``SSLObject.getpeercert()``)."""
-    if not peercert:
-        raise IdentityError("peer presented no certificate")
-    uris = [v for k, v in peercert.get("subjectAltName", ()) if k == "URI"]
-    spiffe = [u for u in uris if u.startswith("spiffe://")]
-    if len(spiffe) != 1:
-        raise IdentityError(f"peer certificate must carry exactly one SPIFFE URI SAN, has {uris}")
+def peer_identity(peercert: dict[str, Any] | None, trust_domain: str) -> SpiffeId:
+    """The SPIFFE ID in a verified peer certificate (``SSLObject.getpeercert()``), which must
+    be of ``trust_domain`` (the mesh's). The check is the mesh's one (``mesh.spiffe``), shared
+    with the controller; refusals carry reason ``trust_domain`` (another domain) or
+    ``peer_identity`` (no certificate, not exactly one workload SPIFFE ID)."""
     try:
-        return SpiffeId.parse(spiffe[0])
-    except SpiffeError as e:
-        raise IdentityError(str(e)) from None
+        return mesh_peer_identity(peercert, trust_domain)
+    except PeerIdentityError as e:
+        raise IdentityError(str(e), TRUST_DOMAIN if e.reason == TRUST_DOMAIN
+                            else "peer_identity") from None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ One stream, in order:
 1. The first request must carry the node (Envoy sends it on the first message only).
    ``authorize(node, identity)`` -- identity being the SPIFFE ID of the client certificate,
    None without one -- returns the cache key to serve, or raises ``XdsDenied(reason)``: the
-   stream is aborted with PERMISSION_DENIED and that reason (Envoy logs it and retries).
+   stream is aborted with PERMISSION_DENIED and that reason (Envoy logs it and retries). A
+   client certificate of another trust domain than the mesh's, or without exactly one
+   workload SPIFFE ID, is refused the same way before ``authorize`` is asked.
 2. Per type URL the stream tracks what Envoy asked for (CDS and LDS are wildcard: every
    resource of the type; EDS, RDS, SDS: exactly the requested names that exist), the version
    and nonce of the last response, and Envoy's answer to it. A request whose nonce is not the
@@ -40,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
-from cryptography import x509
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.any_pb2 import Any as AnyProto
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -53,7 +54,7 @@ from controller.xds.cache import (
     push_order,
     short_type,
 )
-from mesh.spiffe import SpiffeError, SpiffeId
+from mesh.spiffe import PeerIdentityError, SpiffeId, peer_identity_pem
 
 __all__ = ["DELTA_REFUSED", "AdsServer", "Authorize", "StreamStatus", "TypeStatus", "XdsCache",
            "XdsDenied", "peer_identity"]
@@ -69,43 +70,33 @@ DELTA_REFUSED = ("ambit's xDS server speaks State-of-the-World ADS only: set "
 
 class XdsDenied(Exception):
     """Raised by an authorize callable: this client may not have xDS config; ``reason`` goes
-    back to the client as the PERMISSION_DENIED status message."""
+    back to the client as the PERMISSION_DENIED status message, ``label`` is the ``reason``
+    label of ``ambit_xds_denied_total``."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, label: str = "denied") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.label = label
 
 
 class _HasAuthContext(Protocol):
     def auth_context(self) -> Mapping[str, Iterable[bytes]]: ...
 
 
-def peer_identity(context: _HasAuthContext) -> SpiffeId | None:
-    """The SPIFFE ID in the client certificate of this call, or None (plaintext, no client
-    certificate, or a certificate without exactly one workload SPIFFE URI SAN).
+def peer_identity(context: _HasAuthContext, trust_domain: str) -> SpiffeId | None:
+    """The SPIFFE ID in the client certificate of this call, or None when there is no client
+    certificate (plaintext, or the server TLS port that does not ask for one).
+
+    A certificate that does not prove exactly one workload identity of ``trust_domain`` (the
+    mesh's) raises ``PeerIdentityError`` (``mesh.spiffe``, the check the ztunnels use too):
+    such a client is refused, not served as if anonymous.
 
     gRPC has already verified the certificate against the server's root when it is present;
     note that grpcio only asks for one when ``require_client_auth`` is true."""
     pems = list(context.auth_context().get("x509_pem_cert", ()))
     if not pems:
         return None
-    try:
-        cert = x509.load_pem_x509_certificate(pems[0])
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound) as e:
-        log.warning("client certificate without a usable SAN (%s): no identity", e)
-        return None
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if u.startswith("spiffe://")]
-    if len(uris) != 1:
-        log.warning("client certificate has %d SPIFFE URI SANs, not one: no identity",
-                    len(uris))
-        return None
-    try:
-        return SpiffeId.parse(uris[0])
-    except SpiffeError as e:
-        log.warning("client certificate: %s", e)
-        return None
+    return peer_identity_pem(pems[0], trust_domain)
 
 
 @dataclass(frozen=True)
@@ -300,13 +291,17 @@ class AdsServer:
 
     Metrics (in ``metrics_registry``): ``ambit_xds_connected_proxies``,
     ``ambit_xds_pushes_total{type}``, ``ambit_xds_rejected_total{type}``,
-    ``ambit_xds_denied_total`` (streams refused by ``authorize``); type = cds/eds/lds/rds/sds.
+    ``ambit_xds_denied_total{reason}`` (streams refused: a client certificate of another trust
+    domain or without one workload SPIFFE ID, or by ``authorize``); type = cds/eds/lds/rds/sds.
     """
 
     def __init__(self, cache: XdsCache, authorize: Authorize,
-                 metrics_registry: CollectorRegistry | None = None) -> None:
+                 metrics_registry: CollectorRegistry | None = None, *,
+                 trust_domain: str) -> None:
         self.cache = cache
         self.authorize = authorize
+        # Client certificates of another trust domain are refused before `authorize` runs.
+        self.trust_domain = trust_domain
         self._streams: set[_Stream] = set()
         self.connected = Gauge("ambit_xds_connected_proxies",
                                "Envoy proxies with an open, authorized ADS stream",
@@ -316,8 +311,9 @@ class AdsServer:
         self.rejected = Counter("ambit_xds_rejected",
                                 "xDS responses an Envoy rejected (NACK), by type; it keeps "
                                 "its last good config", ("type",), registry=metrics_registry)
-        self.denied = Counter("ambit_xds_denied", "ADS streams refused by authorization",
-                              registry=metrics_registry)
+        self.denied = Counter("ambit_xds_denied", "ADS streams refused by authorization, by "
+                              "reason (trust_domain, spiffe_san, identity, metadata, ...)",
+                              ("reason",), registry=metrics_registry)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, server)
@@ -340,13 +336,17 @@ class AdsServer:
                                 "the first DiscoveryRequest of a stream must carry the node "
                                 "(with an id)")
         node = first.node
-        identity = peer_identity(context)
+        identity: SpiffeId | None = None
         try:
+            try:
+                identity = peer_identity(context, self.trust_domain)
+            except PeerIdentityError as e:
+                raise XdsDenied(f"client certificate refused: {e}", e.reason) from None
             key = await _resolve(self.authorize(node, identity))
         except XdsDenied as e:
-            self.denied.inc()
-            log.warning("xDS stream of node %s (identity %s) refused: %s", node.id,
-                        identity or "none", e.reason)
+            self.denied.labels(e.label).inc()
+            log.warning("xDS stream of node %s (identity %s) refused: %s: %s", node.id,
+                        identity or "none", e.label, e.reason)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, e.reason)
         except Exception as e:
             log.exception("xDS authorization of node %s failed", node.id)

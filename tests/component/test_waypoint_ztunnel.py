@@ -108,7 +108,7 @@ class FakeWaypoint:
     async def _serve(self, proto: HboneProtocol, stream: HboneStream) -> None:
         assert proto.transport is not None
         try:
-            client = str(peer_identity(proto.transport.get_extra_info("peercert")))
+            client = str(peer_identity(proto.transport.get_extra_info("peercert"), TD))
         except IdentityError:
             stream.reject(401)
             return

@@ -255,7 +255,8 @@ def make_ads(allow: Callable[[SpiffeId | None], str | None] = lambda _: None) ->
         md = node.metadata.fields
         return f"{md['NAMESPACE'].string_value}/{md['GATEWAY'].string_value}"
 
-    return Ads(cache, AdsServer(cache, authorize, metrics), metrics, calls)
+    return Ads(cache, AdsServer(cache, authorize, metrics, trust_domain="cluster.local"),
+               metrics, calls)
 
 
 @contextlib.asynccontextmanager
@@ -442,7 +443,7 @@ async def test_denied_identity_is_refused_with_the_reason(tmp_path: Path) -> Non
         reason = f"identity {intruder} may not receive the config of waypoint {KEY}"
         # gRPC status 7 = PERMISSION_DENIED, with our reason; Envoy retries with backoff.
         await until(lambda: f"closed: 7, {reason}" in envoy.log(), "Envoy logs the refusal")
-        assert ads.metric("ambit_xds_denied_total") >= 1
+        assert ads.metric("ambit_xds_denied_total", reason="denied") >= 1
         assert ads.metric("ambit_xds_connected_proxies") == 0
         assert ads.calls[0] == ("ns1/gw/gw-7d9f", intruder)
 

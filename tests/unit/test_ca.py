@@ -48,11 +48,16 @@ async def test_mismatched_file_is_refused(tmp_path: Path) -> None:
 
 def test_peer_identity() -> None:
     cert = {"subjectAltName": (("URI", "spiffe://td/ns/a/sa/b"),)}
-    assert peer_identity(cert) == SpiffeId("td", "a", "b")
-    with pytest.raises(IdentityError):
-        peer_identity({"subjectAltName": (("DNS", "x"),)})
-    with pytest.raises(IdentityError):
-        peer_identity(None)
+    assert peer_identity(cert, "td") == SpiffeId("td", "a", "b")
+    with pytest.raises(IdentityError) as err:
+        peer_identity({"subjectAltName": (("DNS", "x"),)}, "td")
+    assert err.value.reason == "peer_identity"
+    with pytest.raises(IdentityError) as err:
+        peer_identity(None, "td")
+    assert err.value.reason == "peer_identity"
+    with pytest.raises(IdentityError, match=r"'td' presented .* expected 'mesh\.example'") as err:
+        peer_identity(cert, "mesh.example")
+    assert err.value.reason == "trust_domain"
 
 
 @pytest.mark.parametrize("text", ["spiffe://td/ns/a", "spiffe://td/ns/a/sa/", "td/x/a/sa/b"])

@@ -166,7 +166,9 @@ BAD_CSRS = {
     "not a workload id": (csr_for("spiffe://cluster.local/ns/default"),
                           "not a workload identity"),
     "other trust domain": (csr_for("spiffe://evil.example/ns/default/sa/web"),
-                           "this CA issues for 'cluster.local' only"),
+                           "trust domain 'evil.example' presented "
+                           "(spiffe://evil.example/ns/default/sa/web), expected "
+                           "'cluster.local'"),
     "rsa 1024": (csr_for(str(WEB), key=rsa.generate_private_key(65537, 1024)), "too weak"),
     "p-384": (csr_for(str(WEB), key=ec.generate_private_key(ec.SECP384R1())),
               "EC secp384r1 is not accepted"),

@@ -14,6 +14,8 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -34,9 +36,10 @@ from controller.xds import (
     XdsDenied,
     peer_identity,
 )
-from mesh.spiffe import SpiffeId
+from mesh.spiffe import PeerIdentityError, SpiffeId
 
 KEY = "ns1/gw"
+TD = "cluster.local"
 
 
 class Aborted(Exception):
@@ -149,7 +152,7 @@ def by_metadata(node: Any, identity: SpiffeId | None) -> str:
 @pytest.fixture
 def plane() -> tuple[XdsCache, AdsServer, CollectorRegistry]:
     cache, metrics = XdsCache(), CollectorRegistry()
-    return cache, AdsServer(cache, by_metadata, metrics), metrics
+    return cache, AdsServer(cache, by_metadata, metrics, trust_domain=TD), metrics
 
 
 def metric(metrics: CollectorRegistry, name: str, **labels: str) -> float:
@@ -191,7 +194,7 @@ async def test_denied_stream_gets_permission_denied_with_the_reason() -> None:
         raise XdsDenied(f"{identity} is not waypoint ns1/gw")
 
     metrics = CollectorRegistry()
-    server = AdsServer(XdsCache(), authorize, metrics)
+    server = AdsServer(XdsCache(), authorize, metrics, trust_domain=TD)
     leaf = ca.issue(intruder).chain_pem.split(b"-----END CERTIFICATE-----")[0] + \
         b"-----END CERTIFICATE-----\n"
     client = Client(server, FakeContext(leaf))
@@ -201,7 +204,7 @@ async def test_denied_stream_gets_permission_denied_with_the_reason() -> None:
     assert err.value.code is grpc.StatusCode.PERMISSION_DENIED
     assert err.value.details == f"{intruder} is not waypoint ns1/gw"
     assert seen == [intruder]
-    assert metric(metrics, "ambit_xds_denied_total") == 1
+    assert metric(metrics, "ambit_xds_denied_total", reason="denied") == 1
     assert metric(metrics, "ambit_xds_connected_proxies") == 0
 
 
@@ -212,7 +215,7 @@ async def test_async_authorize_and_a_failing_one() -> None:
 
     cache = XdsCache()
     cache.set(KEY, "1", resources())
-    client = Client(AdsServer(cache, later))
+    client = Client(AdsServer(cache, later, trust_domain=TD))
     client.send(LISTENER_TYPE)
     assert names_of(await client.recv()) == ["l1"]
     await client.close()
@@ -220,7 +223,7 @@ async def test_async_authorize_and_a_failing_one() -> None:
     def broken(node: Any, identity: SpiffeId | None) -> str:
         raise RuntimeError("registry unreachable")
 
-    client = Client(AdsServer(cache, broken))
+    client = Client(AdsServer(cache, broken, trust_domain=TD))
     client.send(LISTENER_TYPE)
     with pytest.raises(Aborted) as err:
         await asyncio.wait_for(client.task, 2)
@@ -439,11 +442,59 @@ async def _no_requests() -> AsyncIterator[Any]:
     yield
 
 
+def _leaf(issued_chain: bytes) -> bytes:
+    return issued_chain.split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n"
+
+
 def test_peer_identity_from_the_client_certificate() -> None:
-    ca = CertificateAuthority.generate("cluster.local")
-    ident = SpiffeId("cluster.local", "ns1", "gw")
+    ca = CertificateAuthority.generate(TD)
+    ident = SpiffeId(TD, "ns1", "gw")
     chain = ca.issue(ident).chain_pem
-    assert peer_identity(FakeContext(chain)) == ident
-    assert peer_identity(FakeContext(None)) is None
-    assert peer_identity(FakeContext(ca.root_pem)) is None  # no SAN
-    assert peer_identity(FakeContext(b"not a certificate")) is None
+    assert peer_identity(FakeContext(chain), TD) == ident
+    assert peer_identity(FakeContext(None), TD) is None  # no certificate: plaintext
+    # A certificate that proves no workload identity of the mesh is refused, not anonymous.
+    for pem, reason in ((ca.root_pem, "spiffe_san"), (b"not a certificate", "spiffe_san"),
+                        (chain, "trust_domain")):
+        with pytest.raises(PeerIdentityError) as err:
+            peer_identity(FakeContext(pem), TD if reason != "trust_domain" else "other.example")
+        assert err.value.reason == reason
+
+
+def unconstrained_ca(trust_domain: str = TD) -> CertificateAuthority:
+    """A root without the generated root's name constraint, as a user's --ca-cert may be:
+    it signs SPIFFE IDs of any trust domain, so only the mesh's own check stands between
+    another domain's workload and the waypoint config."""
+    ca = CertificateAuthority.generate(trust_domain)
+    cert = (x509.CertificateBuilder().subject_name(ca.cert.subject)
+            .issuer_name(ca.cert.subject).public_key(ca.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(ca.cert.not_valid_before_utc)
+            .not_valid_after(ca.cert.not_valid_after_utc)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca.key, hashes.SHA256()))
+    return CertificateAuthority(ca.key, cert)
+
+
+async def test_client_certificate_of_another_trust_domain_is_refused_before_authorize() -> None:
+    ca = unconstrained_ca()
+    foreign = SpiffeId("evil.example", "ns1", "gw")
+    seen: list[SpiffeId | None] = []
+
+    def authorize(node: Any, identity: SpiffeId | None) -> str:
+        seen.append(identity)
+        return KEY
+
+    metrics = CollectorRegistry()
+    cache = XdsCache()
+    cache.set(KEY, "1", resources())
+    client = Client(AdsServer(cache, authorize, metrics, trust_domain=TD),
+                    FakeContext(_leaf(ca.issue(foreign).chain_pem)))
+    client.send(LISTENER_TYPE)
+    with pytest.raises(Aborted) as err:
+        await asyncio.wait_for(client.task, 2)
+    assert err.value.code is grpc.StatusCode.PERMISSION_DENIED
+    assert ("client certificate refused: trust domain 'evil.example' presented "
+            f"({foreign}), expected 'cluster.local'") in err.value.details
+    assert seen == []  # authorize never saw the foreign identity
+    assert metric(metrics, "ambit_xds_denied_total", reason="trust_domain") == 1
+    assert metric(metrics, "ambit_xds_connected_proxies") == 0

@@ -113,7 +113,10 @@ class HbonePool:
                 f"cannot connect to HBONE {host}:{port}: {e.strerror or e}") from None
         assert proto.transport is not None
         try:
-            got = peer_identity(proto.transport.get_extra_info("peercert"))
+            # Checked against the expected identity's trust domain first, so a peer of another
+            # domain is refused naming both domains; then the whole identity below.
+            got = peer_identity(proto.transport.get_extra_info("peercert"),
+                                key.destination.trust_domain)
         except IdentityError as e:
             proto.abort()
             raise UpstreamConnectError(f"{host}:{port}: {e}", "IDENTITY") from None

@@ -96,10 +96,12 @@ class InboundServer:
         ctx = self.ctx
         assert proto.transport is not None
         try:
-            client = peer_identity(proto.transport.get_extra_info("peercert"))
+            # The mesh's trust domain, not whatever the root would sign: see mesh.spiffe.
+            client = peer_identity(proto.transport.get_extra_info("peercert"),
+                                   ctx.store.current.config.trust_domain)
         except IdentityError as e:
             stream.reject(401)
-            self._error("peer_identity", str(e), str(peer_ip))
+            self._error(e.reason, str(e), str(peer_ip))
             return
         try:
             dest = parse_authority(stream.authority)
