@@ -34,6 +34,24 @@ _OVERRIDES = ("node", "state_file", "identity_dir", "controller_address", "ca_ad
               "log_level")
 
 
+# Connection limits: one flag per ZtunnelConfig max_*_connections* setting (name, default,
+# meaning); tests/unit check the defaults against ZtunnelConfig's. 0 = unlimited.
+CONNECTION_LIMITS: tuple[tuple[str, int, str], ...] = (
+    ("max_hbone_connections", 4096, "inbound HBONE (15008) connections open at once"),
+    ("max_hbone_connections_per_ip", 1024,
+     "inbound HBONE connections from one source IP (refused before the TLS handshake)"),
+    ("max_hbone_connections_per_identity", 1024,
+     "inbound HBONE connections from one peer SPIFFE ID (closed after the handshake)"),
+    ("max_plaintext_connections", 4096, "inbound plaintext (15006) connections open at once"),
+    ("max_plaintext_connections_per_ip", 1024,
+     "inbound plaintext connections from one source IP"),
+    ("max_outbound_connections_per_pod", 2048,
+     "captured outbound (15001) connections from one local pod"),
+    ("max_socks5_connections", 1024, "SOCKS5 (15080) connections open at once"),
+)
+_OVERRIDES = (*_OVERRIDES, *(name for name, _, _ in CONNECTION_LIMITS))
+
+
 def add_parser(sub: SubParsers) -> None:
     """Register ``ambit ztunnel`` and its handler."""
     p = sub.add_parser(
@@ -85,6 +103,13 @@ def add_parser(sub: SubParsers) -> None:
                    "capture listeners to it, as eBPF redirect mode needs")
     p.add_argument("--access-log", help="'-' for stderr (default), '' to disable, or a file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    conn_limits = p.add_argument_group(
+        "connection limits", "connections open at once, per source and in total (0 = "
+        "unlimited); the one beyond a limit is reset and counted in "
+        "ambit_ztunnel_connections_refused_total{listener,reason}")
+    for name, default, meaning in CONNECTION_LIMITS:
+        conn_limits.add_argument("--" + name.replace("_", "-"), type=int, metavar="N",
+                                 help=f"{meaning} (default {default})")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,6 +32,8 @@ class ConfigError(ValueError):
 
 BIND_SHARED = "shared"
 BIND_WORKLOAD = "workload"
+# The connection limits are the max_*_connections[_per_*] settings.
+CONNECTION_LIMIT_SUFFIXES = ("_connections", "_per_ip", "_per_identity", "_per_pod")
 
 
 @dataclass
@@ -66,6 +68,18 @@ class ZtunnelConfig:
     stats_host: str = "0.0.0.0"
     metrics_port: int = METRICS_PORT
     readiness_port: int = READINESS_PORT
+    # Connection limits: how many connections may be open at once, per source and in total, so
+    # one pod or one peer cannot take the whole ztunnel (ztunnel/admission.py; docs/architecture.md
+    # "Connection limits"). 0 = unlimited. The one beyond a limit is reset (15008: before the TLS
+    # handshake for the per-IP and total caps) and counted in
+    # ambit_ztunnel_connections_refused_total{listener,reason}.
+    max_hbone_connections: int = 4096  # inbound HBONE (15008), in total
+    max_hbone_connections_per_ip: int = 1024  # ... per source IP (checked at accept)
+    max_hbone_connections_per_identity: int = 1024  # ... per peer SPIFFE ID (after the handshake)
+    max_plaintext_connections: int = 4096  # inbound plaintext (15006), in total
+    max_plaintext_connections_per_ip: int = 1024  # ... per source IP
+    max_outbound_connections_per_pod: int = 2048  # captured outbound (15001), per local pod
+    max_socks5_connections: int = 1024  # SOCKS5 (15080), in total
     # IP_TRANSPARENT on capture listeners (needed under TPROXY / sk_assign; needs CAP_NET_ADMIN).
     transparent: bool = True
     # fwmark on sockets the ztunnel opens, so capture rules never loop them back into itself.
@@ -99,6 +113,11 @@ class ZtunnelConfig:
                     ipaddress.ip_address(v)
                 except ValueError:
                     raise ConfigError(f"{f.name}: {v!r} is not an IP address") from None
+            if f.name.startswith("max_") and f.name.endswith(CONNECTION_LIMIT_SUFFIXES):
+                v = getattr(self, f.name)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ConfigError(f"{f.name}: {v!r} is not a connection count "
+                                      "(0 = unlimited)")
         if self.drain_seconds < 0:
             raise ConfigError("drain_seconds: must be >= 0")
         if self.state_file is not None and not self.state_file.exists():

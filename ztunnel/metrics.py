@@ -75,6 +75,10 @@ class Metrics:
         self.connection_errors = Counter(
             "ambit_ztunnel_connection_errors", "Connections closed because of bad input or a "
             "failure, by listener and reason", ("listener", "reason"), registry=r)
+        self.connections_refused = Counter(
+            "ambit_ztunnel_connections_refused", "Connections refused by a connection limit "
+            "(ztunnel/admission.py), by listener and reason: total, per_ip, per_identity, "
+            "per_pod", ("listener", "reason"), registry=r)
         self.denied = Counter("ambit_ztunnel_policy_denied", "Connections denied by policy",
                               ("direction", "policy"), registry=r)
         self.active = Gauge("ambit_ztunnel_active_connections", "Open proxied connections",

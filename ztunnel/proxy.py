@@ -9,10 +9,12 @@ pair and one access-log line with its outcome.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import random
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from typing import Any
 from mesh.state.model import AuthorizationPolicy, IPAddress, Service, Workload
 from mesh.state.store import StateStore
 from ztunnel.accesslog import AccessLog
+from ztunnel.admission import OVERFLOW, ConnectionLimits
 from ztunnel.authz import ConnectionInfo, authorize
 from ztunnel.config import ZtunnelConfig
 from ztunnel.hbone.pool import HbonePool
@@ -44,6 +47,11 @@ class ProxyContext:
     reserved_ports: frozenset[int] = frozenset()
     rng: random.Random = field(default_factory=random.Random)
     _mark_ok: bool = True
+    # Connection limits (ztunnel/admission.py), read from ``config`` at each admission.
+    limits: ConnectionLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limits = ConnectionLimits(self.config, self.metrics)
 
     @property
     def node(self) -> str:
@@ -86,6 +94,14 @@ class ProxyContext:
 
 def sock_addr(sockaddr: Any) -> tuple[str, int]:
     return str(sockaddr[0]), int(sockaddr[1])
+
+
+def reset(sock: socket.socket) -> None:
+    """Close an accepted socket with a TCP RST (SO_LINGER 0), as a refused connection is
+    closed: no FIN handshake, no TIME_WAIT, nothing read or written."""
+    with contextlib.suppress(OSError):  # already reset by the peer: closing is all left
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 # A listener's answer to its client once the outcome is known: ``rec.outcome`` is "ok" when the
@@ -205,7 +221,9 @@ class ConnectionRecord:
             m.closed.labels(*self.labels()).inc()
         if self.outcome == "denied":
             m.denied.labels(self.reporter, self.extra.get("policy") or "-").inc()
-        elif self.outcome not in ("ok",):
+        elif self.outcome not in ("ok", OVERFLOW):
+            # A connection limit's refusals have their own counter and a rate-limited log
+            # line (ztunnel/admission.py): a flood of them must not become a log flood.
             m.connection_errors.labels(self.listener, self.outcome).inc()
         self.ctx.access_log.write({
             "listener": self.listener,
@@ -227,7 +245,7 @@ class ConnectionRecord:
             "reason": self.reason or None,
             **self.extra,
         })
-        if self.outcome != "ok":
+        if self.outcome not in ("ok", OVERFLOW):
             log.info("%s %s -> %s:%s %s: %s", self.listener, self.source_ip,
                      self.destination[0], self.destination[1], self.outcome, self.reason)
 

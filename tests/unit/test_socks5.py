@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from ztunnel.admission import ConnectionLimits
+from ztunnel.config import ZtunnelConfig
 from ztunnel.listeners import socks5
 from ztunnel.listeners.socks5 import (
     REP_ATYP_UNSUPPORTED,
@@ -144,7 +146,9 @@ class FakeOutbound:
 
 @pytest.fixture
 def ctx() -> Any:
-    return SimpleNamespace(metrics=Metrics())
+    metrics = Metrics()
+    return SimpleNamespace(metrics=metrics,
+                           limits=ConnectionLimits(ZtunnelConfig(node="n"), metrics))
 
 
 async def _run(ctx: Any, fake: FakeOutbound | None, monkeypatch: pytest.MonkeyPatch) \

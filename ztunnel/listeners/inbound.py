@@ -23,7 +23,7 @@ from ztunnel.hbone.conn import HboneProtocol, HboneStream
 from ztunnel.hbone.core import parse_authority, parse_forwarded_for
 from ztunnel.hbone.events import RequestRejected
 from ztunnel.identity import IdentityError, peer_identity
-from ztunnel.proxy import ConnectionRecord, ProxyContext, sock_addr
+from ztunnel.proxy import ConnectionRecord, ProxyContext, reset, sock_addr
 from ztunnel.relay import relay_stream
 from ztunnel.routing import resolve_inbound
 
@@ -45,6 +45,17 @@ class InboundServer:
         log.info("inbound HBONE from %s closed: %s: %s", peer, reason, detail)
 
     async def handle(self, sock: socket.socket) -> None:
+        # Connection limits per source IP and in total, checked before any work for the
+        # connection (the TLS handshake above all): beyond them it is reset, counted and logged
+        # at a bounded rate (ztunnel/admission.py). The slot is released however it ends.
+        peer_ip, _ = sock_addr(sock.getpeername())
+        with self.ctx.limits.hbone_accept.acquire(peer_ip) as slot:
+            if not slot.admitted:
+                reset(sock)
+                return
+            await self._serve(sock)
+
+    async def _serve(self, sock: socket.socket) -> None:
         ctx = self.ctx
         peer_ip, peer_port = sock_addr(sock.getpeername())
         local_ip, _ = sock_addr(sock.getsockname())
@@ -83,13 +94,21 @@ class InboundServer:
             self._error("tls_handshake", f"{type(e).__name__}: {e}", peer)
             return
         proto = proto_box[0]
-        self.connections.add(proto)
-        if self.draining:
-            proto.start_drain()
-        try:
-            await proto.closed
-        finally:
-            self.connections.discard(proto)
+        # The limit per peer identity, known now: beyond it the connection gets GOAWAY and is
+        # closed before it carries a tunnel.
+        with ctx.limits.hbone_identity.acquire(peer_key(proto), peer) as slot:
+            if not slot.admitted:
+                proto.goaway("too many connections from this identity")
+                if proto.transport is not None:
+                    proto.transport.close()
+                return
+            self.connections.add(proto)
+            if self.draining:
+                proto.start_drain()
+            try:
+                await proto.closed
+            finally:
+                self.connections.discard(proto)
 
     async def _tunnel(self, proto: HboneProtocol, stream: HboneStream, peer_ip: IPAddress,
                       served: SpiffeId) -> None:
@@ -169,3 +188,11 @@ class InboundServer:
             if proto.transport is not None:
                 proto.transport.close()
         return cut
+
+
+def peer_key(proto: HboneProtocol) -> str:
+    """The peer's identity as the per-identity connection limit counts it: its certificate's
+    URI SANs (one SPIFFE ID for a valid peer; tunnels check it properly, ``_tunnel``)."""
+    cert = proto.transport.get_extra_info("peercert") if proto.transport is not None else None
+    uris = sorted(v for k, v in (cert or {}).get("subjectAltName", ()) if k == "URI")
+    return ",".join(uris) or "(no URI SAN)"

@@ -12,7 +12,7 @@ import socket
 
 from mesh.state.model import MtlsMode
 from ztunnel.authz import ConnectionInfo
-from ztunnel.proxy import ConnectionRecord, ProxyContext, connect_and_relay, sock_addr
+from ztunnel.proxy import ConnectionRecord, ProxyContext, connect_and_relay, reset, sock_addr
 from ztunnel.routing import resolve_inbound
 
 LISTENER = "inbound_plaintext"
@@ -20,6 +20,17 @@ LISTENER = "inbound_plaintext"
 
 async def handle(ctx: ProxyContext, sock: socket.socket) -> None:
     src, _ = sock_addr(sock.getpeername())
+    # Connection limits per source IP and in total: beyond them, a reset before anything else
+    # (counted and logged at a bounded rate by the limits, no access-log line: a flood from
+    # outside the mesh must stay cheap); the slot is released however the handler ends.
+    with ctx.limits.plaintext.acquire(src) as slot:
+        if not slot.admitted:
+            reset(sock)
+            return
+        await _serve(ctx, sock, src)
+
+
+async def _serve(ctx: ProxyContext, sock: socket.socket, src: str) -> None:
     dst_ip, dst_port = sock_addr(sock.getsockname())
     source_ip = ipaddress.ip_address(src)
     dest = (ipaddress.ip_address(dst_ip), dst_port)

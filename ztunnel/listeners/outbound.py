@@ -17,12 +17,20 @@ from typing import assert_never
 import h2.errors
 
 from mesh.ports import HBONE_PORT
-from mesh.state.model import IPAddress
+from mesh.state.model import IPAddress, Workload
+from ztunnel.admission import OVERFLOW, OVERFLOW_FLAG
 from ztunnel.authz import ConnectionInfo
 from ztunnel.hbone.conn import StreamError
 from ztunnel.hbone.core import format_authority, forwarded_for
 from ztunnel.hbone.pool import PoolKey, UpstreamConnectError
-from ztunnel.proxy import Answer, ConnectionRecord, ProxyContext, connect_and_relay, sock_addr
+from ztunnel.proxy import (
+    Answer,
+    ConnectionRecord,
+    ProxyContext,
+    connect_and_relay,
+    reset,
+    sock_addr,
+)
 from ztunnel.relay import relay_stream
 from ztunnel.routing import (
     DenyPlan,
@@ -38,11 +46,32 @@ REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
 
 
 async def handle_captured(ctx: ProxyContext, sock: socket.socket) -> None:
-    src_ip, _ = sock_addr(sock.getpeername())
+    src, _ = sock_addr(sock.getpeername())
     dst_ip, dst_port = sock_addr(sock.getsockname())
-    reader, writer = await asyncio.open_connection(sock=sock, limit=256 * 1024)
-    await proxy_outbound(ctx, reader, writer, ipaddress.ip_address(src_ip),
-                         (ipaddress.ip_address(dst_ip), dst_port), LISTENER)
+    source_ip = ipaddress.ip_address(src)
+    dest = (ipaddress.ip_address(dst_ip), dst_port)
+    # Connection limit per local pod (by its uid; a source the state does not know, by IP):
+    # the slot is held while the connection lives and released however the handler ends.
+    source = ctx.store.current.workload_by_ip(source_ip)
+    with ctx.limits.outbound.acquire(source.uid if source else src, src) as slot:
+        if not slot.admitted:
+            _refuse_overflow(ctx, sock, source_ip, dest, source, slot.decision.message)
+            return
+        reader, writer = await asyncio.open_connection(sock=sock, limit=256 * 1024)
+        await proxy_outbound(ctx, reader, writer, source_ip, dest, LISTENER)
+
+
+def _refuse_overflow(ctx: ProxyContext, sock: socket.socket, source_ip: IPAddress,
+                     dest: tuple[IPAddress, int], source: Workload | None, why: str) -> None:
+    """Reset a connection beyond the pod's limit, recorded like any refusal: opened+closed
+    with flag ``UO`` (Envoy's upstream overflow) and an access-log line; the log line is the
+    limits' rate-limited one."""
+    reset(sock)
+    rec = ConnectionRecord(ctx, "source", LISTENER, source_ip, dest)
+    rec.source = source
+    rec.source_principal = source.identity.principal if source is not None else None
+    rec.fail(OVERFLOW, why, OVERFLOW_FLAG)
+    rec.finish()
 
 
 async def proxy_outbound(

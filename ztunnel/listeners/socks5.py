@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from mesh.state.model import IPAddress
 from ztunnel.listeners.outbound import proxy_outbound
-from ztunnel.proxy import ConnectionRecord, ProxyContext, sock_addr
+from ztunnel.proxy import ConnectionRecord, ProxyContext, reset, sock_addr
 
 LISTENER = "socks5"
 VERSION = 5
@@ -143,6 +143,16 @@ async def _resolve(ctx: ProxyContext, req: SocksRequest) -> IPAddress:
 
 async def handle(ctx: ProxyContext, sock: socket.socket) -> None:
     src_ip, _ = sock_addr(sock.getpeername())
+    # Connection limit in total: beyond it, a reset before the greeting is read (counted and
+    # logged at a bounded rate by the limits); the slot is released however the handler ends.
+    with ctx.limits.socks5.acquire("", src_ip) as slot:
+        if not slot.admitted:
+            reset(sock)
+            return
+        await _serve(ctx, sock, src_ip)
+
+
+async def _serve(ctx: ProxyContext, sock: socket.socket, src_ip: str) -> None:
     reader, writer = await asyncio.open_connection(sock=sock, limit=256 * 1024)
     greeted = False
     try:
