@@ -367,7 +367,8 @@ async def _serve(args: argparse.Namespace, mode: str, stop: asyncio.Event,
     node_service = NodeService(auth, auth.pod_membership, controller.metrics)
 
     cache = XdsCache()
-    waypoints = WaypointPublisher(cache, controller.metrics, insecure=args.insecure)
+    waypoints = WaypointPublisher(cache, controller.metrics, insecure=args.insecure,
+                                  trust_domain=args.trust_domain)
     ads = AdsServer(cache, lambda node, identity: waypoints.authorize(
         node_metadata(node), identity), controller.metrics, trust_domain=args.trust_domain)
 

@@ -22,11 +22,11 @@ from controller.waypoint.envoy_config import (
     content_version,
     resources,
 )
-from controller.waypoint.model import WAYPOINT_CLASS, Gateway
+from controller.waypoint.model import WAYPOINT_CLASS
 from controller.waypoint.parse import resolve_faults, waypoint_policies
 from controller.waypoint.view import build_view
+from controller.xds.authz import decide_waypoint
 from controller.xds.server import XdsCache, XdsDenied
-from mesh.ports import GATEWAY_NAME_LABEL
 from mesh.spiffe import SpiffeId
 from mesh.state.model import MeshConfig
 from mesh.state.store import StateSnapshot
@@ -43,9 +43,10 @@ def node_metadata(node: Any) -> dict[str, str]:
 
 class WaypointPublisher:
     def __init__(self, cache: XdsCache, metrics: CollectorRegistry | None = None,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False, *, trust_domain: str) -> None:
         self.cache = cache
         self.insecure = insecure
+        self.trust_domain = trust_domain
         self.snapshot: RegistrySnapshot | None = None
         self._versions: dict[str, str] = {}
         self._problems: tuple[str, ...] = ()
@@ -81,36 +82,16 @@ class WaypointPublisher:
             log.info("waypoint %s removed", key)
         self.waypoints.set(len(seen))
 
-    def gateway(self, namespace: str, name: str) -> Gateway | None:
-        snap = self.snapshot
-        if snap is None:
-            return None
-        return next((g for g in snap.gateways
-                     if g.namespace == namespace and g.name == name), None)
-
     def authorize(self, metadata: Mapping[str, str], identity: SpiffeId | None) -> str:
-        """The cache key a proxy may read: its Gateway, when its certificate proves the
-        service account of that Gateway's pods. Without a certificate only an ``--insecure``
-        controller (loopback development) answers, trusting the metadata."""
-        namespace, name = metadata.get("NAMESPACE", ""), metadata.get("GATEWAY", "")
-        if not namespace or not name:
-            raise XdsDenied("node metadata must name NAMESPACE and GATEWAY (the waypoint "
-                            "agent's bootstrap sets them)")
-        gw = self.gateway(namespace, name)
-        if gw is None:
-            raise XdsDenied(f"no waypoint {namespace}/{name} in the registry (create it with "
-                            f"`ambit waypoint apply -n {namespace} --name {name}`)")
-        if identity is None and not self.insecure:
-            raise XdsDenied("no client certificate: waypoints read their config on the xDS "
-                            "port (15011), presenting the waypoint's mesh certificate")
-        if identity is not None:
-            snap = self.snapshot
-            accounts = {p.service_account for p in (snap.pods if snap else ())
-                        if p.namespace == namespace
-                        and dict(p.labels).get(GATEWAY_NAME_LABEL) == name}
-            accounts.add(name)
-            if identity.namespace != namespace or identity.service_account not in accounts:
-                raise XdsDenied(f"{identity} may not read waypoint {namespace}/{name}'s "
-                                "config: it is not the service account of that waypoint's "
-                                "pods")
-        return gw.key
+        """The cache key a proxy may read: its Gateway, when its certificate is exactly that
+        Gateway's identity (``controller.xds.authz.decide_waypoint``). Without a certificate
+        only an ``--insecure`` controller (loopback development) answers, trusting the
+        metadata. Raises ``XdsDenied`` with the decision's reason and label."""
+        snap = self.snapshot
+        gateways = {(g.namespace, g.name) for g in (snap.gateways if snap else ())
+                    if g.gateway_class == WAYPOINT_CLASS}
+        decision = decide_waypoint(metadata, identity, gateways, self.trust_domain,
+                                   self.insecure)
+        if decision.key is None:
+            raise XdsDenied(decision.reason, decision.label)
+        return decision.key

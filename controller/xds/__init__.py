@@ -2,9 +2,10 @@
 
 Why a package of its own: the waypoint view produces Envoy resources (``controller.waypoint``),
 this package only delivers them with Envoy's protocol rules (ACK/NACK, nonces, push order) and
-authorizes who may receive which snapshot. See ``cache.py`` and ``server.py``.
+authorizes who may receive which snapshot. See ``cache.py``, ``server.py`` and ``authz.py``.
 """
 
+from controller.xds.authz import XdsDecision, decide_waypoint, waypoint_identity
 from controller.xds.cache import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -35,6 +36,9 @@ __all__ = [
     "StreamStatus",
     "TypeStatus",
     "XdsCache",
+    "XdsDecision",
     "XdsDenied",
+    "decide_waypoint",
     "peer_identity",
+    "waypoint_identity",
 ]

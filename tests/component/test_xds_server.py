@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ from prometheus_client import CollectorRegistry
 
 from controller.app import Controller, ControllerConfig
 from controller.ca import CertificateAuthority
+from controller.registry.model import Pod, RegistrySnapshot
+from controller.waypoint.model import Gateway
+from controller.waypoint.publisher import WaypointPublisher, node_metadata
 from controller.xds import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -45,13 +49,17 @@ from controller.xds import (
     XdsCache,
     XdsDenied,
 )
+from mesh.ports import GATEWAY_NAME_LABEL
 from mesh.spiffe import SpiffeId
 from tests.component import waiting
 from tests.component.harness import free_port
 from tests.component.test_controller_tls import QueueFeed
 from tests.component.test_push import Tokens
+from tests.component.test_trust_domain import ads_status, xds_controller
+from tests.component.test_trust_domain import node as xds_node
 
 HOST = "127.0.0.1"
+TD = "cluster.local"
 KEY = "ns1/gw"
 HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
        "HttpConnectionManager")
@@ -460,3 +468,42 @@ async def test_server_tls_port_sees_no_client_certificate(tmp_path: Path) -> Non
                     envoy.log(), "Envoy logs the refusal")
         assert ads.calls[0] == ("ns1/gw/gw-7d9f", None)
 
+
+
+async def test_only_the_exact_gateway_identity_reads_its_config_over_mutual_tls() -> None:
+    """The controller's real decision (``WaypointPublisher.authorize``) behind its mTLS xDS
+    port, with Python gRPC clients presenting real mesh certificates."""
+    ca = CertificateAuthority.generate(TD)
+    metrics = CollectorRegistry()
+    cache = XdsCache()
+    publisher = WaypointPublisher(cache, metrics, trust_domain=TD)
+    # A pod labelled as gw's but running as "default": the label grants nothing.
+    publisher.snapshot = RegistrySnapshot(
+        gateways=(Gateway("gw", "ns1"), Gateway("gw2", "ns1")),
+        pods=(Pod("sneaky", "ns1", "default", "node-1", (ipaddress.ip_address("10.0.0.9"),),
+                  labels=((GATEWAY_NAME_LABEL, "gw"),)),))
+    cache.set("ns1/gw", "1", {LISTENER_TYPE: {}})
+    server = AdsServer(cache, lambda n, identity: publisher.authorize(node_metadata(n),
+                                                                      identity),
+                       metrics, trust_domain=TD)
+
+    def denied(reason: str) -> float:
+        return metrics.get_sample_value("ambit_xds_denied_total", {"reason": reason}) or 0.0
+
+    async with xds_controller(ca, server) as controller:
+        port = controller.mtls_port
+        assert port
+        assert await ads_status(port, ca, SpiffeId(TD, "ns1", "gw"), xds_node("ns1", "gw")) \
+            == (grpc.StatusCode.OK, "")
+        code, details = await ads_status(port, ca, SpiffeId(TD, "ns1", "gw"),
+                                         xds_node("ns1", "gw2"))
+        assert code is grpc.StatusCode.PERMISSION_DENIED
+        assert (f"spiffe://{TD}/ns/ns1/sa/gw is waypoint ns1/gw's identity, but the node "
+                "metadata names waypoint ns1/gw2") in details
+        code, details = await ads_status(port, ca, SpiffeId(TD, "ns1", "default"),
+                                         xds_node("ns1", "gw"))
+        assert code is grpc.StatusCode.PERMISSION_DENIED
+        assert f"may not read waypoint ns1/gw's config: only spiffe://{TD}/ns/ns1/sa/gw may" \
+            in details
+        assert (denied("other_gateway"), denied("identity")) == (1, 1)
+        assert server.status() == []  # no refused stream stayed open
