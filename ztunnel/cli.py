@@ -26,12 +26,30 @@ if TYPE_CHECKING:
     from mesh.cli import SubParsers
 
 # Every flag that overrides a setting of --config, by its ZtunnelConfig name.
-_OVERRIDES = ("node", "state_file", "identity_dir", "controller_address", "ca_address",
+_OVERRIDES: tuple[str, ...] = (
+              "node", "state_file", "identity_dir", "controller_address", "ca_address",
               "node_token_file", "ca_root_cert", "trust_domain", "inbound_bind", "bind_host",
               "outbound_port", "inbound_plaintext_port", "inbound_port", "socks5_port",
               "socks5_host", "admin_host", "admin_port", "stats_host", "metrics_port",
               "readiness_port", "transparent", "drain_seconds", "agent_socket", "access_log",
               "log_level")
+
+# HBONE limits: one flag per ZtunnelConfig.hbone_* setting: (name, type, default, meaning).
+# tests/unit check the defaults against ZtunnelConfig's.
+HBONE_LIMITS: tuple[tuple[str, type, object, str], ...] = (
+    ("hbone_max_frame_size", int, 256 * 1024,
+     "largest HTTP/2 frame accepted; a larger frame header closes the connection at once"),
+    ("hbone_max_header_list_size", int, 16 * 1024,
+     "largest request header block, also its compressed size over HEADERS+CONTINUATIONs"),
+    ("hbone_max_continuations", int, 8, "CONTINUATION frames allowed after one HEADERS"),
+    ("hbone_max_empty_frames", int, 1,
+     "consecutive DATA/HEADERS/CONTINUATION frames with an empty payload"),
+    ("hbone_max_priority_frames_per_stream", int, 100,
+     "PRIORITY frames per stream opened (plus one)"),
+    ("hbone_max_window_updates_per_data_frame", int, 10,
+     "WINDOW_UPDATE frames per DATA frame sent"),
+)
+_OVERRIDES = (*_OVERRIDES, *(name for name, _, _, _ in HBONE_LIMITS))
 
 
 # Connection limits: one flag per ZtunnelConfig max_*_connections* setting (name, default,
@@ -103,6 +121,11 @@ def add_parser(sub: SubParsers) -> None:
                    "capture listeners to it, as eBPF redirect mode needs")
     p.add_argument("--access-log", help="'-' for stderr (default), '' to disable, or a file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    limits = p.add_argument_group("HBONE limits", "what one HBONE peer may cost; beyond a "
+                                  "limit its connection gets GOAWAY and is closed")
+    for limit, kind, limit_default, meaning in HBONE_LIMITS:
+        limits.add_argument("--" + limit.replace("_", "-"), type=kind,
+                            help=f"{meaning} (default {limit_default})")
     conn_limits = p.add_argument_group(
         "connection limits", "connections open at once, per source and in total (0 = "
         "unlimited); the one beyond a limit is reset and counted in "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -24,6 +24,9 @@ from mesh.ports import (
     ZTUNNEL_SOCKET_MARK,
 )
 from mesh.ports import HBONE_PORT as INBOUND_HBONE_PORT
+
+if TYPE_CHECKING:
+    from ztunnel.hbone.core import HboneSettings
 
 
 class ConfigError(ValueError):
@@ -92,6 +95,15 @@ class ZtunnelConfig:
     access_log: str = "-"  # "-" is stderr, "" disables, else a file path
     log_level: str = "info"
     root_namespace: str = "ambit-system"
+    # HBONE limits: what one peer may make an HBONE connection cost (ztunnel/hbone/core.py,
+    # HboneSettings). Beyond a limit the connection gets GOAWAY and is closed, counted in
+    # ambit_ztunnel_connection_errors_total{listener="inbound",reason}.
+    hbone_max_frame_size: int = 256 * 1024
+    hbone_max_header_list_size: int = 16 * 1024
+    hbone_max_continuations: int = 8
+    hbone_max_empty_frames: int = 1
+    hbone_max_priority_frames_per_stream: int = 100
+    hbone_max_window_updates_per_data_frame: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> ZtunnelConfig:
@@ -120,6 +132,7 @@ class ZtunnelConfig:
                                       "(0 = unlimited)")
         if self.drain_seconds < 0:
             raise ConfigError("drain_seconds: must be >= 0")
+        self._validate_hbone()
         if self.state_file is not None and not self.state_file.exists():
             raise ConfigError(
                 f"state_file: {self.state_file} does not exist; create it or omit the setting"
@@ -133,6 +146,32 @@ class ZtunnelConfig:
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level: {self.log_level!r} is not debug|info|warning|error")
         return self
+
+    def _validate_hbone(self) -> None:
+        for f in fields(self):
+            if f.name.startswith("hbone_"):
+                v = getattr(self, f.name)
+                if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                    raise ConfigError(f"{f.name}: {v!r} must be a number >= 0")
+        if not 16384 <= self.hbone_max_frame_size <= 16777215:
+            raise ConfigError(f"hbone_max_frame_size: {self.hbone_max_frame_size} is not in "
+                              "16384..16777215 (RFC 9113 SETTINGS_MAX_FRAME_SIZE)")
+        if self.hbone_max_header_list_size < 1024:
+            raise ConfigError("hbone_max_header_list_size: must be >= 1024 (a CONNECT with "
+                              "its headers needs a few hundred bytes)")
+
+    def hbone_settings(self) -> HboneSettings:
+        """The HTTP/2 parameters and limits of the HBONE server (and the pool's clients)."""
+        from ztunnel.hbone.core import HboneSettings
+
+        return HboneSettings(
+            max_frame_size=self.hbone_max_frame_size,
+            max_header_list_size=self.hbone_max_header_list_size,
+            max_continuations=self.hbone_max_continuations,
+            max_empty_frames=self.hbone_max_empty_frames,
+            max_priority_frames_per_stream=self.hbone_max_priority_frames_per_stream,
+            max_window_updates_per_data_frame=self.hbone_max_window_updates_per_data_frame,
+        )
 
     def _validate_ca(self) -> None:
         if self.node_token_file is None and self.controller_address:

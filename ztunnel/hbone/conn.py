@@ -130,6 +130,7 @@ class HboneProtocol(asyncio.Protocol):
         settings: HboneSettings = DEFAULT_SETTINGS,
         on_close: Callable[[HboneProtocol], None] | None = None,
         on_rejected: Callable[[ev.RequestRejected], None] | None = None,
+        on_error: Callable[[str, str], None] | None = None,
     ) -> None:
         self.core = HboneConnection(client_side, settings)
         self.streams: dict[int, HboneStream] = {}
@@ -137,6 +138,9 @@ class HboneProtocol(asyncio.Protocol):
         self._on_request = on_request
         self._on_close = on_close
         self._on_rejected = on_rejected
+        # (cause, detail) when the core ends the connection for breaking a limit or the
+        # protocol: the owner counts it and logs it at a rate limit.
+        self._on_error = on_error
         self._flush_scheduled = False
         self._paused = False
         self._resumed = asyncio.Event()
@@ -307,7 +311,10 @@ class HboneProtocol(asyncio.Protocol):
                 self._on_rejected(e)
         elif isinstance(e, ev.ConnectionTerminated):
             if e.fatal:
-                log.info("HBONE connection terminated: %s", e.reason)
+                if e.cause and self._on_error is not None:
+                    self._on_error(e.cause, e.reason)
+                else:
+                    log.info("HBONE connection terminated: %s", e.reason)
                 self._flush_now()
                 if self.transport is not None:
                     self.transport.close()

@@ -52,6 +52,16 @@ class HboneSettings:
     max_header_list_size: int = 16 * 1024
     # Above this many unsent bytes, a stream reports itself blocked to its writer.
     send_high_water: int = 1024 * 1024
+    # Frame-level limits, checked on each 9-byte frame header before h2 buffers the payload
+    # (_FrameGuard). A header block (HEADERS + CONTINUATIONs) may carry at most
+    # max_header_list_size compressed bytes in at most 1 + max_continuations frames (nghttp2's
+    # default is 8 CONTINUATIONs). The others follow Envoy's http2_protocol_options defaults:
+    # max_consecutive_inbound_frames_with_empty_payload, max_inbound_priority_frames_per_stream,
+    # max_inbound_window_update_frames_per_data_frame_sent.
+    max_continuations: int = 8
+    max_empty_frames: int = 1
+    max_priority_frames_per_stream: int = 100
+    max_window_updates_per_data_frame: int = 10
 
 
 DEFAULT_SETTINGS = HboneSettings()
@@ -118,6 +128,165 @@ def _status(headers: object) -> int:
             # bytes.isdigit() is ASCII-only, unlike str.isdigit().
             return int(v) if len(v) == 3 and v.isdigit() else 0
     return 0
+
+
+# Frame types and flags the guard looks at (RFC 9113 section 6).
+_DATA, _HEADERS, _PRIORITY, _SETTINGS, _PUSH_PROMISE, _PING, _WINDOW_UPDATE, _CONTINUATION = \
+    0x0, 0x1, 0x2, 0x4, 0x5, 0x6, 0x8, 0x9
+_END_STREAM, _ACK, _END_HEADERS = 0x1, 0x1, 0x4
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+class FrameRefused(Exception):
+    """The peer's byte stream broke a frame-level limit: GOAWAY with ``code`` and close."""
+
+    def __init__(self, code: int, cause: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.cause = cause
+
+
+class _FrameGuard:
+    """Follows the frame boundaries of the peer's byte stream and checks each frame header
+    as soon as its 9 bytes are in, before h2 has buffered (or waited for) the payload.
+
+    Per chunk the work is a few integer operations per frame *header*; a DATA payload is
+    skipped by arithmetic, never copied or scanned. Raises ``FrameRefused``.
+    """
+
+    __slots__ = (
+        "block_bytes",
+        "block_frames",
+        "block_stream",
+        "control_frames",
+        "data_frames_sent",
+        "empty_run",
+        "headers_frames",
+        "partial",
+        "payload_left",
+        "preface_left",
+        "priority_frames",
+        "settings",
+        "settings_seen",
+        "window_updates",
+    )
+
+    def __init__(self, settings: HboneSettings, expect_preface: bool) -> None:
+        self.settings = settings
+        self.preface_left = len(_PREFACE) if expect_preface else 0
+        self.settings_seen = False
+        self.payload_left = 0
+        self.partial = b""
+        self.block_stream = 0  # stream id of an unfinished header block, else 0
+        self.block_frames = 0
+        self.block_bytes = 0
+        self.empty_run = 0
+        self.priority_frames = 0
+        self.window_updates = 0
+        self.headers_frames = 0
+        self.data_frames_sent = 0  # counted by the connection as it sends DATA
+        self.control_frames = 0  # PING/SETTINGS the peer asked us to acknowledge
+
+    def feed(self, data: bytes) -> None:
+        n = len(data)
+        pos = 0
+        if self.preface_left:
+            k = min(self.preface_left, n)
+            start = len(_PREFACE) - self.preface_left
+            if data[:k] != _PREFACE[start:start + k]:
+                raise FrameRefused(h2.errors.ErrorCodes.PROTOCOL_ERROR, "bad_preface",
+                                   "the connection does not start with the HTTP/2 preface")
+            self.preface_left -= k
+            pos = k
+        while pos < n:
+            left = self.payload_left
+            if left:
+                if n - pos <= left:
+                    self.payload_left = left - (n - pos)
+                    return
+                pos += left
+                self.payload_left = 0
+            if self.partial:
+                need = 9 - len(self.partial)
+                self.partial += data[pos:pos + need]
+                pos += need
+                if len(self.partial) < 9:
+                    return
+                header, self.partial = self.partial, b""
+                self._frame(header, 0)
+            elif n - pos >= 9:
+                self._frame(data, pos)
+                pos += 9
+            else:
+                self.partial = data[pos:]
+                return
+
+    def _frame(self, b: bytes, i: int) -> None:
+        length = (b[i] << 16) | (b[i + 1] << 8) | b[i + 2]
+        ftype = b[i + 3]
+        flags = b[i + 4]
+        s = self.settings
+        if length > s.max_frame_size:
+            raise FrameRefused(h2.errors.ErrorCodes.FRAME_SIZE_ERROR, "frame_too_large",
+                               f"frame of {length} bytes declared, the limit is "
+                               f"{s.max_frame_size}")
+        self.payload_left = length
+        if not self.settings_seen:
+            if ftype != _SETTINGS or flags & _ACK:
+                raise FrameRefused(h2.errors.ErrorCodes.PROTOCOL_ERROR, "bad_preface",
+                                   f"first frame is type {ftype}, not SETTINGS")
+            self.settings_seen = True
+        if self.block_stream:
+            sid = int.from_bytes(b[i + 5:i + 9], "big") & 0x7FFFFFFF
+            if ftype != _CONTINUATION or sid != self.block_stream:
+                raise FrameRefused(h2.errors.ErrorCodes.PROTOCOL_ERROR, "protocol_error",
+                                   "a header block is interrupted by another frame")
+            self.block_frames += 1
+            self.block_bytes += length
+            if self.block_frames > s.max_continuations:
+                raise FrameRefused(_CALM, "continuation_flood",
+                                   f"header block in more than {s.max_continuations} "
+                                   "CONTINUATION frames")
+            self._check_block()
+            if flags & _END_HEADERS:
+                self.block_stream = 0
+        elif ftype in (_HEADERS, _PUSH_PROMISE):
+            self.headers_frames += 1
+            self.block_bytes = length
+            self._check_block()
+            if not flags & _END_HEADERS:
+                self.block_stream = int.from_bytes(b[i + 5:i + 9], "big") & 0x7FFFFFFF
+                self.block_frames = 0
+        if ftype in (_DATA, _HEADERS, _CONTINUATION):
+            # Envoy's max_consecutive_inbound_frames_with_empty_payload: an empty frame that
+            # does not end its stream is only work for us.
+            if length == 0 and not (ftype != _CONTINUATION and flags & _END_STREAM):
+                self.empty_run += 1
+                if self.empty_run > s.max_empty_frames:
+                    raise FrameRefused(_CALM, "empty_frame_flood",
+                                       f"more than {s.max_empty_frames} consecutive frames "
+                                       "with an empty payload")
+            else:
+                self.empty_run = 0
+        elif ftype == _PRIORITY:
+            self.priority_frames += 1
+            if self.priority_frames > s.max_priority_frames_per_stream * (
+                    1 + self.headers_frames):
+                raise FrameRefused(_CALM, "priority_flood", "too many PRIORITY frames")
+        elif ftype == _WINDOW_UPDATE:
+            self.window_updates += 1
+            if self.window_updates > 5 + 2 * (self.headers_frames + (
+                    s.max_window_updates_per_data_frame * self.data_frames_sent)):
+                raise FrameRefused(_CALM, "window_update_flood",
+                                   "too many WINDOW_UPDATE frames for the DATA sent")
+
+    def _check_block(self) -> None:
+        # Compressed bytes: HPACK never makes a field larger than its header-list entry
+        # (name + value + 32), so a block above the list limit cannot decode under it.
+        if self.block_bytes > self.settings.max_header_list_size:
+            raise FrameRefused(_CALM, "header_block_too_large",
+                               f"header block above {self.settings.max_header_list_size} bytes")
 
 
 _REQUEST_FLAGS = h2.utilities.HeaderValidationFlags(
@@ -196,8 +365,10 @@ class HboneConnection:
         self._h2.max_inbound_frame_size = settings.max_frame_size
         self._h2.decoder.max_header_list_size = settings.max_header_list_size
         self._streams: dict[int, _Stream] = {}
+        self._guard = _FrameGuard(settings, expect_preface=not client_side)
         self.goaway_received = False
         self.closed = False
+        self.terminated = False  # a fatal error: nothing more is read
         # Draining: refuse new tunnels with REFUSED_STREAM (safe for the client to retry
         # elsewhere) while open ones continue. h2 treats GOAWAY as the end of the whole
         # connection, so GOAWAY is only sent once the open tunnels are done.
@@ -312,20 +483,31 @@ class HboneConnection:
 
     def receive(self, data: bytes) -> list[Event]:
         """Feed bytes from the peer; returns what happened."""
+        if self.terminated:
+            return []
         try:
+            self._guard.feed(data)
             h2_events = self._h2.receive_data(data)
+        except FrameRefused as e:
+            return [self._terminate(e.code, e.cause, str(e))]
         except h2.exceptions.ProtocolError as e:
             code = getattr(e, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self._h2.close_connection(error_code=code)
-            self.closed = True
-            return [ConnectionTerminated(int(code), f"protocol error: {e}", fatal=True)]
+            return [self._terminate(code, "protocol_error", f"protocol error: {e}")]
         out: list[Event] = []
         for ev in h2_events:
             self._handle(ev, out)
         return out
 
     # -- internals -------------------------------------------------------------------------
+
+    def _terminate(self, code: int, cause: str, detail: str) -> ConnectionTerminated:
+        """GOAWAY(code) and stop: the adapter flushes it and closes the transport."""
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._h2.close_connection(error_code=code,
+                                      additional_data=detail.encode()[:256] or None)
+        self.closed = True
+        self.terminated = True
+        return ConnectionTerminated(int(code), detail, fatal=True, cause=cause)
 
     def _forget(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
@@ -349,6 +531,7 @@ class HboneConnection:
                 chunk = chunk[:n]
             st.pending_bytes -= n
             h2c.send_data(stream_id, chunk)
+            self._guard.data_frames_sent += 1
         if not st.pending and st.end_requested and not st.local_ended:
             h2c.end_stream(stream_id)
             st.local_ended = True

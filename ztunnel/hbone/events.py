@@ -77,6 +77,9 @@ class ConnectionTerminated:
     reason: str
     fatal: bool
     last_stream_id: int = 0
+    # Why we ended it, as a metric reason (frame_too_large, continuation_flood, ...); "" when
+    # the peer sent GOAWAY.
+    cause: str = ""
 
 
 Event = (

@@ -16,6 +16,7 @@ import socket
 import ssl
 
 from mesh.listener import finish_or_cancel
+from mesh.ratelimit import RateLimitedLog
 from mesh.spiffe import SpiffeId
 from mesh.state.model import IPAddress
 from ztunnel.authz import ConnectionInfo
@@ -39,6 +40,14 @@ class InboundServer:
         self.connections: set[HboneProtocol] = set()
         self.tunnels: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.hbone_settings = ctx.config.hbone_settings()
+        self._limit_log = RateLimitedLog(log)
+
+    def _hbone_error(self, cause: str, detail: str, peer: str) -> None:
+        """A connection ended by the HBONE core (a limit or a protocol error): counted, and
+        logged at most once per reason and 10 s, since a peer can repeat it at will."""
+        self.ctx.metrics.connection_errors.labels(LISTENER, cause).inc()
+        self._limit_log.log(cause, "inbound HBONE from %s closed: %s: %s", peer, cause, detail)
 
     def _error(self, reason: str, detail: str, peer: str) -> None:
         self.ctx.metrics.connection_errors.labels(LISTENER, reason).inc()
@@ -83,7 +92,9 @@ class InboundServer:
             self._error("bad_request", f"HTTP {e.status}: {e.reason}", peer)
 
         def factory() -> HboneProtocol:
-            p = HboneProtocol(False, on_request=on_request, on_rejected=on_rejected)
+            p = HboneProtocol(False, on_request=on_request, on_rejected=on_rejected,
+                              settings=self.hbone_settings,
+                              on_error=lambda cause, detail: self._hbone_error(cause, detail, peer))
             proto_box.append(p)
             return p
 

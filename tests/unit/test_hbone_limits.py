@@ -1,0 +1,224 @@
+"""HBONE limits in the sans-I/O core: raw bytes in, events and GOAWAY out (issue 13)."""
+
+from __future__ import annotations
+
+import struct
+
+import h2.errors
+import pytest
+
+from ztunnel.hbone import events as ev
+from ztunnel.hbone.core import HboneConnection, HboneSettings
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, PRIORITY, RST, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = \
+    0, 1, 2, 3, 4, 6, 7, 8, 9
+END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
+CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+PROTOCOL = h2.errors.ErrorCodes.PROTOCOL_ERROR
+FRAME_SIZE = h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+
+
+def frame(ftype: int, flags: int = 0, sid: int = 0, payload: bytes = b"",
+          length: int | None = None) -> bytes:
+    n = len(payload) if length is None else length
+    return struct.pack(">I", n)[1:] + bytes([ftype, flags]) + struct.pack(">I", sid) + payload
+
+
+# A CONNECT to 10.0.0.1:80 as HPACK: literal without indexing, new names.
+def _literal(name: bytes, value: bytes) -> bytes:
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+CONNECT_BLOCK = _literal(b":method", b"CONNECT") + _literal(b":authority", b"10.0.0.1:80")
+START = PREFACE + frame(SETTINGS)
+
+
+def frames_of(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    out, i = [], 0
+    while i + 9 <= len(data):
+        n = int.from_bytes(data[i:i + 3], "big")
+        out.append((data[i + 3], data[i + 4], int.from_bytes(data[i + 5:i + 9], "big"),
+                    data[i + 9:i + 9 + n]))
+        i += 9 + n
+    return out
+
+
+def goaway_code(server: HboneConnection) -> int | None:
+    for ftype, _, _, payload in frames_of(server.data_to_send()):
+        if ftype == GOAWAY:
+            return int.from_bytes(payload[4:8], "big")
+    return None
+
+
+def server(settings: HboneSettings | None = None) -> HboneConnection:
+    s = HboneConnection(False, settings or HboneSettings())
+    s.initiate()
+    s.data_to_send()
+    return s
+
+
+def feed(s: HboneConnection, data: bytes, step: int = 0) -> list[ev.Event]:
+    """Feed ``data`` whole, or ``step`` bytes at a time (frame headers split anywhere)."""
+    if not step:
+        return s.receive(data)
+    out: list[ev.Event] = []
+    for i in range(0, len(data), step):
+        out += s.receive(data[i:i + step])
+    return out
+
+
+def terminated(events: list[ev.Event]) -> ev.ConnectionTerminated | None:
+    last = events[-1] if events else None
+    return last if isinstance(last, ev.ConnectionTerminated) else None
+
+
+def headers(sid: int, flags: int = END_HEADERS, block: bytes = CONNECT_BLOCK) -> bytes:
+    return frame(HEADERS, flags, sid, block)
+
+
+REFUSED = [
+    # (name, bytes after nothing, GOAWAY code, cause)
+    ("16 MiB frame header, payload never sent", START + frame(DATA, 0, 1, length=(16 << 20) - 1),
+     FRAME_SIZE, "frame_too_large"),
+    ("oversized SETTINGS as the first frame", PREFACE + frame(SETTINGS, length=300_000),
+     FRAME_SIZE, "frame_too_large"),
+    ("one byte above the max frame", START + frame(PING, 0, 0, length=256 * 1024 + 1),
+     FRAME_SIZE, "frame_too_large"),
+    ("not the preface", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", PROTOCOL, "bad_preface"),
+    ("first frame is not SETTINGS", PREFACE + frame(PING, 0, 0, b"\0" * 8),
+     PROTOCOL, "bad_preface"),
+    ("first frame is a SETTINGS ACK", PREFACE + frame(SETTINGS, ACK), PROTOCOL, "bad_preface"),
+    ("9 CONTINUATIONs", START + headers(1, 0) + frame(CONTINUATION, 0, 1, b"\0") * 9,
+     CALM, "continuation_flood"),
+    ("2 empty CONTINUATIONs", START + headers(1, 0) + frame(CONTINUATION, 0, 1) * 2,
+     CALM, "empty_frame_flood"),
+    ("header block above the header list limit", START + headers(1, 0, b"\0" * 16_000)
+     + frame(CONTINUATION, 0, 1, b"\0" * 1000), CALM, "header_block_too_large"),
+    ("one HEADERS frame above the header list limit", START + headers(1, END_HEADERS,
+                                                                      b"\0" * 17_000),
+     CALM, "header_block_too_large"),
+    ("header block interrupted by a PING", START + headers(1, 0) + frame(PING, 0, 0, b"\0" * 8),
+     PROTOCOL, "protocol_error"),
+    ("CONTINUATION of another stream", START + headers(1, 0) + frame(CONTINUATION, 4, 3, b""),
+     PROTOCOL, "protocol_error"),
+    ("two empty DATA frames", START + headers(1) + frame(DATA, 0, 1) + frame(DATA, 0, 1),
+     CALM, "empty_frame_flood"),
+    ("101 PRIORITY frames, no stream", START + frame(PRIORITY, 0, 1, b"\0\0\0\0\x10") * 101,
+     CALM, "priority_flood"),
+    ("6 WINDOW_UPDATEs, no DATA sent", START + frame(WINDOW_UPDATE, 0, 0, b"\0\0\0\1") * 6,
+     CALM, "window_update_flood"),
+]
+
+
+@pytest.mark.parametrize("step", [0, 1, 7])
+@pytest.mark.parametrize(("name", "data", "code", "cause"), REFUSED, ids=[r[0] for r in REFUSED])
+def test_frame_limits_end_the_connection(name: str, data: bytes, code: int, cause: str,
+                                         step: int) -> None:
+    s = server()
+    events = feed(s, data, step)
+    end = terminated(events)
+    assert end is not None, events
+    assert (end.error_code, end.cause, end.fatal) == (code, cause, True)
+    assert goaway_code(s) == code
+    assert s.receive(frame(PING, 0, 0, b"\0" * 8)) == []  # nothing is read after that
+
+
+ACCEPTED = [
+    ("preface and SETTINGS split anywhere", START, []),
+    ("frame of exactly the max size", START + headers(1) + frame(DATA, 0, 1, b"x" * 262_144),
+     [ev.ConnectRequest(1, "10.0.0.1:80"), ev.DataReceived(1, b"x" * 262_144, 262_144)]),
+    ("8 CONTINUATIONs", START + headers(1, 0, CONNECT_BLOCK[:1]) + b"".join(
+        frame(CONTINUATION, 0, 1, CONNECT_BLOCK[i:i + 1]) for i in range(1, 8))
+     + frame(CONTINUATION, END_HEADERS, 1, CONNECT_BLOCK[8:]),
+     [ev.ConnectRequest(1, "10.0.0.1:80")]),
+    ("block split over CONTINUATIONs", START + headers(1, 0, CONNECT_BLOCK[:5])
+     + frame(CONTINUATION, END_HEADERS, 1, CONNECT_BLOCK[5:]),
+     [ev.ConnectRequest(1, "10.0.0.1:80")]),
+    ("empty DATA with END_STREAM (a FIN)", START + headers(1) + frame(DATA, END_STREAM, 1),
+     [ev.ConnectRequest(1, "10.0.0.1:80"), ev.StreamEnded(1)]),
+    ("one empty DATA between data", START + headers(1) + frame(DATA, 0, 1) + frame(DATA, 0, 1, b"a")
+     + frame(DATA, 0, 1), [ev.ConnectRequest(1, "10.0.0.1:80"), ev.DataReceived(1, b"a", 1)]),
+    ("100 PRIORITY frames", START + frame(PRIORITY, 0, 1, b"\0\0\0\0\x10") * 100, []),
+    ("5 WINDOW_UPDATEs", START + frame(WINDOW_UPDATE, 0, 0, b"\0\0\0\1") * 5, []),
+]
+
+
+@pytest.mark.parametrize("step", [0, 1, 10])
+@pytest.mark.parametrize(("name", "data", "expected"), ACCEPTED, ids=[r[0] for r in ACCEPTED])
+def test_frames_within_limits_are_served(name: str, data: bytes, expected: list[ev.Event],
+                                         step: int) -> None:
+    s = server()
+    events = [e for e in feed(s, data, step) if not isinstance(e, ev.StreamWritable)]
+    merged: list[ev.Event] = []
+    for e in events:  # byte-at-a-time feeding splits DATA into many events
+        last = merged[-1] if merged else None
+        if (isinstance(e, ev.DataReceived) and isinstance(last, ev.DataReceived)
+                and last.stream_id == e.stream_id):
+            merged[-1] = ev.DataReceived(e.stream_id, last.data + e.data,
+                                         last.flow_length + e.flow_length)
+        else:
+            merged.append(e)
+    assert merged == expected
+    assert goaway_code(s) is None
+
+
+def test_limits_follow_the_settings() -> None:
+    s = server(HboneSettings(max_continuations=2, max_empty_frames=3,
+                             max_frame_size=16384))
+    assert terminated(s.receive(START + frame(DATA, 0, 1, length=16385))) is not None
+    s = server(HboneSettings(max_continuations=2))
+    end = terminated(s.receive(START + headers(1, 0) + frame(CONTINUATION, 0, 1, b"\0") * 3))
+    assert end is not None and end.cause == "continuation_flood"
+
+
+def test_window_updates_are_allowed_per_data_frame_sent() -> None:
+    s = server()
+    s.receive(START + headers(1))
+    s.accept_stream(1)
+    for _ in range(3):
+        s.send(1, b"x")
+        s.data_to_send()
+    # 5 + 2 * (1 stream + 10 * 3 DATA frames) = 67 WINDOW_UPDATEs are fine, the 68th is not.
+    assert terminated(s.receive(frame(WINDOW_UPDATE, 0, 0, b"\0\0\0\1") * 67)) is None
+    end = terminated(s.receive(frame(WINDOW_UPDATE, 0, 0, b"\0\0\0\1")))
+    assert end is not None and end.cause == "window_update_flood"
+
+
+def test_client_side_wants_settings_first_but_no_preface() -> None:
+    c = HboneConnection(True)
+    c.initiate()
+    assert c.receive(frame(SETTINGS)) == []
+    c = HboneConnection(True)
+    c.initiate()
+    end = terminated(c.receive(frame(PING, 0, 0, b"\0" * 8)))
+    assert end is not None and end.cause == "bad_preface"
+
+
+def test_every_limit_has_a_flag_with_the_config_default() -> None:
+    import dataclasses
+
+    from ambit.cli import build_parser
+    from ztunnel.cli import HBONE_LIMITS
+    from ztunnel.config import ZtunnelConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ZtunnelConfig)
+                if f.name.startswith("hbone_")}
+    assert {name: default for name, _, default, _ in HBONE_LIMITS} == defaults
+    flags = [f"--{name.replace('_', '-')}" for name in defaults]
+    args = build_parser().parse_args(["ztunnel", *(x for f in flags for x in (f, "20000"))])
+    config = ZtunnelConfig.from_mapping({}, **{k: getattr(args, k) for k in defaults},
+                                        node="n")
+    settings = config.hbone_settings()
+    assert settings.max_continuations == 20000 and settings.max_frame_size == 20000
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("hbone_max_frame_size", 1000), ("hbone_max_frame_size", 1 << 24),
+    ("hbone_max_continuations", -1), ("hbone_max_header_list_size", 10),
+])
+def test_bad_limits_are_config_errors(setting: str, value: int) -> None:
+    from ztunnel.config import ConfigError, ZtunnelConfig
+
+    with pytest.raises(ConfigError, match=setting):
+        ZtunnelConfig.from_mapping({setting: value}, node="n")
