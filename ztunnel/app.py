@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import signal
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from mesh.http_server import serve_http
 from mesh.listener import BindError, Listener, bind_socket
+from mesh.ports import NODE_OWN_PORTS
 from mesh.state.file_source import FileSource
 from mesh.state.model import IPAddress
 from mesh.state.store import StateSnapshot, StateStore
@@ -33,7 +35,9 @@ from ztunnel.listeners import inbound_plaintext, outbound, socks5
 from ztunnel.listeners.admin import admin_routes, stats_routes
 from ztunnel.listeners.inbound import InboundServer
 from ztunnel.metrics import Metrics
+from ztunnel.node_addresses import read_node_addresses
 from ztunnel.proxy import ProxyContext
+from ztunnel.routing import OwnEndpoints
 
 if TYPE_CHECKING:
     import grpc
@@ -75,6 +79,10 @@ class Ztunnel:
             p for p in (config.outbound_port, config.inbound_plaintext_port, config.inbound_port,
                         config.socks5_port, config.admin_port, config.metrics_port,
                         config.readiness_port) if p)
+        # The node itself, never dialled for a pod: the mesh's well-known ports and this
+        # ztunnel's configured ones; the node's addresses are read in start() and refreshed.
+        self.ctx.own = OwnEndpoints(ports=NODE_OWN_PORTS | self.ctx.reserved_ports,
+                                    loopback_pods=config.loopback_pods)
         self.inbound = InboundServer(self.ctx)
         self.listeners: dict[str, Listener] = {}
         self._workload_listeners: dict[IPAddress, list[Listener]] = {}
@@ -200,7 +208,27 @@ class Ztunnel:
         for c in self.secrets.certificates():
             self.metrics.cert_expiry.labels(str(c.identity)).set(c.not_after.timestamp())
 
+    def refresh_node_addresses(self) -> None:
+        """Re-read the node's own addresses (I/O here, so routing stays pure)."""
+        try:
+            addresses = read_node_addresses()
+        except OSError as e:
+            # Loopback stays refused by its kind; only the node's other addresses go unknown.
+            log.error("cannot read the node's addresses (%s): keeping the %d known", e,
+                      len(self.ctx.own.addresses))
+            return
+        if addresses != self.ctx.own.addresses:
+            log.info("node addresses protected from pod traffic: %s",
+                     " ".join(sorted(map(str, addresses))))
+            self.ctx.own = dataclasses.replace(self.ctx.own, addresses=addresses)
+
+    async def _watch_node_addresses(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.node_address_refresh)
+            self.refresh_node_addresses()
+
     async def start(self) -> None:
+        self.refresh_node_addresses()
         self.store.subscribe(self._after_state)
         self.store.subscribe(self._reconcile_workload_listeners)
         self._open_static()
@@ -228,6 +256,7 @@ class Ztunnel:
             self.agent_link = AgentLink(self.config.agent_socket, capture)
             self._tasks.append(asyncio.create_task(self.agent_link.run()))
         self._tasks.append(asyncio.create_task(self._gauges()))
+        self._tasks.append(asyncio.create_task(self._watch_node_addresses()))
         self.started = True
         log.info("ztunnel for node %s started", self.config.node)
 

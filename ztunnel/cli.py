@@ -112,7 +112,9 @@ def add_parser(sub: SubParsers) -> None:
                        help=f"listener port, 0 disables (default {default})")
     p.add_argument("--socks5-host", help="address of the SOCKS5 listener (default 127.0.0.1)")
     p.add_argument("--admin-host", help="address of the admin listener (default 127.0.0.1)")
-    p.add_argument("--stats-host", help="address of metrics/readiness (default 0.0.0.0)")
+    p.add_argument("--stats-host", help="address of metrics/readiness (default 127.0.0.1: the "
+                   "node only; the kubelet probes 127.0.0.1, Prometheus scrapes the agent's "
+                   "15022)")
     p.add_argument("--no-transparent", dest="transparent", action="store_const", const=False,
                    help="do not set IP_TRANSPARENT on capture listeners")
     p.add_argument("--drain-seconds", type=float, help="drain deadline on SIGTERM (default 5)")

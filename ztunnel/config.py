@@ -66,11 +66,22 @@ class ZtunnelConfig:
     inbound_port: int = INBOUND_HBONE_PORT
     socks5_port: int = 0  # off by default, as in Istio
     socks5_host: str = "127.0.0.1"
-    admin_host: str = "127.0.0.1"
     admin_port: int = ADMIN_PORT
-    stats_host: str = "0.0.0.0"
     metrics_port: int = METRICS_PORT
     readiness_port: int = READINESS_PORT
+    # Own ports and binds. Admin, metrics and readiness listen on loopback: only the node (its
+    # root, the kubelet's probes with `host: 127.0.0.1`, the node agent, which merges the metrics
+    # into its 15022 endpoint for Prometheus) needs them, and nothing off the node should read
+    # /config_dump or the workload labels in the metrics. --stats-host binds metrics/readiness
+    # elsewhere (e.g. the node address for a Prometheus that scrapes 15020 directly).
+    admin_host: str = "127.0.0.1"
+    stats_host: str = "127.0.0.1"
+    # Pods live on loopback addresses (only the component tests' one-machine topology): such a
+    # pod address is then judged like any other. Off, every loopback destination is the node
+    # itself and refused (routing.OwnEndpoints); not a flag, since no cluster needs it.
+    loopback_pods: bool = False
+    # How often the node's own addresses are re-read (ztunnel/node_addresses.py), seconds.
+    node_address_refresh: float = 5.0
     # Connection limits: how many connections may be open at once, per source and in total, so
     # one pod or one peer cannot take the whole ztunnel (ztunnel/admission.py; docs/architecture.md
     # "Connection limits"). 0 = unlimited. The one beyond a limit is reset (15008: before the TLS
@@ -132,6 +143,9 @@ class ZtunnelConfig:
                                       "(0 = unlimited)")
         if self.drain_seconds < 0:
             raise ConfigError("drain_seconds: must be >= 0")
+        if not self.node_address_refresh > 0:
+            raise ConfigError("node_address_refresh: must be > 0 (seconds between reads of the "
+                              "node's addresses)")
         self._validate_hbone()
         if self.state_file is not None and not self.state_file.exists():
             raise ConfigError(

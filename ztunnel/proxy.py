@@ -30,6 +30,7 @@ from ztunnel.hbone.pool import HbonePool
 from ztunnel.identity import Secrets
 from ztunnel.metrics import ConnectionLabels, Metrics
 from ztunnel.relay import relay_tcp
+from ztunnel.routing import OwnEndpoints
 
 log = logging.getLogger("ztunnel.proxy")
 
@@ -45,6 +46,9 @@ class ProxyContext:
     access_log: AccessLog
     pool: HbonePool | None = None
     reserved_ports: frozenset[int] = frozenset()
+    # The node itself (its addresses, the own ports): never dialled for a pod. The app fills in
+    # the addresses at start and refreshes them; routing only reads this value.
+    own: OwnEndpoints = field(default_factory=OwnEndpoints)
     rng: random.Random = field(default_factory=random.Random)
     _mark_ok: bool = True
     # Connection limits (ztunnel/admission.py), read from ``config`` at each admission.

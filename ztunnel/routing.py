@@ -122,6 +122,10 @@ class OwnEndpoints:
     loopback_pods: bool = False
 
 
+# The pseudo-policy a refusal of the node itself is reported under (access log ``policy``,
+# ambit_ztunnel_policy_denied_total{policy}).
+NODE_PROTECTION = "node-protection"
+
 # "This network": the kernel delivers a connect() to 0.0.0.0 (and refuses or loops the rest of
 # 0/8), never to a pod.
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")

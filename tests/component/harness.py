@@ -233,6 +233,9 @@ class Mesh:
             stats_host=host, metrics_port=free_port(host), readiness_port=free_port(host),
             transparent=False, socket_mark=0, reload_interval=0.05,
             access_log=os.environ.get("AMBIT_TEST_ACCESS_LOG", ""),
+            # The pods here are 127.N addresses: judged like pod addresses, while every other
+            # loopback address (127.0.0.1 above all) stays the node and is refused.
+            loopback_pods=True,
             drain_seconds=1.0, **kw,
         ).validate()
 

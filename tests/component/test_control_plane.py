@@ -113,6 +113,7 @@ async def plane(tmp: Path) -> AsyncIterator[Plane]:
             inbound_bind="workload", bind_host=host, outbound_port=0, admin_host=host,
             admin_port=free_port(host), stats_host=host, metrics_port=free_port(host),
             readiness_port=free_port(host), transparent=False, socket_mark=0, access_log="",
+            loopback_pods=True,  # pods are 127.N addresses here
             drain_seconds=1.0, **extra).validate()))
     echo = EchoServer()
     await echo.start()

@@ -134,8 +134,12 @@ async def socks_answer(m: Mesh, dest: tuple[str, int], source: str = CLIENT_IP,
         method = await asyncio.wait_for(r.readexactly(2), 5)
         if method != b"\x05\x00":
             return method, await asyncio.wait_for(r.read(), 5)
-        ip = ipaddress.ip_address(dest[0])
-        w.write(b"\x05\x01\x00\x01" + ip.packed + struct.pack("!H", dest[1]))
+        try:
+            ip = ipaddress.ip_address(dest[0])
+            address = (b"\x01" if ip.version == 4 else b"\x04") + ip.packed
+        except ValueError:  # a host name
+            address = b"\x03" + bytes([len(dest[0])]) + dest[0].encode()
+        w.write(b"\x05\x01\x00" + address + struct.pack("!H", dest[1]))
         answer = await asyncio.wait_for(r.readexactly(10), 5)
         rest = await asyncio.wait_for(r.read(), 5) if answer[1] != 0 else b""
         return method + answer, rest
@@ -144,7 +148,13 @@ async def socks_answer(m: Mesh, dest: tuple[str, int], source: str = CLIENT_IP,
 
 
 async def test_socks5_replies_with_the_outcome(tmp_path: Path) -> None:
-    async with mesh(tmp_path, with_policy(ALLOW_CLIENT)) as m:
+    # A host outside the mesh: a workload that is not enrolled (the pods here are loopback
+    # addresses; any other loopback address is the node itself and refused).
+    outside = f"127.{NET}.250.1"
+    state = with_policy(ALLOW_CLIENT)
+    state["workloads"].append({"name": "outside", "namespace": "default", "node": "node-b",
+                               "addresses": [outside], "protocol": "TCP"})
+    async with mesh(tmp_path, state) as m:
         ok, _ = await socks_answer(m, (ECHO_IP, ECHO_PORT))
         assert ok[3] == 0  # succeeded
 
@@ -155,7 +165,6 @@ async def test_socks5_replies_with_the_outcome(tmp_path: Path) -> None:
         answer, rest = await socks_answer(m, (ECHO_IP, free_port(ECHO_IP)))
         assert (answer[3], rest) == (4, b"")
         # Outside the mesh, a closed port: connection refused.
-        outside = f"127.{NET}.250.1"
         answer, rest = await socks_answer(m, (outside, free_port(outside)))
         assert (answer[3], rest) == (5, b"")
         # No route: the service has no such port.
@@ -166,6 +175,31 @@ async def test_socks5_replies_with_the_outcome(tmp_path: Path) -> None:
         # No acceptable method (only username/password): the greeting's refusal, then close.
         assert await socks_answer(m, (ECHO_IP, ECHO_PORT), greeting=b"\x05\x01\x02") == (
             b"\x05\xff", b"")
+        assert await roundtrip(m, b"alive") == b"alive"
+
+
+async def test_socks5_never_reaches_the_node_itself(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        admin = (m.a.config.admin_host, m.a.config.admin_port)
+        # The admin really listens there: what a pod must not reach through the ztunnel.
+        url = f"http://{admin[0]}:{admin[1]}/config_dump"
+        assert await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).status) \
+            == 200
+        node_ips = [str(a) for a in m.a.ctx.own.addresses if not a.is_loopback]
+        refused = [("localhost", 15000), ("127.0.0.1", 15000), ("::1", 15000),
+                   ("0.0.0.0", admin[1]), admin, ("127.0.0.1", 8080),
+                   *((ip, port) for ip in node_ips[:2] for port in (15000, 15022, admin[1]))]
+        for dest in refused:
+            answer, rest = await socks_answer(m, dest)
+            # "Connection not allowed by ruleset", then a close: a denial, nothing dialled.
+            assert (answer[3], rest) == (2, b""), dest
+        assert sample(m.a, "ambit_ztunnel_policy_denied_total", direction="source",
+                      policy="node-protection") == len(refused)
+        assert sample(m.a, "istio_tcp_connections_opened_total", response_flags="DENY",
+                      source_workload="client") == len(refused)
+        # A normal destination still works, through SOCKS5 as through the mesh.
+        ok, _ = await socks_answer(m, (ECHO_IP, ECHO_PORT))
+        assert ok[3] == 0
         assert await roundtrip(m, b"alive") == b"alive"
 
 
@@ -288,10 +322,23 @@ async def test_non_connect_method_gets_405(tmp_path: Path) -> None:
 
 async def test_unknown_destination_gets_400(tmp_path: Path) -> None:
     async with mesh(tmp_path) as m:
-        events = await _raw_hbone(m, [(":method", "CONNECT"), (":authority", f"127.{NET}.99.9:80")])
+        # Not loopback: an unknown loopback address is the node itself (403, below).
+        events = await _raw_hbone(m, [(":method", "CONNECT"), (":authority", "198.51.100.9:80")])
         assert _status(events) == "400"
         assert sample(m.b, "ambit_ztunnel_connection_errors_total",
                       reason="unknown_destination") == 1
+
+
+async def test_hbone_connect_to_the_node_itself_gets_403(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        admin = f"{m.b.config.admin_host}:{m.b.config.admin_port}"
+        targets = ["127.0.0.1:15000", "[::1]:15000", "0.0.0.0:15000", admin]
+        for authority in targets:
+            events = await _raw_hbone(m, [(":method", "CONNECT"), (":authority", authority)])
+            assert _status(events) == "403", authority
+        assert sample(m.b, "ambit_ztunnel_policy_denied_total", direction="destination",
+                      policy="node-protection") == len(targets)
+        assert await roundtrip(m, b"alive") == b"alive"
 
 
 async def test_bad_header_bytes_refuse_one_stream_and_the_connection_carries_on(

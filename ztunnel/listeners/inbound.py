@@ -26,7 +26,7 @@ from ztunnel.hbone.events import RequestRejected
 from ztunnel.identity import IdentityError, peer_identity
 from ztunnel.proxy import ConnectionRecord, ProxyContext, reset, sock_addr
 from ztunnel.relay import relay_stream
-from ztunnel.routing import resolve_inbound
+from ztunnel.routing import NODE_PROTECTION, resolve_inbound
 
 log = logging.getLogger("ztunnel.inbound")
 LISTENER = "inbound"
@@ -151,8 +151,14 @@ class InboundServer:
         rec.source = state.workload_by_ip(source_ip)
         rec.source_principal = client.principal
         try:
-            target = resolve_inbound(state, ctx.node, dest, ctx.reserved_ports)
+            target = resolve_inbound(state, ctx.node, dest, ctx.reserved_ports, ctx.own)
             rec.dest_workload = target.destination
+            if target.protected:
+                # A peer must not use us to reach the node's admin or loopback services.
+                stream.reject(403)
+                rec.extra["policy"] = NODE_PROTECTION
+                rec.fail("denied", target.reason, "DENY")
+                return
             if target.address is None or target.destination is None:
                 stream.reject(400)
                 rec.fail("unknown_destination", target.reason, "NR")

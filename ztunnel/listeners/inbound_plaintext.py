@@ -13,7 +13,7 @@ import socket
 from mesh.state.model import MtlsMode
 from ztunnel.authz import ConnectionInfo
 from ztunnel.proxy import ConnectionRecord, ProxyContext, connect_and_relay, reset, sock_addr
-from ztunnel.routing import resolve_inbound
+from ztunnel.routing import NODE_PROTECTION, resolve_inbound
 
 LISTENER = "inbound_plaintext"
 
@@ -39,7 +39,7 @@ async def _serve(ctx: ProxyContext, sock: socket.socket, src: str) -> None:
     rec = ConnectionRecord(ctx, "destination", LISTENER, source_ip, dest)
     rec.source = state.workload_by_ip(source_ip)
     try:
-        target = resolve_inbound(state, ctx.node, dest, ctx.reserved_ports)
+        target = resolve_inbound(state, ctx.node, dest, ctx.reserved_ports, ctx.own)
         dst = rec.dest_workload = target.destination
         # PeerAuthentication first: a STRICT pod refuses plaintext whatever else is wrong.
         if (dst is not None and dst.node == ctx.node and state.in_mesh(dst)
@@ -47,6 +47,11 @@ async def _serve(ctx: ProxyContext, sock: socket.socket, src: str) -> None:
             rec.fail("denied", f"plaintext refused: PeerAuthentication is STRICT for "
                      f"{dst.uid}", "DENY")
             rec.extra["policy"] = "peer-authentication"
+            writer.transport.abort()
+            return
+        if target.protected:  # the node itself (loopback, its own ports): a denial
+            rec.extra["policy"] = NODE_PROTECTION
+            rec.fail("denied", target.reason, "DENY")
             writer.transport.abort()
             return
         if target.address is None or target.destination is None:

@@ -33,6 +33,7 @@ from ztunnel.proxy import (
 )
 from ztunnel.relay import relay_stream
 from ztunnel.routing import (
+    NODE_PROTECTION,
     DenyPlan,
     HbonePlan,
     LocalPlan,
@@ -87,7 +88,7 @@ async def proxy_outbound(
     given: it is then told the outcome (before any byte is relayed) and the client is closed."""
     state = ctx.store.current
     plan = plan_outbound(state, ctx.node, source_ip, dest, ctx.pick,
-                         hbone_port=ctx.config.inbound_port or HBONE_PORT)
+                         hbone_port=ctx.config.inbound_port or HBONE_PORT, own=ctx.own)
     rec = ConnectionRecord(ctx, "source", listener, source_ip, dest)
     rec.answer = answer
     rec.source, rec.service = plan.source, plan.service
@@ -99,6 +100,11 @@ async def proxy_outbound(
         rec.extra["waypoint"] = plan.waypoint.key
     try:
         match plan:
+            case DenyPlan() if plan.protected:
+                # The node itself (loopback, its own ports): a denial (SOCKS5 0x02), not NR.
+                rec.extra["policy"] = NODE_PROTECTION
+                rec.fail("denied", plan.reason, "DENY")
+                rec.refuse(writer)
             case DenyPlan():
                 rec.fail("no_route", plan.reason, "NR")
                 rec.refuse(writer)
