@@ -50,6 +50,7 @@ from controller.waypoint.k8s_apply import (
 )
 from mesh.ports import GRPC_PORT, MONITORING_PORT, XDS_PORT
 from ztunnel.config import READINESS_PORT as ZTUNNEL_READINESS_PORT
+from ztunnel.config import ZtunnelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "daemonset"
@@ -471,6 +472,14 @@ def test_node_ports() -> None:
                            "prometheus.io/path": "/metrics"}
     assert "--metrics-port" not in agent["args"], "the default is what the annotation names"
     assert "--readiness-port" not in ztunnel["args"]
+    # The ztunnel's metrics/readiness listen on loopback only (ZtunnelConfig.stats_host): its
+    # probes must ask there (the pod is hostNetwork, so the kubelet's 127.0.0.1 is the node's),
+    # and the scrape target stays the agent's 15022, which merges them.
+    assert node_pod()["hostNetwork"] is True
+    assert "--stats-host" not in ztunnel["args"] and "--admin-host" not in ztunnel["args"]
+    assert ZtunnelConfig(node="n").stats_host == ZtunnelConfig(node="n").admin_host == "127.0.0.1"
+    assert {kind: probe.get("host") for kind, probe in probes(ztunnel).items()} == dict.fromkeys(
+        ("startupProbe", "readinessProbe", "livenessProbe"), "127.0.0.1")
 
 
 # --- RBAC ---------------------------------------------------------------------------------------
