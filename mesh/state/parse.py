@@ -406,4 +406,7 @@ def load_state_text(text: str) -> MeshConfig:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise StateError("", f"not valid YAML/JSON: {e}") from None
+    except RecursionError:
+        # PyYAML's scanner and composer recurse per nesting level: "[[[[..." is not a crash.
+        raise StateError("", "not usable YAML/JSON: nested too deeply") from None
     return parse_state(doc)

@@ -197,6 +197,9 @@ def _spec(m: state_pb2.Policy, path: str) -> Any:
         return json.loads(m.spec_json or "{}")
     except json.JSONDecodeError as e:
         raise StateError(f"{path}.spec_json", f"not JSON: {e}") from None
+    except RecursionError:
+        # json.loads recurses per nesting level: "[[[[..." is an invalid policy, not a crash.
+        raise StateError(f"{path}.spec_json", "not usable JSON: nested too deeply") from None
 
 
 def authz_from_pb(m: state_pb2.Policy, path: str) -> AuthorizationPolicy:

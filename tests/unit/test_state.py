@@ -199,3 +199,22 @@ def test_store_swaps_whole_snapshots_and_notifies() -> None:
     assert not store.ready
     store.replace(parse_state(GOOD))
     assert store.ready and seen == [(0, 2)]
+
+
+# Found by fuzz/state_text.py and fuzz/state_wire.py: PyYAML and json recurse per nesting level,
+# so a deeply nested document raised RecursionError, which the reload loop does not catch.
+@pytest.mark.parametrize("text", ["[" * 5000, "{a: " * 5000, "- " * 5000])
+def test_deeply_nested_state_is_a_state_error(text: str) -> None:
+    with pytest.raises(StateError, match=r"nested too deeply|not valid YAML"):
+        load_state_text(text)
+
+
+def test_deeply_nested_policy_spec_on_the_wire_is_a_state_error() -> None:
+    from mesh.api.ambit.v1 import state_pb2
+    from mesh.state.model import MeshConfig
+    from mesh.state.wire import apply_update
+
+    update = state_pb2.StateUpdate(authorization_policies=[
+        state_pb2.Policy(name="p", namespace="n", spec_json="[" * 5000)])
+    with pytest.raises(StateError, match=r"authorization_policies\[0\].spec_json: .*nested"):
+        apply_update(MeshConfig(), update)
