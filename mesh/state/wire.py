@@ -214,6 +214,11 @@ def apply_update(current: MeshConfig, u: state_pb2.StateUpdate) -> MeshConfig:
     """The state after ``u``; raises ``StateError`` (naming the field) and changes nothing if
     any part of the update is invalid."""
     td = u.trust_domain or current.trust_domain
+    if not u.full and td != current.trust_domain:
+        # Every identity depends on it: the workloads the delta does not name would keep the
+        # old one. delta_update sends a trust-domain change as a full update.
+        raise StateError("trust_domain", f"{td!r} differs from the current "
+                         f"{current.trust_domain!r}; only a full update can change it")
     base = MeshConfig(trust_domain=td) if u.full else current
     workloads = {w.uid: w for w in base.workloads}
     services = {s.key: s for s in base.services}

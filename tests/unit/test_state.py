@@ -218,3 +218,20 @@ def test_deeply_nested_policy_spec_on_the_wire_is_a_state_error() -> None:
         state_pb2.Policy(name="p", namespace="n", spec_json="[" * 5000)])
     with pytest.raises(StateError, match=r"authorization_policies\[0\].spec_json: .*nested"):
         apply_update(MeshConfig(), update)
+
+
+def test_a_delta_cannot_change_the_trust_domain() -> None:
+    # Found by fuzz/state_wire.py: a delta with another trust_domain was applied, leaving the
+    # workloads it did not name with identities in the old trust domain.
+    from mesh.api.ambit.v1 import state_pb2
+    from mesh.state.wire import apply_update, delta_update, full_update
+
+    old = load_state_text("workloads: [{name: a, namespace: n, node: x, addresses: [10.0.0.1]}]")
+    new = load_state_text("trustDomain: other.local\n"
+                          "workloads: [{name: a, namespace: n, node: x, addresses: [10.0.0.1]}]")
+    with pytest.raises(StateError, match=r"trust_domain: 'other\.local' differs"):
+        apply_update(old, state_pb2.StateUpdate(trust_domain="other.local"))
+    update = delta_update(old, new)
+    assert update is not None and update.full  # what the controller sends: a full update
+    assert apply_update(old, update) == new
+    assert apply_update(old, full_update(new)) == new
