@@ -130,6 +130,20 @@ class ExecRequest:
         return cls({k: v for k, v in env.items() if k.startswith("CNI_")}, data)
 
 
+def decode_request(line: bytes) -> Any:
+    """A request line as JSON; ``CniRequestError`` (a ``ValueError``) if it is not JSON.
+
+    ``json.loads`` raises ``RecursionError``, not ``ValueError``, on deeply nested input
+    (``[[[...``): that is a malformed request like any other, not a crash of the endpoint.
+    """
+    try:
+        return json.loads(line)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CniRequestError(str(e)) from None
+    except RecursionError as e:
+        raise CniRequestError(f"nested too deeply ({e})") from None
+
+
 Handler = Callable[[CniRequest], Awaitable[dict[str, Any]]]
 
 
@@ -159,7 +173,7 @@ class CniServer:
                 return
             try:
                 line = await asyncio.wait_for(reader.readline(), 10)
-                raw = json.loads(line)
+                raw = decode_request(line)
             except (ValueError, asyncio.LimitOverrunError) as e:
                 answer: dict[str, Any] = {"ok": False, "error": f"bad request: {e}"}
             except TimeoutError:

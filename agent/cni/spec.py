@@ -449,7 +449,7 @@ def parse_agent_response(raw: bytes) -> AgentAnswer:
     text = raw.decode("utf-8", "replace").strip()
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply ("[[[[...")
         doc = None
     if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool):
         raise CniSpecError(

@@ -322,3 +322,19 @@ def test_bad_agent_answers(raw: bytes) -> None:
     with pytest.raises(CniSpecError, match="not a response of the agent protocol") as info:
         spec.parse_agent_response(raw)
     assert info.value.code == spec.ERR_AGENT_PROTOCOL
+
+
+# Found by fuzz/cni_request.py: json.loads raises RecursionError (not ValueError) on deeply
+# nested input, which escaped the agent's socket handler and parse_agent_response.
+def test_deeply_nested_agent_answer_is_an_invalid_answer() -> None:
+    with pytest.raises(CniSpecError) as e:
+        spec.parse_agent_response(b"[" * 5000)
+    assert e.value.code == spec.ERR_AGENT_PROTOCOL
+
+
+@pytest.mark.parametrize("line", [b"[" * 5000, b'{"op": "\xff"}', b"{", b""])
+def test_cni_server_rejects_undecodable_request_lines(line: bytes) -> None:
+    from agent.cni_server import CniRequestError, decode_request
+
+    with pytest.raises(CniRequestError):
+        decode_request(line)
