@@ -15,8 +15,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography import x509
-
 SCHEME = "spiffe://"
 
 
@@ -119,6 +117,10 @@ def peer_identity(peercert: Mapping[str, Any] | None, trust_domain: str) -> Spif
 
 def peer_identity_pem(pem: bytes, trust_domain: str) -> SpiffeId:
     """The same for a PEM certificate (gRPC's ``auth_context()["x509_pem_cert"]``)."""
+    # Imported here: every `ambit` command's parser imports this module, and cryptography
+    # costs each of them (tests/unit/test_cli_dispatch.py keeps the parser light).
+    from cryptography import x509
+
     try:
         cert = x509.load_pem_x509_certificate(pem)
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
