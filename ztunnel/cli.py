@@ -48,6 +48,11 @@ HBONE_LIMITS: tuple[tuple[str, type, object, str], ...] = (
      "PRIORITY frames per stream opened (plus one)"),
     ("hbone_max_window_updates_per_data_frame", int, 10,
      "WINDOW_UPDATE frames per DATA frame sent"),
+    ("hbone_max_premature_resets", int, 100,
+     "streams the peer may reset before they are answered, per --hbone-reset-window"),
+    ("hbone_reset_window", float, 10.0, "seconds over which premature resets are counted"),
+    ("hbone_max_pending_streams", int, 100,
+     "tunnels of one connection waiting for their backend; more are refused"),
 )
 _OVERRIDES = (*_OVERRIDES, *(name for name, _, _, _ in HBONE_LIMITS))
 

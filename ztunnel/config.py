@@ -115,6 +115,9 @@ class ZtunnelConfig:
     hbone_max_empty_frames: int = 1
     hbone_max_priority_frames_per_stream: int = 100
     hbone_max_window_updates_per_data_frame: int = 10
+    hbone_max_premature_resets: int = 100
+    hbone_reset_window: float = 10.0
+    hbone_max_pending_streams: int = 100
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> ZtunnelConfig:
@@ -185,6 +188,9 @@ class ZtunnelConfig:
             max_empty_frames=self.hbone_max_empty_frames,
             max_priority_frames_per_stream=self.hbone_max_priority_frames_per_stream,
             max_window_updates_per_data_frame=self.hbone_max_window_updates_per_data_frame,
+            max_premature_resets=self.hbone_max_premature_resets,
+            reset_window=self.hbone_reset_window,
+            max_pending_streams=self.hbone_max_pending_streams,
         )
 
     def _validate_ca(self) -> None:

@@ -19,6 +19,7 @@ from tests.unit.test_hbone_limits import (
     GOAWAY,
     HEADERS,
     PREFACE,
+    RST,
     SETTINGS,
     frame,
     frames_of,
@@ -115,3 +116,50 @@ async def test_no_settings_first_is_refused(tmp_path: Path) -> None:
         assert a.goaway_code() == h2.errors.ErrorCodes.PROTOCOL_ERROR
         assert sample(m.b, "ambit_ztunnel_connection_errors_total", reason="bad_preface") == 1
         assert await served(m)
+
+
+async def test_rapid_reset_dials_nothing_and_is_cut(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        assert await served(m)
+        dialled = len(m.echo.peers)
+        a = await Attacker.open(m)
+        block = connect_block()
+        flood = b"".join(frame(HEADERS, END_HEADERS, sid, block)
+                         + frame(RST, 0, sid, b"\0\0\0\x08")
+                         for sid in range(1, 40_001, 2))
+        await a.send(PREFACE + frame(SETTINGS))
+
+        async def send_flood() -> None:
+            try:
+                for i in range(0, len(flood), 16384):
+                    await a.send(flood[i:i + 16384])
+            except (ConnectionError, OSError):
+                pass
+
+        sender = asyncio.create_task(send_flood())
+        assert await served(m)  # during the flood
+        assert await a.closed_within(5) < 5
+        await sender
+        assert a.goaway_code() == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        assert sample(m.b, "ambit_ztunnel_connection_errors_total", reason="reset_flood") == 1
+        assert await served(m)
+        # Only the three legitimate tunnels reached the backend.
+        assert len(m.echo.peers) == dialled + 2
+
+
+async def test_reset_while_dialling_never_connects(tmp_path: Path) -> None:
+    """HEADERS and RST_STREAM in separate writes: a reset stream costs at most the dial that
+    was already under way (the task checks the stream first, the dial is cancelled or its
+    connection closed at once), and 20 resets stay under the flood limit."""
+    async with mesh(tmp_path) as m:
+        dialled = len(m.echo.peers)
+        a = await Attacker.open(m)
+        await a.send(PREFACE + frame(SETTINGS))
+        block = connect_block()
+        for sid in range(1, 41, 2):
+            await a.send(frame(HEADERS, END_HEADERS, sid, block))
+            await a.send(frame(RST, 0, sid, b"\0\0\0\x08"))
+        assert await served(m)
+        a.writer.close()
+        assert len(m.echo.peers) <= dialled + 1 + 20  # never more than one per stream
+        assert sample(m.b, "ambit_ztunnel_connection_errors_total", reason="reset_flood") == 0

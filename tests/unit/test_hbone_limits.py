@@ -144,7 +144,7 @@ ACCEPTED = [
 ]
 
 
-@pytest.mark.parametrize("step", [0, 1, 10])
+@pytest.mark.parametrize("step", [0, 10, 4099])
 @pytest.mark.parametrize(("name", "data", "expected"), ACCEPTED, ids=[r[0] for r in ACCEPTED])
 def test_frames_within_limits_are_served(name: str, data: bytes, expected: list[ev.Event],
                                          step: int) -> None:
@@ -222,3 +222,129 @@ def test_bad_limits_are_config_errors(setting: str, value: int) -> None:
 
     with pytest.raises(ConfigError, match=setting):
         ZtunnelConfig.from_mapping({setting: value}, node="n")
+
+
+# -- rapid reset (issue 13 item 2) -------------------------------------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rst(sid: int, code: int = 8) -> bytes:
+    return frame(RST, 0, sid, code.to_bytes(4, "big"))
+
+
+def reset_server(**kw: float) -> tuple[HboneConnection, FakeClock]:
+    clock = FakeClock()
+    s = HboneConnection(False, HboneSettings(**kw), clock=clock)  # type: ignore[arg-type]
+    s.initiate()
+    s.data_to_send()
+    s.receive(START)
+    return s, clock
+
+
+def test_a_stream_requested_and_reset_in_the_same_bytes_never_reaches_the_application() -> None:
+    s, _ = reset_server()
+    events = s.receive(headers(1) + frame(DATA, 0, 1, b"abc") + rst(1) + headers(3))
+    assert events == [ev.ConnectRequest(3, "10.0.0.1:80")]
+    assert s.pending_streams == 1
+    # The 3 bytes of the dropped stream were credited back: the connection window is whole.
+    assert s._h2.inbound_flow_control_window == s.settings.connection_window - 3 \
+        or any(f[0] == WINDOW_UPDATE for f in frames_of(s.data_to_send()))
+
+
+# (seconds at which a request is made and reset in separate reads, limit, window) -> closed?
+RESETS = [
+    ([0, 1, 2], 3, 10.0, False),
+    ([0, 1, 2, 3], 3, 10.0, True),
+    ([0, 1, 2, 12.5, 13], 3, 10.0, False),  # the first three slid out of the window
+    ([0, 0, 0, 0, 0, 0], 5, 1.0, True),
+    ([0, 2, 4, 6, 8, 10], 2, 3.0, False),
+]
+
+
+@pytest.mark.parametrize(("times", "limit", "window", "closed"), RESETS)
+def test_premature_resets_in_a_sliding_window(times: list[float], limit: int, window: float,
+                                               closed: bool) -> None:
+    s, clock = reset_server(max_premature_resets=limit, reset_window=window)
+    sid = 1
+    last: list[ev.Event] = []
+    for t in times:
+        clock.now = 1000.0 + t
+        assert s.receive(headers(sid)) == [ev.ConnectRequest(sid, "10.0.0.1:80")]
+        last = s.receive(rst(sid))
+        sid += 2
+    end = terminated(last)
+    assert (end is not None) == closed
+    if end is not None:
+        assert (end.error_code, end.cause) == (CALM, "reset_flood")
+        assert goaway_code(s) == CALM
+
+
+def test_resets_after_the_answer_are_not_premature() -> None:
+    s, _ = reset_server(max_premature_resets=2)
+    for sid in range(1, 21, 2):
+        s.receive(headers(sid))
+        s.accept_stream(sid)
+        assert s.receive(rst(sid)) == [ev.StreamReset(sid, 8)]
+    assert not s.terminated and s.pending_streams == 0
+
+
+def test_flood_of_headers_and_resets_in_one_read_is_cut() -> None:
+    s, _ = reset_server()
+    flood = b"".join(headers(sid) + rst(sid) for sid in range(1, 40_001, 2))
+    events = s.receive(flood)
+    assert [type(e) for e in events] == [ev.ConnectionTerminated]  # no tunnel at all
+    assert events[0].cause == "reset_flood"  # type: ignore[union-attr]
+
+
+def test_pending_streams_are_bounded() -> None:
+    s, _ = reset_server(max_pending_streams=2)
+    assert s.receive(headers(1) + headers(3)) == [ev.ConnectRequest(1, "10.0.0.1:80"),
+                                                  ev.ConnectRequest(3, "10.0.0.1:80")]
+    events = s.receive(headers(5))
+    assert len(events) == 1 and isinstance(events[0], ev.RequestRejected)
+    assert events[0].cause == "too_many_pending_streams"
+    assert (RST, 5, b"\0\0\0\x07") in [(f[0], f[2], f[3]) for f in frames_of(s.data_to_send())]
+    s.accept_stream(1)
+    assert s.receive(headers(7)) == [ev.ConnectRequest(7, "10.0.0.1:80")]
+    s.reject_stream(3, 503)
+    s.reset(7)
+    assert s.pending_streams == 0
+
+
+async def test_the_adapter_cancels_the_dial_of_a_reset_stream() -> None:
+    import asyncio
+
+    from ztunnel.hbone.conn import HboneProtocol, HboneStream
+
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def dial(stream: HboneStream) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)  # a backend that takes forever to answer
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    def on_request(stream: HboneStream) -> None:
+        stream.cancel_on_reset(asyncio.create_task(dial(stream)))
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            pass
+
+        def is_closing(self) -> bool:
+            return False
+
+    proto = HboneProtocol(False, on_request=on_request)
+    proto.connection_made(Transport())  # type: ignore[arg-type]
+    proto.data_received(START + headers(1))
+    await asyncio.wait_for(started.wait(), 1)
+    proto.data_received(rst(1))
+    await asyncio.wait_for(cancelled.wait(), 1)

@@ -44,6 +44,13 @@ class HboneStream:
         self.authority = ""
         self.reset_code: int | None = None
         self.refused_status: int | None = None
+        self._answered = False
+        self._task: asyncio.Task[None] | None = None
+
+    def cancel_on_reset(self, task: asyncio.Task[None]) -> None:
+        """Cancel ``task`` (the server's work for this tunnel, e.g. dialling its backend) if
+        the stream fails before it is answered: a reset tunnel must cost no connection."""
+        self._task = task
 
     # called by the protocol
     def _feed(self, data: bytes, flow: int) -> None:
@@ -57,6 +64,9 @@ class HboneStream:
     def _fail(self, reason: str) -> None:
         if self._error is None:
             self._error = reason
+        if self._task is not None and not self._answered:
+            self._task.cancel()
+            self._task = None
         self._readable.set()
         self._writable.set()
         if not self.response.done():
@@ -111,9 +121,11 @@ class HboneStream:
             self._writable.set()
 
     def accept(self) -> None:
+        self._answered = True
         self.conn._accept(self.id)
 
     def reject(self, status: int) -> None:
+        self._answered = True
         self.conn._reject(self.id, status)
 
 
@@ -307,7 +319,9 @@ class HboneProtocol(asyncio.Protocol):
                 s._set_writable()
         elif isinstance(e, ev.RequestRejected):
             self.streams.pop(e.stream_id, None)
-            if self._on_rejected is not None:
+            if e.cause and self._on_error is not None:
+                self._on_error(e.cause, e.reason)  # a limit: counted, logged at a rate
+            elif self._on_rejected is not None:
                 self._on_rejected(e)
         elif isinstance(e, ev.ConnectionTerminated):
             if e.fatal:

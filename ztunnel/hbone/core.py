@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import h2.config
@@ -62,6 +64,14 @@ class HboneSettings:
     max_empty_frames: int = 1
     max_priority_frames_per_stream: int = 100
     max_window_updates_per_data_frame: int = 10
+    # Rapid reset (CVE-2023-44487): a peer that resets more than max_premature_resets streams
+    # before we answered them, within reset_window seconds, gets GOAWAY(ENHANCE_YOUR_CALM).
+    # Such a stream never costs a backend connection (see HboneStream.cancel_on_reset).
+    max_premature_resets: int = 100
+    reset_window: float = 10.0
+    # Tunnels asked for and not yet answered (their backend is being dialled); more are
+    # refused with REFUSED_STREAM.
+    max_pending_streams: int = 100
 
 
 DEFAULT_SETTINGS = HboneSettings()
@@ -131,8 +141,8 @@ def _status(headers: object) -> int:
 
 
 # Frame types and flags the guard looks at (RFC 9113 section 6).
-_DATA, _HEADERS, _PRIORITY, _SETTINGS, _PUSH_PROMISE, _PING, _WINDOW_UPDATE, _CONTINUATION = \
-    0x0, 0x1, 0x2, 0x4, 0x5, 0x6, 0x8, 0x9
+_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _WINDOW_UPDATE, \
+    _CONTINUATION = 0x0, 0x1, 0x2, 0x3, 0x4, 0x5, 0x6, 0x8, 0x9
 _END_STREAM, _ACK, _END_HEADERS = 0x1, 0x1, 0x4
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
@@ -153,12 +163,19 @@ class _FrameGuard:
 
     Per chunk the work is a few integer operations per frame *header*; a DATA payload is
     skipped by arithmetic, never copied or scanned. Raises ``FrameRefused``.
+
+    It also keeps the count of premature resets (streams the peer reset before we answered
+    them) in a sliding window. A HEADERS and a RST_STREAM of the same stream in one read are
+    premature by construction and counted here, before h2 parses the read, so a rapid-reset
+    flood is cut after the limit instead of after h2 has decoded every request in the read;
+    resets arriving in a later read are counted by the connection (``premature_reset``).
     """
 
     __slots__ = (
         "block_bytes",
         "block_frames",
         "block_stream",
+        "clock",
         "control_frames",
         "data_frames_sent",
         "empty_run",
@@ -167,13 +184,19 @@ class _FrameGuard:
         "payload_left",
         "preface_left",
         "priority_frames",
+        "read_headers",
+        "resets",
         "settings",
         "settings_seen",
         "window_updates",
     )
 
-    def __init__(self, settings: HboneSettings, expect_preface: bool) -> None:
+    def __init__(self, settings: HboneSettings, expect_preface: bool,
+                 clock: Callable[[], float]) -> None:
         self.settings = settings
+        self.clock = clock
+        self.resets: deque[float] = deque()  # times of premature resets within the window
+        self.read_headers: set[int] = set()  # streams whose HEADERS came in the current read
         self.preface_left = len(_PREFACE) if expect_preface else 0
         self.settings_seen = False
         self.payload_left = 0
@@ -188,9 +211,24 @@ class _FrameGuard:
         self.data_frames_sent = 0  # counted by the connection as it sends DATA
         self.control_frames = 0  # PING/SETTINGS the peer asked us to acknowledge
 
+    def premature_reset(self) -> None:
+        now = self.clock()
+        resets = self.resets
+        resets.append(now)
+        window = self.settings.reset_window
+        while now - resets[0] > window:
+            resets.popleft()
+        if len(resets) > self.settings.max_premature_resets:
+            raise FrameRefused(
+                _CALM, "reset_flood",
+                f"more than {self.settings.max_premature_resets} streams reset before they "
+                f"were answered within {window:g}s")
+
     def feed(self, data: bytes) -> None:
         n = len(data)
         pos = 0
+        if self.read_headers:
+            self.read_headers.clear()
         if self.preface_left:
             k = min(self.preface_left, n)
             start = len(_PREFACE) - self.preface_left
@@ -252,6 +290,7 @@ class _FrameGuard:
             if flags & _END_HEADERS:
                 self.block_stream = 0
         elif ftype in (_HEADERS, _PUSH_PROMISE):
+            self.read_headers.add(int.from_bytes(b[i + 5:i + 9], "big") & 0x7FFFFFFF)
             self.headers_frames += 1
             self.block_bytes = length
             self._check_block()
@@ -269,6 +308,9 @@ class _FrameGuard:
                                        "with an empty payload")
             else:
                 self.empty_run = 0
+        elif ftype == _RST_STREAM:
+            if int.from_bytes(b[i + 5:i + 9], "big") & 0x7FFFFFFF in self.read_headers:
+                self.premature_reset()
         elif ftype == _PRIORITY:
             self.priority_frames += 1
             if self.priority_frames > s.max_priority_frames_per_stream * (
@@ -334,14 +376,18 @@ class _Stream:
     remote_ended: bool = False
     blocked: bool = False
     open: bool = False  # 2xx sent or received
+    waiting: bool = False  # server side: asked for, not answered yet
 
 
 class HboneConnection:
     """One HBONE (HTTP/2) connection, client or server side, with no I/O."""
 
-    def __init__(self, client_side: bool, settings: HboneSettings = DEFAULT_SETTINGS) -> None:
+    def __init__(self, client_side: bool, settings: HboneSettings = DEFAULT_SETTINGS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.client_side = client_side
         self.settings = settings
+        # Read only when a stream is reset early, never per chunk.
+        self.clock = clock
         # h2 decodes and validates header blocks inside receive_data, where one stream's bad
         # header is fatal to the connection (a non-UTF-8 value even raised out of it). The
         # server does both per request instead (_request_headers) and answers a bad one with
@@ -365,10 +411,13 @@ class HboneConnection:
         self._h2.max_inbound_frame_size = settings.max_frame_size
         self._h2.decoder.max_header_list_size = settings.max_header_list_size
         self._streams: dict[int, _Stream] = {}
-        self._guard = _FrameGuard(settings, expect_preface=not client_side)
+        self._guard = _FrameGuard(settings, expect_preface=not client_side, clock=clock)
         self.goaway_received = False
         self.closed = False
         self.terminated = False  # a fatal error: nothing more is read
+        self._dropped: set[int] = set()  # times of premature resets, within the window
+        self.pending_streams = 0  # server side: tunnels not answered yet
+        self._batch: set[int] = set()  # streams requested in the bytes being received
         # Draining: refuse new tunnels with REFUSED_STREAM (safe for the client to retry
         # elsewhere) while open ones continue. h2 treats GOAWAY as the end of the whole
         # connection, so GOAWAY is only sent once the open tunnels are done.
@@ -424,6 +473,9 @@ class HboneConnection:
             return
         self._h2.send_headers(stream_id, [(":status", "200")])
         st.open = True
+        if st.waiting:
+            st.waiting = False
+            self.pending_streams -= 1
 
     def reject_stream(self, stream_id: int, status: int) -> None:
         if stream_id in self._streams:
@@ -496,7 +548,27 @@ class HboneConnection:
         out: list[Event] = []
         for ev in h2_events:
             self._handle(ev, out)
+            if self.terminated:
+                break
+        if self._batch:
+            self._batch.clear()
+            if self._dropped:
+                out = self._without_dropped(out)
         return out
+
+    def _without_dropped(self, out: list[Event]) -> list[Event]:
+        """Streams requested and reset within the same bytes never reach the application:
+        no tunnel task, no backend dial, no log line (the rapid-reset pattern)."""
+        dropped, self._dropped = self._dropped, set()
+        kept: list[Event] = []
+        for e in out:
+            sid = getattr(e, "stream_id", None)
+            if sid in dropped:
+                if isinstance(e, DataReceived):
+                    self._return_credit(e.stream_id, e.flow_length)
+                continue
+            kept.append(e)
+        return kept
 
     # -- internals -------------------------------------------------------------------------
 
@@ -510,7 +582,20 @@ class HboneConnection:
         return ConnectionTerminated(int(code), detail, fatal=True, cause=cause)
 
     def _forget(self, stream_id: int) -> None:
-        self._streams.pop(stream_id, None)
+        st = self._streams.pop(stream_id, None)
+        if st is not None and st.waiting:
+            self.pending_streams -= 1
+
+    def _premature_reset(self, stream_id: int, out: list[Event]) -> None:
+        """The peer reset a stream we had not answered: count it in the sliding window."""
+        if stream_id in self._batch:
+            # Requested in the same read: the guard counted it already; drop the request.
+            self._dropped.add(stream_id)
+            return
+        try:
+            self._guard.premature_reset()
+        except FrameRefused as e:
+            out.append(self._terminate(e.code, e.cause, str(e)))
 
     def _maybe_done(self, stream_id: int, st: _Stream) -> None:
         if st.local_ended and st.remote_ended:
@@ -578,9 +663,12 @@ class HboneConnection:
         elif isinstance(ev, h2.events.StreamReset):
             if ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM and self.client_side:
                 self.refused_by_peer = True  # the peer is draining: open no more streams here
-            if ev.stream_id in self._streams:
+            st = self._streams.get(ev.stream_id)
+            if st is not None:
                 self._forget(ev.stream_id)
                 out.append(StreamReset(ev.stream_id, int(ev.error_code or 0)))
+                if st.waiting:
+                    self._premature_reset(ev.stream_id, out)
         elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._flush_all(out)
         elif isinstance(ev, h2.events.ConnectionTerminated):
@@ -602,6 +690,12 @@ class HboneConnection:
         if self.draining:
             self.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             out.append(RequestRejected(sid, 503, "draining: new tunnels are refused"))
+            return
+        if self.pending_streams >= self.settings.max_pending_streams:
+            self.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            out.append(RequestRejected(
+                sid, 503, f"more than {self.settings.max_pending_streams} tunnels waiting for "
+                "their backend on this connection", cause="too_many_pending_streams"))
             return
         try:
             headers = _request_headers(ev.headers)
@@ -625,9 +719,13 @@ class HboneConnection:
             self.reject_stream(sid, 400)
             out.append(RequestRejected(sid, 400, str(e)))
             return
+        st = self._streams[sid]
         if ev.stream_ended:
             # A CONNECT that half-closes before it starts still opens a tunnel (FIN first).
-            self._streams[sid].remote_ended = True
+            st.remote_ended = True
+        st.waiting = True
+        self.pending_streams += 1
+        self._batch.add(sid)
         out.append(ConnectRequest(sid, authority,
                                   {k: v for k, v in headers.items() if not k.startswith(":")}))
         if ev.stream_ended:

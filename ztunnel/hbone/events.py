@@ -21,6 +21,9 @@ class RequestRejected:
     stream_id: int
     status: int
     reason: str
+    # Set when a limit refused it (a metric reason, e.g. too_many_pending_streams): the
+    # adapter reports it as such, rate-limited, not as a bad request.
+    cause: str = ""
 
 
 @dataclass(frozen=True)

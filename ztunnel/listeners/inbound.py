@@ -85,6 +85,7 @@ class InboundServer:
         def on_request(stream: HboneStream) -> None:
             task = asyncio.create_task(
                 self._tunnel(proto_box[0], stream, ipaddress.ip_address(peer_ip), dest.identity))
+            stream.cancel_on_reset(task)  # a tunnel reset before its answer dials nothing
             self.tunnels.add(task)
             task.add_done_callback(self.tunnels.discard)
 
@@ -125,6 +126,8 @@ class InboundServer:
                       served: SpiffeId) -> None:
         ctx = self.ctx
         assert proto.transport is not None
+        if stream.failed is not None:
+            return  # reset by the peer before this task ran
         try:
             # The mesh's trust domain, not whatever the root would sign: see mesh.spiffe.
             client = peer_identity(proto.transport.get_extra_info("peercert"),
@@ -179,6 +182,10 @@ class InboundServer:
             except OSError as e:
                 stream.reject(503)
                 rec.fail("connect_failed", f"{dest[0]}:{dest[1]}: {e.strerror or e}", "UF")
+                return
+            if stream.failed is not None:  # reset by the peer while we dialled
+                writer.close()
+                rec.fail("client_reset", stream.failed, "DC")
                 return
             stream.accept()
             rec.opened()
