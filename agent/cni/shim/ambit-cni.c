@@ -247,10 +247,11 @@ static int us_eq(const struct ustr *u, const char *ascii)
 	return 1;
 }
 
-/* A view of part of another ustr (no storage of its own). */
+/* A view of part of another ustr (no storage of its own). An empty ustr has no storage at
+ * all (cp NULL), and NULL + 0 is undefined behaviour in C: its views stay NULL. */
 static struct ustr us_slice(const struct ustr *u, size_t from, size_t to)
 {
-	struct ustr v = { u->cp + from, to - from, 0 };
+	struct ustr v = { u->cp ? u->cp + from : NULL, to - from, 0 };
 
 	return v;
 }
