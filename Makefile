@@ -1,7 +1,7 @@
 # Entry points for developers and CI. Every target first runs hack/setup.sh, which installs
 # missing Debian packages and (re)builds .venv only when pyproject.toml changed.
 
-.PHONY: setup test lint demo bench
+.PHONY: setup test lint demo bench fuzz
 
 setup:
 	hack/setup.sh
@@ -25,3 +25,10 @@ demo: setup
 bench: setup
 	.venv/bin/python -m bench
 	.venv/bin/python -m bench.push
+
+# Coverage-guided fuzzing (fuzz/): each target (atheris for Python, libFuzzer + ASan/UBSan for
+# the C CNI shim) replays its corpus then fuzzes for FUZZ_SECONDS, one at a time; progress, a
+# summary, and crash inputs under fuzz/out/<target>/. `make test` runs each for a few seconds.
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	.venv/bin/python -m fuzz.run --seconds $(FUZZ_SECONDS)

@@ -13,9 +13,11 @@ cd "$(dirname "$0")/.."
 # containernetworking-plugins: the real ptp/host-local CNI plugins the dev cluster's pods use.
 # gcc/libc6-dev/make: the static CNI host binary (agent/cni/shim); ruby/shellcheck: checking the
 # Vagrant cluster's Vagrantfile and provisioning scripts (they cannot run here: no hypervisor).
+# clang/libclang-rt-dev: the C shim's fuzz target (fuzz/cni_shim.c: libFuzzer and the
+# sanitizer runtimes ship in libclang-rt-dev, which clang only recommends).
 PACKAGES=(iproute2 iptables nftables iperf3 wrk tshark procps psmisc python3 python3-venv
           python3-bpfcc linux-headers-amd64 bpftool containernetworking-plugins
-          gcc libc6-dev make ruby shellcheck)
+          gcc libc6-dev make ruby shellcheck clang libclang-rt-dev)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
