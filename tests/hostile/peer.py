@@ -434,6 +434,131 @@ async def socks5(host: str, port: int, destinations: Sequence[str], seconds: flo
     return out
 
 
+def grpc_credentials(root_cert: Path, identity_dir: Path | None, identity: str) -> Any:
+    """TLS to the controller, trusting the mesh root; a client certificate if
+    ``identity_dir``."""
+    import grpc
+
+    key = chain = None
+    if identity_dir is not None:
+        ns, _, sa = identity.partition("/")
+        key = (identity_dir / ns / sa / "key.pem").read_bytes()
+        chain = (identity_dir / ns / sa / "cert-chain.pem").read_bytes()
+    return grpc.ssl_channel_credentials(root_certificates=root_cert.read_bytes(),
+                                        private_key=key, certificate_chain=chain)
+
+
+async def subscribe(address: str, creds: Any, nodes: Sequence[str], token: str, flood: int,
+                    seconds: float) -> dict[str, Any]:
+    """Probe 10: ``StateService.Subscribe`` for each of ``nodes`` (with ``token`` as bearer
+    metadata if given), then ``flood`` calls at once; the status of each call and how many
+    state updates it got before it ended."""
+    import grpc
+
+    from mesh.api.ambit.v1 import state_pb2, state_pb2_grpc
+
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    async def one(stub: Any, node: str) -> dict[str, Any]:
+        t0 = time.monotonic()
+        updates = 0
+        workloads = 0
+        code, details = "OK", ""
+        call = stub.Subscribe(state_pb2.SubscribeRequest(node=node), metadata=metadata,
+                              timeout=seconds)
+        try:
+            async for update in call:
+                updates += 1
+                workloads += len(update.workloads)
+                call.cancel()
+                code = "STATE_SENT"
+                break
+        except grpc.aio.AioRpcError as e:
+            code, details = e.code().name, (e.details() or "")[:200]
+        return {"code": code, "details": details, "updates": updates, "workloads": workloads,
+                "elapsed_s": round(time.monotonic() - t0, 3)}
+
+    async with grpc.aio.secure_channel(address, creds) as channel:
+        stub = state_pb2_grpc.StateServiceStub(channel)
+        out: dict[str, Any] = {"nodes": {n: await one(stub, n) for n in nodes}}
+        if flood:
+            t0 = time.monotonic()
+            results = await asyncio.gather(*(one(stub, f"node-{i % 3}") for i in range(flood)))
+            codes: dict[str, int] = {}
+            for r in results:
+                codes[r["code"]] = codes.get(r["code"], 0) + 1
+            out["flood"] = {"calls": flood, "codes": codes,
+                            "updates": sum(r["updates"] for r in results),
+                            "max_elapsed_s": max(r["elapsed_s"] for r in results),
+                            "seconds": round(time.monotonic() - t0, 2)}
+    return out
+
+
+def _descriptors(kind: str, count: int) -> list[Any]:
+    """Objects owning ``count`` descriptors of ``kind`` (kept alive until sent)."""
+    out: list[Any] = []
+    for _ in range(count):
+        if kind == "listening":
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            out.append(s)
+        elif kind == "unbound":
+            out.append(socket.socket())
+        elif kind == "udp":
+            out.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        elif kind == "pipe":
+            r, wr = os.pipe()
+            out.append(os.fdopen(r, "rb"))
+            out.append(os.fdopen(wr, "wb"))
+            out.pop()  # only the read end is sent; the write end closes with it
+        else:
+            raise ValueError(f"descriptor kind {kind!r}")
+    return out
+
+
+def link(path: Path, names: Sequence[str], kind: str, count: int) -> dict[str, Any]:
+    """Probe 11: ``count`` registrations on the agent's ztunnel link (``ztunnel.sock``), each
+    naming ``names`` with as many descriptors of ``kind``; the agent's answers."""
+    import array
+
+    answers: dict[str, int] = {}
+    first: dict[str, Any] = {}
+    max_elapsed = 0.0
+    for _ in range(count):
+        owners = _descriptors(kind, len(names)) if kind != "none" else []
+        fds = array.array("i", [o.fileno() for o in owners])
+        t0 = time.monotonic()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(15)
+        try:
+            s.connect(str(path))
+            line = json.dumps({"listeners": list(names)}).encode() + b"\n"
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                s.sendmsg([line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())]
+                          if len(fds) else [])
+            raw = b""
+            while not raw.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                raw += chunk
+            answer = json.loads(raw) if raw.strip() else {"ok": None, "error": "no answer"}
+        except OSError as e:
+            answer = {"ok": None, "error": f"{type(e).__name__}: {e}"}
+        finally:
+            s.close()
+            for o in owners:
+                o.close()
+        max_elapsed = max(max_elapsed, time.monotonic() - t0)
+        key = "ok" if answer.get("ok") is True else "refused" if answer.get("ok") is False \
+            else "error"
+        answers[key] = answers.get(key, 0) + 1
+        first.setdefault(key, answer)
+    return {"answers": answers, "first": first, "max_elapsed_s": round(max_elapsed, 3),
+            "pid": os.getpid()}
+
+
 ATTACKS: dict[str, Callable[[Attack], Coroutine[Any, Any, dict[str, Any]]]] = {
     "upload": upload,
     "bigframe": bigframe,
@@ -475,6 +600,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     sk.add_argument("--port", type=int, required=True)
     sk.add_argument("--seconds", type=float, default=5)
     sk.add_argument("destinations", nargs="+", help="HOST:PORT to ask for")
+    sb = sub.add_parser("subscribe")
+    sb.add_argument("--address", required=True)
+    sb.add_argument("--root-cert", type=Path, required=True)
+    sb.add_argument("--token", default="")
+    sb.add_argument("--identity-dir", type=Path)
+    sb.add_argument("--identity", default="default/attacker")
+    sb.add_argument("--flood", type=int, default=0)
+    sb.add_argument("--seconds", type=float, default=5)
+    sb.add_argument("nodes", nargs="+")
+    lk = sub.add_parser("link", help="registrations on the agent's ztunnel.sock")
+    lk.add_argument("--socket", type=Path, required=True)
+    lk.add_argument("--kind", default="listening",
+                    choices=["listening", "unbound", "udp", "pipe", "none"])
+    lk.add_argument("--count", type=int, default=1)
+    lk.add_argument("names", nargs="*")
     args = p.parse_args(argv)
     if args.cmd == "backend":
         asyncio.run(backend(args.port, args.accept_log, args.ready_file))
@@ -482,6 +622,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "legit":
         result = legit(args.host, args.port, args.count, args.stop_file, args.max_seconds,
                        args.interval, args.timeout)
+    elif args.cmd == "link":
+        result = link(args.socket, args.names, args.kind, args.count)
+    elif args.cmd == "subscribe":
+        creds = grpc_credentials(args.root_cert, args.identity_dir, args.identity)
+        result = asyncio.run(subscribe(args.address, creds, args.nodes, args.token, args.flood,
+                                       args.seconds))
     elif args.cmd == "socks5":
         result = asyncio.run(socks5(args.host, args.port, args.destinations, args.seconds))
     else:
