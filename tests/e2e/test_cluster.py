@@ -312,6 +312,29 @@ def test_kubelet_probes_from_the_node_are_not_captured(cluster: DevCluster) -> N
     assert not [r for r in access(c, node.name) if r.get("dst") == f"{server.ip}:{PORT}"]
 
 
+def test_captured_pods_never_reach_the_nodes_own_ports(cluster: DevCluster) -> None:
+    """A mesh pod's connection to its node's address on the mesh's own ports is captured like
+    any other and refused by the ztunnel as a denial: nothing reaches the agent's 15022
+    (bound on every address) or loops into the ztunnel's own 15008 (0.0.0.0)."""
+    c = cluster
+    pod, server = add(c, "ownports", 1), add(c, "ownsrv", 2, echo=True)
+    node = c.node(pod.node)
+    status, _ = mesh.http_get(node.netns, f"http://{node.ip}:15022/healthz/ready")
+    assert status == 200  # it is there, for the node
+    for port in (15022, 15008, 15000):
+        status, body = mesh.http_get(pod.netns, f"http://{node.ip}:{port}/metrics", timeout=3)
+        assert status is None, (port, status, body[:200])
+
+    def denied() -> set[str] | None:
+        got = {r["dst"] for r in access(c, node.name) if r.get("src") == pod.ip
+               and r.get("outcome") == "denied" and r.get("policy") == "node-protection"}
+        return got if len(got) == 3 else None
+
+    assert until(denied, timeout=5, what="the denials in the access log") == {
+        f"{node.ip}:{port}" for port in (15022, 15008, 15000)}
+    ok_probe(c, pod, server)  # the pod's other traffic is untouched
+
+
 def test_uninstall_leaves_the_node_as_it_was(cluster: DevCluster) -> None:
     """Last in the module: node-2 loses its agent and capture."""
     c = cluster
