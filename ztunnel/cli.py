@@ -53,6 +53,11 @@ HBONE_LIMITS: tuple[tuple[str, type, object, str], ...] = (
     ("hbone_reset_window", float, 10.0, "seconds over which premature resets are counted"),
     ("hbone_max_pending_streams", int, 100,
      "tunnels of one connection waiting for their backend; more are refused"),
+    ("hbone_connection_buffer", int, 8 * 1024 * 1024,
+     "bytes one connection may buffer: half for DATA received (its connection window), half "
+     "for DATA to send; beyond, backends and then the peer are not read"),
+    ("hbone_max_control_frames", int, 1000,
+     "PING/SETTINGS acknowledgements queued while the peer does not read"),
 )
 _OVERRIDES = (*_OVERRIDES, *(name for name, _, _, _ in HBONE_LIMITS))
 

@@ -118,6 +118,8 @@ class ZtunnelConfig:
     hbone_max_premature_resets: int = 100
     hbone_reset_window: float = 10.0
     hbone_max_pending_streams: int = 100
+    hbone_connection_buffer: int = 8 * 1024 * 1024
+    hbone_max_control_frames: int = 1000
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> ZtunnelConfig:
@@ -176,6 +178,9 @@ class ZtunnelConfig:
         if self.hbone_max_header_list_size < 1024:
             raise ConfigError("hbone_max_header_list_size: must be >= 1024 (a CONNECT with "
                               "its headers needs a few hundred bytes)")
+        if self.hbone_connection_buffer < 256 * 1024:
+            raise ConfigError("hbone_connection_buffer: must be >= 262144 (a connection "
+                              "needs room for one 256 KiB read each way)")
 
     def hbone_settings(self) -> HboneSettings:
         """The HTTP/2 parameters and limits of the HBONE server (and the pool's clients)."""
@@ -191,6 +196,11 @@ class ZtunnelConfig:
             max_premature_resets=self.hbone_max_premature_resets,
             reset_window=self.hbone_reset_window,
             max_pending_streams=self.hbone_max_pending_streams,
+            buffer_limit=self.hbone_connection_buffer,
+            # The peer may never have more DATA in flight than half the budget.
+            connection_window=self.hbone_connection_buffer // 2,
+            stream_window=min(4 * 1024 * 1024, self.hbone_connection_buffer // 2),
+            max_control_frames=self.hbone_max_control_frames,
         )
 
     def _validate_ca(self) -> None:

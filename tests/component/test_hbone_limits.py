@@ -5,22 +5,32 @@ time while a legitimate client, on its own connection, is served during and afte
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
+import struct
 import time
 from pathlib import Path
 
+import h2.config
+import h2.connection
 import h2.errors
+import h2.settings
 
 from mesh.spiffe import SpiffeId
 from tests.component.harness import ECHO_IP, TD, Mesh, exchange, mesh, sample
+from tests.component.waiting import until
 from tests.unit.test_hbone_limits import (
     CONTINUATION,
     DATA,
     END_HEADERS,
     GOAWAY,
     HEADERS,
+    PING,
     PREFACE,
     RST,
     SETTINGS,
+    WINDOW_UPDATE,
     frame,
     frames_of,
 )
@@ -163,3 +173,93 @@ async def test_reset_while_dialling_never_connects(tmp_path: Path) -> None:
         a.writer.close()
         assert len(m.echo.peers) <= dialled + 1 + 20  # never more than one per stream
         assert sample(m.b, "ambit_ztunnel_connection_errors_total", reason="reset_flood") == 0
+
+
+def peak_buffered(m: Mesh) -> tuple[asyncio.Task[None], list[int]]:
+    """Sample, every 5 ms, the most any of ztunnel B's HBONE connections holds by its own
+    accounting (received and undelivered, queued and unsent, written and not taken)."""
+    peak = [0]
+
+    async def sample_loop() -> None:
+        while True:
+            for proto in list(m.b.inbound.connections):
+                peak[0] = max(peak[0], proto.buffered)
+            await asyncio.sleep(0.005)
+
+    return asyncio.create_task(sample_loop()), peak
+
+
+async def silent_attacker(m: Mesh) -> Attacker:
+    """A client whose tiny socket receive buffer is never read: whatever the server writes
+    stays with the server. It announces the largest windows, so flow control never stops the
+    server's output, and knows the server's windows without reading its SETTINGS."""
+    ctx = await m.a.secrets.client_context(SpiffeId(TD, "default", "client"))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (ECHO_IP, 15008))
+    r, w = await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname=ECHO_IP)
+    a = Attacker(r, w)
+    await a.send(PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 2**31 - 1))
+                 + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1 - 65535)))
+    return a
+
+
+async def gone_within(a: Attacker, limit: float) -> None:
+    """The server closed or aborted the attacker's connection within ``limit`` seconds."""
+    with contextlib.suppress(ConnectionError, OSError):  # a reset is as good as a FIN
+        await a.closed_within(limit)
+
+
+async def test_uploads_never_read_stay_within_the_budget(tmp_path: Path) -> None:
+    """Probe: 4 connections x 100 tunnels uploading to the echo backend as much as the server's
+    windows allow, the echoed answers never read."""
+    async with mesh(tmp_path) as m:
+        settings = m.b.inbound.hbone_settings
+        sampler, peak = peak_buffered(m)
+        block = connect_block()
+        per_stream = settings.connection_window // 100 // 16384 * 16384
+        attackers = []
+        for _ in range(4):
+            a = await silent_attacker(m)
+            await a.send(b"".join(frame(HEADERS, END_HEADERS, 1 + 2 * i, block)
+                                  for i in range(100)))
+            for _ in range(per_stream // 16384):
+                await a.send(b"".join(frame(DATA, 0, 1 + 2 * i, b"u" * 16384)
+                                      for i in range(100)))
+            attackers.append(a)
+        assert await served(m, os.urandom(1_000_000))  # during: a legitimate client
+        await asyncio.sleep(1.0)
+        sampler.cancel()
+        # Each connection holds at most its budget plus a read and the TLS record slack.
+        assert 3 * settings.connection_window <= peak[0] * 4, peak[0]  # the probe worked
+        assert peak[0] <= settings.buffer_limit + 512 * 1024, peak[0]
+        for a in attackers:
+            a.writer.transport.abort()
+        assert await served(m)
+
+
+async def test_ping_flood_never_read_is_cut(tmp_path: Path) -> None:
+    """Probe: PINGs sent without ever reading their acknowledgements."""
+    async with mesh(tmp_path) as m:
+        sampler, peak = peak_buffered(m)
+        a = await silent_attacker(m)
+        burst = frame(PING, 0, 0, b"\0" * 8) * 4096
+
+        async def flood() -> None:
+            try:
+                for _ in range(2000):  # up to 140 MB; the server must end it long before
+                    a.writer.write(burst)
+                    await asyncio.wait_for(a.writer.drain(), 5)
+            except (TimeoutError, ConnectionError, OSError):
+                pass
+
+        flooder = asyncio.create_task(flood())
+        assert await served(m)  # during
+        await asyncio.wait_for(flooder, 20)
+        await until(lambda: sample(m.b, "ambit_ztunnel_connection_errors_total",
+                                   reason="control_frame_flood") == 1, limit=10)
+        await gone_within(a, 5)
+        sampler.cancel()
+        assert peak[0] <= m.b.inbound.hbone_settings.buffer_limit + 512 * 1024, peak[0]
+        assert await served(m)

@@ -206,11 +206,11 @@ def test_every_limit_has_a_flag_with_the_config_default() -> None:
                 if f.name.startswith("hbone_")}
     assert {name: default for name, _, default, _ in HBONE_LIMITS} == defaults
     flags = [f"--{name.replace('_', '-')}" for name in defaults]
-    args = build_parser().parse_args(["ztunnel", *(x for f in flags for x in (f, "20000"))])
+    args = build_parser().parse_args(["ztunnel", *(x for f in flags for x in (f, "300000"))])
     config = ZtunnelConfig.from_mapping({}, **{k: getattr(args, k) for k in defaults},
                                         node="n")
     settings = config.hbone_settings()
-    assert settings.max_continuations == 20000 and settings.max_frame_size == 20000
+    assert settings.max_continuations == 300000 and settings.max_frame_size == 300000
 
 
 @pytest.mark.parametrize(("setting", "value"), [
@@ -348,3 +348,137 @@ async def test_the_adapter_cancels_the_dial_of_a_reset_stream() -> None:
     await asyncio.wait_for(started.wait(), 1)
     proto.data_received(rst(1))
     await asyncio.wait_for(cancelled.wait(), 1)
+
+
+# -- bounded memory (issue 13 item 3) ----------------------------------------------------------
+
+def test_buffers_are_accounted() -> None:
+    s = server(HboneSettings(stream_window=65535, connection_window=65535))
+    s.receive(START + headers(1) + frame(DATA, 0, 1, b"a" * 1000) + headers(3)
+              + frame(DATA, 0, 3, b"b" * 500))
+    assert (s.recv_buffered, s.send_buffered) == (1500, 0)
+    s.ack(1, 1000)
+    assert s.recv_buffered == 500
+    s.accept_stream(1)
+    s.accept_stream(3)
+    # The client's window is 65535: the rest waits in the send buffer.
+    s.send(1, b"x" * 100_000)
+    assert s.send_buffered == 100_000 - 65535
+    s.send(3, b"y" * 10)
+    assert s.send_buffered == 100_000 - 65535 + 10
+    s.reset(1)  # its queued bytes are gone with it
+    assert s.send_buffered == 10
+    s.receive(rst(3))
+    assert s.send_buffered == 0
+
+
+def ping(n: int = 1) -> bytes:
+    return frame(PING, 0, 0, b"\0" * 8) * n
+
+
+@pytest.mark.parametrize(("batches", "drained", "flood"), [
+    ([999], False, False),  # plus the first SETTINGS: 1000
+    ([1000], False, True),
+    ([600, 600], False, True),
+    ([600, 600], True, False),  # the peer read our output in between
+    ([999, 999], True, False),
+])
+def test_unread_control_frames_are_capped(batches: list[int], drained: bool,
+                                          flood: bool) -> None:
+    s = server()
+    s.receive(START)
+    events: list[ev.Event] = []
+    for n in batches:
+        events = s.receive(ping(n))
+        if terminated(events) is not None:
+            break
+        if drained:
+            s.data_to_send()
+            s.output_drained()
+    end = terminated(events)
+    assert (end is not None) == flood
+    if end is not None:
+        assert (end.error_code, end.cause) == (CALM, "control_frame_flood")
+
+
+def test_a_stream_gets_a_share_of_the_budget() -> None:
+    c = HboneConnection(True, HboneSettings(buffer_limit=1 << 30))
+    assert c._stream_high == 1024 * 1024  # send_high_water
+    c = HboneConnection(True, HboneSettings(buffer_limit=8 << 20))
+    assert c._stream_high == 64 * 1024  # 4 MiB over 100 streams, at least 64 KiB
+
+
+class FakeTransport:
+    """Enough of a transport for HboneProtocol: records writes and reading pauses."""
+
+    def __init__(self) -> None:
+        self.buffer = 0
+        self.reading = True
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffer
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+def window_update(sid: int, n: int) -> bytes:
+    return frame(WINDOW_UPDATE, 0, sid, n.to_bytes(4, "big"))
+
+
+async def test_writers_wait_while_the_connection_send_budget_is_spent() -> None:
+    import asyncio
+
+    from ztunnel.hbone.conn import HboneProtocol, HboneStream
+
+    streams: list[HboneStream] = []
+    proto = HboneProtocol(False, on_request=streams.append,
+                          settings=HboneSettings(buffer_limit=512 * 1024))
+    transport = FakeTransport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    # The peer's windows are the default 65535: almost everything stays queued here.
+    proto.data_received(START + headers(1) + headers(3) + headers(5))
+    for s in streams:
+        s.accept()
+    w1 = asyncio.create_task(streams[0].write(b"a" * 150_000))
+    w2 = asyncio.create_task(streams[1].write(b"b" * 150_000))
+    await asyncio.sleep(0.01)
+    # Two streams queued 300 000 bytes: above half the budget, the third writer waits.
+    w3 = asyncio.create_task(streams[2].write(b"c" * 150_000))
+    await asyncio.sleep(0.01)
+    assert not w3.done() and proto.core.send_buffered < 300_000
+    assert proto.buffered < 512 * 1024
+    # The peer grants credit: the queues drain, the budget frees up, the third goes on.
+    proto.data_received(window_update(0, 2**30) + window_update(1, 2**30)
+                        + window_update(3, 2**30) + window_update(5, 2**30))
+    await asyncio.wait_for(asyncio.gather(w1, w2, w3), 1)
+    assert proto.core.send_buffered == 0
+
+
+async def test_reading_stops_while_unread_output_exceeds_the_budget() -> None:
+    from ztunnel.hbone.conn import HboneProtocol
+
+    proto = HboneProtocol(False, settings=HboneSettings(buffer_limit=1 << 20))
+    transport = FakeTransport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    proto.data_received(START)
+    proto.pause_writing()  # the peer stopped reading
+    transport.buffer = 900_000
+    proto.data_received(ping(10))
+    assert transport.reading  # below the budget: still reading
+    transport.buffer = 1_100_000
+    proto.data_received(ping(10))
+    assert not transport.reading
+    transport.buffer = 0
+    proto.resume_writing()
+    assert transport.reading

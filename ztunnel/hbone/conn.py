@@ -21,6 +21,8 @@ from ztunnel.hbone import events as ev
 from ztunnel.hbone.core import DEFAULT_SETTINGS, HboneConnection, HboneSettings
 
 log = logging.getLogger("ztunnel.hbone")
+# Seconds a connection ended for an error may take to deliver its GOAWAY before it is aborted.
+_CLOSE_GRACE = 1.0
 
 
 class StreamError(Exception):
@@ -64,6 +66,11 @@ class HboneStream:
     def _fail(self, reason: str) -> None:
         if self._error is None:
             self._error = reason
+        if self._chunks:
+            # Never to be read: give their flow-control credit (and budget) back.
+            for _, flow in self._chunks:
+                self.conn._ack(self.id, flow)
+            self._chunks.clear()
         if self._task is not None and not self._answered:
             self._task.cancel()
             self._task = None
@@ -98,6 +105,11 @@ class HboneStream:
     async def write(self, data: bytes) -> None:
         if self._error is not None:
             raise StreamError(self._error)
+        budget = self.conn._budget_ok
+        while not budget.is_set():  # the connection's send budget is spent: wait first
+            await budget.wait()
+            if self._error is not None:
+                raise StreamError(self._error)
         below = self.conn._send(self.id, data)
         if not below:
             self._writable.clear()
@@ -157,6 +169,16 @@ class HboneProtocol(asyncio.Protocol):
         self._paused = False
         self._resumed = asyncio.Event()
         self._resumed.set()
+        # The buffer budget (HboneSettings.buffer_limit). Writers wait while the bytes they
+        # queued and not yet written (core.send_buffered + _unflushed) reach half of it, and
+        # go on below a quarter; reading from the peer stops while output it does not read
+        # exceeds the whole budget (a flood of frames that each want an answer).
+        self._send_budget = settings.buffer_limit // 2
+        self._read_budget = settings.buffer_limit
+        self._unflushed = 0
+        self._budget_ok = asyncio.Event()
+        self._budget_ok.set()
+        self._reading_paused = False
         self.closed = asyncio.get_running_loop().create_future()
         self.last_idle = asyncio.get_running_loop().time()
 
@@ -172,6 +194,10 @@ class HboneProtocol(asyncio.Protocol):
         for e in events:
             self._dispatch(e)
         self._prune()
+        if not self._budget_ok.is_set():
+            self._check_budget()
+        if self._paused and not self._reading_paused:
+            self._check_reading()
         self._schedule_flush()
 
     def eof_received(self) -> bool | None:
@@ -183,6 +209,7 @@ class HboneProtocol(asyncio.Protocol):
             s._fail(reason)
         self.streams.clear()
         self._resumed.set()
+        self._budget_ok.set()
         if not self.closed.done():
             self.closed.set_result(None)
         if self._on_close is not None:
@@ -195,6 +222,17 @@ class HboneProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._paused = False
         self._resumed.set()
+        self.core.output_drained()
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes this connection holds: received and not delivered, queued and not sent,
+        written and not taken by the socket (what the budget bounds)."""
+        size = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return self.core.recv_buffered + self.core.send_buffered + self._unflushed + size
 
     # -- public ----------------------------------------------------------------------------
 
@@ -229,6 +267,9 @@ class HboneProtocol(asyncio.Protocol):
 
     def _send(self, sid: int, data: bytes) -> bool:
         below = self.core.send(sid, data)
+        self._unflushed += len(data)
+        if self._unflushed + self.core.send_buffered >= self._send_budget:
+            self._budget_ok.clear()
         self._schedule_flush()
         return below
 
@@ -244,6 +285,8 @@ class HboneProtocol(asyncio.Protocol):
     def _reset(self, sid: int) -> None:
         self.core.reset(sid, h2.errors.ErrorCodes.CANCEL)
         self.streams.pop(sid, None)
+        if not self._budget_ok.is_set():
+            self._check_budget()
         self._schedule_flush()
         self._note_idle()
 
@@ -260,6 +303,18 @@ class HboneProtocol(asyncio.Protocol):
         self._note_idle()
 
     # -- internals -------------------------------------------------------------------------
+
+    def _check_budget(self) -> None:
+        if self.core.send_buffered + self._unflushed < self._send_budget // 2:
+            self._budget_ok.set()
+
+    def _check_reading(self) -> None:
+        """Called while the peer does not read our output: stop reading its frames once that
+        output exceeds the budget (resume_writing reads again)."""
+        t = self.transport
+        if t is not None and t.get_write_buffer_size() > self._read_budget:
+            self._reading_paused = True
+            t.pause_reading()
 
     def _note_idle(self) -> None:
         if not self.streams:
@@ -332,6 +387,9 @@ class HboneProtocol(asyncio.Protocol):
                 self._flush_now()
                 if self.transport is not None:
                     self.transport.close()
+                    # close() waits for the output to drain: a peer that does not read would
+                    # keep the connection (and its buffer); cut it after a grace period.
+                    asyncio.get_running_loop().call_later(_CLOSE_GRACE, self.abort)
             else:
                 for sid, s in list(self.streams.items()):
                     if sid > e.last_stream_id and self.core.client_side:
@@ -347,3 +405,10 @@ class HboneProtocol(asyncio.Protocol):
         data = self.core.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+        self._unflushed = 0
+        if not self._paused:
+            self.core.output_drained()
+        elif not self._reading_paused:
+            self._check_reading()
+        if not self._budget_ok.is_set():
+            self._check_budget()

@@ -45,15 +45,25 @@ _h2fast.install()
 
 @dataclass(frozen=True)
 class HboneSettings:
-    """HTTP/2 parameters, sized like Istio's ztunnel (4 MiB stream, 16 MiB connection)."""
+    """HTTP/2 parameters (a 4 MiB stream window, like Istio's ztunnel) and the limits on what
+    one peer may make a connection cost."""
 
     stream_window: int = 4 * 1024 * 1024
-    connection_window: int = 16 * 1024 * 1024
+    # Half the buffer budget: the peer can never have more unacknowledged DATA in flight.
+    connection_window: int = 4 * 1024 * 1024
     max_frame_size: int = 256 * 1024
     max_concurrent_streams: int = 100
     max_header_list_size: int = 16 * 1024
-    # Above this many unsent bytes, a stream reports itself blocked to its writer.
+    # Above this many unsent bytes, a stream reports itself blocked to its writer (capped by
+    # its share of the buffer budget, see _stream_high).
     send_high_water: int = 1024 * 1024
+    # The buffer budget of one connection: DATA received and not yet delivered (at most the
+    # connection window, half the budget), DATA from backends not yet sent (writers wait above
+    # half the budget), and output the peer does not read (reading stops above the budget).
+    buffer_limit: int = 8 * 1024 * 1024
+    # PING and SETTINGS acknowledgements (and refusals) queued while the peer does not read
+    # our output; more is a flood (Envoy's max_outbound_control_frames).
+    max_control_frames: int = 1000
     # Frame-level limits, checked on each 9-byte frame header before h2 buffers the payload
     # (_FrameGuard). A header block (HEADERS + CONTINUATIONs) may carry at most
     # max_header_list_size compressed bytes in at most 1 + max_continuations frames (nghttp2's
@@ -308,6 +318,14 @@ class _FrameGuard:
                                        "with an empty payload")
             else:
                 self.empty_run = 0
+        elif ftype in (_PING, _SETTINGS):
+            if not flags & _ACK:
+                # Each asks for an acknowledgement: output the peer may never read.
+                self.control_frames += 1
+                if self.control_frames > s.max_control_frames:
+                    raise FrameRefused(_CALM, "control_frame_flood",
+                                       f"more than {s.max_control_frames} PING/SETTINGS "
+                                       "acknowledgements queued unread")
         elif ftype == _RST_STREAM:
             if int.from_bytes(b[i + 5:i + 9], "big") & 0x7FFFFFFF in self.read_headers:
                 self.premature_reset()
@@ -417,6 +435,14 @@ class HboneConnection:
         self.terminated = False  # a fatal error: nothing more is read
         self._dropped: set[int] = set()  # times of premature resets, within the window
         self.pending_streams = 0  # server side: tunnels not answered yet
+        # Buffer accounting (integer adds on the byte path): DATA handed to the application
+        # and not acknowledged yet, and DATA queued by the application and not framed yet.
+        self.recv_buffered = 0
+        self.send_buffered = 0
+        # A stream's share of the send budget: stuck streams cannot use it all up.
+        self._stream_high = max(64 * 1024, min(
+            settings.send_high_water,
+            settings.buffer_limit // 2 // max(1, settings.max_concurrent_streams)))
         self._batch: set[int] = set()  # streams requested in the bytes being received
         # Draining: refuse new tunnels with REFUSED_STREAM (safe for the client to retry
         # elsewhere) while open ones continue. h2 treats GOAWAY as the end of the whole
@@ -492,8 +518,9 @@ class HboneConnection:
         if data:
             st.pending.append(data)
             st.pending_bytes += len(data)
+            self.send_buffered += len(data)
             self._flush(stream_id, st)
-        if st.pending_bytes > self.settings.send_high_water:
+        if st.pending_bytes > self._stream_high:
             st.blocked = True
             return False
         return True
@@ -523,7 +550,13 @@ class HboneConnection:
         """Return flow-control credit for bytes the application has consumed."""
         if flow_length <= 0:
             return
+        self.recv_buffered -= flow_length
         self._return_credit(stream_id, flow_length)
+
+    def output_drained(self) -> None:
+        """The adapter's output reached the socket (the peer reads): acknowledgements queued
+        so far are no longer piling up."""
+        self._guard.control_frames = 0
 
     def _return_credit(self, stream_id: int, flow_length: int) -> None:
         try:
@@ -531,7 +564,8 @@ class HboneConnection:
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
             # The stream is gone, but the connection window still needs the credit back or
             # the other streams on this connection would stall.
-            self._h2.increment_flow_control_window(flow_length)
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # the connection ended
+                self._h2.increment_flow_control_window(flow_length)
 
     def receive(self, data: bytes) -> list[Event]:
         """Feed bytes from the peer; returns what happened."""
@@ -565,6 +599,7 @@ class HboneConnection:
             sid = getattr(e, "stream_id", None)
             if sid in dropped:
                 if isinstance(e, DataReceived):
+                    self.recv_buffered -= e.flow_length
                     self._return_credit(e.stream_id, e.flow_length)
                 continue
             kept.append(e)
@@ -583,8 +618,11 @@ class HboneConnection:
 
     def _forget(self, stream_id: int) -> None:
         st = self._streams.pop(stream_id, None)
-        if st is not None and st.waiting:
-            self.pending_streams -= 1
+        if st is not None:
+            if st.waiting:
+                self.pending_streams -= 1
+            if st.pending_bytes:
+                self.send_buffered -= st.pending_bytes
 
     def _premature_reset(self, stream_id: int, out: list[Event]) -> None:
         """The peer reset a stream we had not answered: count it in the sliding window."""
@@ -615,13 +653,14 @@ class HboneConnection:
                 st.pending[0] = chunk[n:]
                 chunk = chunk[:n]
             st.pending_bytes -= n
+            self.send_buffered -= n
             h2c.send_data(stream_id, chunk)
             self._guard.data_frames_sent += 1
         if not st.pending and st.end_requested and not st.local_ended:
             h2c.end_stream(stream_id)
             st.local_ended = True
             self._maybe_done(stream_id, st)
-        if st.blocked and st.pending_bytes <= self.settings.send_high_water // 2:
+        if st.blocked and st.pending_bytes <= self._stream_high // 2:
             st.blocked = False
             if out is not None:
                 out.append(StreamWritable(stream_id))
@@ -650,8 +689,9 @@ class HboneConnection:
             if ev.stream_id in self._streams:
                 if not ev.data and not ev.flow_controlled_length:
                     return  # an empty END_STREAM frame; StreamEnded follows
-                out.append(DataReceived(ev.stream_id, ev.data or b"",
-                                        ev.flow_controlled_length or 0))
+                flow = ev.flow_controlled_length or 0
+                self.recv_buffered += flow
+                out.append(DataReceived(ev.stream_id, ev.data or b"", flow))
             elif ev.flow_controlled_length:
                 self._return_credit(ev.stream_id, ev.flow_controlled_length)
         elif isinstance(ev, h2.events.StreamEnded):
@@ -688,10 +728,12 @@ class HboneConnection:
             self.reset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return
         if self.draining:
+            self._guard.control_frames += 1
             self.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             out.append(RequestRejected(sid, 503, "draining: new tunnels are refused"))
             return
         if self.pending_streams >= self.settings.max_pending_streams:
+            self._guard.control_frames += 1
             self.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             out.append(RequestRejected(
                 sid, 503, f"more than {self.settings.max_pending_streams} tunnels waiting for "
