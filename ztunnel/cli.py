@@ -58,6 +58,17 @@ HBONE_LIMITS: tuple[tuple[str, type, object, str], ...] = (
      "for DATA to send; beyond, backends and then the peer are not read"),
     ("hbone_max_control_frames", int, 1000,
      "PING/SETTINGS acknowledgements queued while the peer does not read"),
+    ("hbone_handshake_timeout", float, 5.0,
+     "seconds after TLS for the HTTP/2 preface and SETTINGS; 0 disables"),
+    ("hbone_idle_timeout", float, 120.0,
+     "seconds a connection without tunnels stays open (the pool closes its side at 60); "
+     "0 disables"),
+    ("hbone_keepalive_interval", float, 30.0,
+     "seconds without a frame from the peer before it gets a PING; 0 disables"),
+    ("hbone_keepalive_timeout", float, 10.0,
+     "seconds for the PING's acknowledgement before the connection is closed"),
+    ("hbone_stream_idle_timeout", float, 0.0,
+     "seconds a tunnel may carry nothing before it is reset; 0 (default) never, like TCP"),
 )
 _OVERRIDES = (*_OVERRIDES, *(name for name, _, _, _ in HBONE_LIMITS))
 

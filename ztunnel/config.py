@@ -120,6 +120,11 @@ class ZtunnelConfig:
     hbone_max_pending_streams: int = 100
     hbone_connection_buffer: int = 8 * 1024 * 1024
     hbone_max_control_frames: int = 1000
+    hbone_handshake_timeout: float = 5.0
+    hbone_idle_timeout: float = 120.0
+    hbone_keepalive_interval: float = 30.0
+    hbone_keepalive_timeout: float = 10.0
+    hbone_stream_idle_timeout: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> ZtunnelConfig:
@@ -201,6 +206,11 @@ class ZtunnelConfig:
             connection_window=self.hbone_connection_buffer // 2,
             stream_window=min(4 * 1024 * 1024, self.hbone_connection_buffer // 2),
             max_control_frames=self.hbone_max_control_frames,
+            handshake_timeout=self.hbone_handshake_timeout,
+            idle_timeout=self.hbone_idle_timeout,
+            keepalive_interval=self.hbone_keepalive_interval,
+            keepalive_timeout=self.hbone_keepalive_timeout,
+            stream_idle_timeout=self.hbone_stream_idle_timeout,
         )
 
     def _validate_ca(self) -> None:

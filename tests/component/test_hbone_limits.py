@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import struct
@@ -263,3 +264,58 @@ async def test_ping_flood_never_read_is_cut(tmp_path: Path) -> None:
         sampler.cancel()
         assert peak[0] <= m.b.inbound.hbone_settings.buffer_limit + 512 * 1024, peak[0]
         assert await served(m)
+
+
+def with_settings(m: Mesh, **kw: float) -> None:
+    """Change ztunnel B's HBONE settings for connections accepted from now on."""
+    m.b.inbound.hbone_settings = dataclasses.replace(
+        m.b.inbound.hbone_settings, **kw)  # type: ignore[arg-type]
+
+
+async def test_connections_that_send_nothing_after_tls_are_closed(tmp_path: Path) -> None:
+    """Probe: 50 connections finish mTLS and then send nothing."""
+    async with mesh(tmp_path) as m:
+        with_settings(m, handshake_timeout=0.5)
+        start = time.monotonic()
+        silent = [await Attacker.open(m) for _ in range(50)]
+        assert await served(m)  # during
+        for a in silent:
+            await gone_within(a, 3)
+        assert time.monotonic() - start < 4
+        assert sample(m.b, "ambit_ztunnel_connection_errors_total",
+                      reason="handshake_timeout") == 50
+        assert await served(m)
+
+
+async def test_idle_connection_is_closed_and_a_silent_peer_fails_keepalive(
+        tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        # Idle: preface and SETTINGS, then no tunnel; the peer reads (and so sees GOAWAY).
+        with_settings(m, idle_timeout=0.3, keepalive_interval=0)
+        idle = await Attacker.open(m)
+        await idle.send(PREFACE + frame(SETTINGS))
+        await gone_within(idle, 3)
+        assert idle.goaway_code() == 0
+        # Keepalive: a peer that never answers the PING (it never reads) is closed.
+        with_settings(m, idle_timeout=0, keepalive_interval=0.3, keepalive_timeout=0.3)
+        dead = await silent_attacker(m)
+        await gone_within(dead, 3)
+        assert sample(m.b, "ambit_ztunnel_connection_errors_total",
+                      reason="keepalive_timeout") == 1
+        assert await served(m)
+
+
+async def test_keepalive_answered_keeps_an_idle_tunnel_open(tmp_path: Path) -> None:
+    """A tunnel may stay quiet like TCP: keepalive PINGs are answered by ztunnel A, so the
+    pooled connection and its tunnel outlive many keepalive intervals."""
+    async with mesh(tmp_path) as m:
+        with_settings(m, keepalive_interval=0.1, keepalive_timeout=0.5)
+        r, w = await m.connect()
+        w.write(b"hello")
+        assert await r.readexactly(5) == b"hello"
+        await asyncio.sleep(1.5)  # 15 keepalive intervals without a byte
+        w.write(b"again")
+        assert await asyncio.wait_for(r.readexactly(5), 2) == b"again"
+        w.close()
+        assert sample(m.b, "ambit_ztunnel_connection_errors_total",
+                      reason="keepalive_timeout") == 0

@@ -482,3 +482,109 @@ async def test_reading_stops_while_unread_output_exceeds_the_budget() -> None:
     transport.buffer = 0
     proto.resume_writing()
     assert transport.reading
+
+
+# -- timeouts (issue 13 item 4), on a fake clock ------------------------------------------------
+
+def timed(client_side: bool = False, **kw: float) -> tuple[HboneConnection, FakeClock]:
+    clock = FakeClock()
+    c = HboneConnection(client_side, HboneSettings(**kw), clock=clock)  # type: ignore[arg-type]
+    c.initiate()
+    c.data_to_send()
+    return c, clock
+
+
+def run_until(c: HboneConnection, clock: FakeClock, until: float) -> list[ev.Event]:
+    """Advance the fake clock from deadline to deadline, as the adapter's timer does."""
+    out: list[ev.Event] = []
+    for _ in range(1000):
+        when = c.next_deadline()
+        if when is None or when > 1000.0 + until:
+            break
+        clock.now = max(clock.now, when)
+        out += c.tick(clock.now)
+        if c.terminated:
+            break
+    return out
+
+
+def test_no_preface_within_the_handshake_timeout() -> None:
+    s, clock = timed(handshake_timeout=5.0)
+    assert s.next_deadline() == 1005.0
+    assert run_until(s, clock, 4.9) == []
+    end = terminated(run_until(s, clock, 5.0))
+    assert end is not None and end.cause == "handshake_timeout"
+    assert clock.now == 1005.0 and goaway_code(s) == PROTOCOL
+
+
+def test_preface_in_time_disarms_the_handshake_timeout() -> None:
+    s, clock = timed(handshake_timeout=5.0, idle_timeout=0, keepalive_interval=0)
+    clock.now = 1004.0
+    s.receive(START)
+    assert s.next_deadline() is None
+    assert run_until(s, clock, 100) == []
+
+
+def test_idle_connection_is_closed_with_goaway() -> None:
+    s, clock = timed(idle_timeout=60.0, keepalive_interval=0)
+    s.receive(START + headers(1))
+    s.accept_stream(1)
+    assert run_until(s, clock, 300) == []  # a tunnel is open: never idle
+    s.receive(frame(DATA, END_STREAM, 1))
+    s.end(1)  # both sides closed: no stream
+    clock.now = 2000.0
+    assert s.tick(clock.now) == []  # the idle clock starts here
+    assert s.next_deadline() == 2060.0
+    end = terminated(run_until(s, clock, 1100))
+    assert end is not None and (end.cause, end.error_code, clock.now) == ("idle_timeout", 0, 2060.0)
+    assert goaway_code(s) == 0
+
+
+def test_keepalive_pings_a_silent_peer_and_closes_without_an_answer() -> None:
+    s, clock = timed(keepalive_interval=30.0, keepalive_timeout=10.0, idle_timeout=0)
+    s.receive(START)
+    clock.now = 1030.0
+    assert s.tick(clock.now) == []  # the frames above count as heard at the first tick
+    assert run_until(s, clock, 60.0) == []
+    pings = [f for f in frames_of(s.data_to_send()) if f[0] == PING and not f[1] & ACK]
+    assert len(pings) == 1 and clock.now == 1060.0
+    end = terminated(run_until(s, clock, 70.0))
+    assert end is not None and end.cause == "keepalive_timeout" and clock.now == 1070.0
+
+
+def test_keepalive_answered_keeps_the_connection() -> None:
+    s, clock = timed(keepalive_interval=30.0, keepalive_timeout=10.0, idle_timeout=0)
+    s.receive(START)
+    for _ in range(5):
+        run_until(s, clock, clock.now - 1000.0 + 31)
+        out = frames_of(s.data_to_send())
+        opaque = [f[3] for f in out if f[0] == PING and not f[1] & ACK]
+        if opaque:
+            s.receive(frame(PING, ACK, 0, opaque[0]))
+    assert not s.terminated
+
+
+def test_keepalive_runs_on_the_client_side_too() -> None:
+    c, clock = timed(client_side=True, keepalive_interval=5.0, keepalive_timeout=1.0,
+                     idle_timeout=0, handshake_timeout=0)
+    c.receive(frame(SETTINGS))
+    end = terminated(run_until(c, clock, 100))
+    assert end is not None and end.cause == "keepalive_timeout"
+
+
+def test_stream_idle_timeout_is_off_by_default_and_resets_quiet_tunnels_when_set() -> None:
+    s, clock = timed(idle_timeout=0, keepalive_interval=0)
+    s.receive(START + headers(1))
+    s.accept_stream(1)
+    assert s.next_deadline() is None  # a quiet tunnel stays, like TCP
+    s, clock = timed(idle_timeout=0, keepalive_interval=0, stream_idle_timeout=20.0)
+    s.receive(START + headers(1) + headers(3))
+    s.accept_stream(1)
+    s.accept_stream(3)
+    events: list[ev.Event] = []
+    for t in range(0, 41, 5):
+        clock.now = 1000.0 + t
+        s.send(3, b"x")  # stream 3 keeps talking
+        events += s.tick(clock.now)
+    assert events == [ev.StreamReset(1, 8)]
+    assert s.has_stream(3) and not s.has_stream(1)

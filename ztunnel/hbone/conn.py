@@ -156,7 +156,10 @@ class HboneProtocol(asyncio.Protocol):
         on_rejected: Callable[[ev.RequestRejected], None] | None = None,
         on_error: Callable[[str, str], None] | None = None,
     ) -> None:
-        self.core = HboneConnection(client_side, settings)
+        loop = asyncio.get_running_loop()
+        # The core's timers run on the loop's clock; it reads it only on its timers.
+        self.core = HboneConnection(client_side, settings, clock=loop.time)
+        self._timer: asyncio.TimerHandle | None = None
         self.streams: dict[int, HboneStream] = {}
         self.transport: asyncio.Transport | None = None
         self._on_request = on_request
@@ -188,6 +191,7 @@ class HboneProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's SSL transport
         self.core.initiate()
         self._flush_now()
+        self._arm()
 
     def data_received(self, data: bytes) -> None:
         events = self.core.receive(data)
@@ -204,6 +208,9 @@ class HboneProtocol(asyncio.Protocol):
         return False  # close the connection: a TLS half-close means the peer is gone
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         reason = f"connection lost: {exc}" if exc else "connection closed"
         for s in list(self.streams.values()):
             s._fail(reason)
@@ -304,6 +311,23 @@ class HboneProtocol(asyncio.Protocol):
 
     # -- internals -------------------------------------------------------------------------
 
+    def _arm(self) -> None:
+        """Set the loop timer to the core's next deadline (handshake, keepalive, idle)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = self.core.next_deadline()
+        if when is not None and self.transport is not None and not self.transport.is_closing():
+            self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        for e in self.core.tick(asyncio.get_running_loop().time()):
+            self._dispatch(e)
+        self._prune()
+        self._flush_now()
+        self._arm()
+
     def _check_budget(self) -> None:
         if self.core.send_buffered + self._unflushed < self._send_budget // 2:
             self._budget_ok.set()
@@ -319,6 +343,8 @@ class HboneProtocol(asyncio.Protocol):
     def _note_idle(self) -> None:
         if not self.streams:
             self.last_idle = asyncio.get_running_loop().time()
+            if self.core.settings.idle_timeout and self._timer is not None:
+                self._arm()  # the idle clock starts at the next tick
 
     def _stream_maybe_done(self, sid: int) -> None:
         if not self.core.has_stream(sid):
@@ -380,7 +406,9 @@ class HboneProtocol(asyncio.Protocol):
                 self._on_rejected(e)
         elif isinstance(e, ev.ConnectionTerminated):
             if e.fatal:
-                if e.cause and self._on_error is not None:
+                if e.cause == "idle_timeout":
+                    log.debug("HBONE connection closed: %s", e.reason)
+                elif e.cause and self._on_error is not None:
                     self._on_error(e.cause, e.reason)
                 else:
                     log.info("HBONE connection terminated: %s", e.reason)

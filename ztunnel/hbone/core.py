@@ -64,6 +64,17 @@ class HboneSettings:
     # PING and SETTINGS acknowledgements (and refusals) queued while the peer does not read
     # our output; more is a flood (Envoy's max_outbound_control_frames).
     max_control_frames: int = 1000
+    # Timeouts, in seconds (0 disables one). The client preface and SETTINGS must arrive within
+    # handshake_timeout of the connection; a connection without streams is closed after
+    # idle_timeout (twice the pool's 60 s, so a server never closes first); after
+    # keepalive_interval without a frame from the peer it gets a PING, and the connection is
+    # closed if no acknowledgement comes within keepalive_timeout (a dead or half-open peer).
+    # A tunnel itself may stay idle like TCP unless stream_idle_timeout is set.
+    handshake_timeout: float = 5.0
+    idle_timeout: float = 120.0
+    keepalive_interval: float = 30.0
+    keepalive_timeout: float = 10.0
+    stream_idle_timeout: float = 0.0
     # Frame-level limits, checked on each 9-byte frame header before h2 buffers the payload
     # (_FrameGuard). A header block (HEADERS + CONTINUATIONs) may carry at most
     # max_header_list_size compressed bytes in at most 1 + max_continuations frames (nghttp2's
@@ -395,6 +406,9 @@ class _Stream:
     blocked: bool = False
     open: bool = False  # 2xx sent or received
     waiting: bool = False  # server side: asked for, not answered yet
+    activity: int = 0  # DATA frames in either direction (stream_idle_timeout)
+    seen: int = -1  # activity at the last tick
+    quiet_since: float = 0.0
 
 
 class HboneConnection:
@@ -444,6 +458,14 @@ class HboneConnection:
             settings.send_high_water,
             settings.buffer_limit // 2 // max(1, settings.max_concurrent_streams)))
         self._batch: set[int] = set()  # streams requested in the bytes being received
+        # Timers (tick): the time is read from the clock only here and in tick(now), never
+        # per chunk; receive() only raises a flag the next tick turns into a time.
+        self._started = clock()
+        self._heard = False  # a frame arrived since the last tick
+        self._last_heard = self._started
+        self._ping_sent: float | None = None
+        self._idle_since: float | None = self._started
+        self._last_tick = self._started
         # Draining: refuse new tunnels with REFUSED_STREAM (safe for the client to retry
         # elsewhere) while open ones continue. h2 treats GOAWAY as the end of the whole
         # connection, so GOAWAY is only sent once the open tunnels are done.
@@ -516,6 +538,7 @@ class HboneConnection:
         if st is None or st.end_requested:
             return True
         if data:
+            st.activity += 1
             st.pending.append(data)
             st.pending_bytes += len(data)
             self.send_buffered += len(data)
@@ -553,6 +576,74 @@ class HboneConnection:
         self.recv_buffered -= flow_length
         self._return_credit(stream_id, flow_length)
 
+    def next_deadline(self) -> float | None:
+        """When ``tick`` should run next (the clock's time), or None for no timer."""
+        st = self.settings
+        times: list[float] = []
+        if self.terminated:
+            return None
+        if st.handshake_timeout and not self._guard.settings_seen:
+            times.append(self._started + st.handshake_timeout)
+        if st.keepalive_interval:
+            if self._ping_sent is not None:
+                times.append(self._ping_sent + st.keepalive_timeout)
+            else:
+                times.append(self._last_heard + st.keepalive_interval)
+        if st.idle_timeout and not self._streams and not self.closed:
+            since = self._idle_since
+            times.append((since + st.idle_timeout) if since is not None else self.clock())
+        if st.stream_idle_timeout and self._streams:
+            times.append(self._last_tick + st.stream_idle_timeout / 2)
+        return min(times) if times else None
+
+    def tick(self, now: float) -> list[Event]:
+        """Run the timers due at ``now``: may queue a PING or GOAWAY, reset idle tunnels, and
+        end the connection (a ConnectionTerminated with the cause)."""
+        if self.terminated:
+            return []
+        st = self.settings
+        out: list[Event] = []
+        self._last_tick = now
+        if self._heard:
+            self._heard = False
+            self._last_heard = now
+        if st.handshake_timeout and not self._guard.settings_seen \
+                and now - self._started >= st.handshake_timeout:
+            return [self._terminate(h2.errors.ErrorCodes.PROTOCOL_ERROR, "handshake_timeout",
+                                    f"no HTTP/2 preface and SETTINGS within "
+                                    f"{st.handshake_timeout:g}s")]
+        if st.keepalive_interval:
+            if self._ping_sent is not None:
+                if now - self._ping_sent >= st.keepalive_timeout:
+                    return [self._terminate(
+                        h2.errors.ErrorCodes.NO_ERROR, "keepalive_timeout",
+                        f"no answer to a PING within {st.keepalive_timeout:g}s")]
+            elif now - self._last_heard >= st.keepalive_interval:
+                self._h2.ping(b"ambitka\0")
+                self._ping_sent = now
+        if self._streams:
+            self._idle_since = None
+            if st.stream_idle_timeout:
+                self._idle_streams(now, out)
+        elif self._idle_since is None:
+            self._idle_since = now
+        elif st.idle_timeout and not self.closed and now - self._idle_since >= st.idle_timeout:
+            self.close(0, "idle")
+            self.terminated = True
+            out.append(ConnectionTerminated(0, f"idle for {st.idle_timeout:g}s", fatal=True,
+                                            cause="idle_timeout"))
+        return out
+
+    def _idle_streams(self, now: float, out: list[Event]) -> None:
+        limit = self.settings.stream_idle_timeout
+        for sid, stream in list(self._streams.items()):
+            if stream.activity != stream.seen:
+                stream.seen = stream.activity
+                stream.quiet_since = now
+            elif now - stream.quiet_since >= limit:
+                self.reset(sid, h2.errors.ErrorCodes.CANCEL)
+                out.append(StreamReset(sid, int(h2.errors.ErrorCodes.CANCEL)))
+
     def output_drained(self) -> None:
         """The adapter's output reached the socket (the peer reads): acknowledgements queued
         so far are no longer piling up."""
@@ -571,6 +662,7 @@ class HboneConnection:
         """Feed bytes from the peer; returns what happened."""
         if self.terminated:
             return []
+        self._heard = True
         try:
             self._guard.feed(data)
             h2_events = self._h2.receive_data(data)
@@ -618,6 +710,8 @@ class HboneConnection:
 
     def _forget(self, stream_id: int) -> None:
         st = self._streams.pop(stream_id, None)
+        if not self._streams:
+            self._idle_since = None  # the next tick starts the idle clock
         if st is not None:
             if st.waiting:
                 self.pending_streams -= 1
@@ -691,6 +785,7 @@ class HboneConnection:
                     return  # an empty END_STREAM frame; StreamEnded follows
                 flow = ev.flow_controlled_length or 0
                 self.recv_buffered += flow
+                self._streams[ev.stream_id].activity += 1
                 out.append(DataReceived(ev.stream_id, ev.data or b"", flow))
             elif ev.flow_controlled_length:
                 self._return_credit(ev.stream_id, ev.flow_controlled_length)
@@ -717,6 +812,8 @@ class HboneConnection:
             out.append(ConnectionTerminated(
                 code, (ev.additional_data or b"").decode(errors="replace") or "GOAWAY",
                 fatal=code != 0, last_stream_id=ev.last_stream_id or 0))
+        elif isinstance(ev, h2.events.PingAckReceived):
+            self._ping_sent = None
         elif isinstance(ev, h2.events.TrailersReceived):
             # Trailers end a stream like END_STREAM; tunnels never carry them.
             pass
