@@ -7,9 +7,10 @@ controller's CA. Pods:
 * ``client`` (mesh, node-1): the legitimate client; its requests go client -> ztunnel-1 ->
   HBONE -> ztunnel-2 -> ``server``, a real CONNECT through the mesh, answered by the echo;
 * ``server`` (mesh, node-2): a counting echo backend (``peer.py backend``);
-* ``attacker`` (namespace ``plain``, not captured, node-1): holds a valid mesh certificate for
-  ``default/attacker`` (issued by the controller's root) and talks HTTP/2 to ztunnel-2 at the
-  server pod's IP, port 15008, directly.
+* ``attacker`` (namespace ``plain``, not captured, node-1): holds valid mesh certificates for
+  ``default/attacker`` and ``default/other`` (issued by the controller's root) and talks
+  HTTP/2 to ztunnel-2 at the server pod's IP, port 15008, directly; ``attacker2`` is the same
+  from another source IP.
 
 Each probe gets a freshly started ztunnel-2 (``fresh_ztunnel``), so its memory is measured from
 that process's own baseline, not from what an earlier probe left behind. Everything lives in
@@ -39,12 +40,14 @@ import pytest
 
 from ambit.dev import mesh, netns
 from ambit.dev.cluster import ClusterError, DevCluster, NodeInfo, PodInfo
+from mesh.ports import METRICS_PORT
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = Path("/tmp/ambit-hostile")
 TAG = "hst"
 BACKEND_PORT = 8080
 ATTACKER = ("default", "attacker")
+OTHER = ("default", "other")  # a second identity the attacker's pods may also hold
 MiB = 1024 * 1024
 
 _figures: list[dict[str, Any]] = []
@@ -61,7 +64,8 @@ def peer_argv(*args: str) -> list[str]:
 def run_in(ns: str, argv: Sequence[str], timeout: float) -> dict[str, Any]:
     """Run a peer command inside ``ns``; its JSON answer (a failure shows its stderr)."""
     res = subprocess.run(netns.ns_argv(ns, argv), capture_output=True, text=True,
-                         timeout=timeout, check=False, cwd=REPO, env=_env())
+                         timeout=timeout, check=False, cwd=REPO, env=_env(),
+                         stdin=subprocess.DEVNULL)
     if res.returncode != 0 or not res.stdout.strip():
         raise AssertionError(f"{' '.join(argv[2:5])} in {ns} exited {res.returncode}: "
                              f"{res.stderr.strip()[-2000:]}")
@@ -126,6 +130,45 @@ class Watch:
         return round((self.peak - self.baseline) / MiB, 1)
 
 
+class Background:
+    """A peer command running in a namespace while the test does more: its first line (a
+    progress report) and, once stdin is closed, its last (the result)."""
+
+    def __init__(self, ns: str, argv: Sequence[str]) -> None:
+        self.proc = subprocess.Popen(netns.ns_argv(ns, argv), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     cwd=REPO, env=_env(), start_new_session=True)
+
+    def first_line(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        box: list[str] = []
+        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()
+                                                            if self.proc.stdout else ""),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not box or not box[0].strip():
+            self.stop()
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"no progress line within {timeout:g}s: {err[-2000:]}")
+        doc: dict[str, Any] = json.loads(box[0])
+        return doc
+
+    def finish(self, timeout: float = 60) -> dict[str, Any]:
+        try:
+            out, err = self.proc.communicate("", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError("a background peer did not finish") from None
+        if self.proc.returncode != 0 or not out.strip():
+            raise AssertionError(f"background peer failed: {err.strip()[-2000:]}")
+        doc: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return doc
+
+    def stop(self) -> None:
+        netns.stop_process(self.proc)
+
+
 class LegitLoop:
     """The legitimate client's requests, one every 100 ms, for as long as the block runs."""
 
@@ -177,6 +220,7 @@ class HostileMesh:
     client: PodInfo
     server: PodInfo
     attacker: PodInfo
+    attacker2: PodInfo  # another non-mesh pod, another source IP, the same certificates
     identities: Path
     accept_log: Path
     work: Path
@@ -201,14 +245,41 @@ class HostileMesh:
     def legit_loop(self) -> LegitLoop:
         return LegitLoop(self)
 
-    def attack(self, probe: str, *, connections: int = 1, seconds: float = 10,
-               target: str | None = None) -> dict[str, Any]:
-        """Run ``peer.py attack PROBE`` from the attacker pod against ztunnel-2."""
-        return run_in(self.attacker.netns, peer_argv(
+    def attack_argv(self, probe: str, *, connections: int = 1, seconds: float = 10,
+                    target: str | None = None, identity: tuple[str, str] = ATTACKER) \
+            -> list[str]:
+        return peer_argv(
             "attack", probe, "--host", self.server.ip, "--target", target or self.target,
-            "--identity-dir", str(self.identities), "--identity", "/".join(ATTACKER),
-            "--connections", str(connections), "--seconds", str(seconds)),
-            timeout=seconds + 60)
+            "--identity-dir", str(self.identities), "--identity", "/".join(identity),
+            "--connections", str(connections), "--seconds", str(seconds))
+
+    def attack(self, probe: str, *, connections: int = 1, seconds: float = 10,
+               target: str | None = None, identity: tuple[str, str] = ATTACKER,
+               pod: PodInfo | None = None) -> dict[str, Any]:
+        """Run ``peer.py attack PROBE`` from the attacker pod (or ``pod``) against
+        ztunnel-2."""
+        return run_in((pod or self.attacker).netns, self.attack_argv(
+            probe, connections=connections, seconds=seconds, target=target,
+            identity=identity), timeout=seconds + 120)
+
+    def background_attack(self, probe: str, *, connections: int = 1, seconds: float = 10,
+                          identity: tuple[str, str] = ATTACKER,
+                          pod: PodInfo | None = None) -> Background:
+        return Background((pod or self.attacker).netns, self.attack_argv(
+            probe, connections=connections, seconds=seconds, identity=identity))
+
+    def metric(self, node: str, name: str, **labels: str) -> float:
+        """The sum of a ztunnel metric's samples whose labels include ``labels``."""
+        status, body = mesh.http_get(self.cluster.node(node).netns,
+                                     f"http://127.0.0.1:{METRICS_PORT}/metrics")
+        assert status == 200, body[:200]
+        total = 0.0
+        for line in body.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
 
     def backend_accepts(self) -> int:
         return count_lines(self.accept_log)
@@ -269,8 +340,9 @@ def _issue_attacker_identity(c: DevCluster, out: Path) -> None:
     ca = CertificateAuthority.load((ca_dir / "root-key.pem").read_bytes(),
                                    (ca_dir / "root-cert.pem").read_bytes())
     write_trust_bundle(out, ca)
-    ident = SpiffeId("cluster.local", *ATTACKER)
-    write_identity(out, ident, ca.issue(ident, ttl=dt.timedelta(hours=2)))
+    for who in (ATTACKER, OTHER):
+        ident = SpiffeId("cluster.local", *who)
+        write_identity(out, ident, ca.issue(ident, ttl=dt.timedelta(hours=2)))
 
 
 def _remove_stale() -> None:
@@ -302,6 +374,7 @@ def hostile_mesh() -> Iterator[HostileMesh]:
         client = c.add_pod("client", 1)
         server = c.add_pod("server", 2)
         attacker = c.add_pod("attacker", 1, namespace="plain")
+        attacker2 = c.add_pod("attacker2", 1, namespace="plain")
         accept_log, ready = work / "backend-accepts", work / "backend.ready"
         c.spawn("pod/server/backend", server.netns, peer_argv(
             "backend", "--port", str(BACKEND_PORT), "--accept-log", str(accept_log),
@@ -312,7 +385,7 @@ def hostile_mesh() -> Iterator[HostileMesh]:
             time.sleep(0.05)
         identities = work / "identities"
         _issue_attacker_identity(c, identities)
-        m = HostileMesh(c, client, server, attacker, identities, accept_log, work)
+        m = HostileMesh(c, client, server, attacker, attacker2, identities, accept_log, work)
         m.wait_legit()
         m.check_legit_is_mesh_traffic()
         yield m

@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -575,6 +576,61 @@ def link(path: Path, names: Sequence[str], kind: str, count: int) -> dict[str, A
             "pid": os.getpid()}
 
 
+async def hold(a: Attack, batch: int = 64) -> dict[str, Any]:
+    """Connection limits: open ``--connections`` mTLS HBONE connections (preface and SETTINGS
+    on each), ``batch`` at a time; note how each fared (open, reset before TLS, GOAWAY after
+    it); print a progress line once all are tried, keep the open ones until stdin closes (at
+    most ``--seconds``), then say how many are still open."""
+
+    async def one() -> tuple[str, str, float, w.Peer | None]:
+        c0 = time.monotonic()
+        try:
+            p = await a.peer()
+        except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+            kind = "reset" if isinstance(e, ConnectionResetError | ssl.SSLEOFError) or \
+                "EOF" in str(e) else "error"
+            return kind, f"{type(e).__name__}: {e}"[:120], time.monotonic() - c0, None
+        try:
+            await p.handshake(within=10)
+            await p.wait_closed(0.5)  # a refusal after the handshake comes at once
+        except (OSError, TimeoutError) as e:
+            await p.close()
+            return "error", f"handshake: {type(e).__name__}: {e}"[:120], \
+                time.monotonic() - c0, None
+        if p.closed:
+            reason = p.goaway.goaway_reason() if p.goaway else p.close_error
+            kind = "goaway" if p.goaway else "closed"
+            await p.close()
+            return kind, reason[:120], time.monotonic() - c0, None
+        return "open", "", time.monotonic() - c0, p
+
+    t0 = time.monotonic()
+    results: list[tuple[str, str, float, w.Peer | None]] = []
+    for start in range(0, a.connections, batch):
+        n = min(batch, a.connections - start)
+        results += await asyncio.gather(*(one() for _ in range(n)))
+    counts: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    refusal_s = 0.0
+    for kind, reason, elapsed, _ in results:
+        counts[kind] = counts.get(kind, 0) + 1
+        reasons.setdefault(kind, reason)
+        if kind != "open":
+            refusal_s = max(refusal_s, elapsed)
+    held = [p for *_, p in results if p is not None]
+    out: dict[str, Any] = {"counts": counts, "reasons": reasons,
+                           "max_refusal_s": round(refusal_s, 3),
+                           "open_s": round(time.monotonic() - t0, 2)}
+    print(json.dumps({"phase": "holding", **out}), flush=True)
+    with contextlib.suppress(TimeoutError):  # until stdin closes, at most --seconds
+        await asyncio.wait_for(asyncio.to_thread(sys.stdin.read), a.seconds)
+    out["still_open"] = sum(1 for p in held if not p.closed)
+    out["held_s"] = round(time.monotonic() - t0, 2)
+    for p in held:
+        await p.close()
+    return out
+
+
 ATTACKS: dict[str, Callable[[Attack], Coroutine[Any, Any, dict[str, Any]]]] = {
     "upload": upload,
     "bigframe": bigframe,
@@ -584,6 +640,8 @@ ATTACKS: dict[str, Callable[[Attack], Coroutine[Any, Any, dict[str, Any]]]] = {
     "idle": idle,
     "bad-header": lambda a: bad_requests(a, _bad_header_cases(a.target)),
     "bad-authority": lambda a: bad_requests(a, _authority_cases(a.target)),
+    "echo": lambda a: bad_requests(a, []),
+    "hold": hold,
 }
 
 
