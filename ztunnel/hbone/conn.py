@@ -343,7 +343,7 @@ class HboneProtocol(asyncio.Protocol):
     def _note_idle(self) -> None:
         if not self.streams:
             self.last_idle = asyncio.get_running_loop().time()
-            if self.core.settings.idle_timeout and self._timer is not None:
+            if self.core.settings.idle_timeout and self._timer is None:
                 self._arm()  # the idle clock starts at the next tick
 
     def _stream_maybe_done(self, sid: int) -> None:
