@@ -40,7 +40,7 @@ import pytest
 
 from ambit.dev import mesh, netns
 from ambit.dev.cluster import ClusterError, DevCluster, NodeInfo, PodInfo
-from mesh.ports import METRICS_PORT
+from mesh.ports import METRICS_PORT, NODE_METRICS_PORT, READINESS_PORT
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = Path("/tmp/ambit-hostile")
@@ -284,11 +284,34 @@ class HostileMesh:
     def backend_accepts(self) -> int:
         return count_lines(self.accept_log)
 
-    def restart_ztunnel(self, node: str = "node-2") -> Ztunnel:
+    def restart_ztunnel(self, node: str = "node-2", extra: Sequence[str] = ()) -> Ztunnel:
+        """A new ztunnel process on ``node`` (its flags plus ``extra``), ready."""
         c = self.cluster
-        c.stop(f"ztunnel/{node}", sig=signal.SIGKILL, timeout=10)
-        c.start_ztunnel(c.node(node), timeout=60)
+        if extra:
+            self._restart(f"ztunnel/{node}", extra,
+                          f"http://127.0.0.1:{READINESS_PORT}/healthz/ready")
+        else:
+            c.stop(f"ztunnel/{node}", sig=signal.SIGKILL, timeout=10)
+            c.start_ztunnel(c.node(node), timeout=60)
         return self.ztunnel(node)
+
+    def restart_agent(self, node: str, extra: Sequence[str] = ()) -> None:
+        """A new node agent on ``node`` (its flags plus ``extra``), ready."""
+        if extra:
+            self._restart(f"agent/{node}", extra,
+                          f"http://127.0.0.1:{NODE_METRICS_PORT}/healthz/ready")
+        else:
+            self.cluster.restart_agent(self.cluster.node(node), timeout=60)
+
+    def _restart(self, role: str, extra: Sequence[str], ready_url: str) -> None:
+        c = self.cluster
+        old = c.process(role)
+        c.stop(role, sig=signal.SIGKILL, timeout=10)
+        c.spawn(role, old.netns, [*old.argv, *extra])
+        deadline = time.monotonic() + 60
+        while mesh.http_get(old.netns, ready_url, timeout=2)[0] != 200:
+            assert c.alive(role) and time.monotonic() < deadline, c.log_tail(role)
+            time.sleep(0.2)
 
     def wait_legit(self, seconds: float = 30) -> None:
         """Until one request gets through (a new ztunnel registers its listeners with the

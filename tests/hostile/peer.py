@@ -388,6 +388,15 @@ def _answered(p: w.Peer, sid: int) -> bool:
     return sid in p.statuses or sid in p.resets or p.closed
 
 
+def _own_port_cases(target: str) -> list[tuple[str, bytes, list[tuple[bytes, bytes]]]]:
+    """CONNECTs that ask the ztunnel to dial its own node: loopback, unspecified, the node's
+    address (``--node-ip`` is not known here: the server's node is 10.100.0.2 in the dev
+    cluster, its gateway address 10.244.2.1)."""
+    return [(name, name.encode(), []) for name in (
+        "127.0.0.1:15000", "[::1]:15000", "0.0.0.0:15000", "127.0.0.1:15020",
+        "10.100.0.2:15000", "10.100.0.2:15022", "10.244.2.1:15022")]
+
+
 def _bad_header_cases(target: str) -> list[tuple[str, bytes, list[tuple[bytes, bytes]]]]:
     t = target.encode()
     return [
@@ -429,13 +438,19 @@ async def socks5(host: str, port: int, destinations: Sequence[str], seconds: flo
             method = await asyncio.wait_for(reader.readexactly(2), 5)
             res["method"] = method.hex()
             try:
-                addr = b"\x01" + socket.inet_aton(name)
+                addr = b"\x01" + socket.inet_pton(socket.AF_INET, name)
             except OSError:
-                addr = b"\x03" + bytes([len(name)]) + name.encode()
+                try:
+                    addr = b"\x04" + socket.inet_pton(socket.AF_INET6, name.strip("[]"))
+                except OSError:
+                    addr = b"\x03" + bytes([len(name)]) + name.encode()
             writer.write(b"\x05\x01\x00" + addr + struct.pack(">H", int(dport)))
             reply = await asyncio.wait_for(reader.read(10), seconds)
             res["reply"] = reply[1] if len(reply) > 1 else None
-            if reply[1:2] == b"\x00":
+            if reply[1:2] == b"\x00" and int(dport) == 8080:  # the echo: the control
+                writer.write(b"through socks5\n")
+                res["echo"] = (await asyncio.wait_for(reader.readline(), 5)).decode()
+            elif reply[1:2] == b"\x00":
                 writer.write(b"GET /config_dump HTTP/1.0\r\nHost: x\r\n\r\n")
                 body = await asyncio.wait_for(reader.read(4096), 5)
                 res["leaked"] = body[:200].decode(errors="replace")
@@ -641,6 +656,7 @@ ATTACKS: dict[str, Callable[[Attack], Coroutine[Any, Any, dict[str, Any]]]] = {
     "bad-header": lambda a: bad_requests(a, _bad_header_cases(a.target)),
     "bad-authority": lambda a: bad_requests(a, _authority_cases(a.target)),
     "echo": lambda a: bad_requests(a, []),
+    "own-ports": lambda a: bad_requests(a, _own_port_cases(a.target)),
     "hold": hold,
 }
 
