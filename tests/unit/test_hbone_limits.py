@@ -624,3 +624,35 @@ def test_stream_idle_timeout_is_off_by_default_and_resets_quiet_tunnels_when_set
         events += s.tick(clock.now)
     assert events == [ev.StreamReset(1, 8)]
     assert s.has_stream(3) and not s.has_stream(1)
+
+
+# -- answers after h2 closed the stream (fuzz/known/hbone_core/crash-reject-after-*) ---------
+
+GET_BLOCK = _literal(b":method", b"GET") + _literal(b":authority", b"10.0.0.1:80")
+GOAWAY_FRAME = frame(GOAWAY, 0, 0, b"\0\0\0\0\0\0\0\0")
+
+
+@pytest.mark.parametrize(("name", "data"), [
+    ("405 after an RST_STREAM in the same read", START + headers(1, END_HEADERS, GET_BLOCK)
+     + rst(1)),
+    ("405 after a GOAWAY in the same read", START + headers(1, END_HEADERS, GET_BLOCK)
+     + GOAWAY_FRAME),
+    ("400 after an RST_STREAM in the same read", START + headers(
+        1, END_HEADERS, _literal(b":method", b"CONNECT") + _literal(b":authority", b"x"))
+     + rst(1)),
+])
+def test_an_answer_h2_can_no_longer_send_is_dropped(name: str, data: bytes) -> None:
+    s = server()
+    events = s.receive(data)  # raised h2's ProtocolError out of receive() before
+    assert [e.status for e in events if isinstance(e, ev.RequestRejected)] in ([405], [400])
+    assert not s.has_stream(1)
+
+
+def test_accepting_a_stream_closed_by_a_later_goaway_forgets_it() -> None:
+    s = server()
+    assert s.receive(START + headers(1)) == [ev.ConnectRequest(1, "10.0.0.1:80")]
+    s.receive(GOAWAY_FRAME)
+    s.accept_stream(1)  # h2 refuses to send on a closed connection: no exception
+    assert not s.has_stream(1) and s.pending_streams == 0
+    s.reset(1)
+    s.reject_stream(1, 503)

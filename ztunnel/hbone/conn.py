@@ -299,6 +299,10 @@ class HboneProtocol(asyncio.Protocol):
 
     def _accept(self, sid: int) -> None:
         self.core.accept_stream(sid)
+        if not self.core.has_stream(sid):  # closed by the peer before it could be answered
+            stream = self.streams.pop(sid, None)
+            if stream is not None:
+                stream._fail("the stream was closed before it was answered")
         self._schedule_flush()
 
     def _reject(self, sid: int, status: int) -> None:

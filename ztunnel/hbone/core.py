@@ -519,7 +519,13 @@ class HboneConnection:
         st = self._streams.get(stream_id)
         if st is None:
             return
-        self._h2.send_headers(stream_id, [(":status", "200")])
+        try:
+            self._h2.send_headers(stream_id, [(":status", "200")])
+        except h2.exceptions.ProtocolError:
+            # h2 processed the rest of the read before this answer and closed the stream (an
+            # RST_STREAM, a GOAWAY, or it dropped it for a higher one): it is gone.
+            self._forget(stream_id)
+            return
         st.open = True
         if st.waiting:
             st.waiting = False
@@ -527,7 +533,8 @@ class HboneConnection:
 
     def reject_stream(self, stream_id: int, status: int) -> None:
         if stream_id in self._streams:
-            self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # closed already (above)
+                self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
             self._forget(stream_id)
 
     # -- both sides ------------------------------------------------------------------------
@@ -565,7 +572,7 @@ class HboneConnection:
 
     def reset(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         if stream_id in self._streams:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # StreamClosedError & co.
                 self._h2.reset_stream(stream_id, error_code)
             self._forget(stream_id)
 
