@@ -35,13 +35,13 @@ from agent.capture.base import MODE_EBPF, CaptureBackend, CaptureError, PodCaptu
 from agent.cni.installer import ChainWatcher
 from agent.cni_server import CniRequest, CniServer
 from agent.config import AgentConfig
-from agent.discover import host_iface_for
+from agent.discover import host_iface_for, iface_exists
 from agent.k8s_owner import OwnerWatch
 from agent.membership import MembershipClient, MembershipUnavailable
 from agent.node_endpoint import NodeEndpoint
 from agent.node_metrics import NodeMetrics
 from agent.pods import LocalPod, PodTable
-from agent.reconcile import MeshPod, desired, plan
+from agent.reconcile import MAX_TOMBSTONES, MeshPod, adoption, desired, plan, prune
 from agent.ztunnel_link import ZtunnelLinkServer
 from mesh import __version__
 from mesh.state.model import Protocol
@@ -90,6 +90,10 @@ class Agent:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._enrolled: set[str] = set()
+        # CNI DEL and a reconcile pass never interleave: a pass plans on the table as it was
+        # when it started and must not re-enroll a pod deleted while it awaited the kernel.
+        self._pods_lock = asyncio.Lock()
+        self.pods_gone = 0  # pods found without their interface (an expected event)
         self.setup_done = False
         self._backend_status: dict[str, str] = {}
         self.last_reconcile = 0.0
@@ -125,11 +129,19 @@ class Agent:
         self.metrics.set_pods(len(self._enrolled), len(self.table.pods))
 
     def _mesh(self) -> dict[str, MeshPod]:
+        """IPv4 address -> the mesh pod of this node the state push gives it. An address two
+        workloads claim (a deleted pod the push still lists and the pod that reuses its IP)
+        is left out: it belongs to neither until the state settles, and the local pod's own
+        CNI ADD decides meanwhile."""
         if not self.store.ready:
             return {}
-        return {str(ip): MeshPod(w.uid, w.protocol is Protocol.HBONE)
-                for w in self.store.current.local_workloads(self.config.node)
-                for ip in w.addresses if ip.version == 4}
+        claims: dict[str, list[MeshPod]] = {}
+        for w in self.store.current.local_workloads(self.config.node):
+            for ip in w.addresses:
+                if ip.version == 4:
+                    claims.setdefault(str(ip), []).append(
+                        MeshPod(w.uid, w.protocol is Protocol.HBONE))
+        return {ip: pods[0] for ip, pods in claims.items() if len({p.uid for p in pods}) == 1}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -242,6 +254,9 @@ class Agent:
                              "ztunnel": self.link.refusals.total},
             "lastReconcile": self.last_reconcile,
             "lastError": self.last_error,
+            "podsGone": self.pods_gone,
+            "deleted": [{"pod": t.uid, "ips": list(t.ips), "reason": t.reason,
+                         "deletedAt": t.deleted_at} for t in self.table.deleted],
             "uplinks": list(self.uplinks),
             "cni": (self.cni_watcher.status if self.cni_watcher is not None else
                     "not managed by this agent (no --binary)"),
@@ -313,16 +328,20 @@ class Agent:
         return {"ok": True, "captured": answer.in_mesh, "reason": answer.reason}
 
     async def _cni_del(self, req: CniRequest) -> dict[str, Any]:
-        pod = self.table.by_container(req.container_id)
-        if pod is None and req.pod_name:
-            pod = self.table.pods.get(req.uid)
-        if pod is None:
-            return {"ok": True, "captured": False, "reason": "not known; nothing to remove"}
-        capture = pod.capture()
-        await self._kernel(self.backend.unenroll, capture)
-        await self._kernel(self.backend.forget_interface, capture)
-        self.table.remove(pod.uid)
-        await self._refresh_enrolled()
+        """A CNI DEL is final: capture of the pod's IPs is removed before the answer, and the
+        pod is remembered as deleted (a tombstone), so a reconcile never adopts it back from a
+        registry that still lists it."""
+        async with self._pods_lock:
+            pod = self.table.by_container(req.container_id)
+            if pod is None and req.pod_name:
+                pod = self.table.pods.get(req.uid)
+            if pod is None:
+                return {"ok": True, "captured": False, "reason": "not known; nothing to remove"}
+            self.table.bury(pod, time.time(), MAX_TOMBSTONES)
+            capture = pod.capture()
+            await self._kernel(self.backend.unenroll, capture)
+            await self._kernel(self.backend.forget_interface, capture)
+            await self._refresh_enrolled()
         log.info("pod %s removed", pod.uid)
         return {"ok": True, "captured": False, "reason": "removed"}
 
@@ -385,36 +404,83 @@ class Agent:
         except (uplinks.UplinkError, CaptureError) as e:  # pods still get reconciled
             log.error("uplinks (auto): %s; still using %s, trying again next resync", e,
                       ", ".join(self.uplinks) or "none")
+        async with self._pods_lock:
+            await self._reconcile_pods()
+        self._backend_status = dict((await self._kernel(self.backend.status)).detail)
+        self.last_reconcile = time.time()
+
+    async def _forget(self, pod: LocalPod, why: str) -> None:
+        """``pod``'s interface is gone (it was deleted without a CNI DEL reaching us, or while
+        we looked): release it and remember it as deleted. Expected, not a failure."""
+        self.table.bury(pod, time.time(), MAX_TOMBSTONES, reason=why)
+        capture = pod.capture()
+        await self._kernel(self.backend.unenroll, capture)
+        with contextlib.suppress(CaptureError):  # nothing left to detach from
+            await self._kernel(self.backend.forget_interface, capture)
+        self.pods_gone += 1
+        self.metrics.pod_gone()
+        log.info("pod %s (%s) gone: %s; released", pod.uid, ", ".join(pod.ips), why)
+
+    async def _gone_now(self, pod: LocalPod) -> bool:
+        return not await self._kernel(iface_exists, pod.host_iface)
+
+    async def _reconcile_pods(self) -> None:
         mesh = self._mesh()
+        if self.store.ready:  # never drop tombstones on a registry view we have not received
+            self.table.set_deleted(prune(self.table.deleted, mesh, self.table.pods,
+                                         time.time()))
         enrolled = await self._kernel(self.backend.enrolled)
-        todo = plan(self.table.pods, mesh, enrolled)
+        # Live facts, read now: pods whose host interface no longer exists.
+        gone = {p.uid for p in list(self.table.pods.values()) if await self._gone_now(p)}
+        todo = plan(self.table.pods, mesh, enrolled, self.table.deleted, gone)
+        for pod in todo.forget:
+            await self._forget(pod, f"interface {pod.host_iface} no longer exists")
         for ip in todo.discover:
+            # The live evidence is read at the moment of adoption: a route to the IP over a pod
+            # interface that exists now.
             iface = await self._kernel(host_iface_for, ip, self.uplinks)
-            if iface is None:
+            found = adoption(ip, mesh, self.table.deleted, iface)
+            if found.pod is None:
+                log.debug("not adopting %s: %s", ip, found.reason)
                 continue
-            uid = mesh[ip].uid
-            ips = tuple(sorted(i for i, m in mesh.items() if m.uid == uid))
-            pod = LocalPod(uid, ips, iface, reason="found on the node (no CNI record)")
-            await self._kernel(self.backend.watch_interface, pod.capture())
-            self.table.put(pod)
-            log.info("adopted pod %s (%s on %s), found from the registry and routes", uid,
-                     ", ".join(ips), iface)
-        if todo.discover:
-            todo = plan(self.table.pods, mesh, enrolled)
+            try:
+                await self._kernel(self.backend.watch_interface, found.pod.capture())
+            except CaptureError as e:
+                if await self._gone_now(found.pod):
+                    log.info("not adopting pod %s: interface %s gone while adopting it",
+                             found.pod.uid, found.pod.host_iface)
+                    continue
+                raise CaptureError(f"adopting pod {found.pod.uid}: {e}") from e
+            self.table.put(found.pod)
+            log.info("adopted pod %s (%s on %s), %s", found.pod.uid, ", ".join(found.pod.ips),
+                     found.pod.host_iface, found.reason)
+        if todo.discover or todo.forget:
+            todo = plan(self.table.pods, mesh, enrolled, self.table.deleted)
         for pod in todo.enroll:
-            await self._kernel(self.backend.watch_interface, pod.capture())
-            await self._kernel(self.backend.enroll, pod.capture())
+            try:
+                await self._kernel(self.backend.watch_interface, pod.capture())
+                await self._kernel(self.backend.enroll, pod.capture())
+            except CaptureError as e:
+                if await self._gone_now(pod):
+                    await self._forget(pod, f"interface {pod.host_iface} vanished while "
+                                       "capturing it")
+                    continue
+                raise CaptureError(f"capturing pod {pod.uid}: {e}") from e
+            if await self._gone_now(pod):  # vanished right after: do not leave it captured
+                await self._forget(pod, f"interface {pod.host_iface} vanished while capturing "
+                                   "it")
+                continue
             log.info("capturing pod %s (%s)", pod.uid, ", ".join(pod.ips))
         for pod in todo.unenroll:
             await self._kernel(self.backend.unenroll, pod.capture())
             log.info("no longer capturing pod %s (%s)", pod.uid, ", ".join(pod.ips))
         if self.store.ready:  # never release on a registry view we have not received
             for ip in todo.release:
+                if self.table.by_ip(ip) is not None:
+                    continue  # a CNI ADD took the address while this pass ran
                 await self._kernel(self.backend.unenroll, PodCapture("unknown", (ip,), ""))
                 log.info("released %s: captured, but no pod of this node has it", ip)
         await self._refresh_enrolled()
-        self._backend_status = dict((await self._kernel(self.backend.status)).detail)
-        self.last_reconcile = time.time()
 
 
 async def serve(agent: Agent, stop: asyncio.Event | None = None) -> None:

@@ -4,10 +4,13 @@ Why it exists: pods that were started before the agent (or whose CNI ADD it miss
 record from ``ambit-cni``. Point-to-point CNIs (ptp, Calico, Cilium's veth mode) install a /32
 route to each local pod over its veth, so the route to a pod IP names its interface; for the
 agent to adopt a pod, that interface must not be an uplink (then the IP is not local).
+Both lookups here ask the kernel at the moment of the call: they are the live evidence that a
+pod is (still) on the node, never a cached listing.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Collection
 
 from pyroute2 import IPRoute
@@ -31,3 +34,14 @@ def host_iface_for(ip: str, uplinks: Collection[str]) -> str | None:
             if name not in uplinks and name != "lo":
                 return name
     return None
+
+
+def iface_exists(name: str) -> bool:
+    """Whether the node has an interface ``name`` right now (a fresh lookup, never cached)."""
+    if not name:
+        return False
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True

@@ -202,6 +202,10 @@ class NodeMetrics:
                                   "registry, by result", ("result",), registry=r)
         for result in RECONCILE_RESULTS:
             self.reconciles.labels(result)
+        self.pods_gone = Counter("ambit_agent_pods_gone", "Local pods found without their "
+                                 "host interface (deleted without a CNI DEL reaching the "
+                                 "agent, or while a reconcile ran): released, not an error",
+                                 registry=r)
         self.registry_connected = Gauge("ambit_agent_registry_connected",
                                         "1 while the agent is connected to the registry",
                                         registry=r)
@@ -231,6 +235,9 @@ class NodeMetrics:
 
     def reconciled(self, ok: bool) -> None:
         self.reconciles.labels("ok" if ok else "error").inc()
+
+    def pod_gone(self) -> None:
+        self.pods_gone.inc()
 
     def set_registry_connected(self, connected: bool) -> None:
         self.registry_connected.set(1 if connected else 0)
