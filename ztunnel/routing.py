@@ -3,6 +3,10 @@
 Every connection the ztunnel sees is first turned into a plan here, with no I/O, so each case
 (service VIP, service bound to a waypoint, local pod, remote pod, non-mesh destination, no
 endpoints, the node itself) is a row in a table test. The listeners only carry plans out.
+
+An address several workloads claim (a reused IP before the state settles; ``mesh.state.store``)
+has no owner: as a source it is unknown (refused), as a destination it is refused rather than
+carried to either workload or passed through in plaintext, each with a reason naming them.
 """
 
 from __future__ import annotations
@@ -201,6 +205,9 @@ def _plan(
 ) -> OutboundPlan:
     source = state.workload_by_ip(source_ip)
     if source is None:
+        claimants = state.claimants(source_ip)
+        if claimants:
+            return DenyPlan(f"unknown source {source_ip}: {_claimed(claimants)}")
         return DenyPlan(f"unknown source {source_ip}: not a workload in the mesh state")
     if source.node != node:
         return DenyPlan(f"source {source.uid} runs on node {source.node}, not on {node}", source)
@@ -227,8 +234,17 @@ def _plan(
 
     workload = state.workload_by_ip(ip)
     if workload is None:
+        claimants = state.claimants(ip)
+        if claimants:
+            return DenyPlan(f"destination {ip}: {_claimed(claimants)}", source)
         return PassthroughPlan(source, dest, "destination is not in the mesh")
     return _to_workload(state, node, source, workload, dest, None, hbone_port)
+
+
+def _claimed(uids: tuple[str, ...]) -> str:
+    return (f"the address is claimed by {len(uids)} workloads ({', '.join(uids)}), e.g. a "
+            "deleted pod and the pod that reuses its IP; no identity is given to it until the "
+            "state settles")
 
 
 def _to_waypoint(
@@ -297,6 +313,10 @@ def resolve_inbound(
     if why is not None:
         return InboundTarget(workload, None, why, protected=True)
     if workload is None:
+        claimants = state.claimants(ip)
+        if claimants:
+            return InboundTarget(None, None, f"unknown destination {ip}: "
+                                 f"{_claimed(claimants)}")
         return InboundTarget(None, None, f"unknown destination {ip}: no workload has this IP")
     if workload.node != node:
         return InboundTarget(workload, None,

@@ -123,19 +123,22 @@ def in_mesh(pod: Pod, snapshot: RegistrySnapshot) -> bool:
 
 def _workloads(snapshot: RegistrySnapshot, trust_domain: str,
                problems: list[str]) -> tuple[Workload, ...]:
-    owner: dict[IPAddress, str] = {}
+    # An address several pods claim (a deleted pod still listed and the pod the CNI gave its IP
+    # to, or a terminating pod and its replacement) is given to none of them until only one
+    # claims it: neither readiness nor names say which pod holds it now, and giving it to the
+    # wrong one would carry one pod's traffic under the other's identity. The data plane then
+    # treats the address as unknown (mesh/state/store.py applies the same rule to any state).
+    claims: dict[IPAddress, list[str]] = {}
+    for pod in snapshot.pods:
+        for ip in dict.fromkeys(pod.ips):
+            claims.setdefault(ip, []).append(pod.key)
+    contested = {ip: sorted(keys) for ip, keys in claims.items() if len(keys) > 1}
+    for ip, keys in sorted(contested.items(), key=lambda kv: str(kv[0])):
+        problems.append(f"address {ip} is claimed by pods {', '.join(keys)}; given to none of "
+                        "them until one alone claims it")
     out: list[Workload] = []
-    # Ready pods first, so when a terminating pod and its replacement briefly share an IP,
-    # the one that can serve keeps it; then by name, so the outcome never depends on order.
-    for pod in sorted(snapshot.pods, key=lambda p: (not p.ready, p.namespace, p.name)):
-        ips: list[IPAddress] = []
-        for ip in pod.ips:
-            if ip in owner:
-                problems.append(f"pod {pod.key}: address {ip} is already used by pod "
-                                f"{owner[ip]}; left out")
-            else:
-                owner[ip] = pod.key
-                ips.append(ip)
+    for pod in sorted(snapshot.pods, key=lambda p: (p.namespace, p.name)):
+        ips = [ip for ip in dict.fromkeys(pod.ips) if ip not in contested]
         if not ips:
             continue
         out.append(Workload(

@@ -4,6 +4,14 @@ The data path asks four questions per connection: who owns this IP, is this IP:p
 service, which instances serve the waypoint a service is bound to, and which policies apply to
 this workload. ``StateSnapshot`` answers each with a dict lookup. The store replaces the whole
 snapshot at once, so a half-applied update is never seen.
+
+One IP, two workloads: when the state lists several workloads with one address (a deleted pod
+the registry still lists and the new pod the CNI gave its IP, until the state settles), the
+address belongs to none of them: ``workload_by_ip`` answers None, so a connection from it is
+from an unknown source (refused outbound, no identity inbound) and one to it has no mesh
+destination, rather than either pod's identity being used for the other's traffic. Which
+workloads claim it is in ``contested`` (for the reasons the data path gives), and a workload
+whose address is contested is no service endpoint or waypoint instance meanwhile.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ class StateSnapshot:
     root_namespace: str = "ambit-system"
     by_uid: dict[str, Workload] = field(default_factory=dict)
     by_ip: dict[IPAddress, Workload] = field(default_factory=dict)
+    # Addresses several workloads claim -> their uids (sorted): nobody's in ``by_ip``.
+    contested: dict[IPAddress, tuple[str, ...]] = field(default_factory=dict)
     by_vip: dict[IPAddress, Service] = field(default_factory=dict)
     by_node: dict[str, tuple[Workload, ...]] = field(default_factory=dict)
     endpoints: dict[str, tuple[Workload, ...]] = field(default_factory=dict)
@@ -51,7 +61,15 @@ class StateSnapshot:
     def build(cls, config: MeshConfig, root_namespace: str = "ambit-system",
               now: float | None = None) -> StateSnapshot:
         by_uid = {w.uid: w for w in config.workloads}
-        by_ip = {ip: w for w in config.workloads for ip in w.addresses}
+        claims: dict[IPAddress, dict[str, Workload]] = {}
+        for w in config.workloads:
+            for ip in w.addresses:
+                claims.setdefault(ip, {})[w.uid] = w
+        by_ip = {ip: next(iter(ws.values())) for ip, ws in claims.items() if len(ws) == 1}
+        contested = {ip: tuple(sorted(ws)) for ip, ws in claims.items() if len(ws) > 1}
+        # Reached at addresses[0]: not while another workload claims it too.
+        reachable = [w for w in config.workloads
+                     if not (w.addresses and w.addresses[0] in contested)]
         by_vip = {vip: s for s in config.services for vip in s.vips}
         nodes: dict[str, list[Workload]] = {}
         for w in config.workloads:
@@ -60,11 +78,11 @@ class StateSnapshot:
         for s in config.services:
             # An empty selector selects nothing, as for a Kubernetes Service without selector.
             endpoints[s.key] = tuple(
-                w for w in config.workloads
+                w for w in reachable
                 if s.selector and w.namespace == s.namespace and _selects(s.selector, w.label_map)
             )
         waypoints: dict[str, list[Workload]] = {}
-        for w in config.workloads:
+        for w in reachable:
             gateway = w.label_map.get(GATEWAY_NAME_LABEL)
             if gateway and w.healthy:
                 waypoints.setdefault(f"{w.namespace}/{gateway}", []).append(w)
@@ -73,6 +91,7 @@ class StateSnapshot:
             root_namespace=root_namespace,
             by_uid=by_uid,
             by_ip=by_ip,
+            contested=contested,
             by_vip=by_vip,
             by_node={k: tuple(v) for k, v in nodes.items()},
             endpoints=endpoints,
@@ -85,7 +104,12 @@ class StateSnapshot:
         return self.config.version
 
     def workload_by_ip(self, ip: IPAddress) -> Workload | None:
+        """The one workload with address ``ip``; None if none has it or several claim it."""
         return self.by_ip.get(ip)
+
+    def claimants(self, ip: IPAddress) -> tuple[str, ...]:
+        """The uids of the workloads that claim ``ip`` when there are several, else ()."""
+        return self.contested.get(ip, ())
 
     def service_by_vip(self, ip: IPAddress) -> Service | None:
         return self.by_vip.get(ip)

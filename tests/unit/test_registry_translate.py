@@ -86,20 +86,33 @@ def test_pods_without_ips_are_left_out() -> None:
     assert mesh_config(RegistrySnapshot(pods=(pod("a", ips=()),)), "td", 1).workloads == ()
 
 
-def test_duplicate_ip_goes_to_the_ready_pod_then_by_name() -> None:
+@pytest.mark.parametrize(("old_ready", "new_ready"), [
+    (False, True), (True, False), (True, True), (False, False)])
+def test_duplicate_ip_goes_to_no_pod(old_ready: bool, new_ready: bool) -> None:
+    """A deleted pod still listed and the pod that reuses its IP: neither readiness nor names
+    say which holds it now, so neither gets it until one alone claims it (issue 19)."""
     snap = RegistrySnapshot(namespaces=(AMBIENT,), pods=(
-        pod("old", ips=("10.0.0.1", "10.0.0.9"), ready=False),
-        pod("new", ips=("10.0.0.1",)),
+        pod("old", ips=("10.0.0.1", "10.0.0.9"), ready=old_ready),
+        pod("new", ips=("10.0.0.1",), ready=new_ready),
         pod("z-same", ips=("10.0.0.2",)),
         pod("a-same", ips=("10.0.0.2",)),
     ))
     t = translate(snap, "td", 1)
     owners = {str(a): w.name for w in t.config.workloads for a in w.addresses}
-    assert owners == {"10.0.0.1": "new", "10.0.0.9": "old", "10.0.0.2": "a-same"}
-    assert [w.name for w in t.config.workloads] == ["a-same", "new", "old"]
-    assert len(t.problems) == 2 and "10.0.0.1 is already used by pod mesh/new" in t.problems[1]
+    assert owners == {"10.0.0.9": "old"}
+    assert [w.name for w in t.config.workloads] == ["old"]
+    assert t.problems == (
+        "address 10.0.0.1 is claimed by pods mesh/new, mesh/old; given to none of them until "
+        "one alone claims it",
+        "address 10.0.0.2 is claimed by pods mesh/a-same, mesh/z-same; given to none of them "
+        "until one alone claims it")
     # The result is a state the ztunnel indexes unambiguously.
     StateSnapshot.build(t.config)
+    # Once the old pod is gone, the new one has its address.
+    settled = translate(RegistrySnapshot(namespaces=(AMBIENT,), pods=(
+        pod("new", ips=("10.0.0.1",), ready=new_ready),)), "td", 2)
+    assert [(w.name, str(w.addresses[0])) for w in settled.config.workloads] == [
+        ("new", "10.0.0.1")]
 
 
 def test_services() -> None:

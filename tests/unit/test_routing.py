@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
 from typing import Any
 
@@ -410,3 +411,72 @@ def test_source_checks_come_before_the_waypoint() -> None:
 
 def test_waypoint_ref_key() -> None:
     assert WaypointRef("gw", "shared").key == "gw/shared"
+
+
+# --- one IP, two workloads (issue 19 item 3) --------------------------------------------------
+# A deleted pod the registry still lists and the new pod the CNI gave its IP: until the state
+# settles the address is nobody's, so no connection is carried under either identity.
+
+def _w(name: str, sa: str, node: str, address: str) -> Workload:
+    return Workload(f"default/{name}", name, "default", sa, node, (ip(address),),
+                    "cluster.local", labels=(("app", "srv"),))
+
+
+REUSED = StateSnapshot.build(dataclasses.replace(STATE, workloads=(
+    *STATE.workloads,
+    _w("old", "old-sa", "a", "10.0.1.50"), _w("new", "new-sa", "a", "10.0.1.50"),
+    _w("old-b", "old-sa", "b", "10.0.2.50"), _w("new-b", "new-sa", "b", "10.0.2.50"))))
+SETTLED = StateSnapshot.build(dataclasses.replace(STATE, workloads=(
+    *STATE.workloads, _w("new", "new-sa", "a", "10.0.1.50"))))
+CLAIMED = "claimed by 2 workloads (default/new, default/old)"
+
+
+# source, destination, pick -> kind, words in the reason (the plan never names an identity)
+REUSE_CASES = [
+    # from the reused address: an unknown source, refused (neither old-sa nor new-sa)
+    ("10.0.1.50", ("10.0.2.2", 8080), 0, PlanKind.DENY, f"unknown source 10.0.1.50: the "
+                                                         f"address is {CLAIMED}"),
+    ("10.0.1.50", ("1.1.1.1", 443), 0, PlanKind.DENY, "unknown source 10.0.1.50"),
+    ("10.0.1.50", ("10.96.0.1", 80), 0, PlanKind.DENY, "unknown source 10.0.1.50"),
+    # to it, same node or another: refused, not passed through in plaintext nor sent to one
+    ("10.0.1.1", ("10.0.1.50", 8080), 0, PlanKind.DENY, f"destination 10.0.1.50: the "
+                                                        f"address is {CLAIMED}"),
+    ("10.0.1.1", ("10.0.2.50", 8080), 0, PlanKind.DENY, "claimed by 2 workloads "
+                                                        "(default/new-b, default/old-b)"),
+    # a service they both match: neither is an endpoint meanwhile (local-srv, remote-srv are)
+    ("10.0.1.1", ("10.96.0.1", 80), 0, PlanKind.LOCAL, ""),
+    ("10.0.1.1", ("10.96.0.1", 80), 1, PlanKind.HBONE, ""),
+    ("10.0.1.1", ("10.96.0.1", 80), 2, PlanKind.LOCAL, ""),
+    ("10.0.1.1", ("10.96.0.1", 80), 3, PlanKind.HBONE, ""),
+]
+
+
+@pytest.mark.parametrize(("src", "dst", "pick", "kind", "words"), REUSE_CASES)
+def test_one_ip_two_workloads_is_nobodys(src: str, dst: tuple[str, int], pick: int,
+                                         kind: PlanKind, words: str) -> None:
+    plan = plan_outbound(REUSED, "a", ip(src), (ip(dst[0]), dst[1]), lambda n: pick)
+    assert plan.kind is kind, reason_of(plan)
+    assert words in reason_of(plan)
+    reused = {ip("10.0.1.50"), ip("10.0.2.50")}
+    assert plan.source is None or plan.source.addresses[0] not in reused
+    dest = destination_of(plan)
+    assert dest is None or dest.addresses[0] not in reused
+    if isinstance(plan, LocalPlan | HbonePlan):
+        assert plan.expected_identity.service_account == "srv"
+
+
+def test_one_ip_two_workloads_in_the_store_and_inbound() -> None:
+    assert REUSED.workload_by_ip(ip("10.0.1.50")) is None
+    assert REUSED.claimants(ip("10.0.1.50")) == ("default/new", "default/old")
+    assert REUSED.claimants(ip("10.0.1.1")) == () and REUSED.by_uid["default/new"].node == "a"
+    assert {w.name for w in REUSED.local_workloads("a")} >= {"old", "new"}
+    target = resolve_inbound(REUSED, "a", (ip("10.0.1.50"), 8080), frozenset({15008}))
+    assert target.destination is None and target.address is None
+    assert CLAIMED in target.reason
+    # Once the state settles (the old pod gone), the new pod is served as itself at once.
+    plan = plan_outbound(SETTLED, "a", ip("10.0.1.50"), (ip("10.0.2.2"), 8080))
+    assert isinstance(plan, HbonePlan) and plan.source.service_account == "new-sa"
+    target = resolve_inbound(SETTLED, "a", (ip("10.0.1.50"), 8080), frozenset({15008}))
+    assert target.destination is not None and target.destination.service_account == "new-sa"
+    assert {w.name for w in SETTLED.service_endpoints(SETTLED.by_vip[ip("10.96.0.1")])} == {
+        "local-srv", "remote-srv", "new"}

@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from mesh.state.model import MtlsMode, Protocol, WaypointRef
+from mesh.state.model import (
+    MeshConfig,
+    MtlsMode,
+    Protocol,
+    Service,
+    ServicePort,
+    WaypointRef,
+    Workload,
+)
 from mesh.state.parse import StateError, load_state_text, parse_state
 from mesh.state.store import GATEWAY_NAME_LABEL, StateSnapshot, StateStore
 
@@ -235,3 +243,41 @@ def test_a_delta_cannot_change_the_trust_domain() -> None:
     assert update is not None and update.full  # what the controller sends: a full update
     assert apply_update(old, update) == new
     assert apply_update(old, full_update(new)) == new
+
+
+def _wl(name: str, address: str, node: str = "n1", app: str = "web") -> Workload:
+    return Workload(f"ns1/{name}", name, "ns1", name, node, (ipaddress.ip_address(address),),
+                    "cluster.local", labels=(("app", app),))
+
+
+# workloads -> per address: the owner by IP ("" for none) and the claimants when contested
+@pytest.mark.parametrize(("workloads", "expected"), [
+    # one owner each: as always
+    ((_wl("a", "10.0.0.1"), _wl("b", "10.0.0.2")),
+     {"10.0.0.1": ("ns1/a", ()), "10.0.0.2": ("ns1/b", ())}),
+    # a deleted pod still listed and the new pod with its IP: nobody's, both named
+    ((_wl("old", "10.0.0.1"), _wl("new", "10.0.0.1")),
+     {"10.0.0.1": ("", ("ns1/new", "ns1/old"))}),
+    # whatever the order in the state
+    ((_wl("new", "10.0.0.1"), _wl("old", "10.0.0.1"), _wl("c", "10.0.0.3")),
+     {"10.0.0.1": ("", ("ns1/new", "ns1/old")), "10.0.0.3": ("ns1/c", ())}),
+    # three claimants, on different nodes
+    ((_wl("x", "10.0.0.1"), _wl("y", "10.0.0.1", "n2"), _wl("z", "10.0.0.1")),
+     {"10.0.0.1": ("", ("ns1/x", "ns1/y", "ns1/z"))}),
+])
+def test_one_ip_claimed_twice_has_no_owner(
+        workloads: tuple[Workload, ...], expected: dict[str, tuple[str, tuple[str, ...]]]) -> None:
+    snap = StateSnapshot.build(MeshConfig(workloads=workloads, services=(Service(
+        "web", "ns1", "web.ns1.svc", (ipaddress.ip_address("10.96.0.1"),),
+        (ServicePort(80, 80),), (("app", "web"),)),)))
+    for address, (owner, claimants) in expected.items():
+        a = ipaddress.ip_address(address)
+        w = snap.workload_by_ip(a)
+        assert (w.uid if w else "") == owner
+        assert snap.claimants(a) == claimants
+    # every workload stays in the state (by uid, by node), only the address is nobody's
+    assert set(snap.by_uid) == {w.uid for w in workloads}
+    # and a workload reached at a contested address is no service endpoint meanwhile
+    endpoints = {w.uid for w in snap.service_endpoints(snap.by_vip[
+        ipaddress.ip_address("10.96.0.1")])}
+    assert endpoints == {owner for owner, _ in expected.values() if owner}
