@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from controller.ca import DEFAULT_WORKLOAD_TTL, CertificateAuthority, WorkloadPublicKey
 from mesh.api.ambit.v1 import ca_pb2, ca_pb2_grpc
+from mesh.ratelimit import RateLimitedLog
 from mesh.spiffe import TRUST_DOMAIN, PeerIdentityError, SpiffeId, identity_from_uris
 
 log = logging.getLogger("controller.ca")
@@ -244,6 +245,9 @@ class CertificateService(ca_pb2_grpc.CertificateServiceServicer):
         self.requests = Counter("ambit_ca_requests", "Certificate requests by result "
                                 "(issued, unauthenticated, permission_denied, "
                                 "invalid_argument, internal)", ("result",), registry=registry)
+        # One line per refusal code every 10 s (with the count left out): a caller without a
+        # valid token can ask as often as it likes, and a flood must not become a log flood.
+        self._refusals = RateLimitedLog(log, what="refused")
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         ca_pb2_grpc.add_CertificateServiceServicer_to_server(self, server)
@@ -260,8 +264,8 @@ class CertificateService(ca_pb2_grpc.CertificateServiceServicer):
     async def _refuse(self, context: Context, result: str, code: grpc.StatusCode,
                       message: str) -> NoReturn:
         self.requests.labels(result).inc()
-        log.warning("refused certificate request from %s: %s: %s", context.peer(),
-                    code.name, message)
+        self._refusals.log(code.name, "refused certificate request from %s: %s: %s",
+                           context.peer(), code.name, message)
         await context.abort(code, message)
         raise AssertionError("abort() returned")  # grpc raises; this keeps NoReturn honest
 

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from controller.ca_service import NodeAuthenticator, NodeAuthError, authenticate_node
 from mesh.api.ambit.v1 import state_pb2, state_pb2_grpc
+from mesh.ratelimit import RateLimitedLog
 from mesh.state.model import MeshConfig
 from mesh.state.wire import delta_update, full_update
 
@@ -116,6 +117,9 @@ class StateService(state_pb2_grpc.StateServiceServicer):
     def __init__(self, publisher: StatePublisher, authenticator: NodeAuthenticator) -> None:
         self.publisher = publisher
         self.authenticator = authenticator
+        # Anyone who reaches the port can be refused as often as they like: one line per
+        # refusal code every 10 s (with the count left out), so a flood is no log flood.
+        self._refusals = RateLimitedLog(log, what="refused")
 
     async def Subscribe(
         self, request: state_pb2.SubscribeRequest, context: grpc.aio.ServicerContext[
@@ -129,8 +133,8 @@ class StateService(state_pb2_grpc.StateServiceServicer):
                                     claimed_node=request.node)
         except NodeAuthError as e:
             self.publisher.refused.labels(e.code.name).inc()
-            log.warning("refused a state subscription for node %r from %s: %s: %s",
-                        request.node, context.peer(), e.code.name, e)
+            self._refusals.log(e.code.name, "refused a state subscription for node %r from %s: "
+                               "%s: %s", request.node, context.peer(), e.code.name, e)
             await context.abort(e.code, str(e))
         async for update in self.publisher.updates(request.node):
             yield update

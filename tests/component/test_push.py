@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,26 @@ async def test_subscribe_without_the_nodes_own_token_gets_no_state(
     assert metrics.get_sample_value("ambit_controller_subscriptions_refused_total",
                                     {"code": code.name}) == 1
     assert metrics.get_sample_value("ambit_controller_subscribers") == 0
+
+
+async def test_a_flood_of_refused_subscriptions_is_no_log_flood(
+        caplog: pytest.LogCaptureFixture) -> None:
+    metrics = CollectorRegistry()
+    publisher = StatePublisher(metrics)
+    publisher.publish(parse_state(doc("1")))
+    server, port = await start_server(publisher)
+    try:
+        with caplog.at_level(logging.WARNING, logger="controller.push"):
+            for i in range(100):
+                got, err = await subscribe(port, "node-a", None if i % 2 else "Bearer forged")
+                assert got == [] and err is not None
+    finally:
+        await server.stop(grace=None)
+    assert metrics.get_sample_value("ambit_controller_subscriptions_refused_total",
+                                    {"code": "UNAUTHENTICATED"}) == 100
+    lines = [r.getMessage() for r in caplog.records if "refused a state subscription" in
+             r.getMessage()]
+    assert len(lines) == 1, lines  # one code, one line per 10 s; the rest are counted
 
 
 async def test_subscribe_with_the_nodes_token_gets_the_snapshot() -> None:

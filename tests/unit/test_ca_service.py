@@ -131,6 +131,20 @@ async def test_another_nodes_identity_is_refused_and_logged(
     assert ca.count("issued") == 1
 
 
+async def test_a_flood_of_refused_requests_is_no_log_flood(
+        ca: Ca, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="controller.ca"):
+        for _ in range(50):
+            err = await refusal(ca, csr_for(str(WEB)), token="forged")
+            assert err.code() is grpc.StatusCode.UNAUTHENTICATED
+        err = await refusal(ca, csr_for(str(DB)))  # another code gets its own line
+        assert err.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert ca.count("unauthenticated") == 50
+    lines = [r.getMessage() for r in caplog.records if "refused certificate" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "UNAUTHENTICATED" in lines[0] and "PERMISSION_DENIED" in lines[1]
+
+
 @pytest.mark.parametrize("token", [None, "", "forged"])
 async def test_missing_or_bad_token_is_unauthenticated(ca: Ca, token: str | None) -> None:
     err = await refusal(ca, csr_for(str(WEB)), token=token)
