@@ -6,8 +6,9 @@ one (a workload, a service, a policy).
 
 Invariants: the only rejections are protobuf's ``DecodeError`` (not a message) and
 ``StateError`` (a message with an invalid part: the ztunnel keeps its state); an accepted
-update gives a state whose workload addresses are distinct, whose ports are in 1..65535, and
-which survives ``full_update`` -> ``apply_update`` unchanged.
+update gives a state whose workload addresses and service VIPs are all distinct (as a state
+file's must be), whose ports are in 1..65535, and which survives ``full_update`` ->
+``apply_update`` unchanged.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ authorizationPolicies:
 
 
 def _check(config: MeshConfig) -> None:
+    # The rules of a state file (parse_state): pod addresses and service VIPs all distinct.
     ips = [ip for w in config.workloads for ip in w.addresses]
-    assert len(set(ips)) == len(ips), config
+    vips = [ip for s in config.services for ip in s.vips]
+    assert len(set(ips + vips)) == len(ips) + len(vips), config
     for s in config.services:
         for p in s.ports:
             assert 1 <= p.port <= 65535 and 1 <= p.target_port <= 65535, s

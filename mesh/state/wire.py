@@ -250,6 +250,16 @@ def apply_update(current: MeshConfig, u: state_pb2.StateUpdate) -> MeshConfig:
             if ip in owners and owners[ip] != w.uid:
                 raise StateError("workloads", f"{ip} is claimed by {owners[ip]} and {w.uid}")
             owners[ip] = w.uid
+    # As in a state file (parse_state): a VIP names one service and is no pod's address, or
+    # the ztunnel's by-VIP index would silently pick one.
+    vips: dict[Any, str] = {}
+    for s in services.values():
+        for vip in s.vips:
+            if vip in vips or vip in owners:
+                other = f"service {vips[vip]}" if vip in vips else f"workload {owners[vip]}"
+                raise StateError("services", f"{vip} of service {s.key} is already used by "
+                                 f"{other}")
+            vips[vip] = s.key
     return MeshConfig(
         trust_domain=td, workloads=tuple(workloads.values()), services=tuple(services.values()),
         policies=tuple(policies.values()), peer_authentications=tuple(peers.values()),

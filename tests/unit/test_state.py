@@ -281,3 +281,30 @@ def test_one_ip_claimed_twice_has_no_owner(
     endpoints = {w.uid for w in snap.service_endpoints(snap.by_vip[
         ipaddress.ip_address("10.96.0.1")])}
     assert endpoints == {owner for owner, _ in expected.values() if owner}
+
+
+@pytest.mark.parametrize("clash", ["service", "workload"])
+def test_a_pushed_vip_is_unique_as_in_a_state_file(clash: str) -> None:
+    # Found by fuzz/state_wire.py: the push accepted two services with one VIP, or a VIP that is
+    # a pod's address, which a state file refuses; the by-VIP index then picked one silently.
+    from mesh.api.ambit.v1 import state_pb2
+    from mesh.state.model import MeshConfig
+    from mesh.state.wire import apply_update
+
+    def svc(name: str) -> state_pb2.Service:
+        return state_pb2.Service(name=name, namespace="n", vips=["10.96.0.1"],
+                                 ports=[state_pb2.ServicePort(port=80)])
+
+    update = state_pb2.StateUpdate(full=True, services=[svc("a")])
+    if clash == "service":
+        update.services.append(svc("b"))
+    else:
+        update.workloads.append(
+            state_pb2.Workload(name="w", namespace="n", node="x", addresses=["10.96.0.1"]))
+    with pytest.raises(StateError, match=f"10.96.0.1 of service .* is already used by {clash}"):
+        apply_update(MeshConfig(), update)
+    # Moving a VIP from one service to another in one delta is fine.
+    base = apply_update(MeshConfig(), state_pb2.StateUpdate(full=True, services=[svc("a")]))
+    moved = apply_update(base, state_pb2.StateUpdate(services=[svc("b")],
+                                                     removed_services=["n/a"]))
+    assert [s.name for s in moved.services] == ["b"]
