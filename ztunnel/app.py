@@ -73,8 +73,11 @@ class Ztunnel:
         self.secrets = make_secrets(config, self.metrics)
         self.ctx = ProxyContext(config, self.store, self.secrets, self.metrics,
                                 AccessLog(config.access_log))
+        # The pool's client connections get the same HTTP/2 limits and timers (keepalive finds
+        # half-open peers on the client side too) as the server's.
         self.ctx.pool = HbonePool(self.secrets.client_context, self.ctx.make_socket,
-                                  connect_timeout=config.connect_timeout)
+                                  connect_timeout=config.connect_timeout,
+                                  settings=config.hbone_settings())
         self.ctx.reserved_ports = frozenset(
             p for p in (config.outbound_port, config.inbound_plaintext_port, config.inbound_port,
                         config.socks5_port, config.admin_port, config.metrics_port,

@@ -63,10 +63,12 @@ async def _both(a: asyncio.Task[None], b: asyncio.Task[None]) -> None:
     """Wait for both directions; if one fails, abort the other (an RST, not a hang)."""
     try:
         done, pending = await asyncio.wait({a, b}, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            exc = t.exception()
-            if exc is not None:
-                raise exc
+        # Read every finished task's exception before raising one: when both directions fail
+        # in the same iteration, an unread second one is reported by asyncio as "Task exception
+        # was never retrieved" on stderr, once per tunnel (a log flood under attack).
+        errors = [e for e in (t.exception() for t in done) if e is not None]
+        if errors:
+            raise errors[0]
         if pending:
             await asyncio.gather(*pending)
     finally:
