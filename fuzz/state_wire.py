@@ -6,9 +6,9 @@ one (a workload, a service, a policy).
 
 Invariants: the only rejections are protobuf's ``DecodeError`` (not a message) and
 ``StateError`` (a message with an invalid part: the ztunnel keeps its state); an accepted
-update gives a state whose workload addresses and service VIPs are all distinct (as a state
-file's must be), whose ports are in 1..65535, and which survives ``full_update`` ->
-``apply_update`` unchanged.
+update gives a state whose workload addresses and service VIPs are all distinct and whose
+policies are named (as a state file's must be), whose ports are in 1..65535, and which
+survives ``full_update`` -> ``apply_update`` unchanged.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ def _check(config: MeshConfig) -> None:
     ips = [ip for w in config.workloads for ip in w.addresses]
     vips = [ip for s in config.services for ip in s.vips]
     assert len(set(ips + vips)) == len(ips) + len(vips), config
+    for key in [p.key for p in config.policies] + [p.key for p in config.peer_authentications]:
+        namespace, _, name = key.partition("/")
+        assert namespace and name, key
     for s in config.services:
         for p in s.ports:
             assert 1 <= p.port <= 65535 and 1 <= p.target_port <= 65535, s

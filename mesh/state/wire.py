@@ -30,6 +30,7 @@ from mesh.state.parse import (
     parse_peer_authentication_spec,
     parse_service,
     parse_workload,
+    string,
 )
 
 # -- policies: model -> Istio-shaped spec ------------------------------------------------------
@@ -202,12 +203,17 @@ def _spec(m: state_pb2.Policy, path: str) -> Any:
         raise StateError(f"{path}.spec_json", "not usable JSON: nested too deeply") from None
 
 
+def _named(m: state_pb2.Policy, path: str) -> tuple[str, str]:
+    # Required, as in a state file (an empty name or namespace is proto3's "not set").
+    return string(m.name or None, f"{path}.name"), string(m.namespace or None, f"{path}.namespace")
+
+
 def authz_from_pb(m: state_pb2.Policy, path: str) -> AuthorizationPolicy:
-    return parse_authorization_spec(m.name, m.namespace, _spec(m, path), f"{path}.spec")
+    return parse_authorization_spec(*_named(m, path), _spec(m, path), f"{path}.spec")
 
 
 def peer_auth_from_pb(m: state_pb2.Policy, path: str) -> PeerAuthentication:
-    return parse_peer_authentication_spec(m.name, m.namespace, _spec(m, path), f"{path}.spec")
+    return parse_peer_authentication_spec(*_named(m, path), _spec(m, path), f"{path}.spec")
 
 
 def apply_update(current: MeshConfig, u: state_pb2.StateUpdate) -> MeshConfig:
@@ -247,7 +253,7 @@ def apply_update(current: MeshConfig, u: state_pb2.StateUpdate) -> MeshConfig:
     owners: dict[Any, str] = {}
     for w in workloads.values():
         for ip in w.addresses:
-            if ip in owners and owners[ip] != w.uid:
+            if ip in owners:  # another workload's, or listed twice (a state file refuses both)
                 raise StateError("workloads", f"{ip} is claimed by {owners[ip]} and {w.uid}")
             owners[ip] = w.uid
     # As in a state file (parse_state): a VIP names one service and is no pod's address, or

@@ -308,3 +308,22 @@ def test_a_pushed_vip_is_unique_as_in_a_state_file(clash: str) -> None:
     moved = apply_update(base, state_pb2.StateUpdate(services=[svc("b")],
                                                      removed_services=["n/a"]))
     assert [s.name for s in moved.services] == ["b"]
+
+
+def test_pushed_addresses_and_policy_names_follow_the_state_file_rules() -> None:
+    # Found by fuzz/state_wire.py: the push accepted a workload listing one address twice and a
+    # policy without a name or namespace; a state file refuses both.
+    from mesh.api.ambit.v1 import state_pb2
+    from mesh.state.model import MeshConfig
+    from mesh.state.wire import apply_update
+
+    twice = state_pb2.StateUpdate(workloads=[state_pb2.Workload(
+        name="w", namespace="n", node="x", addresses=["10.0.0.1", "10.0.0.1"])])
+    with pytest.raises(StateError, match=r"10\.0\.0\.1 is claimed by n/w and n/w"):
+        apply_update(MeshConfig(), twice)
+    for field in ("authorization_policies", "peer_authentications"):
+        for name, namespace, missing in (("", "n", "name"), ("p", "", "namespace")):
+            update = state_pb2.StateUpdate()
+            getattr(update, field).append(state_pb2.Policy(name=name, namespace=namespace))
+            with pytest.raises(StateError, match=rf"{field}\[0\]\.{missing}: is required"):
+                apply_update(MeshConfig(), update)
