@@ -21,7 +21,7 @@ with atheris.instrument_imports(include=["mesh.state", "mesh.spiffe", "mesh.port
     from google.protobuf.message import DecodeError
 
     from mesh.api.ambit.v1 import state_pb2
-    from mesh.state.model import MeshConfig
+    from mesh.state.model import AuthorizationPolicy, MeshConfig, PeerAuthentication
     from mesh.state.parse import StateError, load_state_text
     from mesh.state.wire import apply_update, full_update
 
@@ -44,9 +44,10 @@ def _check(config: MeshConfig) -> None:
     ips = [ip for w in config.workloads for ip in w.addresses]
     vips = [ip for s in config.services for ip in s.vips]
     assert len(set(ips + vips)) == len(ips) + len(vips), config
-    for key in [p.key for p in config.policies] + [p.key for p in config.peer_authentications]:
-        namespace, _, name = key.partition("/")
-        assert namespace and name, key
+    named: list[AuthorizationPolicy | PeerAuthentication] = [*config.policies,
+                                                            *config.peer_authentications]
+    for pol in named:
+        assert pol.name and pol.namespace, pol
     for s in config.services:
         for p in s.ports:
             assert 1 <= p.port <= 65535 and 1 <= p.target_port <= 65535, s
