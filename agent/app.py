@@ -37,12 +37,12 @@ from agent.cni_server import CniRequest, CniServer
 from agent.config import AgentConfig
 from agent.discover import host_iface_for, iface_exists
 from agent.k8s_owner import OwnerWatch
-from agent.membership import MembershipClient, MembershipUnavailable
+from agent.membership import Answer, MembershipClient, MembershipUnavailable
 from agent.node_endpoint import NodeEndpoint
 from agent.node_metrics import NodeMetrics
 from agent.pods import LocalPod, PodTable
 from agent.reconcile import MAX_TOMBSTONES, MeshPod, adoption, desired, plan, prune
-from agent.ztunnel_link import ZtunnelLinkServer
+from agent.ztunnel_link import LinkUnavailable, ZtunnelLinkServer
 from mesh import __version__
 from mesh.state.model import Protocol
 from mesh.state.store import StateSnapshot, StateStore
@@ -104,6 +104,9 @@ class Agent:
         self.cni = CniServer(config.cni_socket, self.handle_cni, uids=uids)
         self.link = ZtunnelLinkServer(config.ztunnel_socket, self._on_listeners, uids=uids,
                                       peer_check=config.ztunnel_peer_check)
+        # container id -> pod uid of the pods handed to the ztunnel at ADD (for DEL, which
+        # may come without the pod's name).
+        self._added_uids: dict[str, str] = {}
         self.endpoint = NodeEndpoint(self.metrics, config.metrics_host, config.metrics_port,
                                      config.ztunnel_metrics_url, self.ready, self.status)
 
@@ -283,6 +286,7 @@ class Agent:
                 answer = await self._cni_add(req)
             elif req.op == "del":
                 answer = await self._cni_del(req)
+                await self._ztunnel_forget(req)
             else:
                 answer = await self._cni_check(req)
         except (CaptureError, MembershipUnavailable, OSError) as e:
@@ -313,6 +317,12 @@ class Agent:
             return {"ok": False, "error": f"the registry does not place pod {req.uid} on node "
                     f"{self.config.node} ({answer.reason}); refusing to start it uncaptured, "
                     "the kubelet will retry"}
+        if answer.in_mesh:
+            # Before capture: a pod whose workload the ztunnel cannot take is never captured
+            # into a ztunnel that would refuse its connections as "unknown source".
+            problem = await self._hand_to_ztunnel(req, ips, answer)
+            if problem is not None:
+                return {"ok": False, "error": problem}
         pod = LocalPod(req.uid, ips, iface, req.netns, req.container_id, answer.in_mesh,
                        answer.reason)
         capture = pod.capture()
@@ -326,6 +336,52 @@ class Agent:
         log.info("pod %s (%s on %s): %s", req.uid, ", ".join(ips), iface,
                  "captured" if answer.in_mesh else f"not captured: {answer.reason}")
         return {"ok": True, "captured": answer.in_mesh, "reason": answer.reason}
+
+    async def _hand_to_ztunnel(self, req: CniRequest, ips: tuple[str, ...],
+                               answer: Answer) -> str | None:
+        """Give the node's ztunnel the new mesh pod's workload and wait until it has it (in its
+        store, certificate fetch started); the reason ADD must fail, None once it has.
+
+        Why before ADD returns: the runtime starts the containers as soon as ADD succeeds, and
+        the controller's state push lists the pod only after the kubelet reports its IP, about
+        a second later; a first connection in between was refused as "unknown source". Why
+        fail closed when the ztunnel does not answer within ``ztunnel_handoff_timeout``: the
+        pod's connections would be refused anyway (and in eBPF mode a ztunnel that is not
+        linked has no listeners in the SOCKMAP), and a failed ADD is retried by the kubelet
+        (CNI error), as an unreachable controller is, while an ADD that succeeds cannot be
+        taken back.
+        """
+        workload: dict[str, Any] = {
+            "uid": req.uid, "name": req.pod_name, "namespace": req.pod_namespace,
+            "serviceAccount": answer.service_account or "default", "node": self.config.node,
+            "addresses": list(ips), "labels": dict(answer.labels)}
+        if answer.workload_name:
+            workload["workloadName"] = answer.workload_name
+        started = time.monotonic()
+        try:
+            await self.link.request({"op": "pod_added", "workload": workload},
+                                    self.config.ztunnel_handoff_timeout)
+        except LinkUnavailable as e:
+            return (f"pod {req.uid}: the node's ztunnel does not have its workload: {e}; "
+                    "refusing to start it (its first connections would be refused), the "
+                    "kubelet will retry")
+        self._added_uids[req.container_id] = req.uid
+        while len(self._added_uids) > 4096:  # bounded: DELs that never came
+            del self._added_uids[next(iter(self._added_uids))]
+        log.debug("pod %s handed to the ztunnel in %.1f ms", req.uid,
+                  (time.monotonic() - started) * 1000)
+        return None
+
+    async def _ztunnel_forget(self, req: CniRequest) -> None:
+        """At DEL: drop the pod's provisional workload in the ztunnel (best effort; it also
+        expires there, and the state push replaces it)."""
+        uid = self._added_uids.pop(req.container_id, None) or (req.uid if req.pod_name else None)
+        if uid is None or self.link.ztunnel_pid is None:
+            return
+        try:
+            await self.link.request({"op": "pod_deleted", "uid": uid}, 1.0)
+        except LinkUnavailable as e:
+            log.info("pod %s: could not tell the ztunnel it is deleted: %s", uid, e)
 
     async def _cni_del(self, req: CniRequest) -> dict[str, Any]:
         """A CNI DEL is final: capture of the pod's IPs is removed before the answer, and the

@@ -61,6 +61,11 @@ class AgentConfig:
     metrics_port: int = NODE_METRICS_PORT
     ztunnel_metrics_url: str = ZTUNNEL_METRICS_URL
     membership_timeout: float = 5.0
+    # Pod start: how long CNI ADD of a mesh pod waits for the node's ztunnel to take its
+    # workload (agent/app.py ``_hand_to_ztunnel``). With ``membership_timeout`` it stays under
+    # the plugin's default timeoutSeconds (10), so ADD fails with the agent's reason rather
+    # than the plugin's timeout.
+    ztunnel_handoff_timeout: float = 4.0
     resync_interval: float = 10.0
     log_level: str = "info"
     # The host's CNI directories as mounted in the pod, and the plugin binary to keep
@@ -129,7 +134,8 @@ class AgentConfig:
                            ("--ca-root-cert", self.ca_root_cert)):
             if path is not None and not path.is_file():
                 raise AgentConfigError(f"{name}: {path} does not exist or is not a file")
-        if self.membership_timeout <= 0 or self.resync_interval <= 0:
+        if self.membership_timeout <= 0 or self.resync_interval <= 0 or \
+                self.ztunnel_handoff_timeout <= 0:
             raise AgentConfigError("timeouts and intervals must be positive")
         if (self.cni_bin_dir is None) != (self.cni_conf_dir is None):
             raise AgentConfigError("--cni-bin-dir and --cni-conf-dir go together (the host's "

@@ -25,6 +25,10 @@ class Answer:
     known: bool
     in_mesh: bool
     reason: str
+    # The pod's workload fields (set for mesh pods): handed to the node's ztunnel at ADD.
+    service_account: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    workload_name: str = ""
 
 
 class MembershipClient:
@@ -53,7 +57,8 @@ class MembershipClient:
                 metadata=metadata, timeout=self.timeout)
         except grpc.aio.AioRpcError as e:
             raise MembershipUnavailable(f"controller: {e.code().name}: {e.details()}") from None
-        return Answer(reply.known, reply.in_mesh, reply.reason)
+        return Answer(reply.known, reply.in_mesh, reply.reason, reply.service_account,
+                      tuple(sorted(reply.labels.items())), reply.workload_name)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -20,6 +20,12 @@ Who may register: the socket is 0600 and the agent serves only peers whose uid i
 (``ztunnel_problem``). Anyone else is answered with the reason, closed, logged (rate limited)
 and counted (``refusals``); the SOCKMAP is not touched.
 
+Pod start: once registered, the link also carries the agent's requests the other way
+(``pod_added`` at CNI ADD, ``pod_deleted`` at DEL), one JSON line each, answered by the ztunnel
+with a line carrying the request's ``id`` (``request``). ADD of a mesh pod returns only after the
+ztunnel has the pod's workload in its store and has started fetching its certificate, so the
+pod's first connection is never refused as "unknown source".
+
 Wire format (both sides): ``ztunnel/agent_link.py`` is the client.
 """
 
@@ -32,9 +38,11 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent.capture.base import LISTENER_SLOTS
 from mesh.unix import PeerCred, RefusalLog, allowed_uids, bind_unix, peer_cred, uid_problem
@@ -42,6 +50,9 @@ from mesh.unix import PeerCred, RefusalLog, allowed_uids, bind_unix, peer_cred, 
 log = logging.getLogger("agent.ztunnel_link")
 
 MAX_MESSAGE = 4096
+# The longest request line (ztunnel/agent_link.py has the same limit; layers never import each
+# other) and answer line read back.
+MAX_REQUEST = 16384
 MAX_FDS = 8
 SOCKET_MODE = 0o600
 PEER_CHECK_CMDLINE = "cmdline"
@@ -203,6 +214,31 @@ def ztunnel_problem(peer: PeerCred, argv: Sequence[str] | None) -> str | None:
             f"line: {shown!r}); only the node's ztunnel may register capture listeners ({off})")
 
 
+class LinkUnavailable(Exception):
+    """A request to the ztunnel could not be carried out: no ztunnel linked, no answer in
+    time, or refused (the message says which, and what to do)."""
+
+
+@dataclass
+class _Session:
+    """One registered ztunnel's link: requests sent on it wait for their answer here."""
+
+    conn: socket.socket
+    pid: int
+    pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def parse_answer(line: bytes) -> tuple[int, str | None]:
+    """A ztunnel's answer line: (request id, None if ok else the reason it refused)."""
+    doc = json.loads(line)
+    if not isinstance(doc, dict) or not isinstance(doc.get("id"), int):
+        raise ValueError(f"not an answer to a request: {line[:200]!r}")
+    if doc.get("ok") is True:
+        return doc["id"], None
+    return doc["id"], str(doc.get("error", "refused without a reason"))[:1000]
+
+
 class ZtunnelLinkServer:
     def __init__(self, path: Path, on_listeners: OnListeners, *,
                  uids: Set[int] | None = None,
@@ -219,6 +255,49 @@ class ZtunnelLinkServer:
         self._server: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._session: _Session | None = None
+        self._linked = asyncio.Event()
+        self._next_id = 0
+
+    async def request(self, message: Mapping[str, Any], within: float) -> None:
+        """Send ``message`` (an ``op`` and its fields; the id is added here) to the registered
+        ztunnel and wait for its answer, for at most ``within`` seconds in all, including the
+        wait for a ztunnel to register. Raises ``LinkUnavailable`` with the reason."""
+        deadline = time.monotonic() + within
+        try:
+            await asyncio.wait_for(self._linked.wait(), within)
+        except TimeoutError:
+            raise LinkUnavailable(
+                f"no ztunnel has registered on {self.path} within {within:g}s: is the node's "
+                "ztunnel running with --agent-socket pointing here (and --inbound-bind "
+                "shared)?") from None
+        session = self._session
+        assert session is not None
+        self._next_id += 1
+        request_id = self._next_id
+        line = json.dumps({**message, "id": request_id}).encode() + b"\n"
+        if len(line) > MAX_REQUEST:
+            raise LinkUnavailable(f"{message.get('op')} request of {len(line)} bytes is over "
+                                  f"the link's {MAX_REQUEST}-byte limit (too many labels?)")
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        session.pending[request_id] = fut
+        loop = asyncio.get_running_loop()
+        try:
+            async with session.write_lock:  # one line at a time, never interleaved
+                await asyncio.wait_for(loop.sock_sendall(session.conn, line),
+                                       max(0.0, deadline - time.monotonic()))
+            reply = await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise LinkUnavailable(
+                f"the ztunnel (pid {session.pid}) did not answer {message.get('op')} within "
+                f"{within:g}s; see its log") from None
+        except OSError as e:
+            raise LinkUnavailable(f"the link to the ztunnel (pid {session.pid}) broke: "
+                                  f"{e}") from None
+        finally:
+            session.pending.pop(request_id, None)
+        if reply.get("error") is not None:
+            raise LinkUnavailable(f"the ztunnel refused {message.get('op')}: {reply['error']}")
 
     async def start(self) -> None:
         # 0600 from creation (mesh/unix.py): the ztunnel runs as root, like the agent.
@@ -278,9 +357,20 @@ class ZtunnelLinkServer:
             self.registrations += 1
             log.info("ztunnel pid %d registered its listeners: %s", pid, ", ".join(names))
             await loop.sock_sendall(conn, b'{"ok": true}\n')
-            # Keep the link open until the ztunnel goes away, so its pid stays current.
-            while await loop.sock_recv(conn, 1024):
-                pass
+            # Keep the link open until the ztunnel goes away, so its pid stays current; it
+            # carries the requests (pod start) and their answers from now on.
+            session = _Session(conn, pid)
+            self._session = session
+            self._linked.set()
+            try:
+                await self._read_answers(session)
+            finally:
+                for fut in session.pending.values():
+                    if not fut.done():
+                        fut.set_exception(ConnectionError("the ztunnel closed the link"))
+                if self._session is session:
+                    self._session = None
+                    self._linked.clear()
             log.info("ztunnel pid %d closed the link", pid)
         except Exception as e:  # a bad message, or the SOCKMAP update failed: keep serving
             bad_input = isinstance(e, TimeoutError | OSError | ValueError)
@@ -296,6 +386,25 @@ class ZtunnelLinkServer:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             conn.close()
+
+    async def _read_answers(self, session: _Session) -> None:
+        loop = asyncio.get_running_loop()
+        buffer = b""
+        while chunk := await loop.sock_recv(session.conn, 65536):
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                try:
+                    request_id, problem = parse_answer(line)
+                except ValueError as e:
+                    log.warning("ztunnel link: ignoring a line from pid %d: %s", session.pid, e)
+                    continue
+                fut = session.pending.get(request_id)
+                if fut is not None and not fut.done():
+                    fut.set_result({"error": problem})
+            if len(buffer) > MAX_REQUEST:
+                raise ValueError(f"the ztunnel (pid {session.pid}) sent a line over "
+                                 f"{MAX_REQUEST} bytes")
 
     async def close(self) -> None:
         if self._task is not None:

@@ -49,7 +49,11 @@ class EmbeddedFeed:
     # IssuancePolicy
     def may_issue(self, node: str, identity: SpiffeId) -> bool:
         snap = self.snapshot if self.snapshot is not None else self.registry.snapshot()
-        return node_hosts_identity(snap, node, identity, self.trust_domain)
+        if node_hosts_identity(snap, node, identity, self.trust_domain):
+            return True
+        # Pod start: the ztunnel asks for a new pod's certificate right at its CNI ADD, often
+        # before the watch has seen the pod; read through before refusing (as pod_membership).
+        return node_hosts_identity(self.registry.snapshot(), node, identity, self.trust_domain)
 
     # NodeService
     def pod_membership(self, node: str, namespace: str, name: str) -> Membership:

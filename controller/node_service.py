@@ -62,4 +62,7 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
         log.info("node %s asked about pod %s/%s: %s", node, request.namespace, request.name,
                  answer.reason)
         return node_pb2.PodMembership(known=answer.known, in_mesh=answer.in_mesh,
-                                      reason=answer.reason)
+                                      reason=answer.reason,
+                                      service_account=answer.service_account,
+                                      labels=dict(answer.labels),
+                                      workload_name=answer.workload_name)

@@ -7,6 +7,21 @@ in a SOCKMAP. With ``--agent-socket`` the ztunnel connects after binding, sends 
 and keeps the connection open; when it breaks (the agent restarted) it reconnects with backoff
 and sends them again. In iptables mode the link is harmless: TPROXY finds listeners by port.
 The agent's side is ``agent/ztunnel_link.py``.
+
+Pod start (the other direction): once the listeners are registered, the agent sends requests on
+the same connection, one JSON line each, and the ztunnel answers each with one line carrying
+its ``id``:
+
+- ``{"op": "pod_added", "id": N, "workload": {uid, name, namespace, serviceAccount, node,
+  addresses, labels, workloadName}}`` at CNI ADD of a mesh pod: the ztunnel adds the workload
+  to its store's provisional overlay (``OverlayStateStore``), which starts the fetch of its
+  certificate, then answers ``{"id": N, "ok": true}``; the agent lets ADD return only then, so
+  the pod's first connection finds its source known;
+- ``{"op": "pod_deleted", "id": N, "uid": "ns/name"}`` at CNI DEL: the provisional entry goes.
+
+A refused request is answered ``{"id": N, "ok": false, "error": "<reason>"}``. Every field is
+checked as strictly as the state file's (``parse_link_request``): the link is input from
+another process. A line longer than ``MAX_REQUEST`` ends the session (the agent reconnects).
 """
 
 from __future__ import annotations
@@ -15,17 +30,166 @@ import asyncio
 import json
 import logging
 import random
+import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from mesh.state.model import IPAddress, Protocol, Workload
+from mesh.state.parse import StateError, mapping, parse_workload
 
 log = logging.getLogger("ztunnel.agent_link")
+
+# The longest request line the ztunnel reads (the agent's side has the same constant: the two
+# layers do not import each other). A pod's workload with its labels is well under 4 KiB.
+MAX_REQUEST = 16384
+OP_POD_ADDED = "pod_added"
+OP_POD_DELETED = "pod_deleted"
+MAX_LABELS = 64
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+_WORKLOAD_FIELDS = ("uid", "name", "namespace", "serviceAccount", "node", "addresses",
+                    "labels", "workloadName")
+
+
+@dataclass(frozen=True)
+class PodAdded:
+    workload: Workload
+
+
+@dataclass(frozen=True)
+class PodDeleted:
+    uid: str
+
+
+LinkRequest = PodAdded | PodDeleted
+
+
+class LinkRequestError(ValueError):
+    """A request the ztunnel refuses; ``id`` is the request's, if it could be read."""
+
+    def __init__(self, problem: str, request_id: int | None = None) -> None:
+        super().__init__(problem)
+        self.request_id = request_id
+
+
+def _dns(value: str, path: str, pattern: re.Pattern[str], limit: int) -> None:
+    if len(value) > limit or not pattern.fullmatch(value):
+        raise StateError(path, f"{value[:80]!r} is not a DNS-1123 name (lower case "
+                         f"alphanumerics and '-', at most {limit} characters)")
+
+
+def _pod_address(ip: IPAddress, path: str) -> None:
+    # A pod's address from the main plugin's result: never the node itself or a special range
+    # (a provisional workload on 127.0.0.1 would make the ztunnel's own connections a pod's).
+    if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local or \
+            ip.is_reserved:
+        raise StateError(path, f"{ip} is not a pod address (loopback, unspecified, multicast, "
+                         "link-local or reserved)")
+
+
+def parse_workload_message(value: Any, node: str, trust_domain: str) -> Workload:
+    """The workload of a ``pod_added`` request, checked like a state file's entry
+    (``parse_workload``) and more strictly: only the fields the agent knows at ADD, uid
+    ``namespace/name``, DNS-1123 names, this node, 1 or 2 pod addresses, string labels."""
+    m = mapping(value, "workload", _WORKLOAD_FIELDS)
+    for key in ("uid", "name", "namespace", "node"):
+        if key not in m:
+            raise StateError(f"workload.{key}", "is required")
+    labels = m.get("labels")
+    if labels is not None:
+        if not isinstance(labels, dict) or len(labels) > MAX_LABELS:
+            raise StateError("workload.labels", f"expected a mapping of at most {MAX_LABELS} "
+                             "labels")
+        for k, v in labels.items():
+            if not isinstance(k, str) or not isinstance(v, str) or not k or len(k) > 317 \
+                    or len(v) > 63:
+                raise StateError("workload.labels", f"label {str(k)[:80]!r}: names are "
+                                 "strings of 1-317 characters, values of at most 63")
+    workload = parse_workload(m, "workload", trust_domain)
+    _dns(workload.namespace, "workload.namespace", _DNS_LABEL, 63)
+    _dns(workload.name, "workload.name", _DNS_SUBDOMAIN, 253)
+    _dns(workload.service_account, "workload.serviceAccount", _DNS_SUBDOMAIN, 253)
+    if workload.workload_name:
+        _dns(workload.workload_name, "workload.workloadName", _DNS_SUBDOMAIN, 253)
+    if workload.uid != f"{workload.namespace}/{workload.name}":
+        raise StateError("workload.uid", f"{workload.uid[:300]!r} is not "
+                         f"\"{workload.namespace}/{workload.name}\" (namespace/name)")
+    if workload.node != node:
+        raise StateError("workload.node", f"{workload.node[:80]!r} is not this ztunnel's node "
+                         f"{node!r}: the agent and the ztunnel must run with the same --node")
+    if len(workload.addresses) > 2 or len(set(workload.addresses)) != len(workload.addresses):
+        raise StateError("workload.addresses", "expected 1 or 2 distinct addresses")
+    for i, ip in enumerate(workload.addresses):
+        _pod_address(ip, f"workload.addresses[{i}]")
+    # Enrolled (the agent only hands over mesh pods) and not ready: a starting pod gets no
+    # service traffic until the registry says it is ready.
+    return Workload(uid=workload.uid, name=workload.name, namespace=workload.namespace,
+                    service_account=workload.service_account, node=workload.node,
+                    addresses=workload.addresses, trust_domain=trust_domain,
+                    labels=workload.labels, workload_name=workload.workload_name,
+                    protocol=Protocol.HBONE, healthy=False)
+
+
+def parse_link_request(line: bytes, node: str, trust_domain: str) -> tuple[int, LinkRequest]:
+    """One request line from the agent: (id, request). Raises ``LinkRequestError`` naming the
+    problem (and the id, once it is known)."""
+    if len(line) > MAX_REQUEST:
+        raise LinkRequestError(f"request of {len(line)} bytes; the limit is {MAX_REQUEST}")
+    try:
+        doc = json.loads(line)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LinkRequestError(f"not a JSON line: {e}") from None
+    if not isinstance(doc, dict):
+        raise LinkRequestError(f"expected a JSON object, got {type(doc).__name__}")
+    request_id = doc.get("id")
+    if not isinstance(request_id, int) or isinstance(request_id, bool) or \
+            not 0 <= request_id < 2**53:
+        raise LinkRequestError(f"id: expected an integer 0..2^53, got {request_id!r:.80}")
+    op = doc.get("op")
+    try:
+        if op == OP_POD_ADDED:
+            m = mapping(doc, "", ("op", "id", "workload"))
+            return request_id, PodAdded(parse_workload_message(m.get("workload"), node,
+                                                               trust_domain))
+        if op == OP_POD_DELETED:
+            m = mapping(doc, "", ("op", "id", "uid"))
+            uid = m.get("uid")
+            namespace, _, name = uid.partition("/") if isinstance(uid, str) else ("", "", "")
+            _dns(namespace, "uid (namespace)", _DNS_LABEL, 63)
+            _dns(name, "uid (name)", _DNS_SUBDOMAIN, 253)
+            return request_id, PodDeleted(f"{namespace}/{name}")
+    except StateError as e:
+        raise LinkRequestError(str(e), request_id) from None
+    raise LinkRequestError(f"op: {op!r:.80} is not one of {OP_POD_ADDED}, {OP_POD_DELETED}",
+                           request_id)
+
+
+# Carries out a request (adds or removes the provisional workload); raises ValueError with the
+# reason to refuse it.
+OnRequest = Callable[[LinkRequest], None]
+
+
+def answer(request_id: int | None, problem: str | None) -> bytes:
+    reply: dict[str, Any] = {"id": request_id, "ok": problem is None}
+    if problem is not None:
+        reply["error"] = problem
+    return json.dumps(reply).encode() + b"\n"
 
 
 class AgentLink:
     def __init__(self, path: Path, listeners: Mapping[str, socket.socket],
-                 backoff_initial: float = 0.2, backoff_max: float = 5.0) -> None:
+                 backoff_initial: float = 0.2, backoff_max: float = 5.0, *,
+                 node: str = "", trust_domain: str | Callable[[], str] = "cluster.local",
+                 on_request: OnRequest | None = None) -> None:
         self.path = path
+        self.node = node
+        self.trust_domain = trust_domain
+        self.on_request = on_request
+        self.requests = 0
+        self.refused = 0
         self.listeners = dict(listeners)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
@@ -56,12 +220,42 @@ class AgentLink:
             self.last_error = ""
             log.info("handed the capture listeners (%s) to the node agent at %s",
                      ", ".join(names), self.path)
-            while await loop.sock_recv(sock, 1024):
-                pass
+            await self._serve_requests(sock)
             log.warning("the node agent closed the link; reconnecting")
         finally:
             self.registered.clear()
             sock.close()
+
+    def handle_line(self, line: bytes) -> bytes:
+        """The answer to one request line (sans-I/O: the session only moves bytes)."""
+        td = self.trust_domain() if callable(self.trust_domain) else self.trust_domain
+        request_id: int | None = None
+        try:
+            request_id, request = parse_link_request(line, self.node, td)
+            if self.on_request is None:
+                raise ValueError("this ztunnel does not take pods from the agent")
+            self.on_request(request)
+        except ValueError as e:
+            request_id = e.request_id if isinstance(e, LinkRequestError) else request_id
+            self.refused += 1
+            log.warning("node agent request refused: %s", e)
+            return answer(request_id, str(e))
+        self.requests += 1
+        return answer(request_id, None)
+
+    async def _serve_requests(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        buffer = b""
+        while chunk := await loop.sock_recv(sock, 65536):
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                if line.strip():
+                    await loop.sock_sendall(sock, self.handle_line(line))
+            if len(buffer) > MAX_REQUEST:
+                await loop.sock_sendall(sock, answer(None, f"request line over {MAX_REQUEST} "
+                                                     "bytes; closing the link"))
+                raise ValueError(f"the node agent sent a line over {MAX_REQUEST} bytes")
 
     async def run(self) -> None:
         delay = self.backoff_initial

@@ -26,7 +26,7 @@ from mesh.listener import BindError, Listener, bind_socket
 from mesh.ports import NODE_OWN_PORTS
 from mesh.state.file_source import FileSource
 from mesh.state.model import IPAddress
-from mesh.state.store import StateSnapshot, StateStore
+from mesh.state.store import OverlayStateStore, ProvisionalWorkloads, StateSnapshot
 from ztunnel.accesslog import AccessLog
 from ztunnel.config import BIND_WORKLOAD, ZtunnelConfig
 from ztunnel.hbone.pool import HbonePool
@@ -36,6 +36,7 @@ from ztunnel.listeners.admin import admin_routes, stats_routes
 from ztunnel.listeners.inbound import InboundServer
 from ztunnel.metrics import Metrics
 from ztunnel.node_addresses import read_node_addresses
+from ztunnel.pod_start import SourceHold
 from ztunnel.proxy import ProxyContext
 from ztunnel.routing import OwnEndpoints
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     import grpc
 
     from mesh.state.controller_source import ControllerSource
-    from ztunnel.agent_link import AgentLink
+    from ztunnel.agent_link import AgentLink, LinkRequest
 
 log = logging.getLogger("ztunnel")
 
@@ -68,7 +69,10 @@ CAPTURE_LISTENERS = ("outbound", "inbound", "inbound_plaintext")
 class Ztunnel:
     def __init__(self, config: ZtunnelConfig) -> None:
         self.config = config
-        self.store = StateStore(config.root_namespace)
+        # Pod start: the controller's state plus the pods the agent reported at CNI ADD that it
+        # does not list yet (mesh/state/store.py "Provisional workloads").
+        self.store = OverlayStateStore(config.root_namespace, ProvisionalWorkloads(
+            config.pod_start_provisional_max, config.pod_start_provisional_max_age))
         self.metrics = Metrics()
         self.secrets = make_secrets(config, self.metrics)
         self.ctx = ProxyContext(config, self.store, self.secrets, self.metrics,
@@ -86,6 +90,7 @@ class Ztunnel:
         # ztunnel's configured ones; the node's addresses are read in start() and refreshed.
         self.ctx.own = OwnEndpoints(ports=NODE_OWN_PORTS | self.ctx.reserved_ports,
                                     loopback_pods=config.loopback_pods)
+        self.ctx.source_hold = SourceHold(self.store, config, self.metrics)
         self.inbound = InboundServer(self.ctx)
         self.listeners: dict[str, Listener] = {}
         self._workload_listeners: dict[IPAddress, list[Listener]] = {}
@@ -256,15 +261,48 @@ class Ztunnel:
 
             capture = {n: self.listeners[n].sock for n in CAPTURE_LISTENERS
                        if n in self.listeners}
-            self.agent_link = AgentLink(self.config.agent_socket, capture)
+            self.agent_link = AgentLink(self.config.agent_socket, capture,
+                                        node=self.config.node,
+                                        trust_domain=self._trust_domain,
+                                        on_request=self.on_agent_request)
             self._tasks.append(asyncio.create_task(self.agent_link.run()))
         self._tasks.append(asyncio.create_task(self._gauges()))
         self._tasks.append(asyncio.create_task(self._watch_node_addresses()))
         self.started = True
         log.info("ztunnel for node %s started", self.config.node)
 
+    def _trust_domain(self) -> str:
+        return (self.store.base.config.trust_domain if self.store.ready
+                else self.config.trust_domain)
+
+    def on_agent_request(self, request: LinkRequest) -> None:
+        """Carry out the agent's pod-start request (ztunnel/agent_link.py). A pod added goes
+        into the store's provisional overlay; the store's listeners run before this returns,
+        so its certificate fetch has started (``_after_state``) and held connections from its
+        IP are released. Raises ValueError (the reason) to refuse it."""
+        from ztunnel.agent_link import PodDeleted
+
+        if isinstance(request, PodDeleted):
+            if self.store.remove_provisional(request.uid):
+                log.info("pod %s deleted (CNI DEL): provisional workload removed", request.uid)
+            self.metrics.provisional.set(len(self.store.overlay))
+            return
+        w = request.workload
+        if self.ctx.own.addresses & set(w.addresses):
+            raise ValueError(f"pod {w.uid}: {', '.join(map(str, w.addresses))} is an address "
+                             "of this node, not a pod's")
+        displaced = self.store.add_provisional(w, time.time())
+        self.metrics.provisional.set(len(self.store.overlay))
+        log.info("pod %s (%s, %s) added by the node agent at CNI ADD; provisional until the "
+                 "state lists it%s", w.uid, ", ".join(map(str, w.addresses)), w.identity,
+                 f" (replaces {', '.join(displaced)}: same address)" if displaced else "")
+
     async def _gauges(self) -> None:
         while True:
+            if self.store.expire_provisional(time.time()):
+                log.warning("provisional workloads expired: the controller's state did not "
+                            "list them within %gs", self.config.pod_start_provisional_max_age)
+            self.metrics.provisional.set(len(self.store.overlay))
             if self.ctx.pool is not None:
                 self.metrics.hbone_pool_connections.set(self.ctx.pool.size)
             if self.store.ready:

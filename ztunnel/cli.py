@@ -91,6 +91,22 @@ CONNECTION_LIMITS: tuple[tuple[str, int, str], ...] = (
 _OVERRIDES = (*_OVERRIDES, *(name for name, _, _ in CONNECTION_LIMITS))
 
 
+# Pod start: one flag per ZtunnelConfig pod_start_* setting (name, type, default, meaning);
+# tests/unit check the defaults against ZtunnelConfig's.
+POD_START: tuple[tuple[str, type, object, str], ...] = (
+    ("pod_start_hold", float, 3.0,
+     "seconds a captured connection from a source not yet in the state is held for the "
+     "state that names it (0: refused at once)"),
+    ("pod_start_hold_max", int, 512, "connections held at once, in all (beyond: refused)"),
+    ("pod_start_hold_per_source", int, 32, "connections held at once from one source IP"),
+    ("pod_start_provisional_max", int, 256,
+     "pods the agent reported at CNI ADD that may wait for the controller's state"),
+    ("pod_start_provisional_max_age", float, 300.0,
+     "seconds such a pod may wait before it is dropped"),
+)
+_OVERRIDES = (*_OVERRIDES, *(name for name, _, _, _ in POD_START))
+
+
 def add_parser(sub: SubParsers) -> None:
     """Register ``ambit ztunnel`` and its handler."""
     p = sub.add_parser(
@@ -156,6 +172,13 @@ def add_parser(sub: SubParsers) -> None:
     for name, default, meaning in CONNECTION_LIMITS:
         conn_limits.add_argument("--" + name.replace("_", "-"), type=int, metavar="N",
                                  help=f"{meaning} (default {default})")
+    # Pod start
+    pod_start = p.add_argument_group(
+        "pod start", "a new pod's first connections: the agent hands its workload over at CNI "
+        "ADD; until the state lists it, a connection from an unknown source is held")
+    for name, kind, start_default, meaning in POD_START:
+        pod_start.add_argument("--" + name.replace("_", "-"), type=kind,
+                               help=f"{meaning} (default {start_default})")
 
 
 def run(args: argparse.Namespace) -> int:

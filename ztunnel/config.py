@@ -125,6 +125,17 @@ class ZtunnelConfig:
     hbone_keepalive_interval: float = 30.0
     hbone_keepalive_timeout: float = 10.0
     hbone_stream_idle_timeout: float = 0.0
+    # Pod start: a new pod's first connections (docs/architecture.md "Pod start"). The agent
+    # hands a mesh pod's workload over at CNI ADD; it stays in the store's provisional overlay
+    # until the controller's state lists it, for at most ..._max_age seconds, at most ..._max
+    # pods. A captured connection from a source the store does not know is held up to
+    # pod_start_hold seconds (0: refused at once) for the state that names it, at most
+    # pod_start_hold_max connections in all and ..._per_source from one IP (beyond: refused).
+    pod_start_hold: float = 3.0
+    pod_start_hold_max: int = 512
+    pod_start_hold_per_source: int = 32
+    pod_start_provisional_max: int = 256
+    pod_start_provisional_max_age: float = 300.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> ZtunnelConfig:
@@ -167,6 +178,7 @@ class ZtunnelConfig:
                 "create one with `ambit dev certs --out DIR ...`"
             )
         self._validate_ca()
+        self._validate_pod_start()
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level: {self.log_level!r} is not debug|info|warning|error")
         return self
@@ -186,6 +198,23 @@ class ZtunnelConfig:
         if self.hbone_connection_buffer < 256 * 1024:
             raise ConfigError("hbone_connection_buffer: must be >= 262144 (a connection "
                               "needs room for one 256 KiB read each way)")
+
+    def _validate_pod_start(self) -> None:
+        for name in ("pod_start_hold", "pod_start_provisional_max_age"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                raise ConfigError(f"{name}: {v!r} must be a number of seconds >= 0")
+        if self.pod_start_hold > 60:
+            raise ConfigError(f"pod_start_hold: {self.pod_start_hold} s is longer than a pod's "
+                              "start needs (the state push takes about a second); at most 60")
+        if not self.pod_start_provisional_max_age > 0:
+            raise ConfigError("pod_start_provisional_max_age: must be > 0 (seconds a pod the "
+                              "agent reported waits for the controller's state)")
+        for name in ("pod_start_hold_max", "pod_start_hold_per_source",
+                     "pod_start_provisional_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}: {v!r} must be a count >= 1")
 
     def hbone_settings(self) -> HboneSettings:
         """The HTTP/2 parameters and limits of the HBONE server (and the pool's clients)."""

@@ -104,6 +104,18 @@ class Metrics:
             "ambit_ca_fetch_errors", "Failed certificate requests to the mesh CA, by gRPC "
             "status code (or bad_response)", ("code",), registry=r)
 
+        # Pod start (ztunnel/pod_start.py): captured connections from a source the state did
+        # not know yet, held until it does.
+        self.held = Gauge("ambit_ztunnel_held_connections", "Captured connections held "
+                          "because their source is not in the state yet", registry=r)
+        self.held_total = Counter(
+            "ambit_ztunnel_held", "Connections from a source not in the state "
+            "yet, by outcome: released (the state named it in time), timeout (refused), "
+            "over_total / over_source (not held: limits)", ("outcome",), registry=r)
+        self.provisional = Gauge("ambit_ztunnel_provisional_workloads", "Pods the node agent "
+                                 "reported at CNI ADD that the controller's state does not "
+                                 "list yet", registry=r)
+
     def render(self) -> bytes:
         out: bytes = generate_latest(self.registry)
         return out

@@ -18,7 +18,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh.state.model import AuthorizationPolicy, IPAddress, Service, Workload
 from mesh.state.store import StateStore
@@ -31,6 +31,9 @@ from ztunnel.identity import Secrets
 from ztunnel.metrics import ConnectionLabels, Metrics
 from ztunnel.relay import relay_tcp
 from ztunnel.routing import OwnEndpoints
+
+if TYPE_CHECKING:
+    from ztunnel.pod_start import SourceHold
 
 log = logging.getLogger("ztunnel.proxy")
 
@@ -53,6 +56,9 @@ class ProxyContext:
     _mark_ok: bool = True
     # Connection limits (ztunnel/admission.py), read from ``config`` at each admission.
     limits: ConnectionLimits = field(init=False)
+    # Pod start: holds a captured connection from a source not in the state yet (the app
+    # sets it; ztunnel/pod_start.py). None: refused at once.
+    source_hold: SourceHold | None = None
 
     def __post_init__(self) -> None:
         self.limits = ConnectionLimits(self.config, self.metrics)

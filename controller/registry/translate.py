@@ -282,6 +282,10 @@ class Membership:
     known: bool
     in_mesh: bool
     reason: str
+    # The pod's identity and labels (known pods): the agent hands the workload to its ztunnel.
+    service_account: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    workload_name: str = ""
 
 
 def pod_membership(snapshot: RegistrySnapshot, node: str, namespace: str,
@@ -310,7 +314,8 @@ def pod_membership(snapshot: RegistrySnapshot, node: str, namespace: str,
     if ns is None or not ns.ambient:
         return Membership(True, False, f"namespace {namespace} is not labelled "
                           f"{DATAPLANE_MODE_LABEL}={AMBIENT}")
-    return Membership(True, True, f"namespace {namespace} is ambient")
+    return Membership(True, True, f"namespace {namespace} is ambient", pod.service_account,
+                      pod.labels, pod.workload_name)
 
 
 def node_hosts_identity(snapshot: RegistrySnapshot, node: str, identity: SpiffeId,

@@ -16,6 +16,7 @@ whose address is contested is no service endpoint or waypoint instance meanwhile
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -197,3 +198,150 @@ class StateStore:
         for listener in self._listeners:
             listener(old, self._current)
         return self._current
+
+
+# -- Provisional workloads (pod start) ------------------------------------------------------
+#
+# Why: at CNI ADD the node agent knows a new pod (IP from the main plugin, identity from the
+# controller's membership answer) about a second before the controller's state push lists it,
+# and the pod's first connection may come in that second. The agent hands the workload to the
+# node's ztunnel over its link; the ztunnel keeps it here, apart from the controller's state,
+# until the push lists the pod (then the controller's record wins), the pod is deleted, or it
+# grows too old. Bounded in count and age: the link is an input from outside the process.
+
+DEFAULT_PROVISIONAL_MAX = 256  # a node runs at most ~110 pods (kubelet's default max-pods)
+DEFAULT_PROVISIONAL_MAX_AGE = 300.0  # the push lists a pod within seconds of its ADD
+
+
+class ProvisionalFull(ValueError):
+    """The overlay holds its maximum of workloads none of which may be dropped yet."""
+
+
+@dataclass(frozen=True)
+class Provisional:
+    workload: Workload
+    added_at: float
+
+
+class ProvisionalWorkloads:
+    """Workloads the node agent reported at CNI ADD and the controller's state does not list
+    yet. Pure: the caller passes the time, so expiry is a table test."""
+
+    def __init__(self, max_entries: int = DEFAULT_PROVISIONAL_MAX,
+                 max_age: float = DEFAULT_PROVISIONAL_MAX_AGE) -> None:
+        if max_entries < 1 or max_age <= 0:
+            raise ValueError("provisional workloads: max_entries must be >= 1 and max_age > 0")
+        self.max_entries = max_entries
+        self.max_age = max_age
+        self.entries: dict[str, Provisional] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, workload: Workload, now: float) -> tuple[str, ...]:
+        """Add (or renew) ``workload``; returns the uids it displaced: another provisional pod
+        holding one of its addresses (the CNI just gave the address to this pod, so the older
+        claim is stale). Raises ``ProvisionalFull`` when the overlay is full of live entries."""
+        self.expire(now)
+        ips = set(workload.addresses)
+        displaced = tuple(uid for uid, p in self.entries.items()
+                          if uid != workload.uid and ips & set(p.workload.addresses))
+        for uid in displaced:
+            del self.entries[uid]
+        if workload.uid not in self.entries and len(self.entries) >= self.max_entries:
+            raise ProvisionalFull(
+                f"{len(self.entries)} pods already wait for the controller's state (the "
+                f"maximum); is the ztunnel's state push stuck? (check its xds_connected "
+                f"metric); entries expire after {self.max_age:g}s")
+        self.entries[workload.uid] = Provisional(workload, now)
+        return displaced
+
+    def remove(self, uid: str) -> bool:
+        return self.entries.pop(uid, None) is not None
+
+    def expire(self, now: float) -> tuple[str, ...]:
+        """Drop entries older than ``max_age``; returns their uids."""
+        old = tuple(uid for uid, p in self.entries.items() if now - p.added_at >= self.max_age)
+        for uid in old:
+            del self.entries[uid]
+        return old
+
+    def confirm(self, base: StateSnapshot) -> tuple[str, ...]:
+        """Drop the entries ``base`` (the controller's state) lists: same uid, and every address
+        the agent reported among its addresses. From then on the controller's record wins (its
+        labels, protocol, readiness). A record of the uid with other addresses is the pod's
+        previous incarnation, not a confirmation."""
+        done = tuple(uid for uid, p in self.entries.items()
+                     if (w := base.by_uid.get(uid)) is not None
+                     and set(p.workload.addresses) <= set(w.addresses))
+        for uid in done:
+            del self.entries[uid]
+        return done
+
+    def merged(self, base: StateSnapshot) -> StateSnapshot:
+        """``base`` with the provisional workloads in it. A provisional workload wins its uid and
+        its addresses over ``base``'s records: they are older than the CNI ADD that assigned
+        them (a reused IP, a pod re-created under the same name)."""
+        if not self.entries:
+            return base
+        mine = [p.workload for p in self.entries.values()]
+        uids = {w.uid for w in mine}
+        ips = {ip for w in mine for ip in w.addresses}
+        kept = tuple(w for w in base.config.workloads
+                     if w.uid not in uids and not ips & set(w.addresses))
+        config = dataclasses.replace(base.config, workloads=kept + tuple(mine))
+        return StateSnapshot.build(config, base.root_namespace, now=base.loaded_at)
+
+
+class OverlayStateStore(StateStore):
+    """A ``StateStore`` whose ``current`` snapshot is the controller's state with the
+    provisional workloads merged in. Listeners hear about every change of the merged view:
+    a state push, and a provisional workload added, removed or expired."""
+
+    def __init__(self, root_namespace: str = "ambit-system",
+                 overlay: ProvisionalWorkloads | None = None) -> None:
+        super().__init__(root_namespace)
+        self.overlay = overlay if overlay is not None else ProvisionalWorkloads()
+        self._merged = self._current
+
+    @property
+    def current(self) -> StateSnapshot:
+        return self._merged
+
+    @property
+    def base(self) -> StateSnapshot:
+        """The controller's (or the state file's) snapshot, without provisional workloads."""
+        return self._current
+
+    def replace(self, config: MeshConfig) -> StateSnapshot:
+        listeners, self._listeners = self._listeners, []
+        try:  # the base store applies its own rules; listeners hear the merged view below
+            base = super().replace(config)
+        finally:
+            self._listeners = listeners
+        self.overlay.confirm(base)
+        self._publish()
+        return self._merged
+
+    def add_provisional(self, workload: Workload, now: float) -> tuple[str, ...]:
+        displaced = self.overlay.add(workload, now)
+        self._publish()
+        return displaced
+
+    def remove_provisional(self, uid: str) -> bool:
+        removed = self.overlay.remove(uid)
+        if removed:
+            self._publish()
+        return removed
+
+    def expire_provisional(self, now: float) -> tuple[str, ...]:
+        gone = self.overlay.expire(now)
+        if gone:
+            self._publish()
+        return gone
+
+    def _publish(self) -> None:
+        old = self._merged
+        self._merged = self.overlay.merged(self._current)
+        for listener in self._listeners:
+            listener(old, self._merged)

@@ -54,6 +54,11 @@ async def handle_captured(ctx: ProxyContext, sock: socket.socket) -> None:
     # Connection limit per local pod (by its uid; a source the state does not know, by IP):
     # the slot is held while the connection lives and released however the handler ends.
     source = ctx.store.current.workload_by_ip(source_ip)
+    if source is None and ctx.source_hold is not None:
+        # Pod start: a pod the state does not name yet (its first connection may come before
+        # the push): hold it, bounded, until a state change names it; then plan as usual
+        # (proxy_outbound reads the state again). Still unknown: refused as unknown source.
+        source = await ctx.source_hold.wait_for(source_ip)
     with ctx.limits.outbound.acquire(source.uid if source else src, src) as slot:
         if not slot.admitted:
             _refuse_overflow(ctx, sock, source_ip, dest, source, slot.decision.message)

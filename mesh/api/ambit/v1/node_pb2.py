@@ -24,17 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61mbit/v1/node.proto\x12\x08\x61mbit.v1\"E\n\x14PodMembershipRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"?\n\rPodMembership\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x0f\n\x07in_mesh\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t2Z\n\x0bNodeService\x12K\n\x10GetPodMembership\x12\x1e.ambit.v1.PodMembershipRequest\x1a\x17.ambit.v1.PodMembershipb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61mbit/v1/node.proto\x12\x08\x61mbit.v1\"E\n\x14PodMembershipRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xd3\x01\n\rPodMembership\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x0f\n\x07in_mesh\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x33\n\x06labels\x18\x05 \x03(\x0b\x32#.ambit.v1.PodMembership.LabelsEntry\x12\x15\n\rworkload_name\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32Z\n\x0bNodeService\x12K\n\x10GetPodMembership\x12\x1e.ambit.v1.PodMembershipRequest\x1a\x17.ambit.v1.PodMembershipb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ambit.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PODMEMBERSHIP_LABELSENTRY']._loaded_options = None
+  _globals['_PODMEMBERSHIP_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_PODMEMBERSHIPREQUEST']._serialized_start=33
   _globals['_PODMEMBERSHIPREQUEST']._serialized_end=102
-  _globals['_PODMEMBERSHIP']._serialized_start=104
-  _globals['_PODMEMBERSHIP']._serialized_end=167
-  _globals['_NODESERVICE']._serialized_start=169
-  _globals['_NODESERVICE']._serialized_end=259
+  _globals['_PODMEMBERSHIP']._serialized_start=105
+  _globals['_PODMEMBERSHIP']._serialized_end=316
+  _globals['_PODMEMBERSHIP_LABELSENTRY']._serialized_start=271
+  _globals['_PODMEMBERSHIP_LABELSENTRY']._serialized_end=316
+  _globals['_NODESERVICE']._serialized_start=318
+  _globals['_NODESERVICE']._serialized_end=408
 # @@protoc_insertion_point(module_scope)

@@ -3,8 +3,10 @@
 isort:skip_file
 Node agents ask the controller about the pods the kubelet starts on their node."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -45,25 +47,58 @@ Global___PodMembershipRequest: _TypeAlias = PodMembershipRequest  # noqa: Y015
 class PodMembership(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     KNOWN_FIELD_NUMBER: _builtins.int
     IN_MESH_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    SERVICE_ACCOUNT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    WORKLOAD_NAME_FIELD_NUMBER: _builtins.int
     known: _builtins.bool
     """the registry has this pod, scheduled on the asking node"""
     in_mesh: _builtins.bool
     """capture it (namespace enrolled, pod not opted out)"""
     reason: _builtins.str
     """one sentence, for logs and `ambit agent status`"""
+    service_account: _builtins.str
+    """The pod's workload as the state push will list it (set when known): the agent hands it to
+    the node's ztunnel at ADD, so the pod's first connection finds its identity known.
+    """
+    workload_name: _builtins.str
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
         self,
         *,
         known: _builtins.bool = ...,
         in_mesh: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        service_account: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        workload_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_mesh", b"in_mesh", "known", b"known", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_mesh", b"in_mesh", "known", b"known", "labels", b"labels", "reason", b"reason", "service_account", b"service_account", "workload_name", b"workload_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
