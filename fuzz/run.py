@@ -85,21 +85,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def replay(target: str, files: list[Path],
-           strict: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run a target once on each of ``files`` (no fuzzing): 0 if none crashes. ``strict``:
-    known issues a target tolerates are failures too (``AMBIT_FUZZ_STRICT=1``)."""
-    env = _env()
-    if strict:
-        env["AMBIT_FUZZ_STRICT"] = "1"
-    return subprocess.run(command(target, [str(f) for f in files], []), cwd=ROOT, env=env,
+def replay(target: str, files: list[Path]) -> subprocess.CompletedProcess[str]:
+    """Run a target once on each of ``files`` (no fuzzing): 0 if none crashes."""
+    return subprocess.run(command(target, [str(f) for f in files], []), cwd=ROOT, env=_env(),
                           capture_output=True, text=True, check=False, timeout=300)
 
 
 def fuzz(target: str, seconds: int, verbose: bool = False, max_runs: int = 0,
-         scratch: Path | None = None) -> Result:
+         scratch: Path | None = None, seed: int = 0) -> Result:
     """Replay the target's corpus, then fuzz it for ``seconds`` (or ``max_runs`` inputs);
-    new inputs go to ``scratch`` (default ``fuzz/out/<target>/corpus``)."""
+    new inputs go to ``scratch`` (default ``fuzz/out/<target>/corpus``). ``seed``: libFuzzer's
+    random seed (0: a new one each run), so a short run in the tests explores the same way."""
     out = OUT / target
     scratch = scratch or out / "corpus"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -107,7 +103,7 @@ def fuzz(target: str, seconds: int, verbose: bool = False, max_runs: int = 0,
     before = set(out.glob("crash-*")) | set(out.glob("timeout-*")) | set(out.glob("oom-*"))
     flags = [f"-max_total_time={seconds}", f"-artifact_prefix={out}/", "-timeout=10",
              "-rss_limit_mb=2048", "-max_len=8192", "-print_final_stats=1",
-             f"-runs={max_runs or -1}"]
+             f"-runs={max_runs or -1}", f"-seed={seed}"]
     t0 = time.monotonic()
     proc = subprocess.Popen(command(target, [str(scratch), str(seeds)], flags), cwd=ROOT,
                             env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
