@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from agent import uplinks
-from agent.capture.base import MODE_EBPF, CaptureBackend, CaptureError, PodCapture
+from agent.capture.base import CaptureBackend, CaptureError, PodCapture
 from agent.cni.installer import ChainWatcher
 from agent.cni_server import CniRequest, CniServer
 from agent.config import AgentConfig
@@ -240,8 +240,11 @@ class Agent:
             return False, "setting up capture"
         if not self.store.ready:
             return False, "waiting for the first state from the controller"
-        if self.backend.mode == MODE_EBPF and self.link.ztunnel_pid is None:
-            return False, "waiting for the ztunnel to hand over its listeners"
+        if self.link.ztunnel_pid is None:
+            # Both modes: CNI ADD of a mesh pod waits for the ztunnel to take the pod over the
+            # link (pod start), so without it every such ADD would fail; eBPF also needs its
+            # listeners for the SOCKMAP.
+            return False, "waiting for the ztunnel to link (hand over its listeners)"
         return True, "ready"
 
     def status(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from agent.config import AgentConfig
 from agent.membership import Answer
 from agent.ztunnel_link import PEER_CHECK_OFF, LinkUnavailable, ZtunnelLinkServer
 from mesh.listener import Listener, bind_socket
-from mesh.state.model import Protocol, Workload
+from mesh.state.model import MeshConfig, Protocol, Workload
 from mesh.state.store import OverlayStateStore
 from tests.component.harness import NET, OTHER_CLIENT_IP, Mesh, base_state, sample
 from tests.component.waiting import until
@@ -231,12 +231,18 @@ async def test_cni_add_returns_once_the_ztunnel_knows_the_pod(tmp_path: Path) ->
     agent.membership = Membership()  # type: ignore[assignment]
     await agent.link.start()
     zt = FakeZtunnel()
+    agent.setup_done = True
+    agent.store.replace(MeshConfig())
     try:
+        # Not ready without the ztunnel, in iptables mode too: ADD of a mesh pod needs it.
+        assert agent.ready() == (False, "waiting for the ztunnel to link (hand over its "
+                                 "listeners)")
         # No ztunnel linked: ADD fails closed (the kubelet retries), nothing captured.
         answer = await agent.handle_cni(add("early", "10.244.1.5"))
         assert not answer["ok"] and "no ztunnel has registered" in answer["error"]
         assert "kubelet will retry" in answer["error"] and backend.captured == set()
         async with linked(config.ztunnel_socket, agent.link, zt):
+            assert agent.ready() == (True, "ready")
             answer = await agent.handle_cni(add("web", POD_IP))
             assert answer["ok"] and answer["captured"]
             w = zt.knows(POD_IP)  # known when ADD returned, with the registry's identity
