@@ -480,6 +480,11 @@ class Agent:
         self.metrics.pod_gone()
         log.info("pod %s (%s) gone: %s; released", pod.uid, ", ".join(pod.ips), why)
 
+    def _current(self, pod: LocalPod) -> bool:
+        """Whether ``pod`` is still the table's record (the ADD path does not wait for a pass,
+        so a pass acts only on records it planned with)."""
+        return self.table.pods.get(pod.uid) == pod
+
     async def _gone_now(self, pod: LocalPod) -> bool:
         return not await self._kernel(iface_exists, pod.host_iface)
 
@@ -493,7 +498,8 @@ class Agent:
         gone = {p.uid for p in list(self.table.pods.values()) if await self._gone_now(p)}
         todo = plan(self.table.pods, mesh, enrolled, self.table.deleted, gone)
         for pod in todo.forget:
-            await self._forget(pod, f"interface {pod.host_iface} no longer exists")
+            if self._current(pod):
+                await self._forget(pod, f"interface {pod.host_iface} no longer exists")
         for ip in todo.discover:
             # The live evidence is read at the moment of adoption: a route to the IP over a pod
             # interface that exists now.
@@ -516,6 +522,8 @@ class Agent:
         if todo.discover or todo.forget:
             todo = plan(self.table.pods, mesh, enrolled, self.table.deleted)
         for pod in todo.enroll:
+            if not self._current(pod):
+                continue  # a CNI ADD replaced the record while this pass ran
             try:
                 await self._kernel(self.backend.watch_interface, pod.capture())
                 await self._kernel(self.backend.enroll, pod.capture())

@@ -115,7 +115,8 @@ class PodTable:
     def bury(self, pod: LocalPod, now: float, limit: int, reason: str = "CNI DEL") -> None:
         """Drop ``pod``'s record and remember it as deleted: newest first, at most ``limit``
         (reconcile prunes them further, ``agent.reconcile.prune``)."""
-        self.pods.pop(pod.uid, None)
+        if self.pods.get(pod.uid) == pod:  # not a newer record of the same pod
+            del self.pods[pod.uid]
         self.deleted = (Tombstone.of(pod, now, reason),
                         *(t for t in self.deleted if t.uid != pod.uid))[:limit]
         self.save()

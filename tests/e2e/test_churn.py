@@ -283,19 +283,12 @@ def test_reused_ip_gets_the_new_identity(cluster: DevCluster) -> None:
     r.check(new, first, "registry in step")
 
 
-def _has_pod_handoff() -> bool:
-    from agent.ztunnel_link import ZtunnelLinkServer
-
-    return hasattr(ZtunnelLinkServer, "request")
-
-
-# The node's ztunnel learns the new pod from its agent at CNI ADD (issue 19 item 1, the
-# workload hand-off); without it, its state still gives the address to the old pod.
-@pytest.mark.xfail(not _has_pod_handoff(), strict=True,
-                   reason="needs the agent -> ztunnel workload hand-off at CNI ADD")
 def test_reused_ip_while_the_registry_lists_the_old_pod(cluster: DevCluster) -> None:
     """The registry still lists the deleted pod, with the IP, when the new pod with that IP
-    starts and connects; then it catches up (old pod gone, new pod's IP reported)."""
+    starts and connects; then it catches up (old pod gone, new pod's IP reported). The node's
+    ztunnel has the new pod's workload from its agent at CNI ADD (the workload hand-off), and
+    it wins the address over the registry's stale record; without it (before 1bfd290) all six
+    connections were carried under the old pod's identity."""
     c = cluster
     r = Reuse(c, "rb")
     _cni_del_only(c, r.old)

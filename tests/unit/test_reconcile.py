@@ -173,3 +173,14 @@ def test_tombstones_are_bounded(tmp_path: Path) -> None:
     again = PodTable(tmp_path / "pods.json")
     again.load()
     assert again.deleted == table.deleted
+
+
+def test_bury_keeps_a_newer_record_of_the_same_pod(tmp_path: Path) -> None:
+    """A pass that planned with an old record (a CNI ADD replaced it meanwhile) tombstones the
+    old one and leaves the new record alone; the next prune drops the tombstone."""
+    table = PodTable(tmp_path / "pods.json")
+    newer = LocalPod("ns/x", ("10.0.0.9",), "veth-x2", decision=True)
+    table.put(newer)
+    table.bury(X, T0, MAX_TOMBSTONES, reason="gone")
+    assert table.pods == {"ns/x": newer} and table.deleted == (Tombstone.of(X, T0, "gone"),)
+    assert prune(table.deleted, X_LISTED, table.pods, T0 + 1) == ()
