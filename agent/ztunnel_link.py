@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.capture.base import LISTENER_SLOTS
+from mesh.ratelimit import RateLimitedLog
 from mesh.unix import PeerCred, RefusalLog, allowed_uids, bind_unix, peer_cred, uid_problem
 
 log = logging.getLogger("agent.ztunnel_link")
@@ -250,6 +251,9 @@ class ZtunnelLinkServer:
         self.uids = allowed_uids() if uids is None else frozenset(uids)
         self.peer_check = peer_check
         self.refusals = RefusalLog(log)
+        # Bad registrations and lines: a process that passes the peer check can still send
+        # rubbish as fast as it likes; one line per kind every 10 s, the rest counted.
+        self.bad_messages = RateLimitedLog(log, what="refused")
         self.ztunnel_pid: int | None = None
         self.registrations = 0
         self._server: socket.socket | None = None
@@ -374,8 +378,10 @@ class ZtunnelLinkServer:
             log.info("ztunnel pid %d closed the link", pid)
         except Exception as e:  # a bad message, or the SOCKMAP update failed: keep serving
             bad_input = isinstance(e, TimeoutError | OSError | ValueError)
-            log.log(logging.WARNING if bad_input else logging.ERROR,
-                    "ztunnel link: %s%s", "" if bad_input else "cannot use the listeners: ", e)
+            if bad_input:
+                self.bad_messages.log("registration", "ztunnel link: %s", e)
+            else:
+                log.error("ztunnel link: cannot use the listeners: %s", e)
             with contextlib.suppress(OSError):
                 await loop.sock_sendall(conn, json.dumps({"ok": False, "error": str(e)})
                                         .encode() + b"\n")
@@ -397,7 +403,8 @@ class ZtunnelLinkServer:
                 try:
                     request_id, problem = parse_answer(line)
                 except ValueError as e:
-                    log.warning("ztunnel link: ignoring a line from pid %d: %s", session.pid, e)
+                    self.bad_messages.log("answer", "ztunnel link: ignoring a line from pid %d: "
+                                          "%s", session.pid, e)
                     continue
                 fut = session.pending.get(request_id)
                 if fut is not None and not fut.done():

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
+
+import pytest
 
 from agent.capture.base import LISTENER_SLOTS
 from agent.ztunnel_link import PEER_CHECK_OFF, ZtunnelLinkServer
@@ -97,6 +100,27 @@ async def test_a_bad_registration_is_refused_and_the_server_keeps_serving(tmp_pa
         assert len(calls) == 1
     finally:
         await server.close()
+
+
+async def test_a_flood_of_bad_registrations_is_no_log_flood(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "ztunnel.sock"
+
+    async def on_listeners(fds: Mapping[str, int], pid: int) -> None:
+        raise AssertionError("a bad registration reached the SOCKMAP")
+
+    server = ZtunnelLinkServer(path, on_listeners, peer_check=PEER_CHECK_OFF)
+    await server.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="agent.ztunnel_link"):
+            for _ in range(100):
+                reply = await register_raw(path, [], [])
+                assert reply["ok"] is False and "no listeners" in str(reply["error"])
+    finally:
+        await server.close()
+    lines = [r.getMessage() for r in caplog.records if "ztunnel link" in r.getMessage()]
+    assert len(lines) == 1, lines  # the rest are counted, not logged
+    assert server.bad_messages.total == 100
 
 
 def open_fds() -> set[int]:
