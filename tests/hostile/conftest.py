@@ -31,7 +31,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +224,7 @@ class HostileMesh:
     identities: Path
     accept_log: Path
     work: Path
-    figures: list[dict[str, Any]] = field(default_factory=list)
+    _attackers: int = 0
 
     @property
     def target(self) -> str:
@@ -325,6 +325,37 @@ class HostileMesh:
             time.sleep(0.2)
         raise AssertionError(f"the legitimate client never got through: {last}")
 
+    def new_attackers(self) -> None:
+        """Two new attacker pods (new source IPs) for the next probe: nothing an earlier
+        probe left in the node's TCP state for the old addresses (TIME_WAIT, limits) can
+        touch it."""
+        self._attackers += 1
+        n = self._attackers
+        self.attacker = self.cluster.add_pod(f"atk{n}", 1, namespace="plain")
+        self.attacker2 = self.cluster.add_pod(f"atk{n}b", 1, namespace="plain")
+
+    def wait_attacker_reaches(self, seconds: float = 20) -> None:
+        """Until the attacker, with its valid certificate, gets a tunnel through ztunnel-2
+        to the backend: the starting point of every HBONE probe. A first failure is
+        reported (it would be the mesh's problem, not the probe's)."""
+        deadline = time.monotonic() + seconds
+        tries: list[str] = []
+        while True:
+            try:
+                res = run_in(self.attacker.netns, self.attack_argv("echo", seconds=5),
+                             timeout=30)
+                if res["before"] == {"status": 200, "echo": "before\n"}:
+                    break
+                tries.append(str(res["before"]))
+            except AssertionError as e:
+                tries.append(str(e)[-300:])
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the attacker never reached ztunnel-2: {tries[-3:]}")
+            time.sleep(0.5)
+        if tries:
+            print(f"\nHOSTILE-NOTE the attacker reached ztunnel-2 after {len(tries)} failed "
+                  f"tries: {tries[0]}")
+
     def check_legit_is_mesh_traffic(self) -> None:
         """The legitimate client's requests reach the backend over HBONE with the client's
         identity (ztunnel-2's access log), not around the mesh."""
@@ -413,6 +444,13 @@ def hostile_mesh() -> Iterator[HostileMesh]:
         m.check_legit_is_mesh_traffic()
         yield m
     finally:
+        keep = os.environ.get("AMBIT_HOSTILE_LOGS")  # a directory to copy the logs to
+        if keep:
+            shutil.copytree(c.dir / "logs", Path(keep) / name, dirs_exist_ok=True)
+            for node in c.nodes:
+                with contextlib.suppress(OSError):
+                    shutil.copy(Path(node.run_dir) / "access.jsonl",
+                                Path(keep) / name / f"access-{node.name}.jsonl")
         c.down(quiet=True)
         shutil.rmtree(c.dir, ignore_errors=True)
         left = [n for n in netns.list_netns() if n.startswith(c.prefix)]
@@ -423,8 +461,10 @@ def hostile_mesh() -> Iterator[HostileMesh]:
 def fresh_ztunnel(hostile_mesh: HostileMesh) -> Iterator[Ztunnel]:
     """ztunnel-2 restarted for this probe, serving the legitimate client again; after the
     probe it must still be the same, living process."""
+    hostile_mesh.new_attackers()
     zt = hostile_mesh.restart_ztunnel("node-2")
     hostile_mesh.wait_legit()
+    hostile_mesh.wait_attacker_reaches()
     yield zt
     assert psutil.pid_exists(zt.pid), "ztunnel-2 died during the probe"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import struct
 import time
@@ -214,7 +215,8 @@ class Peer:
         self.initial_window = DEFAULT_WINDOW
         self.conn_window = DEFAULT_WINDOW
         self.stream_windows: dict[int, int] = {}
-        self.grant = False
+        self.grant = False  # give back flow-control credit for DATA received
+        self.auto_reply = True  # acknowledge the server's SETTINGS and PINGs, as a client must
         self.keep_bytes = 1 << 16
         self._pump: asyncio.Task[None] | None = None
 
@@ -297,7 +299,11 @@ class Peer:
                     for sid in self.stream_windows:
                         self.stream_windows[sid] += delta
             self.server_settings.set()
-            await self.send(settings_ack())
+            if self.auto_reply:
+                await self.send(settings_ack())
+        elif f.kind == PING and not f.flags & FLAG_ACK:
+            if self.auto_reply:
+                await self.send(ping(f.payload, ack=True))
         elif f.kind == WINDOW_UPDATE:
             inc = int(struct.unpack(">I", f.payload[:4])[0]) & 0x7FFFFFFF
             if f.stream_id == 0:
@@ -337,6 +343,17 @@ class Peer:
 
     async def wait_closed(self, within: float) -> bool:
         return await self.wait_for(lambda: self.closed, within)
+
+    def tcp_state(self) -> int:
+        """The kernel's TCP state of the connection (1 established, 7 closed, 8 close-wait),
+        read without reading any of its data; 0 if there is no socket any more."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return 0
+        try:
+            return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0])
+        except OSError:
+            return 0
 
     def open_stream(self, stream_id: int, authority: str | bytes,
                     extra: Sequence[tuple[bytes, bytes]] = ()) -> bytes:

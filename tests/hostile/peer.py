@@ -150,54 +150,60 @@ async def _gather_limited(seconds: float, coros: Sequence[Awaitable[dict[str, An
 
 
 async def upload(a: Attack, streams: int = 100, per_stream: int = 2 * MiB) -> dict[str, Any]:
-    """Probe 1: ``streams`` CONNECTs each uploading ``per_stream`` bytes to the echo backend,
-    within the flow-control windows the ztunnel grants, while never giving any credit back
-    for the echoed answers (our windows stay at 65535: the answers pile up at the ztunnel)."""
-    p = await a.peer()
-    await p.handshake()
-    t0 = time.monotonic()
-    await p.send(b"".join(p.open_stream(2 * i + 1, a.target) for i in range(streams)))
-    await p.wait_for(lambda: len(p.statuses) + len(p.resets) >= streams or p.closed, 10)
-    accepted = [sid for sid, st in p.statuses.items() if st == 200]
-    left = dict.fromkeys(accepted, per_stream)
-    chunk = bytes(16 * 1024)
-    sent = 0
-    last_progress = time.monotonic()
-    deadline = t0 + a.seconds
-    timeline: list[tuple[float, int]] = []
-    while left and not p.closed and time.monotonic() < deadline:
-        batch = []
-        for sid in list(left):
-            n = min(len(chunk), left[sid], p.stream_windows.get(sid, 0), p.conn_window)
-            if sid in p.resets or sid in p.ended:
-                del left[sid]
-                continue
-            if n <= 0:
-                continue
-            batch.append(w.data(sid, chunk[:n]))
-            left[sid] -= n
-            p.stream_windows[sid] -= n
-            p.conn_window -= n
-            sent += n
-            if not left[sid]:
-                del left[sid]
-        if batch:
-            if not await p.send(b"".join(batch), within=max(0.1, deadline - time.monotonic())):
-                break
-            last_progress = time.monotonic()
-            timeline.append((round(last_progress - t0, 2), sent))
-        else:
-            await p.wait_for(lambda: (p.conn_window > 0 and any(
-                p.stream_windows.get(s, 0) > 0 for s in left)) or p.closed,
-                max(0.0, deadline - time.monotonic()))
-    stalled_for = time.monotonic() - last_progress
-    out = {"streams_accepted": len(accepted), "streams_refused": len(p.statuses) - len(accepted),
-           "resets": len(p.resets), "bytes_sent": sent, "bytes_wanted": streams * per_stream,
-           "stalled_for_s": round(stalled_for, 2),
-           "timeline": timeline[:: max(1, len(timeline) // 20)],
-           **p.summary(t0)}
-    await p.close()
-    return out
+    """Probe 1: on each of ``--connections``, ``streams`` CONNECTs each uploading
+    ``per_stream`` bytes to the echo backend, within the flow-control windows the ztunnel
+    grants, while never giving any credit back for the echoed answers (our windows stay at
+    65535: the answers pile up at the ztunnel). Until ``--seconds`` pass."""
+
+    async def one() -> dict[str, Any]:
+        p = await a.peer()
+        await p.handshake()
+        t0 = time.monotonic()
+        await p.send(b"".join(p.open_stream(2 * i + 1, a.target) for i in range(streams)))
+        await p.wait_for(lambda: len(p.statuses) + len(p.resets) >= streams or p.closed, 10)
+        accepted = [sid for sid, st in p.statuses.items() if st == 200]
+        left = dict.fromkeys(accepted, per_stream)
+        chunk = bytes(16 * 1024)
+        sent = 0
+        last_progress = time.monotonic()
+        deadline = t0 + a.seconds
+        timeline: list[tuple[float, int]] = []
+        while left and not p.closed and time.monotonic() < deadline:
+            batch = []
+            for sid in list(left):
+                if sid in p.resets or sid in p.ended:
+                    del left[sid]
+                    continue
+                n = min(len(chunk), left[sid], p.stream_windows.get(sid, 0), p.conn_window)
+                if n <= 0:
+                    continue
+                batch.append(w.data(sid, chunk[:n]))
+                left[sid] -= n
+                p.stream_windows[sid] -= n
+                p.conn_window -= n
+                sent += n
+                if not left[sid]:
+                    del left[sid]
+            if batch:
+                if not await p.send(b"".join(batch),
+                                    within=max(0.1, deadline - time.monotonic())):
+                    break
+                last_progress = time.monotonic()
+                timeline.append((round(last_progress - t0, 2), sent))
+            else:
+                await p.wait_for(lambda: (p.conn_window > 0 and any(
+                    p.stream_windows.get(s, 0) > 0 for s in left)) or p.closed,
+                    max(0.0, deadline - time.monotonic()))
+        out = {"streams_accepted": len(accepted),
+               "streams_refused": len(p.statuses) - len(accepted), "resets": len(p.resets),
+               "bytes_sent": sent, "bytes_wanted": streams * per_stream,
+               "stalled_for_s": round(time.monotonic() - last_progress, 2),
+               "timeline": timeline[:: max(1, len(timeline) // 10)], **p.summary(t0)}
+        await p.close()
+        return out
+
+    conns = await _gather_limited(a.seconds + 30, [one() for _ in range(a.connections)])
+    return {"connections": conns}
 
 
 async def bigframe(a: Attack) -> dict[str, Any]:
@@ -304,38 +310,52 @@ async def rapid_reset(a: Attack, pairs: int = 20000, batch: int = 100) -> dict[s
 async def ping_flood(a: Attack, max_pings: int = 2_000_000, batch: int = 4096) \
         -> dict[str, Any]:
     """Probe 5: PING frames as fast as the ztunnel takes them; nothing is read after the
-    handshake, so every PING ACK it queues stays queued."""
+    handshake, so every PING ACK it queues stays queued. Whether the ztunnel ended the
+    connection is read from the kernel's TCP state, which reads none of the data."""
     p = await a.peer()
     await p.handshake(pump=False)
     frames = b"".join(w.ping(struct.pack(">Q", i)) for i in range(batch))
     t0 = time.monotonic()
     sent = 0
     stalled_at: float | None = None
+    ended_at: float | None = None
     deadline = t0 + a.seconds
-    while sent < max_pings and not p.closed and time.monotonic() < deadline:
-        if not await p.send(frames, within=3.0):
-            if not p.closed:
-                stalled_at = time.monotonic()
+    while sent < max_pings and time.monotonic() < deadline:
+        if p.tcp_state() != 1:
+            ended_at = time.monotonic()
             break
+        if not await p.send(frames, within=0.5):
+            if p.closed:
+                ended_at = p.closed_at
+                break
+            stalled_at = stalled_at or time.monotonic()
+            continue
         sent += batch
-    if stalled_at is not None:  # the ztunnel stopped reading: stay until the deadline
-        await p.wait_closed(max(0.0, deadline - time.monotonic()))
+    while ended_at is None and time.monotonic() < deadline:
+        if p.tcp_state() != 1:
+            ended_at = time.monotonic()
+        await asyncio.sleep(0.05)
     # Only now read what the ztunnel sent: ACKs, then maybe a GOAWAY, then EOF.
     p.start_pump()
     await p.wait_closed(3.0)
     out = {"pings_sent": sent, "ping_bytes": sent * 17,
            "stalled_after_s": None if stalled_at is None else round(stalled_at - t0, 2),
+           "ended_after_s": None if ended_at is None else round(ended_at - t0, 2),
            **p.summary(t0)}
     await p.close()
     return out
 
 
-async def idle(a: Attack) -> dict[str, Any]:
-    """Probe 6: connections that finish mutual TLS and then send nothing at all."""
+async def idle(a: Attack, preface_only: bool = False) -> dict[str, Any]:
+    """Probe 6: connections that finish mutual TLS and then send nothing at all (or, with
+    ``preface_only``, the 24-byte client preface and no SETTINGS)."""
 
     async def one() -> dict[str, Any]:
         p = await a.peer()
+        p.auto_reply = False  # not even a SETTINGS acknowledgement
         t0 = time.monotonic()
+        if preface_only:
+            await p.send(w.PREFACE)
         p.start_pump()
         await p.wait_closed(a.seconds)
         out = p.summary(t0)
@@ -343,7 +363,14 @@ async def idle(a: Attack) -> dict[str, Any]:
         return out
 
     conns = await _gather_limited(a.seconds + 20, [one() for _ in range(a.connections)])
-    return {"connections": conns}
+    closes = [c["closed_after_s"] for c in conns if c.get("closed_after_s") is not None]
+    codes: dict[str, int] = {}
+    for c in conns:
+        code = c["goaway"]["code"] if c.get("goaway") else "none"
+        codes[code] = codes.get(code, 0) + 1
+    return {"connections": len(conns), "closed": len(closes),
+            "min_close_s": min(closes, default=None), "max_close_s": max(closes, default=None),
+            "goaway_codes": codes, "first": conns[0]}
 
 
 async def _echo_stream(p: w.Peer, sid: int, target: str, message: bytes) -> dict[str, Any]:
@@ -653,6 +680,7 @@ ATTACKS: dict[str, Callable[[Attack], Coroutine[Any, Any, dict[str, Any]]]] = {
     "rapid-reset": rapid_reset,
     "ping-flood": ping_flood,
     "idle": idle,
+    "idle-preface": lambda a: idle(a, preface_only=True),
     "bad-header": lambda a: bad_requests(a, _bad_header_cases(a.target)),
     "bad-authority": lambda a: bad_requests(a, _authority_cases(a.target)),
     "echo": lambda a: bad_requests(a, []),
