@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cni import plugin, spec
+from mesh.jsonline import decode_json
 from mesh.unix import RefusalLog, allowed_uids, bind_unix, peer_cred, uid_problem
 
 log = logging.getLogger("agent.cni")
@@ -137,11 +138,9 @@ def decode_request(line: bytes) -> Any:
     (``[[[...``): that is a malformed request like any other, not a crash of the endpoint.
     """
     try:
-        return json.loads(line)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        return decode_json(line)
+    except ValueError as e:
         raise CniRequestError(str(e)) from None
-    except RecursionError as e:
-        raise CniRequestError(f"nested too deeply ({e})") from None
 
 
 Handler = Callable[[CniRequest], Awaitable[dict[str, Any]]]

@@ -273,9 +273,39 @@ def cni_shim() -> dict[str, bytes]:
     return out
 
 
+def link_request() -> dict[str, bytes]:
+    def line(doc: object) -> bytes:
+        return json.dumps(doc).encode()
+
+    wl = {"uid": "default/web-0", "name": "web-0", "namespace": "default",
+          "serviceAccount": "web", "node": "node-1", "addresses": ["10.244.1.5"],
+          "labels": {"app": "web"}, "workloadName": "web"}
+    out = {
+        "added": line({"op": "pod_added", "id": 1, "workload": wl}),
+        "added-dual-stack": line({"op": "pod_added", "id": 2, "workload": {
+            **wl, "addresses": ["10.244.1.5", "fd00:10:244:1::5"]}}),
+        "deleted": line({"op": "pod_deleted", "id": 3, "uid": "default/web-0"}),
+        "other-node": line({"op": "pod_added", "id": 4, "workload": {**wl, "node": "node-2"}}),
+        "loopback-address": line({"op": "pod_added", "id": 5, "workload": {
+            **wl, "addresses": ["127.0.0.1"]}}),
+        "address-twice": line({"op": "pod_added", "id": 6, "workload": {
+            **wl, "addresses": ["10.244.1.5", "10.244.1.5"]}}),
+        "uid-mismatch": line({"op": "pod_added", "id": 7, "workload": {
+            **wl, "uid": "default/other"}}),
+        "extra-field": line({"op": "pod_deleted", "id": 8, "uid": "a/b", "x": 1}),
+        "bool-id": line({"op": "pod_deleted", "id": True, "uid": "a/b"}),
+        "huge-id": line({"op": "pod_deleted", "id": 2**60, "uid": "a/b"}),
+        "unknown-op": line({"op": "pod_exploded", "id": 9}),
+        "not-json": b"pod_added default/web-0",
+        "not-utf8": b'{"op": "pod_deleted", "id": 1, "uid": "default/web-' + bytes([0xFF]) + b'"}',
+        "deep-nesting": b"[" * DEEP + b"]" * DEEP,
+    }
+    return out
+
+
 TARGETS = {"hbone_core": hbone, "socks5": socks5, "authority": authority,
            "state_text": state_text, "state_wire": state_wire, "cni_request": cni_request,
-           "cni_shim": cni_shim}
+           "cni_shim": cni_shim, "link_request": link_request}
 
 
 def main() -> None:

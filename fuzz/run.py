@@ -26,7 +26,8 @@ ROOT = FUZZ.parent
 CORPUS = FUZZ / "corpus"
 OUT = FUZZ / "out"
 SHIM = ROOT / "agent" / "cni" / "shim" / "ambit-cni.c"
-PY_TARGETS = ("hbone_core", "socks5", "authority", "state_text", "state_wire", "cni_request")
+PY_TARGETS = ("hbone_core", "socks5", "authority", "state_text", "state_wire", "cni_request",
+              "link_request")
 C_TARGETS = ("cni_shim",)
 TARGETS = PY_TARGETS + C_TARGETS
 CFLAGS = ["-g", "-O1", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined",

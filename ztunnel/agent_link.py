@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mesh.jsonline import decode_json
 from mesh.state.model import IPAddress, Protocol, Workload
 from mesh.state.parse import StateError, mapping, parse_workload
 
@@ -139,9 +140,9 @@ def parse_link_request(line: bytes, node: str, trust_domain: str) -> tuple[int, 
     if len(line) > MAX_REQUEST:
         raise LinkRequestError(f"request of {len(line)} bytes; the limit is {MAX_REQUEST}")
     try:
-        doc = json.loads(line)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise LinkRequestError(f"not a JSON line: {e}") from None
+        doc = decode_json(line)  # deep nesting included: RecursionError is not a ValueError
+    except ValueError as e:
+        raise LinkRequestError(str(e)) from None
     if not isinstance(doc, dict):
         raise LinkRequestError(f"expected a JSON object, got {type(doc).__name__}")
     request_id = doc.get("id")

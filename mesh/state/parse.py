@@ -41,8 +41,15 @@ T = TypeVar("T")
 class StateError(ValueError):
     """A state document that cannot be used; ``path`` names the field (``services[0].vips``)."""
 
+    # Field names and values in a message come from the document's sender; the message goes
+    # back to them and into logs, so it is bounded however long what they sent was.
+    MAX_MESSAGE = 1024
+
     def __init__(self, path: str, problem: str) -> None:
-        super().__init__(f"{path}: {problem}" if path else problem)
+        message = f"{path}: {problem}" if path else problem
+        if len(message) > self.MAX_MESSAGE:
+            message = message[:self.MAX_MESSAGE - 3] + "..."
+        super().__init__(message)
         self.path = path
         self.problem = problem
 
@@ -57,7 +64,8 @@ def mapping(value: Any, path: str, allowed: Iterable[str],
         raise StateError(path, f"expected a mapping, got {type(value).__name__}")
     allowed = set(allowed)
     for key in value:
-        where = f"{path}.{key}" if path else str(key)
+        name = str(key) if len(str(key)) <= 64 else f"{str(key)[:61]}..."  # a sender's key
+        where = f"{path}.{name}" if path else name
         if unsupported and key in unsupported:
             raise StateError(where, unsupported[key])
         if key not in allowed:

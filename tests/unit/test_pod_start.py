@@ -269,3 +269,18 @@ def test_pod_start_flags_match_the_config_defaults() -> None:
 def test_bad_pod_start_settings_are_refused(settings: dict[str, Any], problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         ZtunnelConfig.from_mapping({"node": "n", **settings})
+
+
+# Found by fuzz/link_request.py (inputs kept as fuzz/corpus/link_request/crash-*): deep nesting
+# raised RecursionError out of the parser, and an unknown field's name of any length came back
+# in the refusal (sent to the agent and logged).
+def test_deeply_nested_line_is_refused_not_raised() -> None:
+    with pytest.raises(LinkRequestError, match="nested too deeply"):
+        parse_link_request(b"[" * 5000 + b"]" * 5000, "node-1", "cluster.local")
+
+
+def test_refusal_of_an_unknown_field_is_bounded() -> None:
+    line = json.dumps({"op": "pod_added", "id": 7, "workload": {"x" * 10000: 1}}).encode()
+    with pytest.raises(LinkRequestError) as e:
+        parse_link_request(line, "node-1", "cluster.local")
+    assert "unknown field" in str(e.value) and len(str(e.value)) < 400
