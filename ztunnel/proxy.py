@@ -40,6 +40,13 @@ log = logging.getLogger("ztunnel.proxy")
 SO_MARK = 36
 
 
+# What a backend connection's reader may hold before it stops reading the socket (asyncio
+# pauses at twice this). It sits outside the HBONE connection's budget, once per tunnel, so it
+# is kept small: the kernel's socket buffer holds the rest, and TCP pushes back on the backend.
+# Reads still return up to twice this, large enough for big HTTP/2 frames.
+BACKEND_READ_LIMIT = 64 * 1024
+
+
 @dataclass
 class ProxyContext:
     config: ZtunnelConfig
@@ -99,7 +106,7 @@ class ProxyContext:
         except OSError:
             sock.close()
             raise
-        return await asyncio.open_connection(sock=sock, limit=256 * 1024)
+        return await asyncio.open_connection(sock=sock, limit=BACKEND_READ_LIMIT)
 
 
 def sock_addr(sockaddr: Any) -> tuple[str, int]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import cast
 
-from ztunnel.hbone.conn import HboneStream, StreamError
+from ztunnel.hbone.conn import HboneStream, ReadSource, StreamError
 
 READ_SIZE = 256 * 1024
 
@@ -20,14 +21,16 @@ Counter = Callable[[int], None]
 
 
 async def _tcp_to_stream(reader: asyncio.StreamReader, stream: HboneStream,
-                         count: Counter) -> None:
+                         count: Counter, source: ReadSource | None = None) -> None:
     while True:
         data = await reader.read(READ_SIZE)
         if not data:
             stream.write_eof()
             return
         count(len(data))
-        await stream.write(data)
+        # While the tunnel cannot take more, ``source`` is not read: its bytes wait in the
+        # kernel, not in the reader's buffer (which would sit outside the HBONE budget).
+        await stream.write(data, source)
 
 
 async def _stream_to_tcp(stream: HboneStream, writer: asyncio.StreamWriter,
@@ -83,7 +86,10 @@ async def relay_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                        stream: HboneStream, sent: Counter, received: Counter) -> None:
     """TCP ``reader/writer`` <-> HBONE ``stream``. ``sent`` counts TCP->stream bytes."""
     try:
-        await _both(asyncio.create_task(_tcp_to_stream(reader, stream, sent)),
+        # One TCP transport reads and writes; typed as a WriteTransport by asyncio.
+        source = cast(ReadSource, writer.transport) \
+            if hasattr(writer.transport, "pause_reading") else None
+        await _both(asyncio.create_task(_tcp_to_stream(reader, stream, sent, source)),
                     asyncio.create_task(_stream_to_tcp(stream, writer, received)))
     except (StreamError, ConnectionError, OSError):
         stream.reset()

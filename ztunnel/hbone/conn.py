@@ -11,9 +11,11 @@ credit only after the application has taken the bytes, so a slow consumer slows 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import h2.errors
 
@@ -23,6 +25,32 @@ from ztunnel.hbone.core import DEFAULT_SETTINGS, HboneConnection, HboneSettings
 log = logging.getLogger("ztunnel.hbone")
 # Seconds a connection ended for an error may take to deliver its GOAWAY before it is aborted.
 _CLOSE_GRACE = 1.0
+
+
+class ReadSource(Protocol):
+    """What a tunnel's writer may pause: a transport that reads (asyncio's or uvloop's, whose
+    TCP transport is no ``asyncio.ReadTransport`` subclass)."""
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def is_reading(self) -> bool: ...
+    def is_closing(self) -> bool: ...
+
+
+@contextlib.contextmanager
+def _paused(source: ReadSource | None) -> Iterator[None]:
+    """Stop reading ``source`` for the duration. A no-op without one, once it is closing, or
+    while it is already paused (by its StreamReader, whose buffer is full: resuming it here
+    would override that)."""
+    if source is None or source.is_closing() or not source.is_reading():
+        yield
+        return
+    source.pause_reading()
+    try:
+        yield
+    finally:
+        if not source.is_closing():
+            source.resume_reading()
 
 
 class StreamError(Exception):
@@ -102,24 +130,32 @@ class HboneStream:
     def consumed(self, flow: int) -> None:
         self.conn._ack(self.id, flow)
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes, source: ReadSource | None = None) -> None:
+        """Queue ``data`` on the tunnel; return once it may take more. ``source`` is where the
+        bytes come from (the backend's transport): it is not read while this waits, so what
+        the kernel holds stays in the kernel (and TCP pushes back on the sender) instead of
+        piling up in the reader's buffer, outside the connection's budget."""
         if self._error is not None:
             raise StreamError(self._error)
         budget = self.conn._budget_ok
-        while not budget.is_set():  # the connection's send budget is spent: wait first
-            await budget.wait()
-            if self._error is not None:
-                raise StreamError(self._error)
+        if not budget.is_set():  # the connection's send budget is spent: wait first
+            with _paused(source):
+                while not budget.is_set():
+                    await budget.wait()
+                    if self._error is not None:
+                        raise StreamError(self._error)
         below = self.conn._send(self.id, data)
         if not below:
             self._writable.clear()
-        while not self._writable.is_set() or self.conn._paused:
-            if not self._writable.is_set():
-                await self._writable.wait()
-            else:
-                await self.conn._resumed.wait()
-            if self._error is not None:
-                raise StreamError(self._error)
+        if not self._writable.is_set() or self.conn._paused:
+            with _paused(source):
+                while not self._writable.is_set() or self.conn._paused:
+                    if not self._writable.is_set():
+                        await self._writable.wait()
+                    else:
+                        await self.conn._resumed.wait()
+                    if self._error is not None:
+                        raise StreamError(self._error)
 
     def write_eof(self) -> None:
         if self._error is None:
