@@ -9,7 +9,9 @@ today, the node agent later) applies it with ``iptables-restore`` and ``ip``.
 
 The rule set lives in two chains of our own in the ``mangle`` table, reached by one jump from
 ``PREROUTING``. It is applied with ``iptables-restore --noflush``, which replaces our chains'
-contents and leaves every other rule of the node (kube-proxy's, the CNI's) alone:
+contents and leaves every other rule of the node (kube-proxy's, the CNI's) alone; after that,
+enrolling or removing a pod applies only that pod's rules (``render_update``: ``-D``/``-I``/``-A``
+lines), so the cost of a change does not grow with the pods the node captures:
 
 1. Packets carrying the ztunnel's socket mark (``SO_MARK`` ``ZTUNNEL_SOCKET_MARK`` on every
    socket it opens) are left alone, so the proxy's own connections can never be captured back
@@ -96,6 +98,66 @@ def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))  # keeps order, so the output is deterministic
 
 
+@dataclass(frozen=True)
+class _Settings:
+    outbound_port: int
+    inbound_plaintext_port: int
+    inbound_port: int
+    socket_mark: int
+    tproxy_mark: int
+    mark_mask: int
+
+    @property
+    def mark(self) -> str:
+        return f"{self.tproxy_mark:#x}/{self.mark_mask:#x}"
+
+    def check(self) -> None:
+        ports = {
+            "outbound_port": self.outbound_port,
+            "inbound_plaintext_port": self.inbound_plaintext_port,
+            "inbound_port": self.inbound_port,
+        }
+        for name, port in ports.items():
+            if not 1 <= port <= 65535:
+                raise CaptureConfigError(f"{name}: {port} is not a TCP port (1-65535)")
+        if len(set(ports.values())) != len(ports):
+            raise CaptureConfigError(f"capture ports must differ, got {ports}")
+        mark_mask, tproxy_mark, socket_mark = self.mark_mask, self.tproxy_mark, self.socket_mark
+        if not 0 < mark_mask <= 0xFFFFFFFF:
+            raise CaptureConfigError(f"mark_mask: {mark_mask:#x} must be a non-zero 32-bit mask")
+        if tproxy_mark == 0 or tproxy_mark & ~mark_mask:
+            raise CaptureConfigError(
+                f"tproxy_mark: {tproxy_mark:#x} must be non-zero and inside mark_mask "
+                f"{mark_mask:#x}"
+            )
+        if socket_mark & mark_mask in (0, tproxy_mark):
+            raise CaptureConfigError(
+                f"socket_mark: {socket_mark:#x} must be non-zero and differ from tproxy_mark "
+                f"{tproxy_mark:#x} under mark_mask {mark_mask:#x}, or the proxy's own packets "
+                "would be captured"
+            )
+
+    def outbound(self, iface: str) -> str:
+        """The rule (without ``-A CHAIN``) steering TCP entering from ``iface``."""
+        return (f"-i {iface} -p tcp -j TPROXY --on-port {self.outbound_port} "
+                f"--tproxy-mark {self.mark}")
+
+    def inbound(self, ip: str) -> tuple[str, str]:
+        """The two rules (without ``-A CHAIN``) for TCP to ``ip``: HBONE first, then the rest."""
+        return (
+            f"-d {ip}/32 -p tcp -m tcp --dport {self.inbound_port} "
+            f"-j TPROXY --on-port {self.inbound_port} --tproxy-mark {self.mark}",
+            f"-d {ip}/32 -p tcp "
+            f"-j TPROXY --on-port {self.inbound_plaintext_port} --tproxy-mark {self.mark}",
+        )
+
+
+# The rules before any pod's in CHAIN (the ztunnel's own packets, existing sockets): pods'
+# outbound rules are inserted right after them, so they always precede every inbound rule.
+BASE_RULES = 2
+OUTBOUND_POSITION = BASE_RULES + 1
+
+
 def render_capture(
     pod_ifaces: Iterable[str],
     pod_ips: Iterable[str],
@@ -117,28 +179,9 @@ def render_capture(
     """
     ifaces = _unique(_ifname(i) for i in pod_ifaces)
     ips = _unique(_ipv4(a) for a in pod_ips)
-    ports = {
-        "outbound_port": outbound_port,
-        "inbound_plaintext_port": inbound_plaintext_port,
-        "inbound_port": inbound_port,
-    }
-    for name, port in ports.items():
-        if not 1 <= port <= 65535:
-            raise CaptureConfigError(f"{name}: {port} is not a TCP port (1-65535)")
-    if len(set(ports.values())) != len(ports):
-        raise CaptureConfigError(f"capture ports must differ, got {ports}")
-    if not 0 < mark_mask <= 0xFFFFFFFF:
-        raise CaptureConfigError(f"mark_mask: {mark_mask:#x} must be a non-zero 32-bit mask")
-    if tproxy_mark == 0 or tproxy_mark & ~mark_mask:
-        raise CaptureConfigError(
-            f"tproxy_mark: {tproxy_mark:#x} must be non-zero and inside mark_mask {mark_mask:#x}"
-        )
-    if socket_mark & mark_mask in (0, tproxy_mark):
-        raise CaptureConfigError(
-            f"socket_mark: {socket_mark:#x} must be non-zero and differ from tproxy_mark "
-            f"{tproxy_mark:#x} under mark_mask {mark_mask:#x}, or the proxy's own packets "
-            "would be captured"
-        )
+    cfg = _Settings(outbound_port, inbound_plaintext_port, inbound_port, socket_mark,
+                    tproxy_mark, mark_mask)
+    cfg.check()
     if not 0 < table < 2**32 or table in _RESERVED_TABLES:
         raise CaptureConfigError(
             f"table: {table} must be a routing table id other than 0, 253, 254, 255"
@@ -148,7 +191,7 @@ def render_capture(
             f"rule_priority: {rule_priority} must be in 1-32765 (before the main table)"
         )
 
-    mark = f"{tproxy_mark:#x}/{mark_mask:#x}"
+    mark = cfg.mark
     lines = [
         "# Ambit TPROXY capture (agent/capture/iptables.py); for iptables-restore --noflush.",
         "*mangle",
@@ -164,23 +207,57 @@ def render_capture(
     if ifaces:
         lines.append("# Outbound: TCP leaving enrolled pods.")
     for iface in ifaces:
-        lines.append(
-            f"-A {CHAIN} -i {iface} -p tcp -j TPROXY --on-port {outbound_port} --tproxy-mark {mark}"
-        )
+        lines.append(f"-A {CHAIN} {cfg.outbound(iface)}")
     if ips:
         lines.append("# Inbound: TCP to enrolled pods, HBONE on its port, everything else plain.")
     for ip in ips:
-        lines.append(
-            f"-A {CHAIN} -d {ip}/32 -p tcp -m tcp --dport {inbound_port} "
-            f"-j TPROXY --on-port {inbound_port} --tproxy-mark {mark}"
-        )
-        lines.append(
-            f"-A {CHAIN} -d {ip}/32 -p tcp "
-            f"-j TPROXY --on-port {inbound_plaintext_port} --tproxy-mark {mark}"
-        )
+        lines += [f"-A {CHAIN} {rule}" for rule in cfg.inbound(ip)]
     lines += ["COMMIT", ""]
     ip_commands = (
         ("rule", "add", "priority", str(rule_priority), "fwmark", mark, "lookup", str(table)),
         ("route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", str(table)),
     )
     return CaptureRules("\n".join(lines), JUMP, ip_commands)
+
+
+def render_update(
+    add_ifaces: Iterable[str] = (),
+    add_ips: Iterable[str] = (),
+    del_ifaces: Iterable[str] = (),
+    del_ips: Iterable[str] = (),
+    *,
+    outbound_port: int = OUTBOUND_PORT,
+    inbound_plaintext_port: int = INBOUND_PLAINTEXT_PORT,
+    inbound_port: int = INBOUND_HBONE_PORT,
+    socket_mark: int = ZTUNNEL_SOCKET_MARK,
+    tproxy_mark: int = TPROXY_MARK,
+    mark_mask: int = MARK_MASK,
+) -> str:
+    """``iptables-restore --noflush`` input that changes only the given pods' rules in a chain
+    ``render_capture`` set up: deletions (``-D``) first, then additions; "" if there is nothing
+    to change. Its size depends on the pods changed, never on how many the node captures.
+
+    An outbound rule is inserted right after the base rules (``-I CHAIN 3``) and inbound rules
+    are appended, so every outbound rule still precedes every inbound one (a packet from one
+    enrolled pod to another is the sender's outbound connection), and each address's HBONE
+    rule precedes its plaintext rule, as in the full render. Applied together with the full
+    render of the pods before the change, the chain holds the full render of the pods after
+    it, up to the order of pods within the outbound and within the inbound rules (they never
+    overlap: one interface or one address each). Every ``-D`` must name a rule that is there
+    (else ``iptables-restore`` refuses the whole input and nothing changes).
+    """
+    cfg = _Settings(outbound_port, inbound_plaintext_port, inbound_port, socket_mark,
+                    tproxy_mark, mark_mask)
+    cfg.check()
+    lines: list[str] = []
+    for iface in _unique(_ifname(i) for i in del_ifaces):
+        lines.append(f"-D {CHAIN} {cfg.outbound(iface)}")
+    for ip in _unique(_ipv4(a) for a in del_ips):
+        lines += [f"-D {CHAIN} {rule}" for rule in cfg.inbound(ip)]
+    for iface in _unique(_ifname(i) for i in add_ifaces):
+        lines.append(f"-I {CHAIN} {OUTBOUND_POSITION} {cfg.outbound(iface)}")
+    for ip in _unique(_ipv4(a) for a in add_ips):
+        lines += [f"-A {CHAIN} {rule}" for rule in cfg.inbound(ip)]
+    if not lines:
+        return ""
+    return "\n".join(["*mangle", *lines, "COMMIT", ""])

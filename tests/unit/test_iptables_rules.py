@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.capture.iptables import CaptureConfigError, render_capture
+from agent.capture.iptables import CaptureConfigError, render_capture, render_update
 
 
 def _rules(text: str) -> list[str]:
@@ -117,3 +117,68 @@ def test_bad_input_is_rejected_with_a_reason(kwargs: dict[str, object], message:
     args: dict[str, object] = {"pod_ifaces": ["p0"], "pod_ips": ["10.0.0.5"], **kwargs}
     with pytest.raises(CaptureConfigError, match=message):
         render_capture(**args)  # type: ignore[arg-type]
+
+
+# --- incremental changes (issue 19 item 4): one pod's rules, whatever the node holds -----------
+
+OUT = "-p tcp -j TPROXY --on-port 15001 --tproxy-mark 0x111/0xfff"
+HB = "-p tcp -m tcp --dport 15008 -j TPROXY --on-port 15008 --tproxy-mark 0x111/0xfff"
+PLAIN = "-p tcp -j TPROXY --on-port 15006 --tproxy-mark 0x111/0xfff"
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    # adding pod N: only pod N's lines, its outbound rule right after the two base rules
+    ({"add_ifaces": ["veth-n"], "add_ips": ["10.244.1.9"]},
+     [f"-I AMBIT_PREROUTING 3 -i veth-n {OUT}",
+      f"-A AMBIT_PREROUTING -d 10.244.1.9/32 {HB}",
+      f"-A AMBIT_PREROUTING -d 10.244.1.9/32 {PLAIN}"]),
+    # removing it: only its deletions
+    ({"del_ifaces": ["veth-n"], "del_ips": ["10.244.1.9"]},
+     [f"-D AMBIT_PREROUTING -i veth-n {OUT}",
+      f"-D AMBIT_PREROUTING -d 10.244.1.9/32 {HB}",
+      f"-D AMBIT_PREROUTING -d 10.244.1.9/32 {PLAIN}"]),
+    # a pod reusing an old pod's address on a new veth: the old veth's rule goes first
+    ({"add_ifaces": ["veth-new"], "del_ifaces": ["veth-old"]},
+     [f"-D AMBIT_PREROUTING -i veth-old {OUT}",
+      f"-I AMBIT_PREROUTING 3 -i veth-new {OUT}"]),
+    # two addresses, duplicates once
+    ({"add_ips": ["10.0.0.2", "10.0.0.3", "10.0.0.2"]},
+     [f"-A AMBIT_PREROUTING -d 10.0.0.2/32 {HB}", f"-A AMBIT_PREROUTING -d 10.0.0.2/32 {PLAIN}",
+      f"-A AMBIT_PREROUTING -d 10.0.0.3/32 {HB}", f"-A AMBIT_PREROUTING -d 10.0.0.3/32 {PLAIN}"]),
+])
+def test_update_renders_only_the_changed_pods(change: dict[str, list[str]],
+                                              expected: list[str]) -> None:
+    text = render_update(**change)  # type: ignore[arg-type]
+    lines = text.splitlines()
+    assert lines[0] == "*mangle" and lines[-1] == "COMMIT" and lines[1:-1] == expected
+    # no chain is declared (that would flush it) and no other chain is touched
+    assert not [ln for ln in lines if ln.startswith(":")]
+
+
+def test_nothing_to_change_renders_nothing() -> None:
+    assert render_update() == ""
+
+
+def test_update_lines_are_the_full_render_lines() -> None:
+    """The same rule text as the full render, so -D finds what either rendered."""
+    full = set(_rules(render_capture(["veth-n"], ["10.244.1.9"]).iptables_restore))
+    added = render_update(["veth-n"], ["10.244.1.9"]).splitlines()[1:-1]
+    as_appends = {"-A AMBIT_PREROUTING " + ln.split(" ", 3)[3] if ln.startswith("-I ") else ln
+                  for ln in added}
+    assert as_appends <= full and len(as_appends) == 3
+
+
+def test_update_size_does_not_depend_on_the_node() -> None:
+    # rendering knows nothing of the other pods: pod N's text is the same for any N
+    assert render_update(["veth-a"], ["10.0.0.2"]) == render_update(["veth-a"], ["10.0.0.2"])
+    assert len(render_update(["veth-a"], ["10.0.0.2"]).splitlines()) == 5
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"add_ips": ["fd00::1"]}, "only IPv4"),
+    ({"del_ifaces": ["bad/name"]}, "not an interface name"),
+    ({"add_ifaces": ["p0"], "outbound_port": 15006}, "must differ"),
+])
+def test_update_rejects_bad_input(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(CaptureConfigError, match=message):
+        render_update(**kwargs)  # type: ignore[arg-type]
