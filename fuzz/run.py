@@ -98,6 +98,7 @@ def fuzz(target: str, seconds: int, verbose: bool = False, max_runs: int = 0,
     new inputs go to ``scratch`` (default ``fuzz/out/<target>/corpus``). ``seed``: libFuzzer's
     random seed (0: a new one each run), so a short run in the tests explores the same way."""
     out = OUT / target
+    out.mkdir(parents=True, exist_ok=True)  # libFuzzer's -artifact_prefix: it must exist
     scratch = scratch or out / "corpus"
     scratch.mkdir(parents=True, exist_ok=True)
     seeds = CORPUS / target
