@@ -231,7 +231,19 @@ class Reuse:
         c.start_echo(self.server.name, PORT)
         self.old = c.add_pod(f"{tag}old", 1, service_account="old-sa")
         until(lambda: self.probe(self.old).ok, 10, "the old pod's first connection")
-        first = until(self.inbound, 5, "the old pod's record")[-1]
+
+        def known_on_the_servers_node() -> bool:
+            # The old pod's first connections may reach the server's node before the state
+            # push does (pod start holds nothing there), and are then recorded from the
+            # client's node; the test starts once that node knows the old pod's address.
+            recs = self.inbound()
+            if recs and recs[-1]["src"] == self.old.ip:
+                return True
+            self.probe(self.old)
+            return False
+
+        until(known_on_the_servers_node, 10, "the old pod's address on the server's node")
+        first = self.inbound()[-1]
         assert first["src_identity"] == OLD_ID and first["src"] == self.old.ip
         self.before = len(self.inbound())
         self.before_out = len(self.outbound(self.old.ip))
