@@ -169,7 +169,7 @@ class Gate:
 class ConnectionLimits:
     """The gates of one ztunnel, with their limits read from its config at each admission:
 
-    * ``hbone_accept``: inbound HBONE (15008) per source IP and in total, at accept, before
+    * ``hbone_accept``: inbound HBONE per source IP and in total, at accept, before
       the TLS handshake;
     * ``hbone_identity``: inbound HBONE per peer SPIFFE identity, after the handshake;
     * ``plaintext``: inbound plaintext (15006) per source IP and in total;

@@ -76,7 +76,7 @@ _OVERRIDES = (*_OVERRIDES, *(name for name, _, _, _ in HBONE_LIMITS))
 # Connection limits: one flag per ZtunnelConfig max_*_connections* setting (name, default,
 # meaning); tests/unit check the defaults against ZtunnelConfig's. 0 = unlimited.
 CONNECTION_LIMITS: tuple[tuple[str, int, str], ...] = (
-    ("max_hbone_connections", 4096, "inbound HBONE (15008) connections open at once"),
+    ("max_hbone_connections", 4096, "inbound HBONE connections open at once"),
     ("max_hbone_connections_per_ip", 1024,
      "inbound HBONE connections from one source IP (refused before the TLS handshake)"),
     ("max_hbone_connections_per_identity", 1024,

@@ -84,10 +84,10 @@ class ZtunnelConfig:
     node_address_refresh: float = 5.0
     # Connection limits: how many connections may be open at once, per source and in total, so
     # one pod or one peer cannot take the whole ztunnel (ztunnel/admission.py; docs/architecture.md
-    # "Connection limits"). 0 = unlimited. The one beyond a limit is reset (15008: before the TLS
+    # "Connection limits"). 0 = unlimited. The one beyond a limit is reset (HBONE: before the TLS
     # handshake for the per-IP and total caps) and counted in
     # ambit_ztunnel_connections_refused_total{listener,reason}.
-    max_hbone_connections: int = 4096  # inbound HBONE (15008), in total
+    max_hbone_connections: int = 4096  # inbound HBONE, in total
     max_hbone_connections_per_ip: int = 1024  # ... per source IP (checked at accept)
     max_hbone_connections_per_identity: int = 1024  # ... per peer SPIFFE ID (after the handshake)
     max_plaintext_connections: int = 4096  # inbound plaintext (15006), in total
