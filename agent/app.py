@@ -51,6 +51,17 @@ from mesh.unix import allowed_uids
 log = logging.getLogger("agent")
 T = TypeVar("T")
 
+# A busy node gets a state push per pod added or removed, and each wakes a reconcile pass:
+# passes woken by pushes are spaced at least this far apart (seconds), so a burst of pod
+# changes costs a bounded number of passes, and they plan on the agent's own record of what it
+# captured (kept exact by every ADD, DEL and pass) instead of reading the kernel's capture back
+# (O(pods): an iptables-save, or every key of the pods map); the kernel is read back by the
+# periodic resync (``resync_interval``). CNI ADD and DEL never wait for a pass.
+RECONCILE_SPACING = 0.5
+# The capture backend's status (``ambit agent status``; eBPF lists every interface's filters)
+# is read again by a pass at most this often (seconds), or when the ztunnel relinked.
+STATUS_INTERVAL = 5.0
+
 
 def _ipv4_only(ips: tuple[str, ...]) -> tuple[str, ...]:
     out = []
@@ -61,6 +72,12 @@ def _ipv4_only(ips: tuple[str, ...]) -> tuple[str, ...]:
         except ValueError:
             continue
     return tuple(out)
+
+
+def _missing_ifaces(ifaces: Mapping[str, str]) -> set[str]:
+    """The keys of ``ifaces`` whose interface does not exist right now (one kernel-thread hop
+    for all pods of a pass, not one per pod)."""
+    return {uid for uid, name in ifaces.items() if not iface_exists(name)}
 
 
 class Agent:
@@ -96,6 +113,9 @@ class Agent:
         self.pods_gone = 0  # pods found without their interface (an expected event)
         self.setup_done = False
         self._backend_status: dict[str, str] = {}
+        self._status_at = -STATUS_INTERVAL  # monotonic time of the last backend status read
+        self._last_pass = -RECONCILE_SPACING
+        self._kernel_read_at = -config.resync_interval  # last full read of the capture
         self.last_reconcile = 0.0
         self.last_error = ""
         self.membership: MembershipClient | None = None
@@ -127,8 +147,17 @@ class Agent:
         return {"agent": os.getpid(), "ztunnel": self.link.ztunnel_pid}
 
     async def _refresh_enrolled(self) -> None:
-        """Re-read what the kernel captures (for status and the pod gauges)."""
+        """Re-read what the kernel captures (for status and the pod gauges); O(pods), so
+        reconcile passes do it, not CNI ADD and DEL (``_note_capture``)."""
         self._enrolled = await self._kernel(self.backend.enrolled)
+        self.metrics.set_pods(len(self._enrolled), len(self.table.pods))
+
+    def _note_capture(self, ips: tuple[str, ...], captured: bool) -> None:
+        """What one CNI ADD or DEL just did to capture, without reading the kernel back."""
+        if captured:
+            self._enrolled.update(ips)
+        else:
+            self._enrolled.difference_update(ips)
         self.metrics.set_pods(len(self._enrolled), len(self.table.pods))
 
     def _mesh(self) -> dict[str, MeshPod]:
@@ -279,6 +308,7 @@ class Agent:
 
     async def _on_listeners(self, fds: Mapping[str, int], pid: int) -> None:
         await self._kernel(self.backend.set_listeners, fds)
+        self._status_at = -STATUS_INTERVAL
         self._wake.set()  # refresh the status (listeners ready) soon
 
     # -- CNI -------------------------------------------------------------------------------
@@ -335,7 +365,7 @@ class Agent:
         else:
             await self._kernel(self.backend.unenroll, capture)  # a reused IP, say
         self.table.put(pod)
-        await self._refresh_enrolled()
+        self._note_capture(ips, answer.in_mesh)
         log.info("pod %s (%s on %s): %s", req.uid, ", ".join(ips), iface,
                  "captured" if answer.in_mesh else f"not captured: {answer.reason}")
         return {"ok": True, "captured": answer.in_mesh, "reason": answer.reason}
@@ -400,7 +430,7 @@ class Agent:
             capture = pod.capture()
             await self._kernel(self.backend.unenroll, capture)
             await self._kernel(self.backend.forget_interface, capture)
-            await self._refresh_enrolled()
+            self._note_capture(pod.ips, False)
         log.info("pod %s removed", pod.uid)
         return {"ok": True, "captured": False, "reason": "removed"}
 
@@ -423,11 +453,17 @@ class Agent:
 
     async def _reconcile_loop(self) -> None:
         while True:
+            woken = False
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.resync_interval)
+                woken = await asyncio.wait_for(self._wake.wait(), self.config.resync_interval)
+            full = (not woken or time.monotonic() - self._kernel_read_at
+                    >= self.config.resync_interval)
+            wait = self._last_pass + RECONCILE_SPACING - time.monotonic()
+            if wait > 0:  # coalesce a burst of state pushes into one pass
+                await asyncio.sleep(wait)
             self._wake.clear()
             try:
-                await self.reconcile_once()
+                await self.reconcile_once(read_kernel=full)
                 self.metrics.reconciled(True)
                 self.last_error = ""
             except asyncio.CancelledError:
@@ -436,6 +472,7 @@ class Agent:
                 self.metrics.reconciled(False)
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.error("reconcile failed: %s", self.last_error)
+            self._last_pass = time.monotonic()
 
     async def refresh_uplinks(self) -> None:
         """``--uplink auto``: find the uplinks again; attach capture to new ones."""
@@ -457,15 +494,21 @@ class Agent:
                  "; ".join(uplinks.describe(links, pod_ifaces)) or "-")
         self.uplinks = found
 
-    async def reconcile_once(self) -> None:
+    async def reconcile_once(self, read_kernel: bool = True) -> None:
+        """One pass. ``read_kernel``: plan on what the kernel captures, read back now (the
+        periodic resync), rather than on the agent's record of it (passes woken by pushes);
+        ``--uplink auto`` is resolved again (every link of the node) only then too."""
         try:
-            await self.refresh_uplinks()
+            if read_kernel:
+                await self.refresh_uplinks()
         except (uplinks.UplinkError, CaptureError) as e:  # pods still get reconciled
             log.error("uplinks (auto): %s; still using %s, trying again next resync", e,
                       ", ".join(self.uplinks) or "none")
         async with self._pods_lock:
-            await self._reconcile_pods()
-        self._backend_status = dict((await self._kernel(self.backend.status)).detail)
+            await self._reconcile_pods(read_kernel)
+        if time.monotonic() - self._status_at >= STATUS_INTERVAL:
+            self._backend_status = dict((await self._kernel(self.backend.status)).detail)
+            self._status_at = time.monotonic()
         self.last_reconcile = time.time()
 
     async def _forget(self, pod: LocalPod, why: str) -> None:
@@ -474,6 +517,7 @@ class Agent:
         self.table.bury(pod, time.time(), MAX_TOMBSTONES, reason=why)
         capture = pod.capture()
         await self._kernel(self.backend.unenroll, capture)
+        self._enrolled.difference_update(pod.ips)
         with contextlib.suppress(CaptureError):  # nothing left to detach from
             await self._kernel(self.backend.forget_interface, capture)
         self.pods_gone += 1
@@ -488,14 +532,18 @@ class Agent:
     async def _gone_now(self, pod: LocalPod) -> bool:
         return not await self._kernel(iface_exists, pod.host_iface)
 
-    async def _reconcile_pods(self) -> None:
+    async def _reconcile_pods(self, read_kernel: bool = True) -> None:
         mesh = self._mesh()
         if self.store.ready:  # never drop tombstones on a registry view we have not received
             self.table.set_deleted(prune(self.table.deleted, mesh, self.table.pods,
                                          time.time()))
-        enrolled = await self._kernel(self.backend.enrolled)
+        if read_kernel:
+            self._enrolled = await self._kernel(self.backend.enrolled)
+            self._kernel_read_at = time.monotonic()
+        enrolled = set(self._enrolled)
         # Live facts, read now: pods whose host interface no longer exists.
-        gone = {p.uid for p in list(self.table.pods.values()) if await self._gone_now(p)}
+        ifaces = {p.uid: p.host_iface for p in self.table.pods.values()}
+        gone = await self._kernel(_missing_ifaces, ifaces)
         todo = plan(self.table.pods, mesh, enrolled, self.table.deleted, gone)
         for pod in todo.forget:
             if self._current(pod):
@@ -537,17 +585,23 @@ class Agent:
                 await self._forget(pod, f"interface {pod.host_iface} vanished while capturing "
                                    "it")
                 continue
+            self._enrolled.update(pod.ips)
             log.info("capturing pod %s (%s)", pod.uid, ", ".join(pod.ips))
         for pod in todo.unenroll:
             await self._kernel(self.backend.unenroll, pod.capture())
+            self._enrolled.difference_update(pod.ips)
             log.info("no longer capturing pod %s (%s)", pod.uid, ", ".join(pod.ips))
         if self.store.ready:  # never release on a registry view we have not received
             for ip in todo.release:
                 if self.table.by_ip(ip) is not None:
                     continue  # a CNI ADD took the address while this pass ran
                 await self._kernel(self.backend.unenroll, PodCapture("unknown", (ip,), ""))
+                self._enrolled.discard(ip)
                 log.info("released %s: captured, but no pod of this node has it", ip)
-        await self._refresh_enrolled()
+        if read_kernel:
+            await self._refresh_enrolled()
+        else:
+            self.metrics.set_pods(len(self._enrolled), len(self.table.pods))
 
 
 async def serve(agent: Agent, stop: asyncio.Event | None = None) -> None:
