@@ -22,9 +22,13 @@ lint: setup
 demo: setup
 	.venv/bin/ambit dev demo
 
+# bench.churn: pods added to one node back to back then deleted (10, 100, 250; both redirect
+# modes) in dev clusters of its own; per-pod agent/ztunnel CPU, CNI ADD/DEL latency, first
+# connection (docs/performance.md, "Pod churn"). About 5 minutes.
 bench: setup
 	.venv/bin/python -m bench
 	.venv/bin/python -m bench.push
+	.venv/bin/python -m bench.churn
 
 # Coverage-guided fuzzing (fuzz/): each target (atheris for Python, libFuzzer + ASan/UBSan for
 # the C CNI shim) replays its corpus then fuzzes for FUZZ_SECONDS, one at a time; progress, a
