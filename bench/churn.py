@@ -234,8 +234,8 @@ def run_mode(mode: str, sizes: Sequence[int], probes: int, budget: float, root: 
     from ambit.dev.cluster import DevCluster
 
     name = f"cb{mode[:2]}{uuid.uuid4().hex[:4]}"
-    c = DevCluster(name, nodes=2, redirect_mode=mode, root=root / name,
-                   out=lambda _line: None)
+    # The cluster's directory is root/name, removed by ``down``.
+    c = DevCluster(name, nodes=2, redirect_mode=mode, root=root, out=lambda _line: None)
     results = []
     try:
         c.up()
