@@ -36,6 +36,7 @@ from ambit.dev import mesh, netns
 from ambit.dev.cluster import DevCluster, NodeInfo, PodInfo, cgroup2_root
 from ambit.dev.cni_runner import RuntimeConf, k8s_pod_args
 from mesh.ports import ADMIN_PORT
+from tests.e2e.clusters import dev_cluster
 from tests.e2e.waiting import until
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
@@ -49,17 +50,8 @@ SETTLE = 5.0  # seconds after the last delete
 @pytest.fixture(scope="module", params=["ebpf", "iptables"])
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) \
         -> Iterator[DevCluster]:
-    mode = request.param
-    name = f"ch{mode[:2]}{uuid.uuid4().hex[:4]}"
-    root = tmp_path_factory.mktemp(f"churn-{mode}")
-    c = DevCluster(name, nodes=2, redirect_mode=mode, root=root, out=lambda _line: None)
-    try:
-        c.up()
-        c.set_namespace("default", ambient=True)
+    with dev_cluster("ch", request.param, tmp_path_factory) as c:
         yield c
-    finally:
-        c.down(quiet=True)
-        assert not [n for n in netns.list_netns() if n.startswith(c.prefix)]
 
 
 # --- what the node shows ------------------------------------------------------------------------

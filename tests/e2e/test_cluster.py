@@ -23,6 +23,7 @@ import pytest
 
 from ambit.dev import mesh, netns
 from ambit.dev.cluster import DevCluster, PodInfo, node_snapshot
+from tests.e2e.clusters import dev_cluster
 from tests.e2e.waiting import until
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
@@ -33,21 +34,8 @@ PORT = 8080
 @pytest.fixture(scope="module", params=["ebpf", "iptables"])
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) \
         -> Iterator[DevCluster]:
-    mode = request.param
-    name = f"e2e{mode[:2]}{uuid.uuid4().hex[:4]}"
-    root = tmp_path_factory.mktemp(f"cluster-{mode}")
-    c = DevCluster(name, nodes=2, redirect_mode=mode, root=root, out=lambda _line: None)
-    try:
-        c.up()
-        for node in c.nodes:
-            status = c.agent_status(node)
-            assert status["redirectMode"] == mode, status
-        c.set_namespace("default", ambient=True)
-        c.set_namespace("plain", ambient=False)
+    with dev_cluster("e2e", request.param, tmp_path_factory, plain=("plain",)) as c:
         yield c
-    finally:
-        c.down(quiet=True)
-        assert not [n for n in netns.list_netns() if n.startswith(c.prefix)]
 
 
 def add(c: DevCluster, name: str, node: int, *, namespace: str = "default",

@@ -16,7 +16,6 @@ import json
 import statistics
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,27 +24,19 @@ import pytest
 
 from ambit.dev import netns
 from ambit.dev.cluster import DevCluster
+from tests.e2e.clusters import dev_cluster
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
 PORT = 8080
-PODS = 30
+PODS = 100  # the bar: 100 pods started back to back on one node, each first try
 
 
 @pytest.fixture(scope="module", params=["ebpf", "iptables"])
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) \
         -> Iterator[DevCluster]:
-    mode = request.param
-    name = f"ps{mode[:2]}{uuid.uuid4().hex[:4]}"
-    root = tmp_path_factory.mktemp(f"podstart-{mode}")
-    c = DevCluster(name, nodes=2, redirect_mode=mode, root=root, out=lambda _line: None)
-    try:
-        c.up()
-        c.set_namespace("default", ambient=True)
+    with dev_cluster("ps", request.param, tmp_path_factory) as c:
         yield c
-    finally:
-        c.down(quiet=True)
-        assert not [n for n in netns.list_netns() if n.startswith(c.prefix)]
 
 
 def _client(pod_netns: str, ip: str) -> subprocess.Popen[str]:
