@@ -43,10 +43,15 @@ async def _stream_to_tcp(stream: HboneStream, writer: asyncio.StreamWriter,
             if writer.can_write_eof():
                 writer.write_eof()
             return
-        writer.write(data)
-        await writer.drain()
+        try:
+            writer.write(data)
+            await writer.drain()
+        finally:
+            # The credit goes back whether or not the destination took the bytes: a chunk
+            # lost with a failing destination must not shrink the connection's window for
+            # the other tunnels on it (after enough resets, they stalled).
+            stream.consumed(flow)
         count(len(data))
-        stream.consumed(flow)
 
 
 async def _tcp_to_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

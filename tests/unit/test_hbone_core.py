@@ -374,3 +374,32 @@ def test_content_length_does_not_limit_a_tunnel() -> None:
     events = s.receive(client.data_to_send())
     assert [e.data for e in events if isinstance(e, ev.DataReceived)] == [b"more than one byte"]
     assert ev.StreamEnded(1) in events and not s.closed
+
+
+def test_window_update_then_reset_in_one_read_does_not_raise() -> None:
+    """A receiver that acks (WINDOW_UPDATE) and then resets a stream (its destination failed)
+    sends both in one write; the sender's h2 closes the stream while parsing the read, before
+    the core sees the WindowUpdated event that flushes the stream's queue. That flush raised
+    StreamClosedError out of receive() and took every tunnel of the connection down (found by
+    make bench: iperf3's control tunnel died with its data tunnel)."""
+    settings = HboneSettings(stream_window=65535, connection_window=65535, max_frame_size=16384)
+    c, s = HboneConnection(True, settings), HboneConnection(False, settings)
+    for x in (c, s):
+        x.initiate()
+    pump(c, s)
+    pump(s, c)
+    pump(c, s)
+    sid = open_tunnel(c, s)
+    other = open_tunnel(c, s, "10.0.0.2:80")
+    c.send(sid, b"x" * 200_000)  # one window goes out, the rest waits in c's queue
+    for e in pump(c, s):
+        if isinstance(e, ev.DataReceived):
+            s.ack(e.stream_id, e.flow_length)  # WINDOW_UPDATE ...
+    s.reset(sid)  # ... then RST_STREAM, in the same bytes
+    events = pump(s, c)
+    assert [e for e in events if isinstance(e, ev.StreamReset)] == [ev.StreamReset(sid, 8)]
+    assert c.pending(sid) == 0 and c.send_buffered == 0
+    # The connection and its other tunnel are fine.
+    c.send(other, b"still here")
+    got, _ = transfer(c, s)
+    assert got == b"still here"

@@ -49,3 +49,56 @@ async def test_one_direction_failing_cancels_the_other() -> None:
     with pytest.raises(ConnectionResetError):
         await _both(asyncio.create_task(_fail(ConnectionResetError("x"))), other)
     assert other.cancelled()
+
+
+class _Conn:
+    """What an HboneStream calls on its connection, recorded."""
+
+    def __init__(self) -> None:
+        self.acked: list[tuple[int, int]] = []
+        self.reset: list[int] = []
+
+    def _ack(self, sid: int, flow: int) -> None:
+        self.acked.append((sid, flow))
+
+    def _reset(self, sid: int) -> None:
+        self.reset.append(sid)
+
+
+async def test_a_locally_reset_tunnel_gives_its_unread_credit_back() -> None:
+    """A tunnel reset because its destination failed had up to a stream window of chunks
+    unread; their credit must go back, or the connection window (shared by every tunnel on it)
+    shrinks with each such reset until the other tunnels stall (seen in make bench)."""
+    from ztunnel.hbone.conn import HboneStream
+
+    conn = _Conn()
+    stream = HboneStream(conn, 3)  # type: ignore[arg-type]
+    stream._feed(b"a" * 100, 100)
+    stream._feed(b"b" * 50, 50)
+    stream.reset()
+    assert conn.acked == [(3, 100), (3, 50)] and conn.reset == [3]
+
+
+async def test_a_chunk_lost_with_a_failing_destination_gives_its_credit_back() -> None:
+    from ztunnel.relay import _stream_to_tcp
+
+    class Stream:
+        consumed_flow: list[int] = []
+
+        async def read(self) -> tuple[bytes, int]:
+            return b"x" * 10, 10
+
+        def consumed(self, flow: int) -> None:
+            self.consumed_flow.append(flow)
+
+    class Writer:
+        def write(self, data: bytes) -> None:
+            pass
+
+        async def drain(self) -> None:
+            raise ConnectionResetError("destination gone")
+
+    s = Stream()
+    with pytest.raises(ConnectionResetError):
+        await _stream_to_tcp(s, Writer(), lambda n: None)  # type: ignore[arg-type]
+    assert s.consumed_flow == [10]

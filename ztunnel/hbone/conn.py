@@ -164,6 +164,13 @@ class HboneStream:
     def reset(self) -> None:
         if self._error is None:
             self._error = "reset locally"
+            # Chunks never to be read give their flow-control credit back, as in _fail: a
+            # tunnel reset because its destination failed left up to a stream window unacked,
+            # and the connection window (shared by every tunnel on it) shrank by that much each
+            # time, until the other tunnels stalled.
+            for _, flow in self._chunks:
+                self.conn._ack(self.id, flow)
+            self._chunks.clear()
             self.conn._reset(self.id)
             self._readable.set()
             self._writable.set()

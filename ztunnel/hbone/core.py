@@ -755,16 +755,32 @@ class HboneConnection:
                 chunk = chunk[:n]
             st.pending_bytes -= n
             self.send_buffered -= n
-            h2c.send_data(stream_id, chunk)
+            try:
+                h2c.send_data(stream_id, chunk)
+            except h2.exceptions.StreamClosedError:
+                self._drop_pending(st)
+                return
             self._guard.data_frames_sent += 1
         if not st.pending and st.end_requested and not st.local_ended:
-            h2c.end_stream(stream_id)
+            try:
+                h2c.end_stream(stream_id)
+            except h2.exceptions.StreamClosedError:
+                return
             st.local_ended = True
             self._maybe_done(stream_id, st)
         if st.blocked and st.pending_bytes <= self._stream_high // 2:
             st.blocked = False
             if out is not None:
                 out.append(StreamWritable(stream_id))
+
+    def _drop_pending(self, st: _Stream) -> None:
+        """The peer reset the stream in the same read (h2 has closed it; its StreamReset event
+        is still to come): what it had queued will never be sent. Flushing it on, say, a
+        WINDOW_UPDATE that came first raised StreamClosedError out of ``receive()`` and took
+        every tunnel of the connection down."""
+        self.send_buffered -= st.pending_bytes
+        st.pending.clear()
+        st.pending_bytes = 0
 
     def _flush_all(self, out: list[Event]) -> None:
         for sid, st in list(self._streams.items()):
