@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable
 from typing import cast
 
-from ztunnel.hbone.conn import HboneStream, ReadSource, StreamError
+from ztunnel.hbone.conn import HboneStream, ReadSource
 
 READ_SIZE = 256 * 1024
 
@@ -96,7 +96,7 @@ async def relay_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             if hasattr(writer.transport, "pause_reading") else None
         await _both(asyncio.create_task(_tcp_to_stream(reader, stream, sent, source)),
                     asyncio.create_task(_stream_to_tcp(stream, writer, received)))
-    except (StreamError, ConnectionError, OSError):
+    except Exception:  # whatever failed, the peer must learn the tunnel is gone
         stream.reset()
         writer.transport.abort()
         raise

@@ -102,3 +102,25 @@ async def test_a_chunk_lost_with_a_failing_destination_gives_its_credit_back() -
     with pytest.raises(ConnectionResetError):
         await _stream_to_tcp(s, Writer(), lambda n: None)  # type: ignore[arg-type]
     assert s.consumed_flow == [10]
+
+
+def test_pausing_a_transport_whose_connection_is_gone_is_a_no_op() -> None:
+    """uvloop raises RuntimeError on pause/resume of a transport whose connection is lost
+    while is_closing() is still False (a reset backend): that escaped the relay, the tunnel
+    was never reset, and its HBONE peer hung (make bench)."""
+    from ztunnel.hbone.conn import _paused
+
+    class Lost:
+        def is_closing(self) -> bool:
+            return False
+
+        def is_reading(self) -> bool:
+            return True
+
+        def pause_reading(self) -> None:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+        resume_reading = pause_reading
+
+    with _paused(Lost()):
+        pass

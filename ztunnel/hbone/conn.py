@@ -45,12 +45,16 @@ def _paused(source: ReadSource | None) -> Iterator[None]:
     if source is None or source.is_closing() or not source.is_reading():
         yield
         return
-    source.pause_reading()
+    # uvloop raises RuntimeError on a transport whose connection is already lost even while
+    # is_closing() is still False (the peer reset it): then there is nothing left to pause.
+    with contextlib.suppress(RuntimeError):
+        source.pause_reading()
     try:
         yield
     finally:
         if not source.is_closing():
-            source.resume_reading()
+            with contextlib.suppress(RuntimeError):
+                source.resume_reading()
 
 
 class StreamError(Exception):
