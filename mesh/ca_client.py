@@ -215,6 +215,21 @@ def refresh_at(received_at: float, not_after: float) -> float:
     return received_at + (not_after - received_at) / 2
 
 
+class Lifetime:
+    """What both holders of a certificate in use (the ztunnel's per identity, the waypoint's)
+    derive from when it arrived and when it expires; the subclass declares both fields."""
+
+    fetched_at: float  # Unix seconds, when it arrived
+    not_after: float  # Unix seconds
+
+    @property
+    def refresh_at(self) -> float:
+        return refresh_at(self.fetched_at, self.not_after)
+
+    def valid(self, now: float) -> bool:
+        return now < self.not_after
+
+
 class Expiring(Protocol):
     """A certificate in use, as far as the retry schedule cares."""
 

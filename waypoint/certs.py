@@ -35,10 +35,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from mesh.api.ambit.v1 import ca_pb2, ca_pb2_grpc
 from mesh.ca_client import (
     CaError,
+    Lifetime,
     TokenFile,
     accept_issued,
     open_channel,
-    refresh_at,
     request_certificate,
     retry_delay,
 )
@@ -63,7 +63,7 @@ _HINTS = {
 
 
 @dataclass(frozen=True)
-class WaypointCertificate:
+class WaypointCertificate(Lifetime):
     """A certificate in use: chain (leaf first) and key in PEM, the CA's trust bundle."""
 
     identity: SpiffeId
@@ -73,13 +73,6 @@ class WaypointCertificate:
     serial: str
     not_after: float  # Unix seconds
     fetched_at: float  # Unix seconds, when it arrived
-
-    @property
-    def refresh_at(self) -> float:
-        return refresh_at(self.fetched_at, self.not_after)
-
-    def valid(self, now: float) -> bool:
-        return now < self.not_after
 
     @property
     def expires(self) -> str:

@@ -37,10 +37,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mesh.api.ambit.v1 import ca_pb2, ca_pb2_grpc
 from mesh.ca_client import (
     CaError,
+    Lifetime,
     TokenFile,
     accept_issued,
     open_channel,
-    refresh_at,
     request_certificate,
     retry_delay,
     unusable,
@@ -53,7 +53,7 @@ log = logging.getLogger("ztunnel.ca")
 
 
 @dataclass
-class _Held:
+class _Held(Lifetime):
     """A certificate in use, with the TLS contexts built from it."""
 
     info: CertInfo
@@ -61,13 +61,6 @@ class _Held:
     server: ssl.SSLContext
     fetched_at: float  # wall-clock seconds
     not_after: float
-
-    @property
-    def refresh_at(self) -> float:
-        return refresh_at(self.fetched_at, self.not_after)
-
-    def valid(self, now: float) -> bool:
-        return now < self.not_after
 
 
 @dataclass
