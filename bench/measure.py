@@ -1,8 +1,9 @@
-"""The two measurements, run between the client and server pod namespaces.
+"""The measurements, run between the client and server pod namespaces.
 
-Why separate from the setups: direct, Envoy and ambit differ only in which proxies run and which
-address the client dials; throughput and latency are measured identically for all three, by the
-same tools with the same settings, which is what makes the columns of the table comparable.
+Why separate from the setups: direct, the Envoy pairs and ambit differ only in which proxies run
+and which address the client dials; throughput, latency, connection rate and the
+many-connections run are measured identically for all of them, by the same tools with the same
+settings, which is what makes the columns of the table comparable.
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ class Settings:
     size: int = 1024
     warmup: float = 1.0
     iperf_omit: int = 1  # seconds of TCP slow start left out of the throughput
+    # P4: closed-loop new connections (one request/response each), bounded in time and count
+    # (the count keeps TIME_WAIT sockets well inside the ephemeral port range).
+    connrate_duration: float = 5.0
+    connrate_concurrency: int = 8
+    connrate_max: int = 15_000
+    # P5: many connections, each at a low rate (here 1000 x 1 req/s).
+    many_connections: int = 1000
+    many_rate: float = 1000.0
+    many_warmup: float = 2.0
+    # P7: parallel iperf3 streams for the workers phase.
+    parallel_streams: int = 4
 
 
 def start_servers(procs: ProcessSet, server_ns: str, server_ip: str, workdir: Path,
@@ -68,17 +80,30 @@ def _run_json(argv: list[str], timeout: float, what: str) -> dict[str, Any]:
     return data
 
 
-def throughput(client_ns: str, host: str, port: int, s: Settings) -> tuple[float, int]:
-    """Single-stream iperf3 from the client pod; (Gbit/s at the receiver, retransmits)."""
+@dataclass(frozen=True)
+class Throughput:
+    gbps: float  # at the receiver, slow start (--omit) left out
+    retransmits: int  # iperf3's count, sender side
+    bytes_sent: int  # over the whole run, slow start included (what the proxies' CPU paid for)
+
+
+def parse_iperf(data: dict[str, Any]) -> Throughput:
+    """The numbers the table uses from ``iperf3 -J`` output."""
+    end = data["end"]
+    sent = sum(int(iv["sum"]["bytes"]) for iv in data.get("intervals", []))
+    return Throughput(gbps=float(end["sum_received"]["bits_per_second"]) / 1e9,
+                      retransmits=int(end.get("sum_sent", {}).get("retransmits", 0)),
+                      bytes_sent=sent)
+
+
+def throughput(client_ns: str, host: str, port: int, s: Settings, streams: int = 1) -> Throughput:
+    """iperf3 from the client pod (one stream unless ``streams``)."""
     data = _run_json(
         in_netns(client_ns, ["iperf3", "-c", host, "-p", str(port), "-t", f"{s.duration:g}",
-                             "-O", str(s.iperf_omit), "-P", "1", "-J",
+                             "-O", str(s.iperf_omit), "-P", str(streams), "-J",
                              "--connect-timeout", "5000"]),
         timeout=s.duration + s.iperf_omit + 30, what="iperf3 client")
-    end = data["end"]
-    bps = float(end["sum_received"]["bits_per_second"])
-    retr = int(end.get("sum_sent", {}).get("retransmits", 0))
-    return bps / 1e9, retr
+    return parse_iperf(data)
 
 
 def latency(client_ns: str, host: str, port: int, s: Settings) -> dict[str, Any]:
@@ -90,3 +115,25 @@ def latency(client_ns: str, host: str, port: int, s: Settings) -> dict[str, Any]
             "--warmup", f"{s.warmup:g}", "--connections", str(s.connections),
             "--size", str(s.size)]),
         timeout=s.warmup + s.duration + 40, what="latency client (bench.rr)")
+
+
+def many(client_ns: str, host: str, port: int, s: Settings) -> dict[str, Any]:
+    """P5: ``many_connections`` open at once, ``many_rate`` requests/s over all of them."""
+    return _run_json(
+        in_netns(client_ns, [
+            sys.executable, "-m", "bench.rr", "client", "--host", host, "--port", str(port),
+            "--rate", f"{s.many_rate:g}", "--duration", f"{s.duration:g}",
+            "--warmup", f"{s.many_warmup:g}", "--connections", str(s.many_connections),
+            "--size", str(s.size)]),
+        timeout=s.many_warmup + s.duration + 90, what="many-connections client (bench.rr)")
+
+
+def connrate(client_ns: str, host: str, port: int, s: Settings) -> dict[str, Any]:
+    """P4: new connections per second, each one request/response (bench/rr.py connrate)."""
+    return _run_json(
+        in_netns(client_ns, [
+            sys.executable, "-m", "bench.rr", "connrate", "--host", host, "--port", str(port),
+            "--duration", f"{s.connrate_duration:g}",
+            "--concurrency", str(s.connrate_concurrency),
+            "--max-conns", str(s.connrate_max), "--size", str(s.size)]),
+        timeout=s.connrate_duration + 60, what="connection-rate client (bench.rr)")

@@ -7,19 +7,28 @@ TLS) to the server pod's IP on the HBONE port; the server node's rules steer tha
 which authenticates the peer and connects to the server pod. The capture rules are the ones
 the dev topology and the node agent apply (agent/capture/iptables.py via
 ambit.dev.topology), inside the benchmark's own node namespaces only.
+
+Two knobs make the comparison with Envoy like for like, and both are stated in the table:
+``--workers 1`` (when the ztunnel has the flag; its default is max(2, a quarter of the cores))
+matches Envoy's ``--concurrency 1`` outside the workers phase, and the ztunnels' TLS 1.3 suites
+are restricted with an ``OPENSSL_CONF`` file (Python 3.11's ``ssl`` has no setter for TLS 1.3
+suites, so the process's OpenSSL configuration is the only handle that needs no ztunnel code
+change), because OpenSSL's server preference would otherwise pick AES-256-GCM while BoringSSL
+picks AES-128-GCM. bench/tlsprobe.py checks what was negotiated.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ambit.dev.mesh import ambit_command
-from bench.procs import BenchError, Proc, ProcessSet, in_netns, ns_http_get, wait_until
+from bench.procs import BenchError, Proc, ProcessSet, in_netns, ns_http_get, run, wait_until
 from bench.topo import Topology
 from mesh.ports import METRICS_PORT, READINESS_PORT
 
@@ -31,6 +40,31 @@ def check_runnable() -> None:
     for module in ("ztunnel.app", "agent.capture.iptables"):
         if importlib.util.find_spec(module) is None:
             raise BenchError(f"ambit ztunnel not runnable: module {module} does not exist yet")
+
+
+@functools.cache
+def workers_supported() -> bool:
+    """Whether this ztunnel accepts ``--workers`` (multi-process data path, issue 14 P7)."""
+    try:
+        return "--workers" in run([*ambit_command(), "ztunnel", "--help"], timeout=60)
+    except BenchError:
+        return False
+
+
+def openssl_conf(path: Path, tls13_suites: str) -> Path:
+    """An OpenSSL config whose system default restricts TLS 1.3 to ``tls13_suites``.
+
+    OpenSSL reads it (``OPENSSL_CONF``) when libssl initialises, and applies the
+    ``system_default`` section to every SSL_CTX the process creates, Python's included.
+    """
+    path.write_text(
+        "openssl_conf = openssl_init\n"
+        "[openssl_init]\nssl_conf = ssl_sect\n"
+        "[ssl_sect]\nsystem_default = system_default_sect\n"
+        "[system_default_sect]\n"
+        "MinProtocol = TLSv1.2\n"
+        f"Ciphersuites = {tls13_suites}\n")
+    return path
 
 
 def state_document(client_ip: str, server_ip: str, client_id: tuple[str, str],
@@ -54,9 +88,20 @@ def _ready(ns: str) -> bool:
 
 
 def start_ztunnels(procs: ProcessSet, topo: Topology, certs: Path, work: Path,
-                   client_id: tuple[str, str], server_id: tuple[str, str]) -> dict[str, Proc]:
-    """Capture on both nodes, start both ztunnels, wait for /healthz/ready on each."""
+                   client_id: tuple[str, str], server_id: tuple[str, str],
+                   workers: int | None = None,
+                   tls13_suites: str | None = None) -> dict[str, Proc]:
+    """Capture on both nodes, start both ztunnels, wait for /healthz/ready on each.
+
+    ``workers``: pass ``--workers N`` (None: leave the flag out, for a ztunnel without it).
+    ``tls13_suites``: restrict TLS 1.3 suites via ``OPENSSL_CONF`` (None: OpenSSL's default).
+    """
     check_runnable()
+    extra = [] if workers is None else ["--workers", str(workers)]
+    env = None
+    if tls13_suites:
+        env = {**os.environ, "OPENSSL_CONF": str(openssl_conf(work / "ztunnel-openssl.cnf",
+                                                              tls13_suites))}
     a = topo.addrs
     state = work / "ambit-state.yaml"
     state.write_text(yaml.safe_dump(state_document(a.client, a.server, client_id, server_id),
@@ -67,7 +112,7 @@ def start_ztunnels(procs: ProcessSet, topo: Topology, certs: Path, work: Path,
         ns = topo.ns[role]
         proxies[role] = procs.start(f"ztunnel-{NODE_NAMES[role]}", in_netns(ns, [
             *ambit_command(), "ztunnel", "--node", NODE_NAMES[role], "--state", str(state),
-            "--identity-dir", str(certs), "--inbound-bind", "shared"]))
+            "--identity-dir", str(certs), "--inbound-bind", "shared", *extra]), env=env)
     for role, proc in proxies.items():
         ns = topo.ns[role]
         wait_until(f"ztunnel {NODE_NAMES[role]} /healthz/ready", proc,

@@ -4,7 +4,9 @@ Why: a benchmark that leaves an Envoy or an iperf3 behind poisons the next run (
 CPU stolen) and, worse, keeps namespaces alive. Every process started here is registered with a
 ``ProcessSet`` that stops them all (SIGTERM to the process group, then SIGKILL) in a ``finally``,
 whatever happened. Peak memory is sampled with psutil while a proxy runs and cross-checked with
-the kernel's high-water mark (VmHWM), so a short spike between samples is not missed.
+the kernel's high-water mark (VmHWM), so a short spike between samples is not missed. CPU
+time per phase is read from /proc/<pid>/stat (utime+stime) before and after it, and TCP
+retransmits from each namespace's /proc/net/snmp.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import IO
 
 import psutil
+
+from bench.report import parse_proc_stat_cpu, parse_snmp_retrans
 
 
 class BenchError(RuntimeError):
@@ -178,14 +182,23 @@ def _tree_hwm(pid: int) -> int:
 class PeakRss:
     """Samples the RSS of some process trees in a thread; ``peak_mib()`` reads the maxima."""
 
-    def __init__(self, pids: dict[str, int], interval: float = 0.1) -> None:
+    def __init__(self, pids: dict[str, int], interval: float = 0.1,
+                 reset_hwm: bool = False) -> None:
         self.pids = dict(pids)
         self.interval = interval
+        self.reset_hwm = reset_hwm
         self.peaks: dict[str, int] = dict.fromkeys(pids, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
 
     def __enter__(self) -> PeakRss:
+        if self.reset_hwm:
+            # Per phase: start the kernel's high-water mark afresh ("5" resets VmHWM to the
+            # current RSS, proc(5)), so an earlier phase's peak is not reported as this one's.
+            for pid in self.pids.values():
+                for p in tree_pids(pid):
+                    with contextlib.suppress(OSError), open(f"/proc/{p}/clear_refs", "w") as f:
+                        f.write("5")
         self._thread.start()
         return self
 
@@ -220,3 +233,55 @@ def ns_http_get(ns: str, url: str, timeout: float = 1.0) -> str | None:
     except subprocess.TimeoutExpired:
         return None
     return cp.stdout if cp.returncode == 0 else None
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its live descendants (a ztunnel with ``--workers`` forks worker processes)."""
+    pids = [pid]
+    with contextlib.suppress(psutil.Error):
+        pids += [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime+stime of a process tree so far: the live processes' own time plus what their
+    reaped children used (cutime+cstime), from /proc/<pid>/stat."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                own, reaped = parse_proc_stat_cpu(f.read(), ticks)
+        except (OSError, ValueError):
+            continue  # exited between listing and reading: its time moved to its parent
+        total += own + reaped
+    return total
+
+
+class CpuMeter:
+    """CPU seconds each proxy tree used between ``start()`` and ``stop()``: one phase."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = dict(pids)
+        self._before: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._before = {role: tree_cpu_seconds(pid) for role, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {role: round(tree_cpu_seconds(pid) - self._before[role], 3)
+                for role, pid in self.pids.items()}
+
+
+def current_rss_mib(pid: int) -> float:
+    """Resident memory of a process tree now, MiB."""
+    return round(_tree_rss(pid) / (1024 * 1024), 1)
+
+
+def ns_retransmits(namespaces: Sequence[str]) -> int:
+    """TCP segments retransmitted so far, summed over network namespaces (each has its own
+    /proc/net/snmp; reading it from inside the namespace gives that namespace's counters)."""
+    total = 0
+    for ns in namespaces:
+        total += parse_snmp_retrans(run(in_netns(ns, ["cat", "/proc/net/snmp"]), timeout=10))
+    return total

@@ -13,10 +13,19 @@ Usage (each side runs inside its own pod network namespace, started by ``python 
 
 The client prints one JSON object on stdout. Each connection sends its share of the rate on an
 absolute schedule (start + i * interval); a request waits for the previous response on its
-connection, so when a response is slower than the interval the next send is late: that is counted
-in ``late_sends`` rather than hidden. Latency is measured per request with
-``time.perf_counter_ns`` from just before the write to the last byte of the echo. Everything is
-bounded: the client by ``--duration`` plus a grace period, the server by ``--max-seconds``.
+connection, so when a response is slower than the interval the next send is late. Latency is
+measured from the request's *scheduled* send time to the last byte of its echo
+(``time.perf_counter_ns``), so a late send's wait is part of its latency: timing from the
+actual send would hide exactly the queueing a slow proxy causes (coordinated omission). Sends
+more than one interval behind schedule are also counted (``late_sends``). All connections are
+opened before the schedule starts, so connection setup is not in the latency.
+
+``python -m bench.rr connrate`` measures new connections per second instead: ``--concurrency``
+workers each open a TCP connection, send one request, read its echo and close, again and again,
+until ``--duration`` or ``--max-conns`` is reached.
+
+Everything is bounded: the client by ``--duration`` plus a grace period (and connrate by
+``--max-conns``), the server by ``--max-seconds``.
 """
 
 from __future__ import annotations
@@ -91,10 +100,31 @@ class _ConnStats:
     sent: int = 0
 
 
-async def _one_connection(host: str, port: int, rate: float, warmup: float, duration: float,
-                          size: int, start_ns: int, stats: _ConnStats) -> None:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=5.0)
+def scheduled_latency(target_ns: int, sent_ns: int, done_ns: int,
+                      interval_ns: float) -> tuple[int, bool]:
+    """(latency counted from the scheduled send time, whether the send was late).
+
+    A request that could only be sent after ``target_ns`` (its connection was still waiting
+    for the previous answer) has waited since ``target_ns``, and a user of the service would
+    have too: that wait belongs to its latency. "Late" means more than one interval behind.
+    """
+    if done_ns < sent_ns:
+        raise ValueError("answer before the request was sent")
+    start = min(target_ns, sent_ns)  # sent early (timer jitter): the wait starts at the send
+    return done_ns - start, sent_ns - target_ns > interval_ns
+
+
+async def _connect(host: str, port: int,
+                   limit_s: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async with asyncio.timeout(limit_s):
+        reader, writer = await asyncio.open_connection(host, port)
     _nodelay(writer.get_extra_info("socket"))
+    return reader, writer
+
+
+async def _one_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          rate: float, warmup: float, duration: float, size: int,
+                          start_ns: int, stats: _ConnStats) -> None:
     payload = os.urandom(size)
     interval = 1e9 / rate
     measure_from = start_ns + int(warmup * 1e9)
@@ -111,8 +141,6 @@ async def _one_connection(host: str, port: int, rate: float, warmup: float, dura
             now = perf()
             if target > now:
                 await asyncio.sleep((target - now) / 1e9)
-            elif now - target > interval:
-                stats.late += 1
             t0 = perf()
             writer.write(payload)
             echo = await reader.readexactly(size)
@@ -120,8 +148,10 @@ async def _one_connection(host: str, port: int, rate: float, warmup: float, dura
             if echo != payload:
                 raise RuntimeError("echo differs from the request: data corrupted in transit")
             stats.sent += 1
-            if t0 >= measure_from:
-                samples.append(t1 - t0)
+            latency, late = scheduled_latency(target, t0, t1, interval)
+            stats.late += late
+            if target >= measure_from:
+                samples.append(latency)
     finally:
         writer.close()
         with contextlib.suppress(OSError):
@@ -133,13 +163,21 @@ async def run_client(host: str, port: int, rate: float, duration: float, warmup:
     """Run the fixed-rate load and return the summary (and raw samples in microseconds)."""
     per_conn = rate / connections
     stats = [_ConnStats() for _ in range(connections)]
+    t_connect = time.perf_counter_ns()
+    # Opened in waves of 100 so a thousand connections do not overflow an accept backlog.
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    async with asyncio.timeout(30.0 + connections / 50):
+        for first in range(0, connections, 100):
+            conns += await asyncio.gather(*(
+                _connect(host, port, 10.0) for _ in range(first, min(connections, first + 100))))
+    connect_s = (time.perf_counter_ns() - t_connect) / 1e9
     # All connections share one schedule origin, offset so sends interleave evenly.
     start = time.perf_counter_ns() + 50_000_000
     async with asyncio.timeout(warmup + duration + 15.0):
         await asyncio.gather(*(
-            _one_connection(host, port, per_conn, warmup, duration, size,
+            _one_connection(r, w, per_conn, warmup, duration, size,
                             start + int(k * 1e9 / rate), s)
-            for k, s in enumerate(stats)
+            for k, ((r, w), s) in enumerate(zip(conns, stats, strict=True))
         ))
     samples = [x for s in stats for x in s.samples_ns]
     if not samples:
@@ -150,10 +188,13 @@ async def run_client(host: str, port: int, rate: float, duration: float, warmup:
         "port": port,
         "size": size,
         "connections": connections,
+        "connect_seconds": connect_s,
         "target_rate": rate,
         "duration": duration,
         "warmup": warmup,
+        "timed_from": "scheduled send",
         "requests": len(ms),
+        "sent": sum(s.sent for s in stats),
         "achieved_rate": len(ms) / duration,
         "late_sends": sum(s.late for s in stats),
         "p50_ms": percentile(ms, 50),
@@ -162,6 +203,54 @@ async def run_client(host: str, port: int, rate: float, duration: float, warmup:
         "max_ms": max(ms),
         "mean_ms": sum(ms) / len(ms),
         "samples_us": [round(x / 1000) for x in samples],
+    }
+
+
+async def run_connrate(host: str, port: int, duration: float, concurrency: int, max_conns: int,
+                       size: int) -> dict[str, object]:
+    """Closed-loop new connections: each worker connects, sends ``size`` bytes, reads the echo,
+    closes; repeat until ``duration`` or ``max_conns`` connections were started."""
+    payload = os.urandom(size)
+    perf = time.perf_counter_ns
+    end = perf() + int(duration * 1e9)
+    started = 0
+    times_ns: list[int] = []
+    errors: list[str] = []
+
+    async def worker() -> None:
+        nonlocal started
+        while perf() < end and started < max_conns:
+            started += 1
+            t0 = perf()
+            try:
+                reader, writer = await _connect(host, port, 5.0)
+                try:
+                    writer.write(payload)
+                    echo = await asyncio.wait_for(reader.readexactly(size), timeout=5.0)
+                finally:
+                    writer.close()
+                if echo != payload:
+                    raise RuntimeError("echo differs from the request")
+            except (OSError, TimeoutError, RuntimeError, asyncio.IncompleteReadError) as e:
+                errors.append(type(e).__name__)
+                continue
+            times_ns.append(perf() - t0)
+
+    t_start = perf()
+    async with asyncio.timeout(duration + 30.0):
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = (perf() - t_start) / 1e9
+    if not times_ns:
+        raise RuntimeError(f"no connection completed ({len(errors)} failed: "
+                           f"{', '.join(sorted(set(errors)))})")
+    ms = [x / 1e6 for x in times_ns]
+    return {
+        "host": host, "port": port, "size": size, "concurrency": concurrency,
+        "duration": duration, "elapsed": elapsed,
+        "connections": len(ms), "errors": len(errors),
+        "error_kinds": sorted(set(errors)),
+        "rate": len(ms) / elapsed,
+        "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "max_ms": max(ms),
     }
 
 
@@ -197,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--connections", type=_pos_int, default=1)
     c.add_argument("--size", type=_pos_int, default=DEFAULT_SIZE, help="request bytes")
     c.add_argument("--no-samples", action="store_true", help="leave raw samples out of JSON")
+    r = sub.add_parser("connrate", help="new connections per second, prints JSON")
+    r.add_argument("--host", required=True)
+    r.add_argument("--port", type=int, default=7000)
+    r.add_argument("--duration", type=_pos_float, default=5.0)
+    r.add_argument("--concurrency", type=_pos_int, default=8)
+    r.add_argument("--max-conns", type=_pos_int, default=15_000,
+                   help="stop after this many connections (ephemeral ports, TIME_WAIT)")
+    r.add_argument("--size", type=_pos_int, default=DEFAULT_SIZE, help="request bytes")
     return p
 
 
@@ -207,19 +304,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(args.bind, args.port, args.max_seconds, args.ready_file))
         return 0
-    if args.duration > 3600 or args.rate * args.duration > 50_000_000:
+    if args.duration > 3600 or (args.mode == "client"
+                                and args.rate * args.duration > 50_000_000):
         print("rr: refusing an unbounded-looking run (duration <= 3600 s, "
               "rate * duration <= 5e7)", file=sys.stderr)
         return 2
     try:
-        summary = asyncio.run(run_client(args.host, args.port, args.rate, args.duration,
-                                         max(0.0, args.warmup), args.connections, args.size))
+        if args.mode == "connrate":
+            summary = asyncio.run(run_connrate(args.host, args.port, args.duration,
+                                               args.concurrency, args.max_conns, args.size))
+        else:
+            summary = asyncio.run(run_client(args.host, args.port, args.rate, args.duration,
+                                             max(0.0, args.warmup), args.connections,
+                                             args.size))
     except (OSError, RuntimeError, TimeoutError, asyncio.IncompleteReadError) as e:
-        print(f"rr: client failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"rr: {args.mode} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     summary["loop"] = loop_name
-    if args.no_samples:
-        summary.pop("samples_us")
+    if getattr(args, "no_samples", False):
+        summary.pop("samples_us", None)
     json.dump(summary, sys.stdout)
     sys.stdout.write("\n")
     return 0

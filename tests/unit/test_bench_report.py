@@ -60,9 +60,10 @@ def test_table_has_columns_in_order_and_ratios() -> None:
     lines = table.splitlines()
     assert lines[0].split() == ["metric", "direct", "envoy", "ambit", "ambit/envoy"]
     rows = {line.split("  ")[0].strip(): line.split() for line in lines[2:] if line}
-    assert rows["throughput (Gbit/s)"][-4:] == ["20.00", "8.00", "2.00", "0.25x"]
-    assert rows["p50 latency (ms)"][-1] == "2.00x"  # latency ratio is ambit time / envoy time
-    assert rows["p99 latency (ms)"][-1] == "3.00x"
+    assert rows["P1 throughput, 1 stream (Gbit/s)"][-4:] == ["20.00", "8.00", "2.00", "0.25x"]
+    # latency ratio is ambit time / envoy time
+    assert rows["P2 p50 latency from schedule (ms)"][-1] == "2.00x"
+    assert rows["P2 p99 latency from schedule (ms)"][-1] == "3.00x"
     assert rows["client-node proxy peak RSS (MiB)"][-4:] == ["-", "60.0", "45.0", "0.75x"]
     assert "max latency (ms)" not in rows  # no setup measured it: the row is left out
 
@@ -74,7 +75,7 @@ def test_table_without_envoy_has_no_ratio_and_lists_errors() -> None:
     table = format_table(results)
     assert "ambit/envoy" not in table
     assert "note: ambit: ztunnel not runnable: no module" in table
-    throughput = next(line for line in table.splitlines() if line.startswith("throughput"))
+    throughput = next(line for line in table.splitlines() if line.startswith("P1 throughput"))
     assert throughput.split()[-2:] == ["20.00", "-"]
 
 
