@@ -28,12 +28,16 @@ class BindError(Exception):
     """A listener could not be opened; the message says why and what to do."""
 
 
-def bind_socket(host: str, port: int, transparent: bool = False, backlog: int = 1024) \
-        -> socket.socket:
+def bind_socket(host: str, port: int, transparent: bool = False, backlog: int = 1024,
+                reuseport: bool = False) -> socket.socket:
+    """A listening socket on ``host:port``; ``reuseport`` sets SO_REUSEPORT (a member of a
+    group that shares the port, see ``bind_group``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if transparent:
             try:
                 level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.SOL_IP
@@ -54,6 +58,29 @@ def bind_socket(host: str, port: int, transparent: bool = False, backlog: int = 
         hint = " (another process holds it?)" if e.errno == errno.EADDRINUSE else ""
         raise BindError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
     return sock
+
+
+def bind_group(host: str, port: int, count: int, transparent: bool = False,
+               backlog: int = 1024) -> list[socket.socket]:
+    """``count`` listening sockets sharing ``host:port`` through SO_REUSEPORT: the kernel
+    spreads new connections over them by a hash of the 4-tuple, one socket per worker process.
+
+    SO_REUSEPORT would also let any other process of the same user join the group silently
+    (a second ztunnel started by mistake would take a share of the node's connections instead
+    of failing to bind), so the port is first probed with a plain socket: if anything listens
+    there, this fails like ``bind_socket`` does.
+    """
+    probe = bind_socket(host, port, transparent, backlog=1)  # BindError if the port is taken
+    probe.close()
+    group: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            group.append(bind_socket(host, port, transparent, backlog, reuseport=True))
+    except BindError:
+        for sock in group:
+            sock.close()
+        raise
+    return group
 
 
 class Listener:

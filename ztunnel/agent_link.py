@@ -32,7 +32,7 @@ import logging
 import random
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,8 +184,13 @@ class AgentLink:
     def __init__(self, path: Path, listeners: Mapping[str, socket.socket],
                  backoff_initial: float = 0.2, backoff_max: float = 5.0, *,
                  node: str = "", trust_domain: str | Callable[[], str] = "cluster.local",
-                 on_request: OnRequest | None = None) -> None:
+                 on_request: OnRequest | None = None,
+                 barrier: Callable[[], Awaitable[None]] | None = None) -> None:
         self.path = path
+        # Awaited after a request was carried out and before it is answered: with worker
+        # processes (ztunnel/workers.py), until every worker has the change; raises
+        # ValueError (the reason) to answer the request as refused.
+        self.barrier = barrier
         self.node = node
         self.trust_domain = trust_domain
         self.on_request = on_request
@@ -244,6 +249,23 @@ class AgentLink:
         self.requests += 1
         return answer(request_id, None)
 
+    async def _answer(self, line: bytes) -> bytes:
+        """``handle_line``, then, for a request carried out, the barrier."""
+        reply = self.handle_line(line)
+        if self.barrier is None:
+            return reply
+        doc = json.loads(reply)
+        if not doc.get("ok"):
+            return reply
+        try:
+            await self.barrier()
+        except ValueError as e:
+            self.requests -= 1
+            self.refused += 1
+            log.warning("node agent request not confirmed: %s", e)
+            return answer(doc.get("id"), str(e))
+        return reply
+
     async def _serve_requests(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         buffer = b""
@@ -252,7 +274,7 @@ class AgentLink:
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
                 if line.strip():
-                    await loop.sock_sendall(sock, self.handle_line(line))
+                    await loop.sock_sendall(sock, await self._answer(line))
             if len(buffer) > MAX_REQUEST:
                 await loop.sock_sendall(sock, answer(None, f"request line over {MAX_REQUEST} "
                                                      "bytes; closing the link"))

@@ -97,6 +97,9 @@ class Ztunnel:
         self._tasks: list[asyncio.Task[None]] = []
         self.draining = False
         self.started = False
+        # Listeners this process opens itself share their port with the other workers' (only
+        # the per-workload ones: ztunnel/workers.py opens the shared ones in the parent).
+        self.reuseport = False
         self.file_source: FileSource | None = None
         self.controller_source: ControllerSource | None = None
         self.agent_link: AgentLink | None = None
@@ -108,7 +111,8 @@ class Ztunnel:
 
     def _open(self, name: str, host: str, port: int, transparent: bool,
               handler: Callable[[socket.socket], Awaitable[None]]) -> Listener:
-        listener = Listener(name, bind_socket(host, port, transparent), handler, self._on_error)
+        listener = Listener(name, bind_socket(host, port, transparent, reuseport=self.reuseport),
+                            handler, self._on_error)
         listener.start()
         log.info("listening: %s on %s:%d", name, host, port)
         return listener
@@ -240,6 +244,15 @@ class Ztunnel:
         self.store.subscribe(self._after_state)
         self.store.subscribe(self._reconcile_workload_listeners)
         self._open_static()
+        self._start_sources()
+        self._start_agent_link()
+        self._tasks.append(asyncio.create_task(self._gauges()))
+        self._tasks.append(asyncio.create_task(self._watch_node_addresses()))
+        self.started = True
+        log.info("ztunnel for node %s started", self.config.node)
+
+    def _start_sources(self) -> None:
+        """The mesh state: the state file and/or the controller's push, into ``store``."""
         if self.config.state_file is not None:
             self.file_source = FileSource(self.config.state_file, self.store,
                                           self.config.reload_interval, self._on_state)
@@ -256,20 +269,20 @@ class Ztunnel:
                 on_connected=lambda up: self.metrics.xds_connected.set(1 if up else 0))
             self.metrics.xds_connected.set(0)
             self._tasks.append(asyncio.create_task(self.controller_source.run()))
+
+    def _capture_sockets(self) -> dict[str, socket.socket]:
+        """The capture listeners' sockets the node agent gets (eBPF SOCKMAP)."""
+        return {n: self.listeners[n].sock for n in CAPTURE_LISTENERS if n in self.listeners}
+
+    def _start_agent_link(self, barrier: Callable[[], Awaitable[None]] | None = None) -> None:
         if self.config.agent_socket is not None and self.config.inbound_bind != BIND_WORKLOAD:
             from ztunnel.agent_link import AgentLink
 
-            capture = {n: self.listeners[n].sock for n in CAPTURE_LISTENERS
-                       if n in self.listeners}
-            self.agent_link = AgentLink(self.config.agent_socket, capture,
+            self.agent_link = AgentLink(self.config.agent_socket, self._capture_sockets(),
                                         node=self.config.node,
                                         trust_domain=self._trust_domain,
-                                        on_request=self.on_agent_request)
+                                        on_request=self.on_agent_request, barrier=barrier)
             self._tasks.append(asyncio.create_task(self.agent_link.run()))
-        self._tasks.append(asyncio.create_task(self._gauges()))
-        self._tasks.append(asyncio.create_task(self._watch_node_addresses()))
-        self.started = True
-        log.info("ztunnel for node %s started", self.config.node)
 
     def _trust_domain(self) -> str:
         return (self.store.base.config.trust_domain if self.store.ready
@@ -381,7 +394,12 @@ def run(config: ZtunnelConfig) -> int:
     import uvloop
 
     try:
-        uvloop.run(serve(config))
+        if config.workers > 1:
+            from ztunnel.workers import supervise
+
+            uvloop.run(supervise(config))
+        else:
+            uvloop.run(serve(config))
     except BindError as e:
         log.error("%s", e)
         return 1

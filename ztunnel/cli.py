@@ -31,8 +31,8 @@ _OVERRIDES: tuple[str, ...] = (
               "node_token_file", "ca_root_cert", "trust_domain", "inbound_bind", "bind_host",
               "outbound_port", "inbound_plaintext_port", "inbound_port", "socks5_port",
               "socks5_host", "admin_host", "admin_port", "stats_host", "metrics_port",
-              "readiness_port", "transparent", "drain_seconds", "agent_socket", "access_log",
-              "log_level")
+              "readiness_port", "transparent", "drain_seconds", "workers", "agent_socket",
+              "access_log", "log_level")
 
 # HBONE limits: one flag per ZtunnelConfig.hbone_* setting: (name, type, default, meaning).
 # tests/unit check the defaults against ZtunnelConfig's.
@@ -155,6 +155,10 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("--no-transparent", dest="transparent", action="store_const", const=False,
                    help="do not set IP_TRANSPARENT on capture listeners")
     p.add_argument("--drain-seconds", type=float, help="drain deadline on SIGTERM (default 5)")
+    p.add_argument("--workers", metavar="N|P%",
+                   help="worker processes sharing the data-path listeners (SO_REUSEPORT), a "
+                   "count or a percentage of the cores; 1 = one process (default max(2, 25%% "
+                   "of the cores))")
     p.add_argument("--agent-socket", type=Path,
                    help="the node agent's link socket (/var/run/ambit/ztunnel.sock): hand the "
                    "capture listeners to it, as eBPF redirect mode needs")

@@ -116,6 +116,14 @@ class Metrics:
                                  "reported at CNI ADD that the controller's state does not "
                                  "list yet", registry=r)
 
+        # Worker processes (ztunnel/workers.py); set by the parent only.
+        self.workers = Gauge("ambit_ztunnel_workers", "Worker processes configured "
+                             "(--workers)", registry=r)
+        self.workers_ready = Gauge("ambit_ztunnel_workers_ready", "Worker processes that "
+                                   "report ready", registry=r)
+        self.worker_restarts = Counter("ambit_ztunnel_worker_restarts", "Worker processes "
+                                       "restarted after they exited", registry=r)
+
     def render(self) -> bytes:
         out: bytes = generate_latest(self.registry)
         return out
