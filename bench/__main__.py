@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs of each setup, interleaved; throughput is the median run, "
                    "latency percentiles pool all runs (default 3)")
     p.add_argument("--wait-quiet", type=_bounded(0, 3600), default=0.0, metavar="SECONDS",
-                   help="on a shared machine: wait up to this long for other work to use less "
-                   f"than {QUIET_PERCENT}%% of the CPUs before starting (default 0)")
+                   help="on a shared machine: before each run, wait up to this long for other "
+                   f"work to use less than {QUIET_PERCENT}%% of the CPUs (default 0)")
     p.add_argument("--only", type=_only, default=list(SETUPS),
                    help=f"comma-separated setups to run (default {','.join(SETUPS)})")
     p.add_argument("--phases", type=_phases, default=list(PHASES),
@@ -385,6 +385,16 @@ def _git_revision() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
+def _dirty_files() -> list[str]:
+    """Tracked files that differ from the commit measured: the ztunnel measured is the work
+    tree, and with several people editing it the record must say what was not committed."""
+    try:
+        out = run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"])
+    except BenchError:
+        return []
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
 def _machine() -> dict[str, Any]:
     cpu = ""
     try:
@@ -409,6 +419,7 @@ def _run_all(args: argparse.Namespace, settings: Settings, certs: Path, work: Pa
         # Interleaved (direct, envoy, envoy-hbone, ambit, direct, ...) so slow drift of the
         # machine affects every setup alike instead of whichever ran last.
         for name in args.only:
+            _wait_quiet(args.wait_quiet)
             background.append(_background_cpu(0.5))
             print(f"== {name}, run {i + 1}/{args.repeat} "
                   f"(other work: {background[-1]:.0f}% CPU)", flush=True)
@@ -422,6 +433,7 @@ def _run_all(args: argparse.Namespace, settings: Settings, certs: Path, work: Pa
     if "workers" in args.phases:
         for n in args.workers_counts:
             for name in [s for s in args.only if s != "direct"]:
+                _wait_quiet(args.wait_quiet)
                 background.append(_background_cpu(0.5))
                 print(f"== {name}, workers phase, N={n} "
                       f"(other work: {background[-1]:.0f}% CPU)", flush=True)
@@ -449,7 +461,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(logs, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
         certs = args.certs.resolve() if args.certs else _make_certs(work)
-        _wait_quiet(args.wait_quiet)
         runs, workers = _run_all(args, settings, certs, work, logs, tls13, background)
     except BenchError as e:
         print(f"bench: error: {e}", file=sys.stderr)
@@ -484,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record: dict[str, Any] = {
         "date": stamp,
         "machine": mach,
-        "versions": {**versions, "ambit": _git_revision()},
+        "versions": {**versions, "ambit": _git_revision(), "uncommitted": _dirty_files()},
         "settings": {**dataclasses.asdict(settings), "repeat": args.repeat,
                      "phases": args.phases, "ztunnel_tls13_suites": tls13,
                      "ztunnel_workers_flag": mesh.workers_supported()},
