@@ -5,8 +5,8 @@ core for every pod of the node (issue 14, P7). Istio's ztunnel runs a multi-thre
 Python's threads share one interpreter lock, so Ambit runs processes instead:
 
 * **The parent** (``Supervisor``) creates every data-path listener before any worker starts:
-  for each of outbound (15001), inbound plaintext (15006), inbound HBONE (15008, with
-  ``--inbound-bind shared``) and SOCKS5, one SO_REUSEPORT socket per worker, all in one
+  for each of outbound, inbound plaintext, inbound HBONE (with ``--inbound-bind
+  shared``) and SOCKS5, one SO_REUSEPORT socket per worker, all in one
   reuseport group (``mesh.listener.bind_group``). The parent keeps its copies, so a group
   outlives any one worker: connections the kernel hashes to a crashed worker's socket wait in
   its accept queue for the restarted worker instead of being refused. The kernel spreads new
@@ -26,7 +26,8 @@ Python's threads share one interpreter lock, so Ambit runs processes instead:
   every worker for its Prometheus text and sums the samples (``merge_metrics``: counters and
   most gauges add up; a few take the minimum or maximum, ``MERGE``), plus its own registry
   and ``ambit_ztunnel_worker_connections_total{worker}`` (connections each worker opened,
-  to see the spread). ``/workers`` (admin port) lists each worker's pid, readiness, restarts.
+  to see the spread). ``/workers`` (admin port) lists each worker's pid, readiness, restarts;
+  ``/config_dump`` is the parent's state with every worker's certificates.
 * **Readiness** = the parent has state and every worker reports ready. **SIGTERM** drains
   every worker (each runs the single-process drain) and waits for them. A worker that exits
   otherwise is logged, counted (``ambit_ztunnel_worker_restarts_total``) and restarted with
@@ -65,7 +66,7 @@ from mesh.state.model import MeshConfig
 from mesh.state.store import StateSnapshot
 from ztunnel.app import Ztunnel
 from ztunnel.config import BIND_WORKLOAD, CONNECTION_LIMIT_SUFFIXES, ZtunnelConfig
-from ztunnel.listeners.admin import admin_routes
+from ztunnel.listeners.admin import admin_routes, config_dump
 
 log = logging.getLogger("ztunnel.workers")
 
@@ -500,6 +501,21 @@ class Supervisor(Ztunnel):
             await self.metrics_text()  # refreshes each worker's connection count
             return Response(200, json.dumps(self.workers_status(), indent=2).encode(),
                             "application/json")
+        if method == "GET" and path == "/config_dump":
+            doc = config_dump(self.ctx)
+            # The parent holds the state; certificates and HBONE pools are the workers'.
+            doc["certificates"], doc["hbone_pool_connections"] = [], 0
+            live = [w for w in self.workers if w.writer is not None]
+            answers = await asyncio.gather(*(self.ask(w, "config") for w in live),
+                                           return_exceptions=True)
+            for w, a in zip(live, answers, strict=True):
+                if isinstance(a, BaseException):
+                    log.warning("worker %d did not send its config: %s", w.index, a)
+                    continue
+                doc["certificates"] += [{**c, "worker": w.index} for c in a["certificates"]]
+                doc["hbone_pool_connections"] += int(a["hbone_pool_connections"])
+            doc["workers"] = self.workers_status()
+            return Response(200, json.dumps(doc, indent=2).encode(), "application/json")
         return admin_routes(self.ctx)(method, target)
 
     # -- drain ------------------------------------------------------------------------------
@@ -602,6 +618,12 @@ async def _worker_main(index: int, config: ZtunnelConfig, fds: Mapping[str, int]
                 ok, why = zt.readiness()
                 writer.write(to_parent({"op": "applied", "seq": msg["seq"], "ready": ok,
                                         "why": why}))
+            elif op == "config":
+                dump = config_dump(zt.ctx)
+                writer.write(to_parent({"op": "reply", "id": msg["id"],
+                                        "certificates": dump["certificates"],
+                                        "hbone_pool_connections":
+                                            dump["hbone_pool_connections"]}))
             elif op == "metrics":
                 writer.write(to_parent({"op": "reply", "id": msg["id"],
                                         "text": zt.metrics.render().decode()}))
