@@ -401,6 +401,8 @@ class Supervisor(Ztunnel):
                                 "listeners": fds}))
         if self.store.ready or self.store.overlay:
             writer.write(self._state_message(self.store.current))
+        if self.draining:  # SIGTERM came while it was starting
+            writer.write(to_worker({"op": "drain"}))
         reading = asyncio.create_task(self._read_worker(w, reader))
         status = await w.proc.wait()
         reading.cancel()
@@ -540,6 +542,8 @@ class Supervisor(Ztunnel):
                         p.kill()
             if late:
                 await asyncio.wait(late, timeout=5)
+        for t in self.worker_tasks:  # those waiting to restart a worker stop waiting
+            t.cancel()
         await asyncio.gather(*self.worker_tasks, return_exceptions=True)
         self._close_groups()
         self.draining = False  # let the base drain run (it returns when already draining)

@@ -254,3 +254,25 @@ def test_one_worker_is_one_process(start: Callable[[int], Zt], echo: Echo) -> No
     assert children(zt.proc.pid) == []
     assert zt.get(zt.admin, "/workers")[0] == 404
     assert exchange(zt.socks5, (ECHO_IP, echo.port), 5) == 5
+
+
+def test_workers_leave_when_the_parent_is_killed(start: Callable[[int], Zt],
+                                                 echo: Echo) -> None:
+    zt = start(2)
+    pids = [w["pid"] for w in zt.workers()]
+    zt.proc.kill()
+    zt.proc.wait()
+
+    def gone(pid: int) -> bool:
+        try:
+            return "zombie" in Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return True
+
+    # Their control socket closes: they drain (--drain-seconds 3) and exit, and the port is
+    # free at once (each closes its listener when the drain starts).
+    until(lambda: all(gone(p) for p in pids), "the workers exited", 10)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((HOST, zt.socks5))
+        s.listen()
