@@ -74,7 +74,7 @@ class Ztunnel:
         self.store = OverlayStateStore(config.root_namespace, ProvisionalWorkloads(
             config.pod_start_provisional_max, config.pod_start_provisional_max_age))
         self.metrics = Metrics()
-        self.secrets = make_secrets(config, self.metrics)
+        self.secrets = self._make_secrets()
         self.ctx = ProxyContext(config, self.store, self.secrets, self.metrics,
                                 AccessLog(config.access_log))
         # The pool's client connections get the same HTTP/2 limits and timers (keepalive finds
@@ -103,6 +103,10 @@ class Ztunnel:
         self.file_source: FileSource | None = None
         self.controller_source: ControllerSource | None = None
         self.agent_link: AgentLink | None = None
+
+    def _make_secrets(self) -> Secrets:
+        """Where certificates come from (a worker's: its parent, ztunnel/workers.py)."""
+        return make_secrets(self.config, self.metrics)
 
     # -- listeners -------------------------------------------------------------------------
 

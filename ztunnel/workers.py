@@ -19,9 +19,10 @@ Python's threads share one interpreter lock, so Ambit runs processes instead:
   (a push, a provisional pod) is sent whole to every worker over a socketpair; a pod-start
   request is answered only once every running worker has applied it (``barrier``), so the new
   pod's first connection is known whichever worker takes it.
-* **Certificates**: each worker fetches and renews its own (identity directory: reads the
-  files; CA: one request per identity per worker). Keys stay in the process that uses them;
-  the cost is N requests per identity to the CA instead of one.
+* **Certificates, one fetch per identity**: with the CA, only the parent's CA client runs
+  (prefetch, single flight, renewal); each certificate it accepts is pushed to every worker
+  (``IssuedPem``), and a worker that lacks one asks the parent (``ParentSecrets``). With an
+  identity directory each worker reads the files.
 * **One metrics endpoint**: the parent serves admin, metrics and readiness. ``/metrics`` asks
   every worker for its Prometheus text and sums the samples (``merge_metrics``: counters and
   most gauges add up; a few take the minimum or maximum, ``MERGE``), plus its own registry
@@ -44,15 +45,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import logging
 import pickle
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,11 +65,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.http_server import Response, serve_http
 from mesh.listener import BindError, Listener, bind_group
+from mesh.spiffe import SpiffeError, SpiffeId
 from mesh.state.model import MeshConfig
 from mesh.state.store import StateSnapshot
 from ztunnel.app import Ztunnel
 from ztunnel.config import BIND_WORKLOAD, CONNECTION_LIMIT_SUFFIXES, ZtunnelConfig
+from ztunnel.identity import CertInfo, IdentityError, Secrets, context_from_pem
 from ztunnel.listeners.admin import admin_routes, config_dump
+from ztunnel.metrics import Metrics
 
 log = logging.getLogger("ztunnel.workers")
 
@@ -222,6 +228,133 @@ def to_worker(message: Mapping[str, Any]) -> bytes:
     return frame(pickle.dumps(dict(message), protocol=pickle.HIGHEST_PROTOCOL))
 
 
+# -- certificates: fetched once, by the parent (CA mode) ----------------------------------------
+
+CERT_TIMEOUT = 10.0  # the parent's CA request is bounded by its own 5 s timeout
+
+
+@dataclass(frozen=True)
+class IssuedPem:
+    """A certificate the parent accepted from the CA, as the worker needs it."""
+
+    identity: SpiffeId
+    chain_pem: bytes
+    key_pem: bytes
+    bundle_pem: bytes
+    not_after: float
+    serial: str
+
+
+def sharing_ca_secrets(config: ZtunnelConfig, metrics: Metrics,
+                       on_issued: Callable[[IssuedPem], None],
+                       on_retired: Callable[[SpiffeId], None]) -> Secrets:
+    """The parent's CA client (``ztunnel.ca_client``, with its single flight, prefetch,
+    renewal and backoff), which also hands every certificate it accepts to ``on_issued`` (the
+    workers) and tells ``on_retired`` when it drops one."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from mesh.api.ambit.v1 import ca_pb2
+    from mesh.ca_client import accept_issued
+    from ztunnel.app import controller_credentials
+    from ztunnel.ca_client import CaSecretManager, _Held
+
+    assert config.node_token_file is not None  # validated: they go together
+
+    class SharingCaSecrets(CaSecretManager):
+        def _accept(self, identity: SpiffeId, key: ec.EllipticCurvePrivateKey,
+                    resp: ca_pb2.CreateCertificateResponse, fetched_at: float) -> _Held:
+            held = super()._accept(identity, key, resp, fetched_at)
+            issued = accept_issued(identity, key, resp, fetched_at, self.ca_address)
+            on_issued(IssuedPem(identity, issued.chain_pem, issued.key_pem, issued.bundle_pem,
+                                issued.not_after, issued.serial))
+            return held
+
+        def _retire(self, identity: SpiffeId) -> None:
+            super()._retire(identity)
+            on_retired(identity)
+
+    return SharingCaSecrets(config.ca_address, config.node_token_file, metrics,
+                            controller_credentials(config))
+
+
+@dataclass
+class _WorkerCert:
+    info: CertInfo
+    client: ssl.SSLContext
+    server: ssl.SSLContext
+    not_after: float
+
+
+class ParentSecrets:
+    """A worker's ``Secrets`` in CA mode: certificates come from the parent, which fetched
+    them once for all workers; renewals are pushed. A certificate the worker lacks (a
+    connection came before the push) is asked for once per identity, whoever needs it."""
+
+    def __init__(self) -> None:
+        self.send: Callable[[bytes], None] | None = None  # set once the control channel is up
+        self._held: dict[SpiffeId, _WorkerCert] = {}
+        self._asked: dict[SpiffeId, asyncio.Future[None]] = {}
+
+    def install(self, pem: IssuedPem) -> None:
+        self._held[pem.identity] = _WorkerCert(
+            CertInfo(pem.identity, dt.datetime.fromtimestamp(pem.not_after, dt.UTC),
+                     pem.serial),
+            context_from_pem(False, pem.chain_pem, pem.key_pem, pem.bundle_pem),
+            context_from_pem(True, pem.chain_pem, pem.key_pem, pem.bundle_pem),
+            pem.not_after)
+        self._answer(pem.identity, None)
+
+    def refused(self, identity: SpiffeId, problem: str) -> None:
+        self._answer(identity, IdentityError(problem))
+
+    def drop(self, identity: SpiffeId) -> None:
+        self._held.pop(identity, None)
+
+    def _answer(self, identity: SpiffeId, error: IdentityError | None) -> None:
+        fut = self._asked.pop(identity, None)
+        if fut is not None and not fut.done():
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+    async def _get(self, identity: SpiffeId) -> _WorkerCert:
+        held = self._held.get(identity)
+        if held is not None and held.not_after > time.time():
+            return held
+        fut = self._asked.get(identity)
+        if fut is None:
+            if self.send is None:
+                raise IdentityError(f"no certificate for {identity} yet (worker starting)")
+            fut = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._asked[identity] = fut
+            self.send(to_parent({"op": "cert", "identity": str(identity)}))
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), CERT_TIMEOUT)
+        except TimeoutError:
+            self._asked.pop(identity, None)
+            raise IdentityError(f"the ztunnel's parent did not send a certificate for "
+                                f"{identity} within {CERT_TIMEOUT:g}s") from None
+        return self._held[identity]
+
+    async def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        return (await self._get(identity)).client
+
+    async def server_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        return (await self._get(identity)).server
+
+    def certificates(self) -> list[CertInfo]:
+        return [h.info for h in self._held.values()]
+
+    def prefetch(self, identities: Collection[SpiffeId]) -> None:
+        return  # the parent prefetches and pushes
+
+    async def close(self) -> None:
+        for fut in self._asked.values():
+            fut.cancel()
+
+
 # -- the parent ------------------------------------------------------------------------------
 
 @dataclass
@@ -253,16 +386,55 @@ class Supervisor(Ztunnel):
     """The parent: state sources, the agent link, admin/metrics/readiness, the workers."""
 
     def __init__(self, config: ZtunnelConfig) -> None:
-        super().__init__(config)
+        self.issued: dict[SpiffeId, IssuedPem] = {}
         self.workers: list[WorkerHandle] = []
+        super().__init__(config)
         self.groups: dict[str, list[socket.socket]] = {}
         self.seq = 0
         self._changed = asyncio.Event()
         self._next_id = 0
         self.worker_tasks: list[asyncio.Task[None]] = []
         self.worker_config = worker_config(config)
+        self._cert_tasks: set[asyncio.Task[None]] = set()
 
-    # The parent carries no connections: its store feeds the workers, nothing more.
+    # The parent carries no connections: its store feeds the workers, and in CA mode its CA
+    # client fetches each certificate once for them all.
+
+    def _make_secrets(self) -> Secrets:
+        if not self.config.ca_address:
+            return super()._make_secrets()  # each worker reads the identity directory
+        return sharing_ca_secrets(self.config, self.metrics, self._issued, self._retired)
+
+    def _issued(self, pem: IssuedPem) -> None:
+        self.issued[pem.identity] = pem
+        message = to_worker({"op": "cert", "identity": pem.identity, "pem": pem})
+        for w in self.workers:
+            w.send(message)
+
+    def _retired(self, identity: SpiffeId) -> None:
+        self.issued.pop(identity, None)
+        message = to_worker({"op": "cert_drop", "identity": identity})
+        for w in self.workers:
+            w.send(message)
+
+    async def _serve_cert(self, w: WorkerHandle, text: str) -> None:
+        """A worker asks for a certificate it does not have: the parent's (single flight
+        per identity, so N workers asking make one CA request)."""
+        try:
+            identity = SpiffeId.parse(text)
+        except SpiffeError as e:
+            log.error("worker %d asked for a certificate of %r: %s", w.index, text[:200], e)
+            return
+        try:
+            await self.secrets.server_context(identity)
+            pem = self.issued.get(identity)
+            if pem is None:
+                raise IdentityError(f"no certificate for {identity} to share")
+        except IdentityError as e:
+            w.send(to_worker({"op": "cert", "identity": identity, "pem": None,
+                              "error": str(e)}))
+            return
+        w.send(to_worker({"op": "cert", "identity": identity, "pem": pem}))
 
     def _open_groups(self) -> None:
         c = self.config
@@ -309,8 +481,10 @@ class Supervisor(Ztunnel):
         return  # each worker opens its own per-workload listeners
 
     def _after_state(self, old: StateSnapshot, new: StateSnapshot) -> None:
-        # No prefetch: the workers hold the certificates.
-        self.metrics.state_workloads.set(len(new.config.workloads))
+        if self.config.ca_address:
+            super()._after_state(old, new)  # prefetch: the workers get them pushed
+        else:  # each worker reads the identity directory itself
+            self.metrics.state_workloads.set(len(new.config.workloads))
 
     def _fan_out(self, _old: StateSnapshot, new: StateSnapshot) -> None:
         self.seq += 1
@@ -401,6 +575,8 @@ class Supervisor(Ztunnel):
                                 "listeners": fds}))
         if self.store.ready or self.store.overlay:
             writer.write(self._state_message(self.store.current))
+        for pem in self.issued.values():
+            writer.write(to_worker({"op": "cert", "identity": pem.identity, "pem": pem}))
         if self.draining:  # SIGTERM came while it was starting
             writer.write(to_worker({"op": "drain"}))
         reading = asyncio.create_task(self._read_worker(w, reader))
@@ -435,6 +611,10 @@ class Supervisor(Ztunnel):
                     w.applied = int(msg["seq"])
                     w.ready, w.why = bool(msg["ready"]), str(msg.get("why", ""))
                     self._changed.set()
+                elif op == "cert":
+                    task = asyncio.create_task(self._serve_cert(w, str(msg["identity"])))
+                    self._cert_tasks.add(task)
+                    task.add_done_callback(self._cert_tasks.discard)
                 elif op == "reply":
                     fut = w.pending.pop(int(msg["id"]), None)
                     if fut is not None and not fut.done():
@@ -578,6 +758,11 @@ class Worker(Ztunnel):
         self.sockets = dict(sockets)
         self.reuseport = True  # per-workload listeners: one per worker, in a group
 
+    def _make_secrets(self) -> Secrets:
+        if not self.config.ca_address:
+            return super()._make_secrets()  # the identity directory, read here
+        return ParentSecrets()  # the parent's CA client fetched them for every worker
+
     def _open_static(self) -> None:
         handlers = self._capture_handlers()
         from functools import partial
@@ -606,6 +791,8 @@ async def _worker_main(index: int, config: ZtunnelConfig, fds: Mapping[str, int]
                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     sockets = {name: socket.socket(fileno=fd) for name, fd in fds.items()}
     zt = Worker(config, index, sockets)
+    if isinstance(zt.secrets, ParentSecrets):
+        zt.secrets.send = writer.write
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -622,6 +809,13 @@ async def _worker_main(index: int, config: ZtunnelConfig, fds: Mapping[str, int]
                 ok, why = zt.readiness()
                 writer.write(to_parent({"op": "applied", "seq": msg["seq"], "ready": ok,
                                         "why": why}))
+            elif op == "cert" and isinstance(zt.secrets, ParentSecrets):
+                if msg["pem"] is not None:
+                    zt.secrets.install(msg["pem"])
+                else:
+                    zt.secrets.refused(msg["identity"], msg["error"])
+            elif op == "cert_drop" and isinstance(zt.secrets, ParentSecrets):
+                zt.secrets.drop(msg["identity"])
             elif op == "config":
                 dump = config_dump(zt.ctx)
                 writer.write(to_parent({"op": "reply", "id": msg["id"],
@@ -675,4 +869,8 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))
+    # Through the module's own name, so what the parent pickles (``ztunnel.workers.*``) and
+    # what this process runs are one set of classes, not a copy under ``__main__``.
+    from ztunnel.workers import worker_main as main
+
+    sys.exit(main(sys.argv[1:]))

@@ -121,6 +121,19 @@ def test_captured_connections_spread_over_the_workers(cluster: DevCluster,
     assert sum(tunnels) == CONNECTIONS, tunnels
 
 
+def test_one_certificate_fetch_per_identity(cluster: DevCluster,
+                                            pods: dict[str, PodInfo]) -> None:
+    """The parent fetched the server's certificate once and every worker serves that one."""
+    node2 = cluster.node(2)
+    status, body = mesh.http_get(node2.netns, f"{ADMIN}/config_dump")
+    assert status == 200, body
+    identity = f"spiffe://cluster.local/ns/default/sa/{pods['server'].service_account}"
+    held = [(c["worker"], c["serial"]) for c in json.loads(body)["certificates"]
+            if c["identity"] == identity]
+    assert sorted(w for w, _ in held) == list(range(len(workers(node2)))), held
+    assert len({serial for _, serial in held}) == 1, held
+
+
 def test_killed_worker_is_restarted_without_losing_connections(
         cluster: DevCluster, pods: dict[str, PodInfo]) -> None:
     c = cluster

@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mesh.spiffe import SpiffeId
 from ztunnel.agent_link import AgentLink
 from ztunnel.config import (
     ConfigError,
@@ -21,9 +24,11 @@ from ztunnel.config import (
     default_workers,
     parse_workers,
 )
+from ztunnel.identity import IdentityError
 from ztunnel.workers import (
     MAX_FRAME,
     RESTART_BACKOFF,
+    ParentSecrets,
     frame,
     merge_metrics,
     opened_connections,
@@ -256,3 +261,37 @@ def test_agent_request_is_answered_after_the_workers_applied_it() -> None:
     # A refused request never waits for the workers.
     bad = asyncio.run(_link(late)._answer(b'{"op": "pod_deleted", "id": 8, "uid": "x"}'))
     assert json.loads(bad)["ok"] is False and "worker" not in json.loads(bad)["error"]
+
+
+def _sent(frames: list[bytes]) -> list[dict[str, Any]]:
+    return [json.loads(f[4:]) for f in frames]
+
+
+def test_worker_asks_the_parent_once_per_identity_and_gets_its_refusal() -> None:
+    frames: list[bytes] = []
+    secrets = ParentSecrets()
+    secrets.send = frames.append
+    identity = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/a")
+
+    async def scenario() -> list[BaseException | ssl.SSLContext]:
+        waiting = [asyncio.create_task(secrets.client_context(identity)),
+                   asyncio.create_task(secrets.server_context(identity))]
+        await asyncio.sleep(0)
+        secrets.refused(identity, "the CA refused: not on this node")
+        return await asyncio.gather(*waiting, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert _sent(frames) == [{"op": "cert", "identity": str(identity)}], "single flight"
+    assert all(isinstance(r, IdentityError) and "not on this node" in str(r) for r in results)
+
+
+def test_worker_gives_up_on_a_silent_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ztunnel.workers.CERT_TIMEOUT", 0.01)
+    secrets = ParentSecrets()
+    secrets.send = lambda _frame: None
+    identity = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/a")
+    with pytest.raises(IdentityError, match="did not send a certificate"):
+        asyncio.run(secrets.client_context(identity))
+    starting = ParentSecrets()  # no control channel yet
+    with pytest.raises(IdentityError, match="worker starting"):
+        asyncio.run(starting.server_context(identity))
