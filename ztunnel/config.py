@@ -35,13 +35,31 @@ class ConfigError(ValueError):
     """Invalid process configuration; the message names the setting and how to fix it."""
 
 
-def available_cpus() -> int:
-    """Cores this process may run on (its CPU affinity: a cpuset or taskset counts, unlike
-    ``os.cpu_count()``)."""
+def cpu_quota(cpu_max: str) -> float | None:
+    """Cores allowed by a cgroup v2 ``cpu.max`` (``"QUOTA PERIOD"``, ``"max PERIOD"`` when
+    unlimited); None when unlimited or unreadable."""
+    parts = cpu_max.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity (a cpuset or taskset counts, unlike
+    ``os.cpu_count()``), capped by its cgroup's CPU quota (a pod's CPU limit), rounded up."""
+    try:
+        cpus = len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        quota = cpu_quota(cgroup.read_text())
+    except OSError:
+        quota = None
+    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
 
 
 # Istio's ztunnel runs 2 worker threads by default and takes ZTUNNEL_WORKER_THREADS as a count

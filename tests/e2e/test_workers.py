@@ -23,6 +23,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,6 +57,13 @@ def workers(node: NodeInfo) -> list[dict[str, Any]]:
 def per_worker(node: NodeInfo, kind: str) -> list[float]:
     """Connections each worker opened of ``kind`` (reporter/security policy)."""
     return [w["by_kind"].get(kind, 0.0) for w in workers(node)]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
 
 
 def connect_many(c: DevCluster, src: PodInfo, dst: PodInfo, count: int) -> int:
@@ -114,6 +122,9 @@ def test_captured_connections_spread_over_the_workers(cluster: DevCluster,
     print(f"\n[{c.redirect_mode}] connections per worker: node-1 outbound (15001) "
           f"{outbound}; node-2 inbound plaintext (15006) {plaintext}; node-2 HBONE tunnels "
           f"(15008, pooled: one HBONE connection per node-1 worker) {tunnels}")
+    parent = cluster.process("ztunnel/node-1").pid
+    print(f"[{c.redirect_mode}] node-1 ztunnel resident memory: parent {rss_mib(parent)} MiB, "
+          f"workers {[rss_mib(w['pid']) for w in workers(node1)]} MiB")
     # Each captured connection is accepted by the worker the kernel chose: both get some.
     assert sum(outbound) == CONNECTIONS and all(n > 0 for n in outbound), outbound
     assert sum(plaintext) == CONNECTIONS and all(n > 0 for n in plaintext), plaintext

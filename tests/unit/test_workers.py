@@ -21,6 +21,7 @@ from ztunnel.config import (
     ConfigError,
     ZtunnelConfig,
     available_cpus,
+    cpu_quota,
     default_workers,
     parse_workers,
 )
@@ -44,6 +45,22 @@ from ztunnel.workers import (
 ])
 def test_default_is_max_of_two_and_a_quarter_of_the_cores(cpus: int, workers: int) -> None:
     assert default_workers(cpus) == workers
+
+
+@pytest.mark.parametrize(("cpu_max", "cores"), [
+    ("max 100000", None), ("200000 100000", 2.0), ("150000 100000", 1.5), ("50000 100000", 0.5),
+    ("", None), ("garbage", None), ("0 100000", None), ("x 100000", None),
+])
+def test_cgroup_cpu_quota(cpu_max: str, cores: float | None) -> None:
+    assert cpu_quota(cpu_max) == cores
+
+
+def test_available_cpus_is_capped_by_the_cgroup_quota(tmp_path: Path) -> None:
+    unlimited = available_cpus(tmp_path / "absent")
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert available_cpus(tmp_path / "cpu.max") == min(unlimited, 2)  # 1.5 cores: 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(tmp_path / "cpu.max") == unlimited
 
 
 def test_config_default_follows_the_cores_this_process_may_use() -> None:
