@@ -5,12 +5,52 @@ authority validation on the server, per-stream send buffers that respect flow co
 high-water mark so adapters can apply backpressure), and half-close mapping (END_STREAM is FIN,
 RST_STREAM is RST). Windows and frame sizes are large because tunnels carry bulk data: small
 HTTP/2 windows cap single-stream throughput at window/RTT.
+
+DATA frames, the tunnels' bytes, never pass through h2 (issue 14: h2's frame buffer, its
+DATA parser and serializer copied each payload byte about seven times and cost a third of a
+ztunnel's CPU). h2 keeps HEADERS, SETTINGS, PING, RST_STREAM, WINDOW_UPDATE, GOAWAY, the
+connection's and the streams' states, and the *outbound* flow-control windows; the core keeps
+the inbound windows and frames and parses DATA itself:
+
+- Receiving. ``receive`` splits the bytes into frames (after the frame guard has checked
+  every header of the read). Runs of other frames go to h2 unchanged. A DATA frame is taken
+  by the core when h2 would take it: the connection is not closed, the stream is one of ours
+  and h2's stream state accepts DATA (open or half-closed local, headers received). Its
+  payload is delivered as it arrives, one ``DataReceived`` per frame per read, sliced from
+  the read (the one copy a ``bytes`` event needs; no reassembly), padding stripped and its
+  credit returned at once, the frame's length checked against and taken from the windows we
+  advertised (FLOW_CONTROL_ERROR otherwise, a connection error as in h2). END_STREAM is
+  passed to h2 as an empty DATA frame with END_STREAM, so h2's stream state (half-closed,
+  closed, and what it answers to frames after it) stays exactly what it would be had it
+  parsed the frame itself. A DATA frame on any other stream (unknown, idle, closed, reset,
+  half-closed remote, a client stream before its response, or any stream after GOAWAY) is
+  replaced by that same empty frame with its stream id and END_STREAM flag, so h2 gives the
+  answer it always gave (RST_STREAM STREAM_CLOSED, or GOAWAY PROTOCOL_ERROR/STREAM_CLOSED);
+  its payload is dropped unread and its credit returned to the connection. h2 therefore only
+  ever sees DATA of length 0: its inbound windows never move, and it never sends a
+  WINDOW_UPDATE. The core sends them instead, with h2's algorithm (an update once half a
+  window was consumed by the application, or the window is empty).
+- Sending. ``_flush`` frames DATA itself into the output list (a 9-byte header from
+  ``struct`` and the queued chunk or a memoryview of it: no copy until ``data_to_send``
+  joins the list once). The windows and the frame size are h2's own numbers, read and
+  decremented in place exactly as ``H2Connection.send_data`` does, so they cannot diverge:
+  h2 still applies the peer's WINDOW_UPDATEs (including overflow errors) and SETTINGS
+  (INITIAL_WINDOW_SIZE deltas, MAX_FRAME_SIZE). END_STREAM goes through ``h2.end_stream`` (an
+  empty DATA frame) so h2's stream state moves. h2's own frames are written into the same
+  output list (``_TunnelH2._prepare_for_sending``), so frames leave in the order they were
+  made.
+
+The connection window stays 4 MiB, not Istio's 16 MiB: it bounds the DATA a peer can make us
+hold undelivered, and that must stay within half the connection's 8 MiB buffer budget. Frames
+stay at most 256 KiB (``--hbone-max-frame-size``, a hardening limit): with DATA parsed as it
+arrives, a larger frame would only save a 9-byte header per 256 KiB.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +64,7 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 import h2.utilities
+import hyperframe.frame
 
 from mesh.ports import parse_port
 from ztunnel.hbone import _h2fast
@@ -164,9 +205,20 @@ def _status(headers: object) -> int:
 # Frame types and flags the guard looks at (RFC 9113 section 6).
 _DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _WINDOW_UPDATE, \
     _CONTINUATION = 0x0, 0x1, 0x2, 0x3, 0x4, 0x5, 0x6, 0x8, 0x9
-_END_STREAM, _ACK, _END_HEADERS = 0x1, 0x1, 0x4
+_END_STREAM, _ACK, _END_HEADERS, _PADDED = 0x1, 0x1, 0x4, 0x8
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+# A frame header as (length << 8 | type, flags, stream id); WINDOW_UPDATE adds its increment.
+_HEADER = struct.Struct(">IBI")
+_WINDOW_UPDATE_FRAME = struct.Struct(">IBII")
+_WINDOW_UPDATE_HEAD = (4 << 8) | _WINDOW_UPDATE
+_CLOSED = h2.connection.ConnectionState.CLOSED
+# h2 stream states in which it accepts DATA from the peer, and in which it sends DATA.
+_RECEIVING = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
+_SENDING = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
+# What a DATA frame being received is: none (a frame header comes next), another frame type
+# (its bytes go to h2), DATA for one of our streams, DATA to drop.
+_RX_HEADER, _RX_H2, _RX_DATA, _RX_DROP = 0, 1, 2, 3
 
 
 class FrameRefused(Exception):
@@ -383,7 +435,17 @@ def _request_headers(headers: object) -> dict[str, str]:
 class _TunnelH2(h2.connection.H2Connection):
     """h2 with ``content-length`` ignored: h2 checks it per stream but fails the whole
     connection (a value like ``x``, or more DATA than it says), and a CONNECT tunnel's bytes
-    are not content it could describe (RFC 9110 9.3.6)."""
+    are not content it could describe (RFC 9110 9.3.6). Its frames go into the connection's
+    output list, in order with the DATA frames the core makes itself."""
+
+    def __init__(self, config: h2.config.H2Configuration,
+                 out: list[bytes | memoryview]) -> None:
+        super().__init__(config=config)
+        self.out = out
+
+    def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
+        if frames:
+            self.out.append(b"".join(f.serialize() for f in frames))
 
     def _begin_new_stream(self, stream_id: int,
                           allowed_ids: h2.connection.AllowedStreamIDs) -> h2.stream.H2Stream:
@@ -396,9 +458,13 @@ def _no_content_length(headers: object) -> None:
     return None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Stream:
-    pending: deque[bytes] = field(default_factory=deque)
+    # Inbound flow control: what the peer may still send, and what the application consumed
+    # and we have not advertised again (h2's WindowManager, see _return_credit).
+    rx_window: int
+    rx_credit: int = 0
+    pending: deque[bytes | memoryview] = field(default_factory=deque)
     pending_bytes: int = 0
     end_requested: bool = False
     local_ended: bool = False
@@ -427,7 +493,9 @@ class HboneConnection:
         config = h2.config.H2Configuration(
             client_side=client_side, header_encoding=None, validate_inbound_headers=client_side
         )
-        self._h2 = _TunnelH2(config=config)
+        # Everything to send, in order: h2's frames and the core's DATA and WINDOW_UPDATEs.
+        self._out: list[bytes | memoryview] = []
+        self._h2 = _TunnelH2(config, self._out)
         self._h2.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
@@ -444,6 +512,21 @@ class HboneConnection:
         self._h2.decoder.max_header_list_size = settings.max_header_list_size
         self._streams: dict[int, _Stream] = {}
         self._guard = _FrameGuard(settings, expect_preface=not client_side, clock=clock)
+        # Inbound flow control of the connection (h2's WindowManager: window, its maximum,
+        # bytes consumed and not advertised again); the initial 65535 until initiate().
+        self._rx_window = self._rx_max = 65535
+        self._rx_credit = 0
+        # The frame being received (see _read): what it is, payload bytes left, of which the
+        # first _rx_data are tunnel bytes (the rest padding), its stream, END_STREAM, and the
+        # bytes of a frame header cut by the end of a read.
+        self._rx_preface = 0 if client_side else len(_PREFACE)
+        self._rx_kind = _RX_HEADER
+        self._rx_left = 0
+        self._rx_data = 0
+        self._rx_sid = 0
+        self._rx_stream: _Stream | None = None
+        self._rx_end = False
+        self._rx_head = b""
         self.goaway_received = False
         self.closed = False
         self.terminated = False  # a fatal error: nothing more is read
@@ -477,9 +560,12 @@ class HboneConnection:
     def initiate(self) -> None:
         """Queue the connection preface and our settings; call once, first."""
         self._h2.initiate_connection()
+        # The preface and SETTINGS bypass _prepare_for_sending: take them from h2's buffer.
+        self._out.append(self._h2.data_to_send())
         extra = self.settings.connection_window - 65535
         if extra > 0:
-            self._h2.increment_flow_control_window(extra)
+            self._rx_window = self._rx_max = self.settings.connection_window
+            self._out.append(_WINDOW_UPDATE_FRAME.pack(_WINDOW_UPDATE_HEAD, 0, 0, extra))
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
         """Queue GOAWAY: the peer must open no new streams; open ones may finish."""
@@ -489,7 +575,13 @@ class HboneConnection:
             self.closed = True
 
     def data_to_send(self) -> bytes:
-        data: bytes = self._h2.data_to_send()
+        out = self._out
+        if not out:
+            return b""
+        first = out[0]
+        # The only copy of sent tunnel bytes in the core: the join (a lone item is h2's bytes).
+        data = first if len(out) == 1 and isinstance(first, bytes) else b"".join(out)
+        out.clear()
         return data
 
     @property
@@ -510,7 +602,7 @@ class HboneConnection:
         self._h2.send_headers(
             stream_id, [(":method", "CONNECT"), (":authority", authority), *(headers or [])]
         )
-        self._streams[stream_id] = _Stream()
+        self._streams[stream_id] = _Stream(self.settings.stream_window)
         return stream_id
 
     # -- server ----------------------------------------------------------------------------
@@ -657,32 +749,52 @@ class HboneConnection:
         self._guard.control_frames = 0
 
     def _return_credit(self, stream_id: int, flow_length: int) -> None:
-        try:
-            self._h2.acknowledge_received_data(flow_length, stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-            # The stream is gone, but the connection window still needs the credit back or
-            # the other streams on this connection would stall.
-            with contextlib.suppress(h2.exceptions.ProtocolError):  # the connection ended
-                self._h2.increment_flow_control_window(flow_length)
+        """The application consumed ``flow_length`` bytes of ``stream_id`` (or they were
+        dropped): give the credit back to the connection and, while the peer may still send
+        on it, to the stream. A stream that is gone still returns its connection credit, or
+        the other streams on this connection would stall."""
+        if self._h2.state_machine.state is _CLOSED:
+            return  # GOAWAY sent or received: h2 would refuse to send a WINDOW_UPDATE
+        c = self._rx_credit + flow_length
+        w = self._rx_window
+        m = self._rx_max
+        # h2's WindowManager._maybe_update_window, for the connection then the stream.
+        if (w == 0 and c > min(1024, m // 4)) or c >= m // 2:
+            inc = min(c, m - w)
+            c = 0
+            if inc:
+                self._rx_window = w + inc
+                self._out.append(_WINDOW_UPDATE_FRAME.pack(_WINDOW_UPDATE_HEAD, 0, 0, inc))
+        self._rx_credit = c
+        st = self._streams.get(stream_id)
+        if st is None or st.remote_ended:
+            return  # no point crediting a stream the peer can no longer send on
+        c = st.rx_credit + flow_length
+        w = st.rx_window
+        m = self.settings.stream_window
+        if (w == 0 and c > min(1024, m // 4)) or c >= m // 2:
+            inc = min(c, m - w)
+            c = 0
+            if inc:
+                st.rx_window = w + inc
+                self._out.append(_WINDOW_UPDATE_FRAME.pack(_WINDOW_UPDATE_HEAD, 0, stream_id,
+                                                           inc))
+        st.rx_credit = c
 
     def receive(self, data: bytes) -> list[Event]:
         """Feed bytes from the peer; returns what happened."""
         if self.terminated:
             return []
         self._heard = True
+        out: list[Event] = []
         try:
             self._guard.feed(data)
-            h2_events = self._h2.receive_data(data)
+            self._read(data if type(data) is bytes else bytes(data), out)
         except FrameRefused as e:
             return [self._terminate(e.code, e.cause, str(e))]
         except h2.exceptions.ProtocolError as e:
             code = getattr(e, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return [self._terminate(code, "protocol_error", f"protocol error: {e}")]
-        out: list[Event] = []
-        for ev in h2_events:
-            self._handle(ev, out)
-            if self.terminated:
-                break
         if self._batch:
             self._batch.clear()
             if self._dropped:
@@ -703,6 +815,171 @@ class HboneConnection:
                 continue
             kept.append(e)
         return kept
+
+    # -- receiving: frames split here, DATA handled here, everything else in h2 ----------
+
+    def _read(self, data: bytes, out: list[Event]) -> None:
+        """Split ``data`` into frames: runs of non-DATA frames go to h2 as they are, DATA
+        frames are handled by ``_data_header`` and delivered here. h2 is fed whatever precedes
+        a DATA frame before that frame is looked at, so its state is current for the decision.
+        Raises ``FrameRefused`` or h2's ``ProtocolError``; stops once the connection ends."""
+        n = len(data)
+        pos = 0
+        view = memoryview(data)
+        to_h2: list[bytes | memoryview] = []  # bytes for h2, in order
+        run = -1  # start of a run of ``data`` that goes to h2
+        if self._rx_preface:
+            k = min(self._rx_preface, n)
+            self._rx_preface -= k
+            run, pos = 0, k
+        while pos < n:
+            left = self._rx_left
+            if left:
+                take = min(left, n - pos)
+                kind = self._rx_kind
+                if kind == _RX_H2:
+                    if run < 0:
+                        run = pos
+                elif self._rx_data:
+                    k = min(self._rx_data, take)
+                    self._rx_data -= k
+                    st = self._rx_stream
+                    sid = self._rx_sid
+                    if st is not None and self._streams.get(sid) is st:
+                        self.recv_buffered += k
+                        out.append(DataReceived(sid, data[pos:pos + k], k))
+                    else:  # dropped, or reset since the frame began: nobody reads it
+                        self._return_credit(sid, k)
+                pos += take
+                self._rx_left = left = left - take
+                if not left and kind != _RX_H2:
+                    self._data_done(to_h2)
+                continue
+            # A frame header: 9 bytes, 10 for a padded DATA frame (with its pad length).
+            head = self._rx_head
+            if head or n - pos < 10:
+                cut = head + data[pos:pos + 10 - len(head)]
+                need = 9
+                if len(cut) >= 9 and cut[3] == _DATA and cut[4] & _PADDED and (
+                        cut[0] | cut[1] | cut[2]):
+                    need = 10
+                if len(cut) < need:  # the rest of the header comes in the next read
+                    self._rx_head = cut
+                    if run >= 0:
+                        to_h2.append(view[run:pos])
+                        run = -1
+                    pos = n
+                    break
+                self._rx_head = b""
+                start = pos - len(head)  # negative when it began in an earlier read
+                pos += need - len(head)
+                buf, i = cut, 0
+            else:
+                start = pos
+                buf, i = data, pos
+                need = 10 if data[pos + 3] == _DATA and data[pos + 4] & _PADDED and (
+                    data[pos] | data[pos + 1] | data[pos + 2]) else 9
+                pos += need
+            length = (buf[i] << 16) | (buf[i + 1] << 8) | buf[i + 2]
+            if buf[i + 3] != _DATA:
+                if start < 0:  # the header began in the last read: h2 has not seen it
+                    to_h2.append(head)
+                    start = 0
+                if run < 0:
+                    run = start
+                self._rx_kind = _RX_H2
+                self._rx_left = length
+                continue
+            if run >= 0:
+                to_h2.append(view[run:start])
+                run = -1
+            if to_h2:
+                self._feed_h2(to_h2, out)
+                if self.terminated:
+                    return
+            flags = buf[i + 4]
+            sid = int.from_bytes(buf[i + 5:i + 9], "big") & 0x7FFFFFFF
+            pad = buf[i + 9] if need == 10 else -1
+            self._data_header(length, flags, sid, pad, out)
+            if self.terminated:
+                return
+            if not self._rx_left:
+                self._data_done(to_h2)
+        if run >= 0:
+            to_h2.append(view[run:n])
+        if to_h2:
+            self._feed_h2(to_h2, out)
+
+    def _feed_h2(self, to_h2: list[bytes | memoryview], out: list[Event]) -> None:
+        data = to_h2[0] if len(to_h2) == 1 else b"".join(to_h2)
+        to_h2.clear()
+        for ev in self._h2.receive_data(data):
+            self._handle(ev, out)
+            if self.terminated:
+                return
+
+    def _data_header(self, length: int, flags: int, sid: int, pad: int,
+                     out: list[Event]) -> None:
+        """A DATA frame begins (``pad`` is its pad length, -1 when not padded): check it as
+        hyperframe and h2 would, account it against our windows, and set up its delivery."""
+        if not sid:
+            raise FrameRefused(h2.errors.ErrorCodes.PROTOCOL_ERROR, "protocol_error",
+                               "protocol error: DATA frame on stream 0")
+        if flags & _PADDED:
+            if not length:
+                raise FrameRefused(h2.errors.ErrorCodes.FRAME_SIZE_ERROR, "protocol_error",
+                                   "protocol error: padded DATA frame without a pad length")
+            if pad >= length:
+                raise FrameRefused(h2.errors.ErrorCodes.PROTOCOL_ERROR, "protocol_error",
+                                   "protocol error: DATA frame with invalid padding")
+            self._rx_left = length - 1
+            self._rx_data = length - 1 - pad
+        else:
+            self._rx_left = self._rx_data = length
+        self._rx_sid = sid
+        h2c = self._h2
+        st = self._streams.get(sid)
+        if st is not None and (h2s := h2c.streams.get(sid)) is not None \
+                and h2c.state_machine.state is not _CLOSED \
+                and h2s.state_machine.state in _RECEIVING and h2s.state_machine.headers_received:
+            if length > self._rx_window or length > st.rx_window:
+                raise FrameRefused(
+                    h2.errors.ErrorCodes.FLOW_CONTROL_ERROR, "protocol_error",
+                    f"protocol error: DATA frame of {length} bytes above the flow-control "
+                    "window")
+            self._rx_window -= length
+            st.rx_window -= length
+            st.activity += 1
+            self._rx_kind = _RX_DATA
+            self._rx_stream = st
+            self._rx_end = bool(flags & _END_STREAM)
+            if length - self._rx_data:  # padding: nobody reads it, its credit goes back now
+                self._return_credit(sid, length - self._rx_data)
+            return
+        # Not a stream that takes DATA now: h2 answers an empty frame exactly as it would
+        # answer this one (an error, or, for a stream it keeps half-closed, nothing).
+        self._rx_kind = _RX_DROP
+        self._rx_stream = None
+        self._rx_end = False
+        self._rx_data = 0
+        self._feed_h2([_HEADER.pack(_DATA, flags & _END_STREAM, sid)], out)
+        if self.terminated:
+            return
+        if length > self._rx_window:
+            raise FrameRefused(h2.errors.ErrorCodes.FLOW_CONTROL_ERROR, "protocol_error",
+                               f"protocol error: DATA frame of {length} bytes above the "
+                               "connection's flow-control window")
+        self._rx_window -= length
+        if length:
+            self._return_credit(sid, length)
+
+    def _data_done(self, to_h2: list[bytes | memoryview]) -> None:
+        """The DATA frame being received is complete: its END_STREAM goes to h2."""
+        self._rx_kind = _RX_HEADER
+        self._rx_stream = None
+        if self._rx_end:
+            self._rx_end = False
+            to_h2.append(_HEADER.pack(_DATA, _END_STREAM, self._rx_sid))
 
     # -- internals -------------------------------------------------------------------------
 
@@ -741,30 +1018,49 @@ class HboneConnection:
             self._forget(stream_id)
 
     def _flush(self, stream_id: int, st: _Stream, out: list[Event] | None = None) -> None:
+        """Frame what ``stream_id`` has queued, as far as the peer's windows allow, then its
+        END_STREAM once asked for. The windows and the frame size are h2's: read here and
+        decremented as ``H2Connection.send_data`` would."""
         h2c = self._h2
-        while st.pending:
-            window = h2c.local_flow_control_window(stream_id)
-            if window <= 0:
-                break
-            chunk = st.pending[0]
-            n = min(window, h2c.max_outbound_frame_size, len(chunk))
-            if n == len(chunk):
-                st.pending.popleft()
-            else:
-                st.pending[0] = chunk[n:]
-                chunk = chunk[:n]
-            st.pending_bytes -= n
-            self.send_buffered -= n
-            try:
-                h2c.send_data(stream_id, chunk)
-            except h2.exceptions.StreamClosedError:
+        pending = st.pending
+        if pending:
+            h2s = h2c.streams.get(stream_id)
+            if h2s is None or h2s.state_machine.state not in _SENDING \
+                    or h2c.state_machine.state is _CLOSED:
+                # h2 closed the stream (a reset earlier in the same read; its StreamReset
+                # event is still to come) or the connection (GOAWAY): never to be sent.
                 self._drop_pending(st)
                 return
-            self._guard.data_frames_sent += 1
-        if not st.pending and st.end_requested and not st.local_ended:
+            window = min(h2c.outbound_flow_control_window, h2s.outbound_flow_control_window)
+            if window > 0:
+                size = h2c.max_outbound_frame_size
+                out_ = self._out
+                pack = _HEADER.pack
+                sent = frames = 0
+                while pending and window > 0:
+                    chunk = pending[0]
+                    n = len(chunk)
+                    if n > window or n > size:
+                        n = min(window, size)
+                        view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+                        pending[0] = view[n:]
+                        chunk = view[:n]
+                    else:
+                        pending.popleft()
+                    out_.append(pack(n << 8, 0, stream_id))
+                    out_.append(chunk)
+                    window -= n
+                    sent += n
+                    frames += 1
+                h2c.outbound_flow_control_window -= sent
+                h2s.outbound_flow_control_window -= sent
+                st.pending_bytes -= sent
+                self.send_buffered -= sent
+                self._guard.data_frames_sent += frames
+        if not pending and st.end_requested and not st.local_ended:
             try:
                 h2c.end_stream(stream_id)
-            except h2.exceptions.StreamClosedError:
+            except h2.exceptions.ProtocolError:  # the stream or the connection is closed
                 return
             st.local_ended = True
             self._maybe_done(stream_id, st)
@@ -803,15 +1099,9 @@ class HboneConnection:
                 self._forget(ev.stream_id)
                 out.append(StreamRefused(ev.stream_id, status))
         elif isinstance(ev, h2.events.DataReceived):
-            if ev.stream_id in self._streams:
-                if not ev.data and not ev.flow_controlled_length:
-                    return  # an empty END_STREAM frame; StreamEnded follows
-                flow = ev.flow_controlled_length or 0
-                self.recv_buffered += flow
-                self._streams[ev.stream_id].activity += 1
-                out.append(DataReceived(ev.stream_id, ev.data or b"", flow))
-            elif ev.flow_controlled_length:
-                self._return_credit(ev.stream_id, ev.flow_controlled_length)
+            # Only ever the empty frames of _data_header/_data_done (h2 never sees a DATA
+            # payload): the bytes were delivered by _read, StreamEnded follows.
+            pass
         elif isinstance(ev, h2.events.StreamEnded):
             st = self._streams.get(ev.stream_id)
             if st is not None:
@@ -843,7 +1133,7 @@ class HboneConnection:
 
     def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
         sid = ev.stream_id
-        self._streams[sid] = _Stream()
+        self._streams[sid] = _Stream(self.settings.stream_window)
         if self.client_side:
             self.reset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return
