@@ -213,6 +213,8 @@ def _measure(name: str, topo: Topology, target: tuple[str, int, int], settings: 
                 result.p99_ms, result.max_ms = lat["p99_ms"], lat["max_ms"]
                 result.achieved_rate, result.late_sends = lat["achieved_rate"], lat["late_sends"]
                 result.requests = lat["sent"]
+                result.from_send_p50_ms = lat.get("from_send_p50_ms")
+                result.from_send_p99_ms = lat.get("from_send_p99_ms")
                 samples[phase] = [us / 1000 for us in lat.get("samples_us", [])]
             elif phase == "connrate":
                 print(f"[{name}] connrate: new connections for {settings.connrate_duration:g}s "

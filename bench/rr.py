@@ -13,11 +13,13 @@ Usage (each side runs inside its own pod network namespace, started by ``python 
 
 The client prints one JSON object on stdout. Each connection sends its share of the rate on an
 absolute schedule (start + i * interval); a request waits for the previous response on its
-connection, so when a response is slower than the interval the next send is late. Latency is
-measured from the request's *scheduled* send time to the last byte of its echo
-(``time.perf_counter_ns``), so a late send's wait is part of its latency: timing from the
-actual send would hide exactly the queueing a slow proxy causes (coordinated omission). Sends
-more than one interval behind schedule are also counted (``late_sends``). All connections are
+connection, so when a response is slower than the interval the next send is late. A request
+held up that way is timed from its *scheduled* send time to the last byte of its echo
+(``time.perf_counter_ns``), so its wait is part of its latency: timing from the actual send
+would hide exactly the queueing a slow proxy causes (coordinated omission). A request whose
+connection was free at its scheduled time is timed from its actual send, so the client's own
+timer slack (uvloop: 1 ms resolution) is not charged to the proxy. Sends more than one interval
+behind schedule are also counted (``late_sends``). All connections are
 opened before the schedule starts, so connection setup is not in the latency.
 
 ``python -m bench.rr connrate`` measures new connections per second instead: ``--concurrency``
@@ -96,22 +98,28 @@ async def serve(bind: str, port: int, max_seconds: float, ready_file: Path | Non
 @dataclass
 class _ConnStats:
     samples_ns: list[int] = field(default_factory=list)
+    # The same requests timed from their actual send (what coordinated omission would report).
+    from_send_ns: list[int] = field(default_factory=list)
     late: int = 0
     sent: int = 0
 
 
-def scheduled_latency(target_ns: int, sent_ns: int, done_ns: int,
-                      interval_ns: float) -> tuple[int, bool]:
-    """(latency counted from the scheduled send time, whether the send was late).
+def scheduled_latency(target_ns: int, sent_ns: int, done_ns: int, interval_ns: float,
+                      prev_done_ns: int) -> tuple[int, bool]:
+    """(latency of one request, whether its send was late).
 
-    A request that could only be sent after ``target_ns`` (its connection was still waiting
-    for the previous answer) has waited since ``target_ns``, and a user of the service would
-    have too: that wait belongs to its latency. "Late" means more than one interval behind.
+    If the connection was still waiting for the previous answer at the scheduled time
+    (``prev_done_ns > target_ns``), the request was held up by the system under test from
+    ``target_ns`` on, and a user of the service would have waited too: latency counts from the
+    schedule (not doing so is coordinated omission). Otherwise the connection was free and any
+    gap between schedule and send is the load generator's own timer slack (uvloop's timers
+    have a resolution of 1 ms), which is not the proxy's: latency counts from the send.
+    "Late" means sent more than one interval behind schedule.
     """
     if done_ns < sent_ns:
         raise ValueError("answer before the request was sent")
-    start = min(target_ns, sent_ns)  # sent early (timer jitter): the wait starts at the send
-    return done_ns - start, sent_ns - target_ns > interval_ns
+    start = target_ns if prev_done_ns > target_ns else sent_ns
+    return done_ns - min(start, sent_ns), sent_ns - target_ns > interval_ns
 
 
 async def _connect(host: str, port: int,
@@ -132,6 +140,7 @@ async def _one_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     samples = stats.samples_ns
     perf = time.perf_counter_ns
     i = 0
+    prev_done = 0
     try:
         while True:
             target = start_ns + int(i * interval)
@@ -148,10 +157,12 @@ async def _one_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWr
             if echo != payload:
                 raise RuntimeError("echo differs from the request: data corrupted in transit")
             stats.sent += 1
-            latency, late = scheduled_latency(target, t0, t1, interval)
+            latency, late = scheduled_latency(target, t0, t1, interval, prev_done)
+            prev_done = t1
             stats.late += late
             if target >= measure_from:
                 samples.append(latency)
+                stats.from_send_ns.append(t1 - t0)
     finally:
         writer.close()
         with contextlib.suppress(OSError):
@@ -183,6 +194,7 @@ async def run_client(host: str, port: int, rate: float, duration: float, warmup:
     if not samples:
         raise RuntimeError("no request completed inside the measured window")
     ms = [x / 1e6 for x in samples]
+    from_send = [x / 1e6 for s in stats for x in s.from_send_ns]
     return {
         "host": host,
         "port": port,
@@ -192,7 +204,7 @@ async def run_client(host: str, port: int, rate: float, duration: float, warmup:
         "target_rate": rate,
         "duration": duration,
         "warmup": warmup,
-        "timed_from": "scheduled send",
+        "timed_from": "scheduled send when held up by the previous answer",
         "requests": len(ms),
         "sent": sum(s.sent for s in stats),
         "achieved_rate": len(ms) / duration,
@@ -202,6 +214,8 @@ async def run_client(host: str, port: int, rate: float, duration: float, warmup:
         "p99_ms": percentile(ms, 99),
         "max_ms": max(ms),
         "mean_ms": sum(ms) / len(ms),
+        "from_send_p50_ms": percentile(from_send, 50),
+        "from_send_p99_ms": percentile(from_send, 99),
         "samples_us": [round(x / 1000) for x in samples],
     }
 
