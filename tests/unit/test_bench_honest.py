@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bench.__main__ import expected_connections
+from bench.__main__ import PHASES, build_parser, expected_connections
 from bench.envoy import TlsFiles, client_side_hbone_bootstrap, server_side_hbone_bootstrap
 from bench.measure import Settings, parse_iperf
 from bench.report import (
@@ -213,3 +213,12 @@ def test_expected_connections_follow_the_phases() -> None:
     assert expected_connections(["throughput", "latency"], s, r) == 1 + 2 + 2
     assert expected_connections(["connrate", "many"], s, r) == 1 + 500 + 1000
     assert expected_connections(["workers"], s, SetupResult("ambit")) == 5
+
+
+def test_phases_run_in_the_order_given_and_default_to_many_before_connrate() -> None:
+    assert build_parser().parse_args([]).phases == list(PHASES)
+    assert PHASES.index("many") < PHASES.index("connrate")
+    args = build_parser().parse_args(["--phases", "connrate,many,connrate"])
+    assert args.phases == ["connrate", "many"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--phases", "nope"])
