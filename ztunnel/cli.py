@@ -56,6 +56,9 @@ HBONE_LIMITS: tuple[tuple[str, type, object, str], ...] = (
     ("hbone_connection_buffer", int, 8 * 1024 * 1024,
      "bytes one connection may buffer: half for DATA received (its connection window), half "
      "for DATA to send; beyond, backends and then the peer are not read"),
+    ("hbone_peer_buffer", int, 16 * 1024 * 1024,
+     "bytes all connections of one peer identity may buffer together, per worker: at half "
+     "received, the peer is not read; at half queued, its backends; 0 = off"),
     ("hbone_max_control_frames", int, 1000,
      "PING/SETTINGS acknowledgements queued while the peer does not read"),
     ("hbone_handshake_timeout", float, 5.0,

@@ -179,6 +179,9 @@ class ZtunnelConfig:
     hbone_reset_window: float = 10.0
     hbone_max_pending_streams: int = 100
     hbone_connection_buffer: int = 8 * 1024 * 1024
+    # What all the connections of one peer identity may buffer together, per worker process
+    # (ztunnel/hbone/conn.py PeerBudget); 0 = only each connection's own budget.
+    hbone_peer_buffer: int = 16 * 1024 * 1024
     hbone_max_control_frames: int = 1000
     hbone_handshake_timeout: float = 5.0
     hbone_idle_timeout: float = 120.0
@@ -259,6 +262,9 @@ class ZtunnelConfig:
         if self.hbone_max_header_list_size < 1024:
             raise ConfigError("hbone_max_header_list_size: must be >= 1024 (a CONNECT with "
                               "its headers needs a few hundred bytes)")
+        if self.hbone_peer_buffer and self.hbone_peer_buffer < 256 * 1024:
+            raise ConfigError("hbone_peer_buffer: must be 0 (off) or >= 262144 (one peer's "
+                              "connections need room for a 256 KiB read each way)")
         if self.hbone_connection_buffer < 256 * 1024:
             raise ConfigError("hbone_connection_buffer: must be >= 262144 (a connection "
                               "needs room for one 256 KiB read each way)")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mesh.ratelimit import RateLimitedLog
 from mesh.state.model import AuthorizationPolicy, IPAddress, Service, Workload
 from mesh.state.store import StateStore
 from ztunnel.accesslog import AccessLog
@@ -66,6 +67,11 @@ class ProxyContext:
     # Pod start: holds a captured connection from a source not in the state yet (the app
     # sets it; ztunnel/pod_start.py). None: refused at once.
     source_hold: SourceHold | None = None
+    # A failed or refused connection's log line, at most one per listener and outcome every
+    # 10 s (with the count left out since): a flood of refusals must not become a log flood.
+    # Every connection still gets its access-log line and its metrics.
+    failure_log: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(
+        log, 10.0, level=logging.INFO, what="such connections"))
 
     def __post_init__(self) -> None:
         self.limits = ConnectionLimits(self.config, self.metrics)
@@ -263,8 +269,9 @@ class ConnectionRecord:
             **self.extra,
         })
         if self.outcome not in ("ok", OVERFLOW):
-            log.info("%s %s -> %s:%s %s: %s", self.listener, self.source_ip,
-                     self.destination[0], self.destination[1], self.outcome, self.reason)
+            self.ctx.failure_log.log((self.listener, self.outcome), "%s %s -> %s:%s %s: %s",
+                                     self.listener, self.source_ip, self.destination[0],
+                                     self.destination[1], self.outcome, self.reason)
 
 
 async def connect_and_relay(

@@ -77,7 +77,14 @@ def run_in(ns: str, argv: Sequence[str], timeout: float) -> dict[str, Any]:
 
 
 def rss(pid: int) -> int:
-    return int(psutil.Process(pid).memory_info().rss)
+    """The resident memory of a process and all its descendants: a ztunnel with --workers is
+    a parent and its worker processes, and the node pays for all of them."""
+    proc = psutil.Process(pid)
+    total = int(proc.memory_info().rss)
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += int(child.memory_info().rss)
+    return total
 
 
 def count_lines(path: Path) -> int:

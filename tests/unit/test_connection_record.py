@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
+
+import pytest
 
 from mesh.state.model import Action, AuthorizationPolicy, Rule
 from mesh.state.store import StateStore
@@ -126,3 +129,23 @@ def test_refuse_resets_unless_the_listener_answers_once() -> None:
     rec.fail("error", "mid-stream", "UC")
     rec.refuse(w)  # type: ignore[arg-type]
     assert answers == [("ok", None)] and w.transport.aborted == 1
+
+
+def test_a_flood_of_failures_is_a_few_log_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """Every failed connection has its access-log line and metrics, but its log line comes at
+    most once per listener and outcome every 10 s (the count left out in the next one): 1000
+    denied connections are one line, and a different outcome still gets its own."""
+    ctx = _ctx()
+    with caplog.at_level(logging.INFO, logger="ztunnel.proxy"):
+        for _ in range(1000):
+            rec = _record(ctx)
+            rec.fail("denied", "policy deny-all", "DENY")
+            rec.finish()
+        rec = _record(ctx)
+        rec.fail("connect_failed", "refused", "UF")
+        rec.finish()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ztunnel.proxy"]
+    assert len(lines) == 2, lines
+    assert "denied" in lines[0] and "connect_failed" in lines[1]
+    assert _flags(ctx, "istio_tcp_connections_closed_total") == {"DENY": 1000, "UF": 1}
+    assert ctx.failure_log.suppressed(("outbound", "denied")) == 999

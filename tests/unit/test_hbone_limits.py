@@ -216,6 +216,7 @@ def test_every_limit_has_a_flag_with_the_config_default() -> None:
 @pytest.mark.parametrize(("setting", "value"), [
     ("hbone_max_frame_size", 1000), ("hbone_max_frame_size", 1 << 24),
     ("hbone_max_continuations", -1), ("hbone_max_header_list_size", 10),
+    ("hbone_peer_buffer", 1000),
 ])
 def test_bad_limits_are_config_errors(setting: str, value: int) -> None:
     from ztunnel.config import ConfigError, ZtunnelConfig

@@ -61,6 +61,16 @@ class StreamError(Exception):
     """The tunnel was reset, refused, or its connection died."""
 
 
+class StreamSink(Protocol):
+    """Where an attached tunnel delivers its events, in the callback that decoded them (the
+    relay, ztunnel/relay.py): no queue and no task switch per chunk."""
+
+    def on_data(self, data: bytes, flow: int) -> None: ...
+    def on_eof(self) -> None: ...
+    def on_error(self, reason: str) -> None: ...
+    def on_writable(self) -> None: ...
+
+
 class HboneStream:
     """One CONNECT tunnel: an async byte stream with half-close."""
 
@@ -80,6 +90,7 @@ class HboneStream:
         self.refused_status: int | None = None
         self._answered = False
         self._task: asyncio.Task[None] | None = None
+        self._sink: StreamSink | None = None
 
     def cancel_on_reset(self, task: asyncio.Task[None]) -> None:
         """Cancel ``task`` (the server's work for this tunnel, e.g. dialling its backend) if
@@ -88,11 +99,17 @@ class HboneStream:
 
     # called by the protocol
     def _feed(self, data: bytes, flow: int) -> None:
+        if self._sink is not None:
+            self._sink.on_data(data, flow)
+            return
         self._chunks.append((data, flow))
         self._readable.set()
 
     def _feed_eof(self) -> None:
         self._eof = True
+        if self._sink is not None:
+            self._sink.on_eof()
+            return
         self._readable.set()
 
     def _fail(self, reason: str) -> None:
@@ -111,9 +128,14 @@ class HboneStream:
         if not self.response.done():
             self.response.set_exception(StreamError(reason))
             self.response.exception()  # mark retrieved: nobody may be waiting on it
+        self.conn._waiting.discard(self)
+        if self._sink is not None:
+            self._sink.on_error(reason)
 
     def _set_writable(self) -> None:
         self._writable.set()
+        if self._sink is not None:
+            self.conn._wake(self)
 
     @property
     def failed(self) -> str | None:
@@ -133,6 +155,45 @@ class HboneStream:
 
     def consumed(self, flow: int) -> None:
         self.conn._ack(self.id, flow)
+
+    def attach(self, sink: StreamSink) -> None:
+        """Deliver this tunnel's bytes, EOF and failure to ``sink`` as they arrive, instead of
+        through ``read``; what is queued already goes first."""
+        self._sink = sink
+        while self._chunks:
+            data, flow = self._chunks.popleft()
+            sink.on_data(data, flow)
+        if self._error is not None:
+            sink.on_error(self._error)
+        elif self._eof:
+            sink.on_eof()
+
+    def room(self) -> int:
+        """How many bytes the tunnel may take now without going over the connection's send
+        budget (0 while it must not take any: the writer stops reading its source)."""
+        conn = self.conn
+        if self._error is not None or conn._paused or not conn._budget_ok.is_set() \
+                or not self._writable.is_set():
+            return 0
+        room = conn._send_budget - conn._unflushed - conn.core.send_buffered
+        peer = conn._peer
+        if peer is not None:
+            if peer.writing_stopped:
+                return 0
+            room = min(room, peer.limit // 2 - peer.queued)
+        return max(0, room)
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Queue ``data`` (bytes already read, so taken whatever the room); False when the
+        writer must stop reading its source until its sink's ``on_writable``."""
+        if self._error is not None:
+            raise StreamError(self._error)
+        if not self.conn._send(self.id, data):
+            self._writable.clear()
+        if self.room() > 0:
+            return True
+        self.conn._waiting.add(self)
+        return False
 
     async def write(self, data: bytes, source: ReadSource | None = None) -> None:
         """Queue ``data`` on the tunnel; return once it may take more. ``source`` is where the
@@ -175,6 +236,7 @@ class HboneStream:
             for _, flow in self._chunks:
                 self.conn._ack(self.id, flow)
             self._chunks.clear()
+            self.conn._waiting.discard(self)
             self.conn._reset(self.id)
             self._readable.set()
             self._writable.set()
@@ -189,6 +251,51 @@ class HboneStream:
 
 
 RequestHandler = Callable[[HboneStream], None]
+
+
+class PeerBudget:
+    """What all the HBONE connections of one peer (one SPIFFE identity) may buffer together.
+
+    Each connection is bounded by its own budget (``HboneSettings.buffer_limit``); without
+    this, a peer's total would be that times the connections it may open. Split like a
+    connection's: when the bytes received from the peer and not yet delivered to backends
+    reach half of ``limit``, every connection of the peer stops being read (they drain into
+    the backends, which do not depend on the peer; reading resumes below a quarter); when the
+    bytes queued towards the peer reach half, its tunnels' writers stop reading their backends
+    (resumed below a quarter). The peer's own acknowledgements are never waited for while its
+    reading is stopped, so this cannot deadlock a peer that reads.
+
+    The members report their counts when they read and when they flush, a few integer
+    operations per loop iteration, not per byte.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.received = 0
+        self.queued = 0
+        self.members: set[HboneProtocol] = set()
+        self.reading_stopped = False
+        self.writing_stopped = False
+        self.times_stopped = 0  # how often reading was stopped (a figure for tests and docs)
+
+    def update(self, received: int, queued: int) -> None:
+        self.received += received
+        self.queued += queued
+        if not self.reading_stopped and self.received >= self.limit // 2:
+            self.reading_stopped = True
+            self.times_stopped += 1
+            for m in self.members:
+                m._peer_pause()
+        elif self.reading_stopped and self.received < self.limit // 4:
+            self.reading_stopped = False
+            for m in list(self.members):
+                m._peer_resume()
+        if not self.writing_stopped and self.queued >= self.limit // 2:
+            self.writing_stopped = True
+        elif self.writing_stopped and self.queued < self.limit // 4:
+            self.writing_stopped = False
+            for m in list(self.members):
+                m._wake_all()
 
 
 class HboneProtocol(asyncio.Protocol):
@@ -231,6 +338,13 @@ class HboneProtocol(asyncio.Protocol):
         self._reading_paused = False
         self.closed = asyncio.get_running_loop().create_future()
         self.last_idle = asyncio.get_running_loop().time()
+        # Attached tunnels whose writer stopped reading for want of room (send_nowait).
+        self._waiting: set[HboneStream] = set()
+        # The peer's shared budget (join_peer), and what this connection counts in it.
+        self._peer: PeerBudget | None = None
+        self._peer_received = 0
+        self._peer_queued = 0
+        self._peer_paused = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -249,6 +363,8 @@ class HboneProtocol(asyncio.Protocol):
             self._check_budget()
         if self._paused and not self._reading_paused:
             self._check_reading()
+        if self._peer is not None:
+            self._sync_peer()
         self._schedule_flush()
 
     def eof_received(self) -> bool | None:
@@ -264,6 +380,8 @@ class HboneProtocol(asyncio.Protocol):
         self.streams.clear()
         self._resumed.set()
         self._budget_ok.set()
+        self._waiting.clear()
+        self.leave_peer()
         if not self.closed.done():
             self.closed.set_result(None)
         if self._on_close is not None:
@@ -277,9 +395,11 @@ class HboneProtocol(asyncio.Protocol):
         self._paused = False
         self._resumed.set()
         self.core.output_drained()
+        self._wake_all()
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
-            self.transport.resume_reading()
+            if not self._peer_paused:
+                self.transport.resume_reading()
 
     @property
     def buffered(self) -> int:
@@ -304,6 +424,22 @@ class HboneProtocol(asyncio.Protocol):
         self._schedule_flush()
         return stream
 
+    def join_peer(self, budget: PeerBudget) -> None:
+        """Count this connection in its peer's shared budget (once its identity is known)."""
+        self._peer = budget
+        budget.members.add(self)
+        if budget.reading_stopped:
+            self._peer_pause()
+        self._sync_peer()
+
+    def leave_peer(self) -> None:
+        budget, self._peer = self._peer, None
+        if budget is not None:
+            budget.members.discard(self)
+            received, queued = self._peer_received, self._peer_queued
+            self._peer_received = self._peer_queued = 0
+            budget.update(-received, -queued)
+
     def start_drain(self) -> None:
         """Refuse new tunnels; open ones continue (see ``HboneConnection.draining``)."""
         self.core.draining = True
@@ -324,6 +460,10 @@ class HboneProtocol(asyncio.Protocol):
         self._unflushed += len(data)
         if self._unflushed + self.core.send_buffered >= self._send_budget:
             self._budget_ok.clear()
+        if self._peer is not None:
+            # At once, not at the next flush: the peer's other connections read their
+            # backends in the same loop iteration and must see the room this took.
+            self._sync_peer()
         self._schedule_flush()
         return below
 
@@ -382,6 +522,41 @@ class HboneProtocol(asyncio.Protocol):
     def _check_budget(self) -> None:
         if self.core.send_buffered + self._unflushed < self._send_budget // 2:
             self._budget_ok.set()
+            self._wake_all()
+
+    def _sync_peer(self) -> None:
+        assert self._peer is not None
+        received = self.core.recv_buffered
+        queued = self.core.send_buffered + self._unflushed
+        dr, dq = received - self._peer_received, queued - self._peer_queued
+        if dr or dq:
+            self._peer_received, self._peer_queued = received, queued
+            self._peer.update(dr, dq)
+
+    def _peer_pause(self) -> None:
+        t = self.transport
+        if not self._peer_paused and t is not None and not t.is_closing():
+            self._peer_paused = True
+            if not self._reading_paused:
+                t.pause_reading()
+
+    def _peer_resume(self) -> None:
+        if self._peer_paused:
+            self._peer_paused = False
+            t = self.transport
+            if t is not None and not t.is_closing() and not self._reading_paused:
+                t.resume_reading()
+
+    def _wake(self, stream: HboneStream) -> None:
+        """Let a waiting writer read again once its tunnel has room."""
+        if stream in self._waiting and stream.room() > 0:
+            self._waiting.discard(stream)
+            assert stream._sink is not None
+            stream._sink.on_writable()
+
+    def _wake_all(self) -> None:
+        for stream in list(self._waiting):
+            self._wake(stream)
 
     def _check_reading(self) -> None:
         """Called while the peer does not read our output: stop reading its frames once that
@@ -389,7 +564,8 @@ class HboneProtocol(asyncio.Protocol):
         t = self.transport
         if t is not None and t.get_write_buffer_size() > self._read_budget:
             self._reading_paused = True
-            t.pause_reading()
+            if not self._peer_paused:
+                t.pause_reading()
 
     def _note_idle(self) -> None:
         if not self.streams:
@@ -485,6 +661,8 @@ class HboneProtocol(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
         self._unflushed = 0
+        if self._peer is not None:
+            self._sync_peer()
         if not self._paused:
             self.core.output_drained()
         elif not self._reading_paused:

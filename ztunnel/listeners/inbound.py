@@ -20,7 +20,7 @@ from mesh.ratelimit import RateLimitedLog
 from mesh.spiffe import SpiffeId
 from mesh.state.model import IPAddress
 from ztunnel.authz import ConnectionInfo
-from ztunnel.hbone.conn import HboneProtocol, HboneStream
+from ztunnel.hbone.conn import HboneProtocol, HboneStream, PeerBudget
 from ztunnel.hbone.core import parse_authority, parse_forwarded_for
 from ztunnel.hbone.events import RequestRejected
 from ztunnel.identity import IdentityError, peer_identity
@@ -42,6 +42,8 @@ class InboundServer:
         self.draining = False
         self.hbone_settings = ctx.config.hbone_settings()
         self._limit_log = RateLimitedLog(log)
+        # One shared buffer budget per peer identity with a connection open (PeerBudget).
+        self.peer_budgets: dict[str, PeerBudget] = {}
 
     def _hbone_error(self, cause: str, detail: str, peer: str) -> None:
         """A connection ended by the HBONE core (a limit or a protocol error): counted, and
@@ -50,8 +52,11 @@ class InboundServer:
         self._limit_log.log(cause, "inbound HBONE from %s closed: %s: %s", peer, cause, detail)
 
     def _error(self, reason: str, detail: str, peer: str) -> None:
+        # Counted always, logged at most once per reason and 10 s: failed handshakes and bad
+        # requests are the peer's to repeat.
         self.ctx.metrics.connection_errors.labels(LISTENER, reason).inc()
-        log.info("inbound HBONE from %s closed: %s: %s", peer, reason, detail)
+        self._limit_log.log(reason, "inbound HBONE from %s closed: %s: %s", peer, reason,
+                            detail)
 
     async def handle(self, sock: socket.socket) -> None:
         # Connection limits per source IP and in total, checked before any work for the
@@ -117,9 +122,19 @@ class InboundServer:
             self.connections.add(proto)
             if self.draining:
                 proto.start_drain()
+            key = peer_key(proto)
+            limit = ctx.config.hbone_peer_buffer
+            budget = self.peer_budgets.get(key)
+            if budget is None and limit:
+                budget = self.peer_budgets[key] = PeerBudget(limit)
+            if budget is not None:
+                proto.join_peer(budget)
             try:
                 await proto.closed
             finally:
+                proto.leave_peer()
+                if budget is not None and not budget.members:
+                    self.peer_budgets.pop(key, None)
                 self.connections.discard(proto)
 
     async def _tunnel(self, proto: HboneProtocol, stream: HboneStream, peer_ip: IPAddress,
