@@ -57,8 +57,8 @@ HBONE_LIMITS: tuple[tuple[str, type, object, str], ...] = (
      "bytes one connection may buffer: half for DATA received (its connection window), half "
      "for DATA to send; beyond, backends and then the peer are not read"),
     ("hbone_peer_buffer", int, 16 * 1024 * 1024,
-     "bytes all connections of one peer identity may buffer together, per worker: at half "
-     "received, the peer is not read; at half queued, its backends; 0 = off"),
+     "bytes all connections of one peer identity may buffer together (shared out over the "
+     "workers): at half received, the peer is not read; at half queued, its backends; 0 = off"),
     ("hbone_max_control_frames", int, 1000,
      "PING/SETTINGS acknowledgements queued while the peer does not read"),
     ("hbone_handshake_timeout", float, 5.0,

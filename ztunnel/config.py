@@ -179,8 +179,8 @@ class ZtunnelConfig:
     hbone_reset_window: float = 10.0
     hbone_max_pending_streams: int = 100
     hbone_connection_buffer: int = 8 * 1024 * 1024
-    # What all the connections of one peer identity may buffer together, per worker process
-    # (ztunnel/hbone/conn.py PeerBudget); 0 = only each connection's own budget.
+    # What all the connections of one peer identity may buffer together (ztunnel/hbone/conn.py
+    # PeerBudget; shared out over the --workers); 0 = only each connection's own budget.
     hbone_peer_buffer: int = 16 * 1024 * 1024
     hbone_max_control_frames: int = 1000
     hbone_handshake_timeout: float = 5.0

@@ -121,6 +121,11 @@ def worker_config(config: ZtunnelConfig) -> ZtunnelConfig:
                                        and f.name.endswith(CONNECTION_LIMIT_SUFFIXES)):
             value = getattr(config, f.name)
             setattr(shared, f.name, value if value == 0 else max(1, value // n))
+    # One peer's shared buffer budget (hbone/conn.py PeerBudget) is counted per process as
+    # well: divided so that a peer spread over the workers gets the configured total (down to
+    # the smallest valid budget, 256 KiB per worker).
+    if config.hbone_peer_buffer:
+        shared.hbone_peer_buffer = max(256 * 1024, config.hbone_peer_buffer // n)
     return shared
 
 

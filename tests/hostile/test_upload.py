@@ -4,10 +4,10 @@ never acknowledged (the attacker's windows stay at 65535), on several connection
 Before the hardening this grew the ztunnel by about 190 MiB per connection, linearly (4
 connections: +770 MiB). Now the bytes a connection may hold are its buffer budget
 (HboneSettings.buffer_limit, 8 MiB: the connection window received and undelivered, half the
-budget queued towards the peer), and all of one peer's connections share a budget
-(PeerBudget, 16 MiB per worker process); the relay holds nothing outside them: a tunnel's
-bytes are read from its backend only while the tunnel has room, and a chunk written to a
-backend keeps its credit until the socket took it. What grows with the attack's size is the
+budget queued towards the peer), and all of one peer's connections share a budget (PeerBudget,
+16 MiB shared out over the --workers processes); the relay holds nothing outside them: a
+tunnel's bytes are read from its backend only while the tunnel has room, and a chunk written to
+a backend keeps its credit until the socket took it. What grows with the attack's size is the
 tunnels themselves (objects, sockets, allocator slack: about 6 MiB per 100 tunnels measured),
 which the stream and connection limits bound. Measured over the ztunnel's whole process tree
 (the parent and its --workers). The legitimate client is served throughout.
@@ -22,8 +22,8 @@ from tests.hostile.conftest import HostileMesh, Watch, Ztunnel
 pytestmark = [pytest.mark.netns, pytest.mark.hostile, pytest.mark.timeout(240)]
 
 UPLOAD_CONNECTIONS = 8
-# 2 workers x the 16 MiB peer budget, plus 800 tunnels' objects (about 6 MiB per 100) and the
-# TLS buffers. Measured: 50-59 MiB (1, 2, 4 connections: 9, 14, 29 MiB).
+# The 16 MiB peer budget (8 MiB in each of 2 workers), plus 800 tunnels' objects (about 6 MiB
+# per 100) and the TLS buffers. Measured: 50-59 MiB (1, 2, 4 connections: 9, 14, 29 MiB).
 UPLOAD_RSS_BUDGET_MIB = 64
 
 

@@ -237,6 +237,9 @@ def test_bad_frames(data: bytes, problem: str) -> None:
     ("pod_start_hold_max", 512, 2, 256),
     ("pod_start_hold_per_source", 32, 8, 4),
     ("max_hbone_connections", 4096, 1, 4096),
+    ("hbone_peer_buffer", 16 << 20, 2, 8 << 20),  # one peer's buffers, over the workers
+    ("hbone_peer_buffer", 1 << 20, 8, 256 << 10),  # never below the smallest valid budget
+    ("hbone_peer_buffer", 0, 2, 0),  # off stays off
 ])
 def test_worker_config_shares_the_per_process_limits(setting: str, configured: int,
                                                      workers: int, per_worker: int) -> None:
@@ -249,7 +252,8 @@ def test_worker_config_keeps_everything_else() -> None:
     config = ZtunnelConfig.from_mapping({"node": "n", "workers": 2})
     shared = worker_config(config)
     for f in dataclasses.fields(config):
-        if f.name.startswith(("max_", "pod_start_hold_")) and f.name != "pod_start_hold":
+        if (f.name.startswith(("max_", "pod_start_hold_")) and f.name != "pod_start_hold") \
+                or f.name == "hbone_peer_buffer":
             continue
         assert getattr(shared, f.name) == getattr(config, f.name), f.name
 
