@@ -12,7 +12,7 @@ ztunnel is one asyncio thread: the comparison is per core.
 The HBONE pair does the ztunnels' protocol work, configured the way Istio's waypoints and its
 ztunnel interop do it: Envoy A's ``tcp_proxy`` has a ``tunneling_config``, so each downstream
 connection becomes an HTTP/2 CONNECT stream (``:authority`` = server pod IP:port) on a pooled
-HTTP/2 connection, over the same mutual TLS, to port 15008 of Envoy B; Envoy B's HTTP
+HTTP/2 connection, over the same mutual TLS, to the HBONE port of Envoy B; Envoy B's HTTP
 connection manager accepts CONNECT (``allow_connect``, ``upgrade_configs: CONNECT``), routes
 it by ``:authority`` (``connect_matcher`` plus a header match, one static cluster per backend
 port) and forwards the payload as plaintext TCP to the server pod. Same certificates and SPIFFE
@@ -40,12 +40,13 @@ import yaml
 
 from bench.procs import BenchError, Proc, ProcessSet, in_netns, ns_http_get, run, wait_until
 from mesh.ports import ADMIN_PORT
+from mesh.ports import HBONE_PORT as MESH_HBONE_PORT
 
 # Envoy A listens on OUT_OFFSET + backend port, Envoy B on IN_OFFSET + backend port (TLS pair)
 # or on HBONE_PORT (HBONE pair, as the ztunnel).
 OUT_OFFSET = 10000
 IN_OFFSET = 20000
-HBONE_PORT = 15008
+HBONE_PORT = MESH_HBONE_PORT  # the same port as the ztunnels, from mesh.ports
 ALPN_H2 = ["h2"]
 
 
@@ -207,7 +208,7 @@ def client_side_hbone_bootstrap(listen_host: str, peer_host: str, backend_host: 
                                 ports: list[int], own: TlsFiles, peer_spiffe: str,
                                 sni: str) -> dict[str, Any]:
     """Envoy A (HBONE): plaintext listener per backend port -> CONNECT backend:port, tunnelled
-    over one pooled HTTP/2 mTLS connection to Envoy B's port 15008."""
+    over one pooled HTTP/2 mTLS connection to Envoy B's HBONE port."""
     common = _tls_common(own, peer_spiffe)
     common["alpn_protocols"] = ALPN_H2
     cluster = _static_cluster("hbone", peer_host, HBONE_PORT,
@@ -228,8 +229,8 @@ def client_side_hbone_bootstrap(listen_host: str, peer_host: str, backend_host: 
 
 def server_side_hbone_bootstrap(listen_host: str, backend_host: str, ports: list[int],
                                 own: TlsFiles, peer_spiffe: str) -> dict[str, Any]:
-    """Envoy B (HBONE): mTLS + HTTP/2 on 15008, CONNECT terminated and routed by authority to
-    the backend port as plaintext TCP."""
+    """Envoy B (HBONE): mTLS + HTTP/2 on the HBONE port, CONNECT terminated and routed by
+    authority to the backend port as plaintext TCP."""
     clusters = [_static_cluster(f"backend_{port}", backend_host, port, None) for port in ports]
     routes: list[dict[str, Any]] = [{
         "match": {"connect_matcher": {}, "headers": [{
