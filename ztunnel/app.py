@@ -397,6 +397,9 @@ def run(config: ZtunnelConfig) -> int:
     _setup_logging(config.log_level)
     import uvloop
 
+    from ztunnel.allocator import tune
+
+    tune()
     try:
         if config.workers > 1:
             from ztunnel.workers import supervise

@@ -855,6 +855,10 @@ def worker_main(argv: Sequence[str]) -> int:
     ctl.setblocking(False)
     import uvloop
 
+    from ztunnel.allocator import tune
+
+    tune()  # a fresh interpreter: the parent's mallopt does not carry over
+
     async def main() -> None:
         reader, writer = await asyncio.open_connection(sock=ctl)
         await _worker_main(index, config, init["listeners"], reader, writer)
