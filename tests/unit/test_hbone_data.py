@@ -165,9 +165,11 @@ def test_data_on_a_stream_we_rejected_is_dropped_without_an_error() -> None:
     s = server()
     s.receive(OPEN1)
     s.reject_stream(1, 403)
-    s.data_to_send()
+    s.data_to_send()  # the 403 with END_STREAM, then RST_STREAM(NO_ERROR): closed in h2
     assert s.receive(data(1, b"late", END_STREAM)) == []
-    assert answers(s) == [] and s.recv_buffered == 0 and not s.terminated
+    # As on any stream we reset: h2's stream error, never a connection error.
+    assert answers(s) == [("RST_STREAM", 1, 5)] and s.recv_buffered == 0
+    assert not s.terminated
 
 
 def test_client_refuses_data_before_the_response() -> None:

@@ -213,6 +213,8 @@ _HEADER = struct.Struct(">IBI")
 _WINDOW_UPDATE_FRAME = struct.Struct(">IBII")
 _WINDOW_UPDATE_HEAD = (4 << 8) | _WINDOW_UPDATE
 _CLOSED = h2.connection.ConnectionState.CLOSED
+# The concurrent streams a client assumes its peer allows until the peer's SETTINGS arrive.
+_ASSUMED_PEER_STREAMS = 100
 # h2 stream states in which it accepts DATA from the peer, and in which it sends DATA.
 _RECEIVING = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
 _SENDING = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
@@ -258,7 +260,9 @@ class _FrameGuard:
         "preface_left",
         "priority_frames",
         "read_headers",
+        "refusals",
         "resets",
+        "server",
         "settings",
         "settings_seen",
         "window_updates",
@@ -269,8 +273,12 @@ class _FrameGuard:
         self.settings = settings
         self.clock = clock
         self.resets: deque[float] = deque()  # times of premature resets within the window
+        self.refusals: deque[float] = deque()  # times of streams refused over the limit
         self.read_headers: set[int] = set()  # streams whose HEADERS came in the current read
         self.preface_left = len(_PREFACE) if expect_preface else 0
+        # Only a server counts premature resets: on a client, a HEADERS is a response, and
+        # a response followed by RST_STREAM in one read is a refusal (reject_stream).
+        self.server = expect_preface
         self.settings_seen = False
         self.payload_left = 0
         self.partial = b""
@@ -285,17 +293,29 @@ class _FrameGuard:
         self.control_frames = 0  # PING/SETTINGS the peer asked us to acknowledge
 
     def premature_reset(self) -> None:
-        now = self.clock()
-        resets = self.resets
-        resets.append(now)
-        window = self.settings.reset_window
-        while now - resets[0] > window:
-            resets.popleft()
-        if len(resets) > self.settings.max_premature_resets:
+        if self._count(self.resets):
             raise FrameRefused(
                 _CALM, "reset_flood",
                 f"more than {self.settings.max_premature_resets} streams reset before they "
-                f"were answered within {window:g}s")
+                f"were answered within {self.settings.reset_window:g}s")
+
+    def stream_refused(self) -> None:
+        """A stream opened beyond our concurrent-stream limit was refused: as costly as a
+        premature reset (decoded, never answered), so bounded the same way."""
+        if self._count(self.refusals):
+            raise FrameRefused(
+                _CALM, "stream_flood",
+                f"more than {self.settings.max_premature_resets} streams opened beyond the "
+                f"concurrent-stream limit within {self.settings.reset_window:g}s")
+
+    def _count(self, times: deque[float]) -> bool:
+        """Note one more event now; True when the sliding window holds too many."""
+        now = self.clock()
+        times.append(now)
+        window = self.settings.reset_window
+        while now - times[0] > window:
+            times.popleft()
+        return len(times) > self.settings.max_premature_resets
 
     def feed(self, data: bytes) -> None:
         n = len(data)
@@ -363,7 +383,8 @@ class _FrameGuard:
             if flags & _END_HEADERS:
                 self.block_stream = 0
         elif ftype in (_HEADERS, _PUSH_PROMISE):
-            self.read_headers.add(int.from_bytes(b[i + 5:i + 9], "big") & 0x7FFFFFFF)
+            if self.server:
+                self.read_headers.add(int.from_bytes(b[i + 5:i + 9], "big") & 0x7FFFFFFF)
             self.headers_frames += 1
             self.block_bytes = length
             self._check_block()
@@ -442,10 +463,47 @@ class _TunnelH2(h2.connection.H2Connection):
                  out: list[bytes | memoryview]) -> None:
         super().__init__(config=config)
         self.out = out
+        # Server side: streams the peer opened beyond our SETTINGS_MAX_CONCURRENT_STREAMS,
+        # created and decoded as usual, to be refused (see _receive_headers_frame), and the
+        # count of open inbound streams at which the connection ends instead (0: none).
+        self.over_limit: set[int] = set()
+        self.stream_bound = 0
+        self._counted = False
 
     def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
         if frames:
             self.out.append(b"".join(f.serialize() for f in frames))
+
+    def _receive_headers_frame(self, frame: hyperframe.frame.HeadersFrame) \
+            -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
+        """h2 answers a HEADERS beyond our concurrent-stream limit with TooManyStreamsError,
+        a connection error (GOAWAY and every tunnel with it), and before the header block is
+        decoded. RFC 9113 5.1.2 makes it a stream error: the stream is created and its block
+        decoded as usual (HPACK state stays in step with the peer's), and noted in
+        ``over_limit`` so the core refuses it with REFUSED_STREAM. Only far beyond the limit
+        (``stream_bound`` open at once, all within one read since each refusal closes its
+        stream) is the connection ended."""
+        if self.config.client_side or frame.stream_id in self.streams:
+            return super()._receive_headers_frame(frame)
+        limit = self.local_settings.max_concurrent_streams
+        n = self._open_streams(int(not self.config.client_side))
+        if n >= limit:
+            if self.stream_bound and n >= self.stream_bound:
+                raise FrameRefused(
+                    _CALM, "stream_flood",
+                    f"{n} streams open at once, the limit is {limit}")
+            self.over_limit.add(frame.stream_id)
+        self._counted = True  # h2's own check (open_inbound_streams) is done above
+        try:
+            return super()._receive_headers_frame(frame)
+        finally:
+            self._counted = False
+
+    @property
+    def open_inbound_streams(self) -> int:
+        if self._counted:
+            return 0
+        return super().open_inbound_streams
 
     def _begin_new_stream(self, stream_id: int,
                           allowed_ids: h2.connection.AllowedStreamIDs) -> h2.stream.H2Stream:
@@ -510,6 +568,9 @@ class HboneConnection:
         # enforcement state: do it here (frame size check, HPACK header-list limit).
         self._h2.max_inbound_frame_size = settings.max_frame_size
         self._h2.decoder.max_header_list_size = settings.max_header_list_size
+        # Streams beyond max_concurrent_streams are refused one by one (REFUSED_STREAM); twice
+        # that many open at once (HEADERS in one read, before any refusal) ends the connection.
+        self._h2.stream_bound = 2 * settings.max_concurrent_streams
         self._streams: dict[int, _Stream] = {}
         self._guard = _FrameGuard(settings, expect_preface=not client_side, clock=clock)
         # Inbound flow control of the connection (h2's WindowManager: window, its maximum,
@@ -589,10 +650,19 @@ class HboneConnection:
         return len(self._streams)
 
     def can_open_stream(self) -> bool:
+        """Whether the peer will take one more stream: counted as the peer counts them (h2's
+        open streams, half-closed ones included, which is also what h2 enforces on send), not
+        as tunnels we still hold, against the limit the peer advertised. Until its SETTINGS
+        arrive the limit is not "unlimited", as h2 assumes, but at most 100 (what RFC 9113
+        5.1.2 recommends as the least a peer allows): a pool that has just connected must not
+        put a burst of tunnels on a connection that will refuse all beyond 100."""
         if self.closed or self.goaway_received or self.refused_by_peer:
             return False
-        limit: int = self._h2.remote_settings.max_concurrent_streams
-        return len(self._streams) < limit
+        if self._guard.settings_seen:
+            limit: int = self._h2.remote_settings.max_concurrent_streams
+        else:
+            limit = min(self.settings.max_concurrent_streams, _ASSUMED_PEER_STREAMS)
+        return max(len(self._streams), self._h2.open_outbound_streams) < limit
 
     # -- client ----------------------------------------------------------------------------
 
@@ -624,10 +694,23 @@ class HboneConnection:
             self.pending_streams -= 1
 
     def reject_stream(self, stream_id: int, status: int) -> None:
+        """Answer ``status`` with END_STREAM, then RST_STREAM(NO_ERROR) (RFC 9113 8.1: a
+        complete response may be followed by it): the client never half-closes a refused
+        tunnel, and without the reset the stream stayed half-closed in h2 on both sides,
+        counted against the concurrent-stream limit for the life of the connection."""
         if stream_id in self._streams:
             with contextlib.suppress(h2.exceptions.ProtocolError):  # closed already (above)
                 self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+            self._close_h2_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
             self._forget(stream_id)
+
+    def _close_h2_stream(self, stream_id: int, error_code: int) -> None:
+        """Reset ``stream_id`` in h2 unless it is closed there already (the core has done
+        with it: h2 must not keep counting it as open)."""
+        h2s = self._h2.streams.get(stream_id)
+        if h2s is not None and not h2s.closed:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._h2.reset_stream(stream_id, error_code)
 
     # -- both sides ------------------------------------------------------------------------
 
@@ -1096,6 +1179,10 @@ class HboneConnection:
                 out.append(StreamAccepted(ev.stream_id))
                 self._flush(ev.stream_id, st, out)
             else:
+                # A refusal ends the tunnel: if the peer did not close the stream as well
+                # (END_STREAM and RST_STREAM, as we do), close it, or it stays half-closed
+                # and counted by both sides.
+                self._close_h2_stream(ev.stream_id, h2.errors.ErrorCodes.CANCEL)
                 self._forget(ev.stream_id)
                 out.append(StreamRefused(ev.stream_id, status))
         elif isinstance(ev, h2.events.DataReceived):
@@ -1136,6 +1223,21 @@ class HboneConnection:
         self._streams[sid] = _Stream(self.settings.stream_window)
         if self.client_side:
             self.reset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        if self._h2.over_limit and sid in self._h2.over_limit:
+            # Opened beyond our SETTINGS_MAX_CONCURRENT_STREAMS (see _TunnelH2): a stream
+            # error, the client may retry on another connection.
+            self._h2.over_limit.discard(sid)
+            self._guard.control_frames += 1
+            self.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            limit = self.settings.max_concurrent_streams
+            out.append(RequestRejected(
+                sid, 503, f"more than {limit} concurrent streams on this connection",
+                cause="too_many_streams"))
+            try:
+                self._guard.stream_refused()
+            except FrameRefused as e:
+                out.append(self._terminate(e.code, e.cause, str(e)))
             return
         if self.draining:
             self._guard.control_frames += 1
