@@ -378,8 +378,11 @@ def _setup_logging(level: str) -> None:
     )
 
 
-async def serve(config: ZtunnelConfig, stop: asyncio.Event | None = None) -> None:
-    zt = Ztunnel(config)
+async def serve(config: ZtunnelConfig, stop: asyncio.Event | None = None,
+                zt: Ztunnel | None = None) -> None:
+    """Run ``zt`` (a single-process Ztunnel by default; the --workers parent passes its
+    Supervisor) until SIGTERM, SIGINT or ``stop``, then shut it down."""
+    zt = zt or Ztunnel(config)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -68,7 +68,7 @@ from mesh.listener import BindError, Listener, bind_group
 from mesh.spiffe import SpiffeError, SpiffeId
 from mesh.state.model import MeshConfig
 from mesh.state.store import StateSnapshot
-from ztunnel.app import Ztunnel
+from ztunnel.app import Ztunnel, serve
 from ztunnel.config import BIND_WORKLOAD, CONNECTION_LIMIT_SUFFIXES, ZtunnelConfig
 from ztunnel.identity import CertInfo, IdentityError, Secrets, context_from_pem
 from ztunnel.listeners.admin import admin_routes, config_dump
@@ -737,17 +737,7 @@ class Supervisor(Ztunnel):
 
 async def supervise(config: ZtunnelConfig, stop: asyncio.Event | None = None) -> None:
     """``ambit ztunnel --workers N`` (N > 1): run the parent until SIGTERM or SIGINT."""
-    sup = Supervisor(config)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    try:
-        await sup.start()
-        await stop.wait()
-    finally:
-        await sup.shutdown()
+    await serve(config, stop, Supervisor(config))
 
 
 # -- a worker --------------------------------------------------------------------------------
