@@ -55,8 +55,12 @@ def server(settings: HboneSettings = SMALL) -> HboneConnection:
 
 def answers(conn: HboneConnection) -> list[tuple[str, int, int]]:
     """The RST_STREAMs and GOAWAYs ``conn`` sends: (kind, stream, code)."""
+    return _resets_and_goaways(conn.data_to_send())
+
+
+def _resets_and_goaways(wire: bytes) -> list[tuple[str, int, int]]:
     out = []
-    for ftype, _, sid, payload in frames_of(conn.data_to_send()):
+    for ftype, _, sid, payload in frames_of(wire):
         if ftype == RST:
             out.append(("RST_STREAM", sid, int.from_bytes(payload[:4], "big")))
         elif ftype == GOAWAY:
@@ -102,13 +106,7 @@ def reference(wire: bytes) -> list[tuple[str, int, int]]:
                 conn.send_headers(e.stream_id, [(b":status", b"200")])
     except h2.exceptions.ProtocolError:
         pass
-    out = []
-    for ftype, _, sid, payload in frames_of(conn.data_to_send()):
-        if ftype == RST:
-            out.append(("RST_STREAM", sid, int.from_bytes(payload[:4], "big")))
-        elif ftype == GOAWAY:
-            out.append(("GOAWAY", 0, int.from_bytes(payload[4:8], "big")))
-    return out
+    return _resets_and_goaways(conn.data_to_send())
 
 
 # -- receiving -------------------------------------------------------------------------------
