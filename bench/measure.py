@@ -106,26 +106,29 @@ def throughput(client_ns: str, host: str, port: int, s: Settings, streams: int =
     return parse_iperf(data)
 
 
-def latency(client_ns: str, host: str, port: int, s: Settings) -> dict[str, Any]:
-    """Fixed-rate 1 KiB request/response from the client pod (bench/rr.py); its JSON summary."""
+def _rr_client(client_ns: str, host: str, port: int, s: Settings, *, rate: float,
+               warmup: float, connections: int, slack: float, what: str) -> dict[str, Any]:
+    """bench/rr.py's fixed-rate client from the client pod; its JSON summary."""
     return _run_json(
         in_netns(client_ns, [
             sys.executable, "-m", "bench.rr", "client", "--host", host, "--port", str(port),
-            "--rate", f"{s.rate:g}", "--duration", f"{s.duration:g}",
-            "--warmup", f"{s.warmup:g}", "--connections", str(s.connections),
+            "--rate", f"{rate:g}", "--duration", f"{s.duration:g}",
+            "--warmup", f"{warmup:g}", "--connections", str(connections),
             "--size", str(s.size)]),
-        timeout=s.warmup + s.duration + 40, what="latency client (bench.rr)")
+        timeout=warmup + s.duration + slack, what=what)
+
+
+def latency(client_ns: str, host: str, port: int, s: Settings) -> dict[str, Any]:
+    """Fixed-rate 1 KiB request/response from the client pod (bench/rr.py); its JSON summary."""
+    return _rr_client(client_ns, host, port, s, rate=s.rate, warmup=s.warmup,
+                      connections=s.connections, slack=40, what="latency client (bench.rr)")
 
 
 def many(client_ns: str, host: str, port: int, s: Settings) -> dict[str, Any]:
     """P5: ``many_connections`` open at once, ``many_rate`` requests/s over all of them."""
-    return _run_json(
-        in_netns(client_ns, [
-            sys.executable, "-m", "bench.rr", "client", "--host", host, "--port", str(port),
-            "--rate", f"{s.many_rate:g}", "--duration", f"{s.duration:g}",
-            "--warmup", f"{s.many_warmup:g}", "--connections", str(s.many_connections),
-            "--size", str(s.size)]),
-        timeout=s.many_warmup + s.duration + 90, what="many-connections client (bench.rr)")
+    return _rr_client(client_ns, host, port, s, rate=s.many_rate, warmup=s.many_warmup,
+                      connections=s.many_connections, slack=90,
+                      what="many-connections client (bench.rr)")
 
 
 def connrate(client_ns: str, host: str, port: int, s: Settings) -> dict[str, Any]:
