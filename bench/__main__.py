@@ -69,26 +69,26 @@ DEFAULT_TLS13 = "TLS_AES_128_GCM_SHA256"
 SPIFFE = "spiffe://cluster.local/ns/{}/sa/{}"
 
 
-def _only(text: str) -> list[str]:
+def _names(text: str, flag: str, kind: str, known: Sequence[str]) -> list[str]:
+    """The comma-separated names of ``flag``, each one of ``known``, in the order given."""
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in SETUPS]
+    bad = [n for n in names if n not in known]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"--only: unknown setup(s) {', '.join(bad) or '(none)'}; choose from "
-            f"{','.join(SETUPS)}")
+            f"{flag}: unknown {kind}(s) {', '.join(bad) or '(none)'}; choose from "
+            f"{','.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def _only(text: str) -> list[str]:
+    names = _names(text, "--only", "setup", SETUPS)
     return [s for s in SETUPS if s in names]
 
 
 def _phases(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in PHASES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(
-            f"--phases: unknown phase(s) {', '.join(bad) or '(none)'}; choose from "
-            f"{','.join(PHASES)}")
     # In the order given (the default is PHASES'), so an order that provokes a bug can be
     # replayed; the workers phase runs separately, after all runs, whatever its position.
-    return list(dict.fromkeys(names))
+    return _names(text, "--phases", "phase", PHASES)
 
 
 def _counts(text: str) -> list[int]:
