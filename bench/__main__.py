@@ -163,6 +163,7 @@ def _preflight(only: Sequence[str]) -> dict[str, str]:
                          "(sudo make bench)")
     versions: dict[str, str] = {}
     tools = ["ip", "iperf3", "tshark"] + (["iptables-restore"] if "ambit" in only else [])
+    tools += ["mount", "umount"] if "ambit-ebpf" in only else []
     for tool in tools:
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} not found: run `make bench`, which installs it")
@@ -172,6 +173,8 @@ def _preflight(only: Sequence[str]) -> dict[str, str]:
         versions["envoy"] = envoy_setup.envoy_version(binary)
     if "ambit" in only:
         mesh.check_runnable()
+    if "ambit-ebpf" in only:
+        mesh.check_runnable("ebpf")
     return versions
 
 
@@ -322,8 +325,9 @@ def _run_setup(name: str, settings: Settings, certs: Path, work: Path, logs: Pat
                 flag = None  # a ztunnel without the flag is one process
             else:
                 raise BenchError(f"ztunnel has no --workers flag: cannot run {workers} workers")
-            proxies = mesh.start_ztunnels(procs, topo, certs, work, CLIENT_ID, SERVER_ID,
-                                          workers=flag, tls13_suites=tls13)
+            proxies = mesh.start_ztunnels(
+                procs, topo, certs, work, CLIENT_ID, SERVER_ID, workers=flag,
+                tls13_suites=tls13, capture="ebpf" if name == "ambit-ebpf" else "iptables")
             target = (a.server, IPERF_PORT, RR_PORT)
         # P6: memory once ready, before any traffic (settled for a second).
         time.sleep(1.0)
@@ -335,7 +339,7 @@ def _run_setup(name: str, settings: Settings, certs: Path, work: Path, logs: Pat
         samples = _measure(name, topo, target, settings, proxies, result, phases)
         # Every connection the phases opened must have crossed both proxies.
         expected = expected_connections(phases, settings, result)
-        if name == "ambit" and workers == 1:
+        if name in ("ambit", "ambit-ebpf") and workers == 1:
             mesh.verify_proxied(topo, expected=expected)
         if name == "envoy-hbone":
             envoy_setup.verify_hbone(topo.ns["server-node"], expected=expected)
@@ -440,7 +444,9 @@ def _run_all(args: argparse.Namespace, settings: Settings, certs: Path, work: Pa
     workers: dict[str, dict[int, SetupResult]] = {}
     if "workers" in args.phases:
         for n in args.workers_counts:
-            for name in [s for s in args.only if s != "direct"]:
+            # Not ambit-ebpf: the workers share one reuseport group either way, and the phase
+            # already costs two setups' time per count.
+            for name in [s for s in args.only if s not in ("direct", "ambit-ebpf")]:
                 _wait_quiet(args.wait_quiet)
                 background.append(_background_cpu(0.5))
                 print(f"== {name}, workers phase, N={n} "

@@ -1,4 +1,4 @@
-"""The system under test: one ambit ztunnel per node namespace, pods captured with TPROXY.
+"""The system under test: one ambit ztunnel per node namespace, pods captured with TPROXY or eBPF.
 
 Why it looks like this: it is how the mesh runs for real in node mode. The client dials the
 server pod's own IP and port, exactly as in the direct setup; the client node's TPROXY rules
@@ -6,7 +6,10 @@ steer that connection into its ztunnel (15001), which opens HBONE (HTTP/2 CONNEC
 TLS) to the server pod's IP on the HBONE port; the server node's rules steer that into its ztunnel,
 which authenticates the peer and connects to the server pod. The capture rules are the ones
 the dev topology and the node agent apply (agent/capture/iptables.py via
-ambit.dev.topology), inside the benchmark's own node namespaces only.
+ambit.dev.topology), inside the benchmark's own node namespaces only. With ``capture="ebpf"``
+(the ``ambit-ebpf`` setup) the agent's eBPF programs do the steering instead: bench/ebpf_node.py
+loads them in each node namespace (pinned maps in a bpffs of the run's own) and serves the
+agent's ztunnel link, and the ztunnel hands its listeners over with ``--agent-socket``.
 
 Two knobs make the comparison with Envoy like for like, and both are stated in the table:
 ``--workers 1`` (when the ztunnel has the flag; its default is max(2, a quarter of the cores))
@@ -22,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +39,22 @@ from mesh.ports import METRICS_PORT, READINESS_PORT
 NODE_NAMES = {"client-node": "node-1", "server-node": "node-2"}
 
 
-def check_runnable() -> None:
-    """Fail before building anything when the ztunnel cannot start at all."""
+CAPTURES = ("iptables", "ebpf")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def check_runnable(capture: str = "iptables") -> None:
+    """Fail before building anything when the ztunnel (or the eBPF capture) cannot start."""
     for module in ("ztunnel.app", "agent.capture.iptables"):
         if importlib.util.find_spec(module) is None:
             raise BenchError(f"ambit ztunnel not runnable: module {module} does not exist yet")
+    if capture == "ebpf":
+        from agent.capture.ebpf_support import ebpf_unavailable_reason
+
+        reason = ebpf_unavailable_reason()
+        if reason is not None:
+            raise BenchError(f"eBPF capture unavailable: {reason} (run `make bench`, whose "
+                             "setup installs bcc and links the kernel headers)")
 
 
 @functools.cache
@@ -83,6 +98,54 @@ def state_document(client_ip: str, server_ip: str, client_id: tuple[str, str],
     }
 
 
+def _mount_bpffs(topo: Topology, work: Path) -> Path:
+    """A bpffs of this run's own: /sys/fs/bpf may be absent, and ``ip netns exec`` remounts
+    /sys, so one under it would be invisible in the node namespaces. Unmounted after the
+    topology is destroyed (the programs that used its maps go with the namespaces)."""
+    mnt = work / f"bpffs-{os.getpid()}"
+    mnt.mkdir(parents=True, exist_ok=True)
+    run(["mount", "-t", "bpf", "bpf", str(mnt)])
+
+    def unmount() -> None:
+        if os.path.ismount(mnt):
+            run(["umount", str(mnt)], check=False)
+        if os.path.ismount(mnt):
+            run(["umount", "-l", str(mnt)], check=False)
+        mnt.rmdir()
+
+    topo.after_destroy(unmount)
+    return mnt
+
+
+def enable_ebpf_capture(procs: ProcessSet, topo: Topology, work: Path) -> dict[str, Path]:
+    """The agent's eBPF programs in both node namespaces, each node's pod enrolled; returns the
+    ztunnel link socket per node role, for ``--agent-socket``."""
+    bpffs = _mount_bpffs(topo, work)
+    sockets: dict[str, Path] = {}
+    drivers: dict[str, tuple[Proc, Path]] = {}
+    for role in ("server-node", "client-node"):
+        node = NODE_NAMES[role]
+        ready = work / f"ebpf-{node}.json"
+        ready.unlink(missing_ok=True)
+        ready.with_suffix(".registered").unlink(missing_ok=True)
+        sockets[role] = work / f"ztunnel-{node}.sock"
+        pods = [f"{p.name}={p.ip}={p.host_iface}" for p in topo.pods_on(role)]
+        argv = [sys.executable, "-m", "bench.ebpf_node", "--bpf-dir", str(bpffs / node),
+                "--uplink", "eth0", "--socket", str(sockets[role]), "--ready", str(ready),
+                *(a for spec in pods for a in ("--pod", spec))]
+        # Both nodes compile their programs at once (clang takes about a second a program).
+        drivers[role] = (procs.start(f"ebpf-{node}", in_netns(topo.ns[role], argv),
+                                     cwd=REPO_ROOT), ready)
+    for role, (proc, ready) in drivers.items():
+        wait_until(f"eBPF capture on {NODE_NAMES[role]}", proc, ready.exists, timeout=90,
+                   interval=0.2)
+    return sockets
+
+
+def _registered(work: Path, node: str) -> bool:
+    return (work / f"ebpf-{node}.registered").exists()
+
+
 def _ready(ns: str) -> bool:
     return ns_http_get(ns, f"http://127.0.0.1:{READINESS_PORT}/healthz/ready") is not None
 
@@ -90,13 +153,17 @@ def _ready(ns: str) -> bool:
 def start_ztunnels(procs: ProcessSet, topo: Topology, certs: Path, work: Path,
                    client_id: tuple[str, str], server_id: tuple[str, str],
                    workers: int | None = None,
-                   tls13_suites: str | None = None) -> dict[str, Proc]:
+                   tls13_suites: str | None = None,
+                   capture: str = "iptables") -> dict[str, Proc]:
     """Capture on both nodes, start both ztunnels, wait for /healthz/ready on each.
 
     ``workers``: pass ``--workers N`` (None: leave the flag out, for a ztunnel without it).
     ``tls13_suites``: restrict TLS 1.3 suites via ``OPENSSL_CONF`` (None: OpenSSL's default).
+    ``capture``: "iptables" (TPROXY rules) or "ebpf" (the agent's tc programs and SOCKMAP).
     """
-    check_runnable()
+    if capture not in CAPTURES:
+        raise BenchError(f"capture {capture!r}: expected one of {', '.join(CAPTURES)}")
+    check_runnable(capture)
     extra = [] if workers is None else ["--workers", str(workers)]
     env = None
     if tls13_suites:
@@ -106,17 +173,28 @@ def start_ztunnels(procs: ProcessSet, topo: Topology, certs: Path, work: Path,
     state = work / "ambit-state.yaml"
     state.write_text(yaml.safe_dump(state_document(a.client, a.server, client_id, server_id),
                                     sort_keys=False))
-    topo.enable_capture()
+    links: dict[str, Path] = {}
+    if capture == "ebpf":
+        links = enable_ebpf_capture(procs, topo, work)
+    else:
+        topo.enable_capture()
     proxies: dict[str, Proc] = {}
     for role in ("server-node", "client-node"):
         ns = topo.ns[role]
+        link = ["--agent-socket", str(links[role])] if role in links else []
         proxies[role] = procs.start(f"ztunnel-{NODE_NAMES[role]}", in_netns(ns, [
             *ambit_command(), "ztunnel", "--node", NODE_NAMES[role], "--state", str(state),
-            "--identity-dir", str(certs), "--inbound-bind", "shared", *extra]), env=env)
+            "--identity-dir", str(certs), "--inbound-bind", "shared", *link, *extra]), env=env)
     for role, proc in proxies.items():
         ns = topo.ns[role]
         wait_until(f"ztunnel {NODE_NAMES[role]} /healthz/ready", proc,
                    functools.partial(_ready, ns), timeout=30, interval=0.2)
+        if role in links:
+            # Ready is not enough here: until the listeners are in the SOCKMAP, captured
+            # connections fail closed.
+            wait_until(f"ztunnel {NODE_NAMES[role]} listeners in the SOCKMAP", proc,
+                       functools.partial(_registered, work, NODE_NAMES[role]), timeout=30,
+                       interval=0.2)
     return proxies
 
 

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 # Column order of the table; a setup that was not run is simply absent.
-SETUPS: tuple[str, ...] = ("direct", "envoy", "envoy-hbone", "ambit")
+SETUPS: tuple[str, ...] = ("direct", "envoy", "envoy-hbone", "ambit", "ambit-ebpf")
+# The ztunnel setups: the same ztunnels, captured by iptables TPROXY rules or by the agent's
+# eBPF programs (bench/ebpf_node.py). Each gets its own ratio columns.
+AMBITS: tuple[str, ...] = ("ambit", "ambit-ebpf")
 # The yardsticks: ambit is divided by each of these in its own ratio column.
 ENVOYS: tuple[str, ...] = ("envoy", "envoy-hbone")
 ROLES: tuple[str, ...] = ("client-node", "server-node")
@@ -335,16 +338,16 @@ def format_table(results: Mapping[str, SetupResult]) -> str:
     number always comes with its reason.
     """
     cols = [s for s in SETUPS if s in results] + [s for s in results if s not in SETUPS]
-    yardsticks = [e for e in ENVOYS if e in results and "ambit" in results]
-    header = ["metric", *cols] + [f"ambit/{e}" for e in yardsticks]
+    yardsticks = [(a, e) for a in AMBITS if a in results for e in ENVOYS if e in results]
+    header = ["metric", *cols] + [f"{a}/{e}" for a, e in yardsticks]
     lines: list[list[str]] = []
     for row in ROWS:
         values = {c: row_value(results[c], row.key) for c in cols}
         if all(v is None for v in values.values()):
             continue
         line = [row.label] + [_cell(values[c], row.fmt) for c in cols]
-        for e in yardsticks:
-            r = ratio(values["ambit"], values[e]) if row.better else None
+        for a, e in yardsticks:
+            r = ratio(values[a], values[e]) if row.better else None
             line.append("-" if r is None else f"{r:.2f}x")
         lines.append(line)
     if any(results[c].ciphers for c in cols):
@@ -354,7 +357,7 @@ def format_table(results: Mapping[str, SetupResult]) -> str:
     out = _render(header, lines)
     if yardsticks:
         out.append("")
-        out.append("ambit/envoy*: for throughput, rates above 1 is better; for latency, CPU and "
+        out.append("ambit*/envoy*: for throughput, rates above 1 is better; for latency, CPU and "
                    "memory below 1 is better.")
     notes = [f"{name}: {err}" for name, r in results.items() for err in r.errors]
     if notes:
@@ -422,7 +425,7 @@ def write_plot(results: Mapping[str, SetupResult], path: Path,
     cols = [s for s in SETUPS if s in results] + [s for s in results if s not in SETUPS]
     proxied = [c for c in cols if c != "direct"]
     colors = {"direct": "#7f7f7f", "envoy": "#1f77b4", "envoy-hbone": "#2ca02c",
-              "ambit": "#d62728"}
+              "ambit": "#d62728", "ambit-ebpf": "#ff7f0e"}
     fig, axes = plt.subplots(3, 3, figsize=(15, 12))
 
     ax = axes[0][0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ambit.dev import netns
@@ -43,6 +44,9 @@ class Topology:
         self.ns: dict[str, str] = {}
         self._pods: list[Pod] = []
         self._addrs: Addresses | None = None
+        # Run by destroy() after the namespaces are gone (e.g. unmounting the eBPF setup's
+        # bpffs, whose pinned maps the node namespaces' programs used).
+        self._after_destroy: list[Callable[[], None]] = []
 
     @property
     def addrs(self) -> Addresses:
@@ -72,6 +76,13 @@ class Topology:
         except (netns.NetnsError, RuntimeError, ValueError) as e:
             raise BenchError(f"cannot enable capture: {e}") from None
 
+    def pods_on(self, role: str) -> list[Pod]:
+        """The pods of node namespace ``role`` ("client-node" or "server-node")."""
+        return [p for p in self._pods if p.node.netns == self.ns[role]]
+
+    def after_destroy(self, fn: Callable[[], None]) -> None:
+        self._after_destroy.append(fn)
+
     def _check(self) -> None:
         """One TCP probe across the whole path, so a broken topology fails before any benchmark.
 
@@ -97,6 +108,11 @@ class Topology:
             self.cluster.close()
         except Exception as e:
             print(f"bench: warning: cleanup: {e}", file=sys.stderr)
+        while self._after_destroy:
+            try:
+                self._after_destroy.pop()()
+            except Exception as e:
+                print(f"bench: warning: cleanup: {e}", file=sys.stderr)
 
     def __enter__(self) -> Topology:
         try:

@@ -172,6 +172,17 @@ def test_table_has_a_ratio_column_per_envoy_setup_and_states_the_ciphers() -> No
     assert cipher.split()[-3:] == ["AES_128_GCM", "AES_128_GCM", "AES_256_GCM"]
 
 
+def test_each_ztunnel_capture_gets_its_own_ratio_columns() -> None:
+    results = _three()
+    results["ambit-ebpf"] = SetupResult("ambit-ebpf", throughput_gbps=3.0, p99_ms=1.0)
+    lines = format_table(results).splitlines()
+    assert lines[0].split() == ["metric", "envoy", "envoy-hbone", "ambit", "ambit-ebpf",
+                                "ambit/envoy", "ambit/envoy-hbone", "ambit-ebpf/envoy",
+                                "ambit-ebpf/envoy-hbone"]
+    tp = next(x for x in lines if x.startswith("P1 throughput"))
+    assert tp.split()[-4:] == ["0.25x", "0.50x", "0.38x", "0.75x"]
+
+
 def test_workers_table_shows_scaling() -> None:
     table = format_workers_table({"ambit": {1: 1.0, 2: 1.5}, "envoy": {1: 4.0, 2: None}})
     rows = {x.split()[0]: x.split()[1:] for x in table.splitlines()[2:]}
