@@ -1,7 +1,8 @@
 # Entry points for developers and CI. Every target first runs hack/setup.sh, which installs
-# missing Debian packages and (re)builds .venv only when pyproject.toml changed.
+# missing Debian packages and (re)builds .venv only when pyproject.toml or requirements/lock.txt
+# changed.
 
-.PHONY: setup test lint demo bench fuzz
+.PHONY: setup test lint demo bench fuzz lock lock-upgrade
 
 setup:
 	hack/setup.sh
@@ -16,6 +17,17 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 	.venv/bin/python hack/check_layers.py
+	.venv/bin/python hack/lock.py check
+
+# The pinned, hashed Python dependencies (requirements/*.txt, from pyproject.toml by uv): lock
+# re-resolves keeping every pin that still fits (run it after editing pyproject's dependencies),
+# lock-upgrade takes the newest of everything. Both need PyPI and an existing .venv (uv), not
+# setup: setup stops on a lock that disagrees with pyproject.toml. Commit requirements/ after.
+lock:
+	.venv/bin/python hack/lock.py update
+
+lock-upgrade:
+	.venv/bin/python hack/lock.py update --upgrade
 
 # A 2-node dev cluster in network namespaces (controller, agents, ztunnels, CNI-wired pods):
 # cross-node HBONE, a denied client, node metrics; torn down at the end.

@@ -56,15 +56,22 @@ ensure_kernel_headers() {
 }
 if [[ $EUID -eq 0 ]]; then ensure_kernel_headers; fi
 
-# Reinstall the venv only when pyproject.toml changed: the stamp holds the hash it was built from
-# (a hash, not an mtime, because git checkouts touch mtimes without changing content).
+# Reinstall the venv only when pyproject.toml or the lock changed: the stamp holds the hash it
+# was built from (a hash, not an mtime, because git checkouts touch mtimes without changing
+# content). Every package comes from requirements/lock.txt, pinned with its hashes (pip refuses
+# any other file), so two machines or two weeks install the same code; the project itself is
+# then installed editable without resolving anything (--no-deps), with the locked build backend
+# (--no-build-isolation). A lock that disagrees with pyproject.toml stops here, saying how to
+# regenerate it (hack/lock.py; make lint checks the same).
 STAMP=.stamp-venv
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml requirements/lock.txt | sha256sum | cut -d' ' -f1)"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 if [[ ! -x .venv/bin/python || "$want" != "$have" ]]; then
-    echo "setup: installing the project into .venv"
+    echo "setup: installing requirements/lock.txt and the project into .venv"
     [[ -x .venv/bin/python ]] || python3 -m venv .venv
-    .venv/bin/python -m pip install -q -e '.[dev,bench]'
+    .venv/bin/python -m pip install -q --require-hashes -r requirements/lock.txt
+    .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+    .venv/bin/python hack/lock.py check
     echo "$want" >"$STAMP"
 fi
 
