@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from agent import main as agent_main
 from ambit import __version__, waypoint_cli
 from ambit import registry_cli as registry_commands
+from ambit.dashboard import cli as dashboard_cli
 from ambit.dev import cli as dev_cli
 from ambit.install import cli as install_cli
 from controller import main as controller_main
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent_main.add_parser(sub)
     waypoint_cli.add_parser(sub)
     install_cli.add_parsers(sub)
+    dashboard_cli.add_parser(sub)
     return parser
 
 
