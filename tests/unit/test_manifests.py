@@ -515,7 +515,7 @@ CLUSTER_ALLOWED = (
     | _read("discovery.k8s.io", "endpointslices") | _read("apps", "deployments")
     | _read("security.ambit.dev", "authorizationpolicies", "peerauthentications")
     | _read("networking.ambit.dev", "httpfaults")
-    | _read("gateway.networking.k8s.io", "gateways", "httproutes")
+    | _read("gateway.networking.k8s.io", "gateways", "httproutes", "grpcroutes", "tcproutes")
     | _write("", "serviceaccounts", "services", "configmaps") | _write("apps", "deployments")
     | _write("gateway.networking.k8s.io", "gateways/status", verbs=("update", "patch"))
     | {("authentication.k8s.io", "tokenreviews", "create", "")}
