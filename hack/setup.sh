@@ -15,9 +15,15 @@ cd "$(dirname "$0")/.."
 # Vagrant cluster's Vagrantfile and provisioning scripts (they cannot run here: no hypervisor).
 # clang/libclang-rt-dev: the C shim's fuzz target (fuzz/cni_shim.c: libFuzzer and the
 # sanitizer runtimes ship in libclang-rt-dev, which clang only recommends).
+# chromium: the headless browser tests/browser drives against `ambit dashboard`.
 PACKAGES=(iproute2 iptables nftables iperf3 wrk tshark procps psmisc python3 python3-venv
           python3-bpfcc linux-headers-amd64 bpftool containernetworking-plugins
-          gcc libc6-dev make ruby shellcheck clang libclang-rt-dev)
+          gcc libc6-dev make ruby shellcheck clang libclang-rt-dev chromium)
+# nodejs/npm: the dashboard's graph library and the browser tests' driver come from npm
+# (pinned lock files, `npm ci` below). Only when no npm is on the PATH: a machine may have
+# Node.js from elsewhere (NodeSource ships npm inside its nodejs, which Debian's npm conflicts
+# with).
+if ! command -v npm >/dev/null 2>&1; then PACKAGES+=(nodejs npm); fi
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -81,3 +87,16 @@ site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["pure
 if [[ -d /usr/lib/python3/dist-packages/bcc && ! -e "$site/bcc" ]]; then
     ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 fi
+
+# npm packages, exactly as locked: cytoscape (served by `ambit dashboard`: the page loads
+# nothing from a CDN) and playwright-core (tests/browser drives Debian's chromium with it).
+# Reinstalled only when a lock file changed, like the venv.
+for dir in ambit/dashboard/web tests/browser; do
+    stamp=".stamp-npm-${dir//\//-}"
+    want="$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)"
+    if [[ ! -d "$dir/node_modules" || "$want" != "$(cat "$stamp" 2>/dev/null || true)" ]]; then
+        echo "setup: npm ci in $dir"
+        (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+        echo "$want" >"$stamp"
+    fi
+done
