@@ -28,7 +28,19 @@ async def test_issue_and_load(tmp_path: Path) -> None:
     mgr = SecretManager(tmp_path)
     assert isinstance(await mgr.client_context(ident), ssl.SSLContext)
     assert [c.identity for c in mgr.certificates()] == [ident]
+    # Read through ssl's own handshake, not cryptography: the same expiry and serial.
+    (info,) = mgr.certificates()
+    assert info.not_after == leaf.not_valid_after_utc
+    assert info.serial == format(leaf.serial_number, "x")
     assert identity_paths(tmp_path, ident)[1].stat().st_mode & 0o077 == 0
+
+
+async def test_certificate_not_chaining_to_the_bundle_is_refused_at_load(tmp_path: Path) -> None:
+    ident = SpiffeId("cluster.local", "default", "web")
+    write_trust_bundle(tmp_path, CertificateAuthority.generate("cluster.local"))
+    write_identity(tmp_path, ident, CertificateAuthority.generate("cluster.local").issue(ident))
+    with pytest.raises(IdentityError, match=r"cannot load certificate .*verify failed"):
+        await SecretManager(tmp_path).client_context(ident)
 
 
 async def test_missing_identity_says_how_to_fix(tmp_path: Path) -> None:
