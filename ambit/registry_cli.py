@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -36,6 +36,7 @@ from controller.registry.model import (
 )
 from controller.registry.sqlite import Change, EmbeddedRegistry, RegistryError
 from controller.registry.translate import in_mesh, waypoint_binding, waypoint_of
+from controller.waypoint.model import ParentRef
 from controller.waypoint.parse import format_duration, has_target_refs
 from mesh.cli import UsageError
 from mesh.ports import GATEWAY_NAME_LABEL
@@ -52,11 +53,12 @@ _KIND_ALIASES: dict[str, str] = {
     for kind, short in (("Namespace", "ns"), ("Workload", "wl"), ("Service", "svc"),
                         ("AuthorizationPolicy", "ap"), ("PeerAuthentication", "pa"),
                         ("Gateway", "gtw"), ("HTTPRoute", "httproute"),
+                        ("GRPCRoute", "grpcroute"), ("TCPRoute", "tcproute"),
                         ("HTTPFault", "httpfault"))
     for alias in (kind.lower(), kind.lower() + "s", short)
 } | {"authorizationpolicies": "AuthorizationPolicy"}
 _KIND_WORDS = ("namespace, workload, service, authorizationpolicy, peerauthentication, "
-               "gateway, httproute, httpfault")
+               "gateway, httproute, grpcroute, tcproute, httpfault")
 
 
 class CommandError(UsageError):
@@ -178,8 +180,8 @@ def add_commands(sub: SubParsers) -> None:
     _handles(get, _get)
     get.add_argument("kind", metavar="KIND", nargs="?", default="all",
                      help="namespaces, workloads, services, authorizationpolicies, "
-                     "peerauthentications, gateways, httproutes, httpfaults, nodes or all "
-                     "(default)")
+                     "peerauthentications, gateways, httproutes, grpcroutes, tcproutes, "
+                     "httpfaults, nodes or all (default)")
     get.add_argument("-o", "--output", choices=["table", "yaml"], default="table",
                      help="yaml prints documents `ambit apply -f` takes back")
 
@@ -432,13 +434,16 @@ def _get(registry: EmbeddedRegistry, args: argparse.Namespace, out: TextIO) -> N
     else:
         raise CommandError(f"{args.kind!r} is not something to get; use one of: namespaces, "
                            "workloads, services, authorizationpolicies, peerauthentications, "
-                           "gateways, httproutes, httpfaults, nodes, all")
+                           "gateways, httproutes, grpcroutes, tcproutes, httpfaults, nodes, "
+                           "all")
     snapshot = registry.snapshot()
     records: dict[str, Sequence[Record]] = {
         "Namespace": snapshot.namespaces, "Workload": snapshot.pods,
         "Service": snapshot.services, "AuthorizationPolicy": snapshot.authorization_policies,
         "PeerAuthentication": snapshot.peer_authentications, "Gateway": snapshot.gateways,
-        "HTTPRoute": snapshot.http_routes, "HTTPFault": snapshot.http_faults}
+        "HTTPRoute": [r for r in snapshot.http_routes if r.kind == "HTTPRoute"],
+        "GRPCRoute": [r for r in snapshot.http_routes if r.kind == "GRPCRoute"],
+        "TCPRoute": snapshot.tcp_routes, "HTTPFault": snapshot.http_faults}
     if args.output == "yaml":
         if not kinds:
             raise CommandError("nodes have no documents; use `ambit get nodes` without -o yaml")
@@ -457,6 +462,11 @@ def _get(registry: EmbeddedRegistry, args: argparse.Namespace, out: TextIO) -> N
     if word == "all" and all(len(rows) == 1 for rows in tables):
         print("(empty; start with `ambit namespace enable NAME` and `ambit workload add`)",
               file=out)
+
+
+def _parents(parents: Iterable[ParentRef]) -> str:
+    return ",".join(f"{p.kind}/{p.namespace}/{p.name}" + (f":{p.port}" if p.port else "")
+                    for p in parents)
 
 
 def _rows(kind: str, records: Sequence[Any], snapshot: RegistrySnapshot) -> list[list[str]]:
@@ -498,12 +508,16 @@ def _rows(kind: str, records: Sequence[Any], snapshot: RegistrySnapshot) -> list
             rows.append([g.key, g.waypoint_for,
                          f"{sum(p.ready for p in pods)}/{len(pods)} ready", str(len(bound))])
         return rows
-    if kind == "HTTPRoute":
-        rows = [["HTTPROUTE", "PARENTS", "RULES", "BACKENDS"]]
+    if kind == "TCPRoute":
+        rows = [["TCPROUTE", "PARENTS", "BACKENDS"]]
         for r in records:
-            parents = ",".join(f"{p.kind}/{p.namespace}/{p.name}" + (f":{p.port}" if p.port
-                                                                       else "")
-                               for p in r.parents)
+            rows.append([r.key, _parents(r.parents), ",".join(
+                f"{b.namespace}/{b.name}:{b.port}@{b.weight}" for b in r.backends)])
+        return rows
+    if kind in ("HTTPRoute", "GRPCRoute"):
+        rows = [[kind.upper(), "PARENTS", "RULES", "BACKENDS"]]
+        for r in records:
+            parents = _parents(r.parents)
             backends = sorted({f"{b.namespace}/{b.name}:{b.port}" for rule in r.rules
                                for b in rule.backends})
             rows.append([r.key, parents, str(len(r.rules)), ",".join(backends) or "-"])

@@ -243,7 +243,7 @@ def _web_service(name: str, vip: str, selector: dict[str, str],
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels or {}},
             "spec": {"clusterIP": vip, "selector": selector,
-                     "ports": [{"port": 80, "targetPort": SERVER_PORT}]}}
+                     "ports": [{"name": "http", "port": 80, "targetPort": SERVER_PORT}]}}
 
 
 def _load(ns: str, path: str, count: int, *extra: str) -> dict[str, Any]:

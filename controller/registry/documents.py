@@ -34,25 +34,31 @@ from controller.registry.model import (
     ServicePort,
 )
 from controller.waypoint.model import (
+    GRPC_ROUTE,
     USE_WAYPOINT_LABEL,
     USE_WAYPOINT_NAMESPACE_LABEL,
     WAYPOINT_FOR_LABEL,
     Gateway,
     HTTPFault,
     HTTPRoute,
+    TCPRoute,
 )
 from controller.waypoint.parse import (
     FAULT_API_VERSION,
     GATEWAY_API_VERSION,
+    GATEWAY_GROUP,
     WAYPOINT_FOR,
     gateway_spec,
     has_target_refs,
     http_fault_spec,
     http_route_spec,
     parse_gateway,
+    parse_grpc_route,
     parse_http_fault,
     parse_http_route,
+    parse_tcp_route,
     parse_waypoint_policy,
+    tcp_route_spec,
 )
 from mesh.state.model import IPAddress
 from mesh.state.parse import StateError, parse_authorization_spec, parse_peer_authentication_spec
@@ -75,6 +81,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("PeerAuthentication", "security.ambit.dev/v1", namespaced=True),
     Kind("Gateway", GATEWAY_API_VERSION, namespaced=True),
     Kind("HTTPRoute", GATEWAY_API_VERSION, namespaced=True),
+    Kind("GRPCRoute", GATEWAY_API_VERSION, namespaced=True),
+    # TCPRoute is still v1alpha2 (experimental channel) upstream.
+    Kind("TCPRoute", f"{GATEWAY_GROUP}/v1alpha2", namespaced=True),
     Kind("HTTPFault", FAULT_API_VERSION, namespaced=True),
 )}
 
@@ -84,6 +93,8 @@ LABELLED_KINDS = ("Namespace", "Workload", "Service", "Gateway")
 
 
 def kind_of(record: Record) -> str:
+    if isinstance(record, HTTPRoute):
+        return record.kind  # HTTPRoute or GRPCRoute
     return "Workload" if isinstance(record, Pod) else type(record).__name__
 
 
@@ -276,6 +287,10 @@ def parse_document(doc: Any) -> Record:
         return parse_gateway(name, namespace, meta_labels, data)
     if kind.name == "HTTPRoute":
         return parse_http_route(name, namespace, data)
+    if kind.name == GRPC_ROUTE:
+        return parse_grpc_route(name, namespace, data)
+    if kind.name == "TCPRoute":
+        return parse_tcp_route(name, namespace, data)
     if kind.name == "HTTPFault":
         return parse_http_fault(name, namespace, data)
     if kind.name == "AuthorizationPolicy":
@@ -334,7 +349,7 @@ def _service(name: str, namespace: str, meta_labels: Labels, spec: Any) -> Servi
     ports: list[ServicePort] = []
     for i, raw in enumerate(raw_ports):
         path = f"spec.ports[{i}]"
-        p = mapping(raw, path, ("name", "port", "targetPort", "protocol"))
+        p = mapping(raw, path, ("name", "port", "targetPort", "protocol", "appProtocol"))
         if p.get("protocol", "TCP") != "TCP":
             raise StateError(f"{path}.protocol", f"{p['protocol']!r}: the mesh carries TCP only")
         if p.get("port") is None:
@@ -348,9 +363,29 @@ def _service(name: str, namespace: str, meta_labels: Labels, spec: Any) -> Servi
             port=port,
             target_port=port if target is None else _port(target, f"{path}.targetPort"),
             name="" if port_name is None else dns_name(port_name, f"{path}.name", label=True),
+            app_protocol=_app_protocol(p.get("appProtocol"), f"{path}.appProtocol"),
         ))
     return Service(name, namespace, ips, tuple(ports),
                    labels(m.get("selector"), "spec.selector"), meta_labels)
+
+
+_APP_PROTOCOL_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _app_protocol(value: Any, path: str) -> str:
+    """Kubernetes' ``appProtocol``: an IANA service name (``http``, ``grpc``) or a
+    domain-prefixed name (``kubernetes.io/h2c``), as its API server validates it."""
+    if value is None:
+        return ""
+    text = string(value, path)
+    prefix, _, name = text.rpartition("/")
+    if prefix:
+        dns_name(prefix, path)
+    if len(name) > 63 or not _APP_PROTOCOL_NAME.fullmatch(name):
+        raise StateError(path, f"{text!r} is not a protocol name: lowercase letters, digits "
+                         "and '-' (e.g. http, http2, grpc, tcp, tls), optionally after a DNS "
+                         "prefix and '/' (e.g. kubernetes.io/h2c)")
+    return text
 
 
 def to_document(record: Record) -> dict[str, Any]:
@@ -381,6 +416,8 @@ def to_document(record: Record) -> dict[str, Any]:
         for p in record.ports:
             port: dict[str, Any] = {"name": p.name} if p.name else {}
             port |= {"port": p.port, "targetPort": p.target_port}
+            if p.app_protocol:
+                port["appProtocol"] = p.app_protocol
             ports.append(port)
         doc["spec"] = {"clusterIPs": [str(ip) for ip in record.cluster_ips], "ports": ports,
                        "selector": dict(record.selector)}
@@ -390,6 +427,8 @@ def to_document(record: Record) -> dict[str, Any]:
         doc["spec"] = gateway_spec(record)
     elif isinstance(record, HTTPRoute):
         doc["spec"] = http_route_spec(record)
+    elif isinstance(record, TCPRoute):
+        doc["spec"] = tcp_route_spec(record)
     elif isinstance(record, HTTPFault):
         doc["spec"] = http_fault_spec(record)
     else:

@@ -50,13 +50,23 @@ from controller.registry.model import (
     ServicePort,
     labels_of,
 )
-from controller.waypoint.model import WAYPOINT_CLASS, Gateway, HTTPFault, HTTPRoute
+from controller.waypoint.model import (
+    GRPC_ROUTE,
+    HTTP_ROUTE,
+    WAYPOINT_CLASS,
+    Gateway,
+    HTTPFault,
+    HTTPRoute,
+    TCPRoute,
+)
 from controller.waypoint.parse import (
     GATEWAY_GROUP,
     has_target_refs,
     parse_gateway,
+    parse_grpc_route,
     parse_http_fault,
     parse_http_route,
+    parse_tcp_route,
     parse_waypoint_policy,
 )
 from mesh.state.model import IPAddress
@@ -219,7 +229,8 @@ def service_record(obj: Object, slices: Iterable[Object], pods: Iterable[Object]
                 continue
             target_port = numbers.pop()
         ports.append(ServicePort(port=port, target_port=target_port, name=port_name,
-                                 protocol=protocol))
+                                 protocol=protocol,
+                                 app_protocol=str(p.get("appProtocol") or "")))
     return Service(name=name, namespace=namespace, cluster_ips=tuple(ips), ports=tuple(ports),
                    selector=selector, labels=_labels(meta.get("labels")))
 
@@ -285,20 +296,40 @@ def _ours(obj: Object, waypoints: set[tuple[str, str]]) -> bool:
 
 
 def http_route_records(objs: Iterable[Object], gateways: Iterable[Gateway],
-                       report: Report) -> tuple[HTTPRoute, ...]:
-    """The routes attached to Ambit's parents, numbered oldest first (see module doc)."""
+                       report: Report, grpc_objs: Iterable[Object] = ()) \
+        -> tuple[HTTPRoute, ...]:
+    """The HTTPRoutes and GRPCRoutes attached to Ambit's parents, numbered oldest first
+    (together: precedence between routes is by age whatever their kind; see module doc)."""
     waypoints = {(g.namespace, g.name) for g in gateways}
-    ours = sorted((o for o in objs if _ours(o, waypoints)), key=lambda o: (
+    tagged = [(HTTP_ROUTE, o) for o in objs] + [(GRPC_ROUTE, o) for o in grpc_objs]
+    ours = sorted(((k, o) for k, o in tagged if _ours(o, waypoints)), key=lambda ko: (
+        str(_meta(ko[1]).get("creationTimestamp") or ""), str(_meta(ko[1]).get("namespace")),
+        str(_meta(ko[1]).get("name")), ko[0]))
+    out: list[HTTPRoute] = []
+    for index, (kind, obj) in enumerate(ours):
+        meta = _meta(obj)
+        name, namespace = str(meta.get("name")), str(meta.get("namespace"))
+        parse = parse_grpc_route if kind == GRPC_ROUTE else parse_http_route
+        try:
+            out.append(parse(name, namespace, obj.get("spec"), "spec", index))
+        except StateError as e:
+            report(f"{kind} {namespace}/{name}: {e}; the route is not applied until fixed")
+    return tuple(sorted(out, key=lambda r: (r.key, r.kind)))
+
+
+def tcp_route_records(objs: Iterable[Object], report: Report) -> tuple[TCPRoute, ...]:
+    """TCPRoutes attached to Services (others belong to ingress Gateways), oldest first."""
+    ours = sorted((o for o in objs if _ours(o, set())), key=lambda o: (
         str(_meta(o).get("creationTimestamp") or ""), str(_meta(o).get("namespace")),
         str(_meta(o).get("name"))))
-    out: list[HTTPRoute] = []
+    out: list[TCPRoute] = []
     for index, obj in enumerate(ours):
         meta = _meta(obj)
         name, namespace = str(meta.get("name")), str(meta.get("namespace"))
         try:
-            out.append(parse_http_route(name, namespace, obj.get("spec"), "spec", index))
+            out.append(parse_tcp_route(name, namespace, obj.get("spec"), "spec", index))
         except StateError as e:
-            report(f"HTTPRoute {namespace}/{name}: {e}; the route is not applied until fixed")
+            report(f"TCPRoute {namespace}/{name}: {e}; the route is not applied until fixed")
     return tuple(sorted(out, key=lambda r: r.key))
 
 
@@ -341,7 +372,9 @@ def build_snapshot(caches: Mapping[str, Mapping[str, Object]], revision: int,
         peer_authentications=tuple(peer_authentication_record(a, report)
                                    for a in objs("peerauthentications")),
         gateways=gateways,
-        http_routes=http_route_records(objs("httproutes"), gateways, report),
+        http_routes=http_route_records(objs("httproutes"), gateways, report,
+                                       objs("grpcroutes")),
+        tcp_routes=tcp_route_records(objs("tcproutes"), report),
         http_faults=tuple(f for f in (http_fault_record(o, report) for o in objs("httpfaults"))
                           if f is not None),
         revision=revision,

@@ -11,10 +11,11 @@ the last one, with the next revision. Membership rules are not applied here: tha
 Watched: Namespaces, Pods, Services, EndpointSlices (to resolve named target ports),
 ServiceAccounts (cached for identity checks, see ``service_accounts``), Ambit's
 ``security.ambit.dev/v1`` AuthorizationPolicies and PeerAuthentications, and for waypoints
-the Gateway API's ``gateway.networking.k8s.io/v1`` Gateways and HTTPRoutes (the upstream CRDs,
-installed by the user) and Ambit's ``networking.ambit.dev/v1alpha1`` HTTPFaults. Every CRD
-kind is optional: one that is not installed reads as empty (and is retried), so a cluster
-without the Gateway API still gets its L4 mesh. See docs/kubernetes.md.
+the Gateway API's ``gateway.networking.k8s.io/v1`` Gateways, HTTPRoutes and GRPCRoutes and
+``v1alpha2`` TCPRoutes (the upstream CRDs, installed by the user) and Ambit's
+``networking.ambit.dev/v1alpha1`` HTTPFaults. Every CRD kind is optional: one that is not
+installed reads as empty (and is retried), so a cluster without the Gateway API still gets its
+L4 mesh. See docs/kubernetes.md.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ def watched_kinds() -> tuple[ResourceKind, ...]:
                      optional=True),
         ResourceKind("httproutes", _custom("httproutes", GATEWAY_API_GROUP,
                                            GATEWAY_API_VERSION), optional=True),
+        ResourceKind("grpcroutes", _custom("grpcroutes", GATEWAY_API_GROUP,
+                                           GATEWAY_API_VERSION), optional=True),
+        # Experimental channel only: most clusters do not have it, and read it as empty.
+        ResourceKind("tcproutes", _custom("tcproutes", GATEWAY_API_GROUP, "v1alpha2"),
+                     optional=True),
         ResourceKind("httpfaults", _custom("httpfaults", FAULT_GROUP, FAULT_VERSION),
                      optional=True),
     )

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.waypoint.model import Gateway, HTTPFault, HTTPRoute
+from controller.waypoint.model import Gateway, HTTPFault, HTTPRoute, TCPRoute
 from mesh.state.model import IPAddress
 
 # The label that enrols a namespace (value "ambient") or opts a pod out (value "none").
@@ -69,6 +69,9 @@ class ServicePort:
     name: str = ""
     # Kubernetes services also carry UDP/SCTP ports; the mesh carries TCP only.
     protocol: str = "TCP"
+    # Kubernetes' appProtocol (``http``, ``kubernetes.io/h2c``, ...): with the name, what a
+    # waypoint parses the port as (controller/waypoint/protocol.py).
+    app_protocol: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,10 +127,11 @@ class NodeToken:
     issued_at: float
 
 
-# Gateway, HTTPRoute and HTTPFault are the waypoint model's records (controller/waypoint),
-# parsed once by controller/waypoint/parse.py; the registry stores and lists them as they are.
+# Gateway, HTTPRoute (GRPCRoutes too: ``HTTPRoute.kind``), TCPRoute and HTTPFault are the
+# waypoint model's records (controller/waypoint), parsed once by controller/waypoint/parse.py;
+# the registry stores and lists them as they are.
 Record = (Namespace | Pod | Service | AuthorizationPolicy | PeerAuthentication | Gateway
-          | HTTPRoute | HTTPFault)
+          | HTTPRoute | TCPRoute | HTTPFault)
 
 
 @dataclass(frozen=True)
@@ -142,9 +146,11 @@ class RegistrySnapshot:
     # Waypoints (only Gateways of class ambit-waypoint), L7 routes and faults. Routes keep
     # their ExtensionRefs unresolved: ``controller.waypoint.parse.resolve_faults(http_routes,
     # http_faults)`` pairs them. ``HTTPRoute.creation_index`` orders routes oldest first.
+    # ``http_routes`` holds GRPCRoutes too (``HTTPRoute.kind``): the waypoint serves both.
     gateways: tuple[Gateway, ...] = ()
     http_routes: tuple[HTTPRoute, ...] = ()
     http_faults: tuple[HTTPFault, ...] = ()
+    tcp_routes: tuple[TCPRoute, ...] = ()
     # The source's revision when this was read (embedded: the SQLite revision counter).
     revision: int = 0
 

@@ -51,7 +51,7 @@ from controller.registry.model import (
     RegistrySnapshot,
     Service,
 )
-from controller.waypoint.model import Gateway, HTTPFault, HTTPRoute
+from controller.waypoint.model import Gateway, HTTPFault, HTTPRoute, TCPRoute
 from mesh.state.parse import StateError
 
 SCHEMA_VERSION = 1
@@ -197,6 +197,7 @@ class EmbeddedRegistry:
             gateways=tuple(r for r in records if isinstance(r, Gateway)),
             http_routes=tuple(r for r in records if isinstance(r, HTTPRoute)),
             http_faults=tuple(r for r in records if isinstance(r, HTTPFault)),
+            tcp_routes=tuple(r for r in records if isinstance(r, TCPRoute)),
             revision=int(revision),
         )
 
@@ -220,7 +221,7 @@ class EmbeddedRegistry:
                     raise RegistryError(f"stored {describe(kind, namespace, name)} does not "
                                         f"load ({e}); delete it and apply it again") from None
             seen[document] = record
-            if isinstance(record, HTTPRoute):
+            if isinstance(record, HTTPRoute | TCPRoute):
                 # Gateway API precedence between routes is by age: the row id is the order of
                 # first creation (updates keep the row, see _put_in).
                 record = replace(record, creation_index=int(rowid))
@@ -242,7 +243,7 @@ class EmbeddedRegistry:
         if row is None:
             return None
         record = parse_document(json.loads(row[0]))
-        if isinstance(record, HTTPRoute):
+        if isinstance(record, HTTPRoute | TCPRoute):
             record = replace(record, creation_index=int(row[1]))
         return record
 

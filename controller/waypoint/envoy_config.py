@@ -31,7 +31,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
@@ -88,11 +88,15 @@ from controller.waypoint.model import (
     L7Source,
     Match,
     PathMatchType,
+    PathModifierType,
     PolicyAction,
+    Redirect,
     RouteMatch,
     RouteRule,
+    URLRewrite,
     WaypointPolicy,
 )
+from controller.waypoint.protocol import PortProtocol
 from controller.waypoint.view import WaypointView
 from mesh.ports import HBONE_PORT
 from mesh.state.model import Protocol, Service, Workload
@@ -337,26 +341,59 @@ def _access_log(addressed: Service) -> accesslog_pb2.AccessLog:
     return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=_any(als))
 
 
+def _http_chain_filter(view: WaypointView, service: Service,
+                      port: int) -> listener_components_pb2.Filter:
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=f"{service.namespace}_{service.name}_{port}",
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(route_config_name=route_name(service, port), config_source=_ads()),
+        http_filters=[*rbac_filters(view.policies_for(service)), _router()],
+        access_log=[_access_log(service)],
+        # Authorization matches paths: match what the application will see.
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        merge_slashes=True,
+        path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.UNESCAPE_AND_FORWARD,
+        http2_protocol_options=_h2_options(),
+    )
+    return _hcm_filter(hcm)
+
+
+def _tcp_chain_filter(view: WaypointView, service: Service,
+                      port: int) -> listener_components_pb2.Filter:
+    """A port that is not HTTP: its bytes go to the service's endpoints as they are (a
+    TCPRoute's backends and weights, when one is attached), never parsed."""
+    clusters = tcp_clusters(view, service, port)
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=f"{service.namespace}_{service.name}_{port}")
+    if not clusters:
+        # Every backend weighted 0: nothing may take the connection (Envoy closes it).
+        proxy.cluster = f"invalid|{service.key}:{port}|no-backend"
+    elif len(clusters) == 1:
+        proxy.cluster = clusters[0][0]
+    else:
+        proxy.weighted_clusters.CopyFrom(tcp_proxy_pb2.TcpProxy.WeightedCluster(clusters=[
+            tcp_proxy_pb2.TcpProxy.WeightedCluster.ClusterWeight(name=name, weight=weight)
+            for name, weight in clusters]))
+    return listener_components_pb2.Filter(name="envoy.filters.network.tcp_proxy",
+                                          typed_config=_any(proxy))
+
+
+def tcp_clusters(view: WaypointView, service: Service, port: int) -> list[tuple[str, int]]:
+    """(cluster, weight) of a TCP port: its TCPRoute's backends, else the port's own."""
+    for route in view.tcp_routes_for(service, port):
+        return [(t.cluster, t.weight) for t in _backend_clusters(view, route.backends)]
+    return [(cluster_name(service, port), 1)]
+
+
 def main_internal(view: WaypointView) -> listener_pb2.Listener:
-    """One filter chain per bound service port, chosen by the restored VIP:port."""
+    """One filter chain per bound service port, chosen by the restored VIP:port: an HTTP
+    connection manager for HTTP ports, a TCP proxy for the others."""
     chains = []
     for service in view.bound:
         for sp in service.ports:
-            hcm = hcm_pb2.HttpConnectionManager(
-                stat_prefix=f"{service.namespace}_{service.name}_{sp.port}",
-                codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-                rds=hcm_pb2.Rds(route_config_name=route_name(service, sp.port),
-                                config_source=_ads()),
-                http_filters=[*rbac_filters(view.policies_for(service)),
-                              _router()],
-                access_log=[_access_log(service)],
-                # Authorization matches paths: match what the application will see.
-                normalize_path=wrappers_pb2.BoolValue(value=True),
-                merge_slashes=True,
-                path_with_escaped_slashes_action=(
-                    hcm_pb2.HttpConnectionManager.UNESCAPE_AND_FORWARD),
-                http2_protocol_options=_h2_options(),
-            )
+            if view.protocol(service, sp.port).is_http:
+                chain_filter = _http_chain_filter(view, service, sp.port)
+            else:
+                chain_filter = _tcp_chain_filter(view, service, sp.port)
             chains.append(listener_components_pb2.FilterChain(
                 name=f"{service.key}:{sp.port}",
                 filter_chain_match=listener_components_pb2.FilterChainMatch(
@@ -364,7 +401,7 @@ def main_internal(view: WaypointView) -> listener_pb2.Listener:
                         address_prefix=str(vip), prefix_len=wrappers_pb2.UInt32Value(
                             value=vip.max_prefixlen)) for vip in service.vips],
                     destination_port=wrappers_pb2.UInt32Value(value=sp.port)),
-                filters=[_hcm_filter(hcm)]))
+                filters=[chain_filter]))
     return listener_pb2.Listener(
         name=MAIN_INTERNAL, internal_listener=listener_pb2.Listener.InternalListenerConfig(),
         listener_filters=[listener_components_pb2.ListenerFilter(
@@ -500,17 +537,42 @@ class _Entry:
     match: RouteMatch
 
 
+class _Target(NamedTuple):
+    """Where a share of a rule's requests goes: a cluster, its weight, and the backendRef it
+    stands for (None: the addressed service itself), whose own filters apply there."""
+
+    cluster: str
+    weight: int
+    backend: BackendRef | None = None
+
+
 def _precedence(route: HTTPRoute, rule_index: int, match_index: int,
                 m: RouteMatch) -> tuple[Any, ...]:
-    # Gateway API: exact path, then the longest prefix, then method, then most headers;
-    # ties by oldest route, then namespace/name, then rule and match order.
+    # Gateway API: exact path, then the longest prefix, then method, then most headers, then
+    # most query parameters; ties by oldest route, then namespace/name, then rule and match
+    # order.
     kind = {PathMatchType.EXACT: 0, PathMatchType.REGULAR_EXPRESSION: 1,
             PathMatchType.PATH_PREFIX: 2}[m.path.type]
     return (kind, -len(m.path.value), m.method is None, -len(m.headers),
-            route.creation_index, route.namespace, route.name, rule_index, match_index)
+            -len(m.query_params), route.creation_index, route.namespace, route.name,
+            rule_index, match_index)
 
 
-def _route_match(m: RouteMatch) -> route_components_pb2.RouteMatch:
+def _string_match(value: str, kind: HeaderMatchType) -> string_pb2.StringMatcher:
+    return string_pb2.StringMatcher(exact=value) if kind is HeaderMatchType.EXACT else \
+        string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=value))
+
+
+def client_namespace_matcher(namespace: str) -> filter_state_pb2.FilterStateMatcher:
+    """Requests whose client (its certificate, as connect_terminate recorded it) runs in
+    ``namespace``: how a consumer route is kept to its own namespace's clients."""
+    return filter_state_pb2.FilterStateMatcher(
+        key=PEER_PRINCIPAL_KEY, string_match=string_pb2.StringMatcher(
+            safe_regex=regex_pb2.RegexMatcher(
+                regex=f"spiffe://[^/]+/ns/{re.escape(namespace)}/sa/[^/]+")))
+
+
+def _route_match(m: RouteMatch, client_namespace: str = "") -> route_components_pb2.RouteMatch:
     rm = route_components_pb2.RouteMatch()
     value = m.path.value
     if m.path.type is PathMatchType.EXACT:
@@ -523,13 +585,17 @@ def _route_match(m: RouteMatch) -> route_components_pb2.RouteMatch:
         # Gateway API prefixes match whole segments: /foo matches /foo and /foo/x, not /foox.
         rm.path_separated_prefix = value.rstrip("/")
     for h in m.headers:
-        sm = string_pb2.StringMatcher(exact=h.value) if h.type is HeaderMatchType.EXACT else \
-            string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=h.value))
-        rm.headers.append(route_components_pb2.HeaderMatcher(name=h.name.lower(),
-                                                             string_match=sm))
+        rm.headers.append(route_components_pb2.HeaderMatcher(
+            name=h.name.lower(), string_match=_string_match(h.value, h.type)))
     if m.method:
         rm.headers.append(route_components_pb2.HeaderMatcher(
             name=":method", string_match=string_pb2.StringMatcher(exact=m.method)))
+    for q in m.query_params:
+        # Envoy compares the first value of the parameter, as Gateway API's core level asks.
+        rm.query_parameters.append(route_components_pb2.QueryParameterMatcher(
+            name=q.name, string_match=_string_match(q.value, q.type)))
+    if client_namespace:
+        rm.filter_state.append(client_namespace_matcher(client_namespace))
     return rm
 
 
@@ -551,9 +617,8 @@ def fault_listener_name(route: HTTPRoute, rule_index: int, port: int) -> str:
     return f"fault|{route.namespace}/{route.name}/{rule_index}|{port}"
 
 
-def _backend_clusters(view: WaypointView, backends: Sequence[BackendRef]) \
-        -> list[tuple[str, int]]:
-    """(cluster, weight) of each backend; unknown services or ports get a cluster name no
+def _backend_clusters(view: WaypointView, backends: Sequence[BackendRef]) -> list[_Target]:
+    """Where each backend with a weight goes; unknown services or ports get a cluster name no
     cluster has, so their share of requests fails (503 NC) as Gateway API asks."""
     out = []
     for b in backends:
@@ -561,21 +626,34 @@ def _backend_clusters(view: WaypointView, backends: Sequence[BackendRef]) \
             continue
         svc = view.services.get(f"{b.namespace}/{b.name}")
         if svc is None or svc.target_port(b.port) is None:
-            out.append((f"invalid|{b.namespace}/{b.name}:{b.port}", b.weight))
+            out.append(_Target(f"invalid|{b.namespace}/{b.name}:{b.port}", b.weight, b))
         else:
-            out.append((cluster_name(svc, b.port), b.weight))
+            out.append(_Target(cluster_name(svc, b.port), b.weight, b))
     return out
 
 
-def _forward(action: route_components_pb2.RouteAction,
-             clusters: list[tuple[str, int]]) -> None:
-    if len(clusters) == 1:
-        action.cluster = clusters[0][0]
-    else:
-        action.weighted_clusters.CopyFrom(route_components_pb2.WeightedCluster(clusters=[
-            route_components_pb2.WeightedCluster.ClusterWeight(
-                name=name, weight=wrappers_pb2.UInt32Value(value=weight))
-            for name, weight in clusters]))
+def _forward(action: route_components_pb2.RouteAction, targets: Sequence[_Target]) -> None:
+    """Send to one cluster, or split by weight; a backendRef's own filters need a weighted
+    cluster entry (Envoy's per-cluster header options), even for a single backend."""
+    filtered = any(t.backend is not None and (t.backend.request_headers is not None
+                                              or t.backend.response_headers is not None)
+                   for t in targets)
+    if len(targets) == 1 and not filtered:
+        action.cluster = targets[0].cluster
+        return
+    weighted = []
+    for t in targets:
+        cw = route_components_pb2.WeightedCluster.ClusterWeight(
+            name=t.cluster, weight=wrappers_pb2.UInt32Value(value=t.weight))
+        if t.backend is not None:
+            add, remove = _header_options(t.backend.request_headers)
+            cw.request_headers_to_add.extend(add)
+            cw.request_headers_to_remove.extend(remove)
+            add, remove = _header_options(t.backend.response_headers)
+            cw.response_headers_to_add.extend(add)
+            cw.response_headers_to_remove.extend(remove)
+        weighted.append(cw)
+    action.weighted_clusters.CopyFrom(route_components_pb2.WeightedCluster(clusters=weighted))
 
 
 def _retry(rule: RouteRule) -> route_components_pb2.RetryPolicy:
@@ -596,17 +674,110 @@ def _retry(rule: RouteRule) -> route_components_pb2.RetryPolicy:
     return policy
 
 
-def _envoy_route(view: WaypointView, e: _Entry, default_clusters: list[tuple[str, int]],
-                 port: int) -> route_components_pb2.Route:
+def prefix_rewrite(matched: str, replacement: str) -> regex_pb2.RegexMatchAndSubstitute:
+    """Gateway API's ReplacePrefixMatch as a regex rewrite of the path: the matched prefix
+    (whole segments) becomes ``replacement``, the rest of the path is kept, and the seam has
+    one ``/`` (``/strip`` -> ``/``: ``/strip/x`` is ``/x``, not ``//x``; ``/strip`` is ``/``).
+    Envoy's own prefix_rewrite would double or drop the slash in those cases."""
+    prefix = matched.rstrip("/")
+    if replacement.endswith("/") or not prefix:
+        # The replacement ends the segment: swallow the request's slashes after the prefix.
+        return regex_pb2.RegexMatchAndSubstitute(
+            pattern=regex_pb2.RegexMatcher(regex=f"^{re.escape(prefix)}/*"),
+            substitution=replacement.rstrip("/") + "/")
+    return regex_pb2.RegexMatchAndSubstitute(
+        pattern=regex_pb2.RegexMatcher(regex=f"^{re.escape(prefix)}"),
+        substitution=replacement)
+
+
+def _full_path(value: str) -> regex_pb2.RegexMatchAndSubstitute:
+    return regex_pb2.RegexMatchAndSubstitute(pattern=regex_pb2.RegexMatcher(regex="^/.*$"),
+                                             substitution=value.replace("\\", "\\\\"))
+
+
+REDIRECT_CODES = {
+    301: route_components_pb2.RedirectAction.MOVED_PERMANENTLY,
+    302: route_components_pb2.RedirectAction.FOUND,
+    303: route_components_pb2.RedirectAction.SEE_OTHER,
+    307: route_components_pb2.RedirectAction.TEMPORARY_REDIRECT,
+    308: route_components_pb2.RedirectAction.PERMANENT_REDIRECT,
+}
+WELL_KNOWN_PORTS = {"http": 80, "https": 443}
+
+
+def redirect_port(redirect: Redirect, listener_port: int) -> int:
+    """The ``port_redirect`` for Envoy (0: leave the port out), by Gateway API's rules: the
+    port given, else the well-known port of the scheme given, else the port the request
+    came to (the Service port: a mesh route's listener); a Location with the scheme's
+    well-known port leaves the port out. Requests reach the waypoint in plain HTTP (HBONE
+    is the transport), so a redirect without a scheme stays http."""
+    scheme = redirect.scheme or "http"
+    if redirect.port is not None:
+        port = redirect.port
+    elif redirect.scheme is not None:
+        port = WELL_KNOWN_PORTS[redirect.scheme]
+    else:
+        port = listener_port
+    # Envoy leaves the port out when port_redirect is unset and it writes a new host (or
+    # changes the scheme of a request that came to port 80); otherwise it keeps the
+    # request's, so a request that came to another port must be told the port explicitly.
+    if port == WELL_KNOWN_PORTS[scheme] and (redirect.hostname is not None
+                                             or listener_port == WELL_KNOWN_PORTS["http"]):
+        return 0
+    return port
+
+
+def redirect_action(redirect: Redirect, match: RouteMatch,
+                    listener_port: int) -> route_components_pb2.RedirectAction:
+    """A RequestRedirect as Envoy's redirect: scheme, host, port (``redirect_port``), path
+    (full, or the matched prefix replaced) and status code; the query string is kept."""
+    action = route_components_pb2.RedirectAction(response_code=REDIRECT_CODES[
+        redirect.status_code])
+    if redirect.scheme is not None:
+        action.scheme_redirect = redirect.scheme
+    if redirect.hostname is not None:
+        action.host_redirect = redirect.hostname
+    port = redirect_port(redirect, listener_port)
+    if port:
+        action.port_redirect = port
+    if redirect.path is not None:
+        if redirect.path.type is PathModifierType.REPLACE_FULL_PATH:
+            action.path_redirect = redirect.path.value
+        else:
+            action.regex_rewrite.CopyFrom(prefix_rewrite(match.path.value, redirect.path.value))
+    return action
+
+
+def _rewrite(action: route_components_pb2.RouteAction, rewrite: URLRewrite,
+             match: RouteMatch) -> None:
+    if rewrite.hostname is not None:
+        action.host_rewrite_literal = rewrite.hostname
+    if rewrite.path is not None:
+        if rewrite.path.type is PathModifierType.REPLACE_FULL_PATH:
+            action.regex_rewrite.CopyFrom(_full_path(rewrite.path.value))
+        else:
+            action.regex_rewrite.CopyFrom(prefix_rewrite(match.path.value, rewrite.path.value))
+
+
+def _envoy_route(view: WaypointView, e: _Entry, default_targets: list[_Target], port: int,
+                 client_namespace: str = "") -> route_components_pb2.Route:
     rule = e.rule
+    label = f".{rule.name}" if rule.name else ""
     r = route_components_pb2.Route(
-        name=f"{e.route.namespace}.{e.route.name}.{e.rule_index}", match=_route_match(e.match))
+        name=f"{e.route.namespace}.{e.route.name}.{e.rule_index}{label}",
+        match=_route_match(e.match, client_namespace))
     if rule.invalid:
         r.direct_response.CopyFrom(route_components_pb2.DirectResponseAction(
             status=500, body=base_pb2.DataSource(inline_string=rule.invalid + "\n")))
         return r
-    clusters = _backend_clusters(view, rule.backends) if rule.backends else default_clusters
-    if not clusters:
+    add, remove = _header_options(rule.response_headers)
+    r.response_headers_to_add.extend(add)
+    r.response_headers_to_remove.extend(remove)
+    if rule.redirect is not None:
+        r.redirect.CopyFrom(redirect_action(rule.redirect, e.match, port))
+        return r
+    targets = _backend_clusters(view, rule.backends) if rule.backends else default_targets
+    if not targets:
         r.direct_response.CopyFrom(route_components_pb2.DirectResponseAction(
             status=500, body=base_pb2.DataSource(
                 inline_string="no backend with a weight above 0\n")))
@@ -616,33 +787,53 @@ def _envoy_route(view: WaypointView, e: _Entry, default_clusters: list[tuple[str
     if rule.fault is not None:
         action.cluster = fault_listener_name(e.route, e.rule_index, port)
     else:
-        _forward(action, clusters)
+        _forward(action, targets)
+    if rule.rewrite is not None:
+        _rewrite(action, rule.rewrite, e.match)
     r.route.CopyFrom(action)
     add, remove = _header_options(rule.request_headers)
     r.request_headers_to_add.extend(add)
     r.request_headers_to_remove.extend(remove)
-    add, remove = _header_options(rule.response_headers)
-    r.response_headers_to_add.extend(add)
-    r.response_headers_to_remove.extend(remove)
     return r
+
+
+def _entries(routes: Iterable[HTTPRoute]) -> list[_Entry]:
+    entries = [_Entry(_precedence(route, ri, mi, m), route, ri, rule, m)
+               for route in routes
+               for ri, rule in enumerate(route.rules)
+               for mi, m in enumerate(rule.matches)]
+    return sorted(entries, key=lambda e: e.order)
 
 
 def route_configuration(view: WaypointView, service: Service, port: int) \
         -> route_pb2.RouteConfiguration:
-    own = [(cluster_name(service, port), 1)]
-    entries = [
-        _Entry(_precedence(route, ri, mi, m), route, ri, rule, m)
-        for route in view.routes_for(service, port)
-        for ri, rule in enumerate(route.rules)
-        for mi, m in enumerate(rule.matches)
-    ]
-    if entries:
-        routes = [_envoy_route(view, e, own, port) for e in sorted(entries, key=lambda e: e.order)]
+    """The routes of a service port. Clients of a namespace with consumer routes for the
+    service (GEP-1294) get those routes only (404 when none matches); everyone else gets
+    the producer routes (the service's own namespace), or straight to the service."""
+    own = [_Target(cluster_name(service, port), 1)]
+    attached = view.routes_for(service, port)
+    consumers: dict[str, list[HTTPRoute]] = {}
+    producer: list[HTTPRoute] = []
+    for route in attached:
+        if route.namespace != service.namespace:
+            consumers.setdefault(route.namespace, []).append(route)
+        else:
+            producer.append(route)
+    routes: list[route_components_pb2.Route] = []
+    for ns in sorted(consumers):
+        routes += [_envoy_route(view, e, own, port, ns) for e in _entries(consumers[ns])]
+        routes.append(route_components_pb2.Route(
+            name=f"consumer.{ns}.no-match",
+            match=route_components_pb2.RouteMatch(
+                prefix="/", filter_state=[client_namespace_matcher(ns)]),
+            direct_response=route_components_pb2.DirectResponseAction(status=404)))
+    if producer:
+        routes += [_envoy_route(view, e, own, port) for e in _entries(producer)]
     else:
-        routes = [route_components_pb2.Route(
+        routes.append(route_components_pb2.Route(
             name="default", match=route_components_pb2.RouteMatch(prefix="/"),
             route=route_components_pb2.RouteAction(
-                cluster=own[0][0], timeout=_ms(0), retry_policy=_retry(RouteRule())))]
+                cluster=own[0].cluster, timeout=_ms(0), retry_policy=_retry(RouteRule()))))
     return route_pb2.RouteConfiguration(
         name=route_name(service, port),
         virtual_hosts=[route_components_pb2.VirtualHost(
@@ -650,7 +841,7 @@ def route_configuration(view: WaypointView, service: Service, port: int) \
 
 
 def fault_stage(route: HTTPRoute, rule_index: int, port: int, fault: Fault,
-                clusters: list[tuple[str, int]]) -> listener_pb2.Listener:
+                clusters: Sequence[_Target]) -> listener_pb2.Listener:
     """The internal listener a faulty rule's requests pass through: fault, then the split."""
     config = fault_pb2.HTTPFault()
     if fault.delay_ms is not None and fault.delay_percent > 0:
@@ -677,13 +868,22 @@ def fault_stage(route: HTTPRoute, rule_index: int, port: int, fault: Fault,
 
 # --- clusters and endpoints ---------------------------------------------------------------
 
-def service_cluster(service: Service, port: int) -> cluster_pb2.Cluster:
+def service_cluster(service: Service, port: int,
+                    protocol: PortProtocol = PortProtocol.HTTP) -> cluster_pb2.Cluster:
+    """A service port's cluster. HTTP/2 and gRPC ports speak HTTP/2 to the backend whatever
+    the client spoke; HTTP ports speak the client's protocol (the options are unused when
+    the port is TCP: a TCP proxy sends bytes)."""
     name = cluster_name(service, port)
-    options = http_protocol_options_pb2.HttpProtocolOptions(
-        use_downstream_protocol_config=(
-            http_protocol_options_pb2.HttpProtocolOptions.UseDownstreamHttpConfig(
-                http_protocol_options=protocol_pb2.Http1ProtocolOptions(),
-                http2_protocol_options=_h2_options())))
+    if protocol.h2_upstream:
+        options = http_protocol_options_pb2.HttpProtocolOptions(
+            explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+                http2_protocol_options=_h2_options()))
+    else:
+        options = http_protocol_options_pb2.HttpProtocolOptions(
+            use_downstream_protocol_config=(
+                http_protocol_options_pb2.HttpProtocolOptions.UseDownstreamHttpConfig(
+                    http_protocol_options=protocol_pb2.Http1ProtocolOptions(),
+                    http2_protocol_options=_h2_options())))
     c = cluster_pb2.Cluster(
         name=name, type=cluster_pb2.Cluster.EDS, connect_timeout=_ms(10_000),
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
@@ -772,10 +972,12 @@ def resources(view: WaypointView, bind: str = "0.0.0.0", port: int = HBONE_PORT)
     routes: dict[str, Message] = {}
     for service, sp in _ports(view):
         name = cluster_name(service, sp)
-        clusters[name] = service_cluster(service, sp)
+        clusters[name] = service_cluster(service, sp, view.protocol(service, sp))
         endpoints[name] = load_assignment(view, service, sp)
     for service in view.bound:
         for p in service.ports:
+            if not view.protocol(service, p.port).is_http:
+                continue
             rc = route_configuration(view, service, p.port)
             routes[rc.name] = rc
             for route in view.routes_for(service, p.port):
@@ -785,7 +987,7 @@ def resources(view: WaypointView, bind: str = "0.0.0.0", port: int = HBONE_PORT)
                     name = fault_listener_name(route, ri, p.port)
                     if name in listeners:
                         continue
-                    own = [(cluster_name(service, p.port), 1)]
+                    own = [_Target(cluster_name(service, p.port), 1)]
                     backends = _backend_clusters(view, rule.backends) if rule.backends else own
                     listeners[name] = fault_stage(route, ri, p.port, rule.fault, backends)
                     clusters[name] = _internal_cluster(name, {"service": service.hostname})

@@ -11,6 +11,7 @@ Durations are integer milliseconds; percentages are floats in [0, 100].
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -69,12 +70,47 @@ class HeaderMatch:
 
 
 @dataclass(frozen=True)
+class QueryParamMatch:
+    """``queryParams[]``: the first value of parameter ``name`` (case-sensitive) matches."""
+
+    name: str
+    value: str
+    type: HeaderMatchType = HeaderMatchType.EXACT
+
+
+@dataclass(frozen=True)
+class GRPCMethodMatch:
+    """A GRPCRoute ``method`` match: ``/service/method`` with either part left open."""
+
+    service: str | None = None
+    method: str | None = None
+    type: HeaderMatchType = HeaderMatchType.EXACT  # Exact or RegularExpression
+
+    def path(self) -> PathMatch:
+        """The HTTP/2 ``:path`` condition this method match stands for (gRPC calls are POSTs
+        to ``/<package.Service>/<Method>``)."""
+        if self.type is HeaderMatchType.EXACT:
+            if self.service and self.method:
+                return PathMatch(PathMatchType.EXACT, f"/{self.service}/{self.method}")
+            if self.service:
+                return PathMatch(PathMatchType.REGULAR_EXPRESSION,
+                                 f"/{re.escape(self.service)}/[^/]+")
+            return PathMatch(PathMatchType.REGULAR_EXPRESSION,
+                             f"/[^/]+/{re.escape(self.method or '')}")
+        return PathMatch(PathMatchType.REGULAR_EXPRESSION,
+                         f"/{self.service or '[^/]+'}/{self.method or '[^/]+'}")
+
+
+@dataclass(frozen=True)
 class RouteMatch:
     """One ``matches[]`` entry: every given condition must hold (AND)."""
 
     path: PathMatch = PathMatch(PathMatchType.PATH_PREFIX, "/")
     headers: tuple[HeaderMatch, ...] = ()
     method: str | None = None  # GET, POST, ... (upper case)
+    query_params: tuple[QueryParamMatch, ...] = ()
+    # GRPCRoute matches: the method as written (``path`` holds what it means on the wire).
+    grpc: GRPCMethodMatch | None = None
 
 
 @dataclass(frozen=True)
@@ -86,14 +122,53 @@ class HeaderModifier:
     remove: tuple[str, ...] = ()
 
 
+class PathModifierType(Enum):
+    REPLACE_FULL_PATH = "ReplaceFullPath"
+    REPLACE_PREFIX_MATCH = "ReplacePrefixMatch"
+
+
+@dataclass(frozen=True)
+class PathModifier:
+    """``HTTPPathModifier`` of a redirect or rewrite: the whole path, or the matched prefix,
+    replaced by ``value``."""
+
+    type: PathModifierType
+    value: str
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """``RequestRedirect``: answered by the waypoint; unset parts keep the request's.
+    ``port`` None follows Gateway API's rule (the scheme's well-known port when the scheme
+    is given, else the port the request came to)."""
+
+    scheme: str | None = None  # http or https
+    hostname: str | None = None
+    path: PathModifier | None = None
+    port: int | None = None
+    status_code: int = 302
+
+
+@dataclass(frozen=True)
+class URLRewrite:
+    """``URLRewrite``: the request goes on with this Host and/or path."""
+
+    hostname: str | None = None
+    path: PathModifier | None = None
+
+
 @dataclass(frozen=True)
 class BackendRef:
-    """A Service (by name, in ``namespace``) and its service port; weight per Gateway API."""
+    """A Service (by name, in ``namespace``) and its service port; weight per Gateway API.
+    ``request_headers``/``response_headers``: the backendRef's own filters, applied only to
+    requests sent to this backend."""
 
     name: str
     namespace: str
     port: int
     weight: int = 1
+    request_headers: HeaderModifier | None = None
+    response_headers: HeaderModifier | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +208,9 @@ class RouteRule:
     # Set when the rule cannot be served as written (e.g. an ExtensionRef to a missing
     # HTTPFault): Gateway API says matching requests then get HTTP 500; the text says why.
     invalid: str = ""
+    redirect: Redirect | None = None  # answered by the waypoint, no backend
+    rewrite: URLRewrite | None = None
+    name: str = ""  # Gateway API's optional rule name (GEP-995): in the Envoy route's name
 
 
 @dataclass(frozen=True)
@@ -145,13 +223,42 @@ class ParentRef:
     port: int | None = None  # Service parents: only this service port, else every port
 
 
+HTTP_ROUTE = "HTTPRoute"
+GRPC_ROUTE = "GRPCRoute"
+
+
 @dataclass(frozen=True)
 class HTTPRoute:
+    """An ``HTTPRoute``, or a ``GRPCRoute`` (``kind``): a gRPC route is HTTP/2 routing whose
+    method matches stand for ``:path`` matches, so both are served by the same code."""
+
     name: str
     namespace: str
     parents: tuple[ParentRef, ...]
     rules: tuple[RouteRule, ...]
     # Gateway API precedence between routes: oldest first, then by namespace/name.
+    creation_index: int = 0
+    kind: str = HTTP_ROUTE
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def consumer_of(self, parent: ParentRef) -> bool:
+        """A consumer route (GEP-1294) for ``parent``: a Service of another namespace, whose
+        traffic it changes only for clients in the route's own namespace."""
+        return parent.kind == "Service" and parent.namespace != self.namespace
+
+
+@dataclass(frozen=True)
+class TCPRoute:
+    """A ``TCPRoute`` (``v1alpha2``) on a TCP port of a Service: its one rule's backends and
+    weights take the port's connections instead of the Service's own endpoints."""
+
+    name: str
+    namespace: str
+    parents: tuple[ParentRef, ...]
+    backends: tuple[BackendRef, ...]
     creation_index: int = 0
 
     @property

@@ -39,11 +39,13 @@ from controller.registry.model import AuthorizationPolicy
 from controller.waypoint.model import (
     FAULT_GROUP,
     FAULT_KIND,
+    GRPC_ROUTE,
     WAYPOINT_CLASS,
     WAYPOINT_FOR_LABEL,
     BackendRef,
     Fault,
     Gateway,
+    GRPCMethodMatch,
     HeaderMatch,
     HeaderMatchType,
     HeaderModifier,
@@ -56,11 +58,17 @@ from controller.waypoint.model import (
     ParentRef,
     PathMatch,
     PathMatchType,
+    PathModifier,
+    PathModifierType,
     PolicyAction,
+    QueryParamMatch,
+    Redirect,
     Retry,
     RouteMatch,
     RouteRule,
     TargetRef,
+    TCPRoute,
+    URLRewrite,
     WaypointPolicy,
 )
 from mesh.ports import HBONE_PORT
@@ -70,8 +78,9 @@ __all__ = [
     "FAULT_API_VERSION", "GATEWAY_API_VERSION", "GATEWAY_GROUP",
     "HBONE_PORT", "METHODS", "WAYPOINT_FOR", "format_duration", "gateway_spec",
     "has_target_refs", "http_fault_spec", "http_route_spec", "parse_duration",
-    "parse_gateway", "parse_http_fault", "parse_http_route", "parse_waypoint_policy",
-    "resolve_faults", "waypoint_policies",
+    "parse_gateway", "parse_grpc_route", "parse_http_fault", "parse_http_route",
+    "parse_tcp_route", "parse_waypoint_policy", "resolve_faults", "tcp_route_spec",
+    "waypoint_policies",
 ]
 
 T = TypeVar("T")
@@ -103,13 +112,24 @@ DEFAULT_FAULT_PERCENT = 100.0
 _SUPPORTED_FILTERS = {
     "RequestHeaderModifier": "requestHeaderModifier",
     "ResponseHeaderModifier": "responseHeaderModifier",
+    "RequestRedirect": "requestRedirect",
+    "URLRewrite": "urlRewrite",
     "ExtensionRef": "extensionRef",
 }
-_UNSUPPORTED_FILTERS = ("RequestRedirect", "URLRewrite", "RequestMirror", "CORS",
-                        "ExternalAuth")
+_UNSUPPORTED_FILTERS = ("RequestMirror", "CORS", "ExternalAuth")
+# What each place accepts (Gateway API: a GRPCRoute has no redirect or rewrite; a backendRef's
+# own filters here are the header modifiers).
+_RULE_FILTERS = tuple(_SUPPORTED_FILTERS)
+_GRPC_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "ExtensionRef")
+_BACKEND_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier")
+# RequestRedirect status codes: 301 and 302 are core, 303, 307 and 308 extended; all served.
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+REDIRECT_SCHEMES = ("http", "https")
 _CORE_GROUPS = ("", "core")
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
+_GRPC_SERVICE = re.compile(r"\.?[A-Za-z_][A-Za-z_0-9]*(\.[A-Za-z_][A-Za-z_0-9]*)*")
+_GRPC_METHOD = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
 _PATH = re.compile(r"(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9a-fA-F]{2})+")
 _DURATION = re.compile(r"([0-9]{1,5}(h|m|s|ms)){1,4}")
 _DURATION_PART = re.compile(r"([0-9]{1,5})(h|ms|m|s)")
@@ -297,10 +317,23 @@ def parse_http_route(name: str, namespace: str, spec: Any, path: str = "spec",
                      creation_index: int = 0) -> HTTPRoute:
     """An ``HTTPRoute``; rules keep ExtensionRefs unresolved (``RouteRule.fault_ref``): call
     ``resolve_faults`` with the HTTPFaults before using the routes."""
-    m = mapping(spec, path, ("parentRefs", "rules"), {
-        "hostnames": "is not supported by the waypoint: a mesh route applies to the "
-                     "Service it attaches to (parentRefs), whatever the Host header; remove "
-                     "it"})
+    m = mapping(spec, path, ("parentRefs", "rules"), {"hostnames": _NO_HOSTNAMES})
+    parents = _parents(m, path, namespace)
+    if m.get("rules") is None:
+        rules: tuple[RouteRule, ...] = (RouteRule(),)  # Gateway API's default: match all
+    else:
+        rules = _items(m.get("rules"), f"{path}.rules",
+                       lambda v, p: _rule(v, p, namespace), MAX_RULES, "rules")
+    _count_matches(rules, path)
+    return HTTPRoute(name=name, namespace=namespace, parents=parents, rules=rules,
+                     creation_index=creation_index)
+
+
+_NO_HOSTNAMES = ("is not supported by the waypoint: a mesh route applies to the Service it "
+                 "attaches to (parentRefs), whatever the Host header; remove it")
+
+
+def _parents(m: Mapping[str, Any], path: str, namespace: str) -> tuple[ParentRef, ...]:
     parents = _items(m.get("parentRefs"), f"{path}.parentRefs",
                      lambda v, p: _parent_ref(v, p, namespace), MAX_PARENTS, "parentRefs")
     if not parents:
@@ -308,17 +341,14 @@ def parse_http_route(name: str, namespace: str, spec: Any, path: str = "spec",
                          "waypoint Gateway) the route applies to")
     _unique((f"{p.kind} {p.namespace}/{p.name}" + (f" port {p.port}" if p.port else "")
              for p in parents), f"{path}.parentRefs", "parentRef")
-    if m.get("rules") is None:
-        rules: tuple[RouteRule, ...] = (RouteRule(),)  # Gateway API's default: match all
-    else:
-        rules = _items(m.get("rules"), f"{path}.rules",
-                       lambda v, p: _rule(v, p, namespace), MAX_RULES, "rules")
+    return parents
+
+
+def _count_matches(rules: tuple[RouteRule, ...], path: str) -> None:
     total = sum(len(r.matches) for r in rules)
     if total > MAX_ROUTE_MATCHES:
         raise StateError(f"{path}.rules", f"at most {MAX_ROUTE_MATCHES} matches in all rules "
                          f"together (a Gateway API limit), got {total}")
-    return HTTPRoute(name=name, namespace=namespace, parents=parents, rules=rules,
-                     creation_index=creation_index)
 
 
 def _parent_ref(value: Any, path: str, namespace: str) -> ParentRef:
@@ -341,14 +371,10 @@ def _parent_ref(value: Any, path: str, namespace: str) -> ParentRef:
     else:
         raise StateError(f"{path}.kind", f"{kind!r}: a route attaches to a Service (group "
                          f'"") or a waypoint Gateway (group {GATEWAY_GROUP})')
+    # A Service of another namespace makes a consumer route (GEP-1294): the waypoint applies
+    # it only to clients of the route's own namespace (HTTPRoute.consumer_of), so one
+    # namespace can never reroute another's clients.
     parent_namespace = dns_name(m.get("namespace", namespace), f"{path}.namespace", label=True)
-    if kind == "Service" and parent_namespace != namespace:
-        # GAMMA calls this a consumer route: it may only change the traffic of clients in the
-        # route's own namespace. The waypoint applies a Service's routes to every client, so
-        # accepting it would let one namespace reroute another's service.
-        raise StateError(f"{path}.namespace", f"{parent_namespace!r}: a route may attach to "
-                         f"Services of its own namespace ({namespace}) only; consumer routes "
-                         "for another namespace's Service are not supported yet")
     return ParentRef(
         kind=kind,
         name=dns_name(m.get("name"), f"{path}.name", label=True),
@@ -357,35 +383,61 @@ def _parent_ref(value: Any, path: str, namespace: str) -> ParentRef:
     )
 
 
+class _Filters:
+    """What a rule's (or a backendRef's) ``filters`` list asks for, each kind at most once."""
+
+    def __init__(self) -> None:
+        self.request_headers: HeaderModifier | None = None
+        self.response_headers: HeaderModifier | None = None
+        self.redirect: Redirect | None = None
+        self.rewrite: URLRewrite | None = None
+        self.fault_ref = ""
+
+
+def _filters(value: Any, path: str, namespace: str, allowed: tuple[str, ...]) -> _Filters:
+    out = _Filters()
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(_list(value, path, MAX_FILTERS, "filters")):
+        p = f"{path}[{i}]"
+        kind, config = _filter(raw, p, allowed)
+        if kind in seen:
+            raise StateError(f"{p}.type", f"{kind} may appear once per filters list (first "
+                             f"at [{seen[kind]}])")
+        seen[kind] = i
+        if kind == "RequestHeaderModifier":
+            out.request_headers = _header_modifier(config, f"{p}.requestHeaderModifier")
+        elif kind == "ResponseHeaderModifier":
+            out.response_headers = _header_modifier(config, f"{p}.responseHeaderModifier")
+        elif kind == "RequestRedirect":
+            out.redirect = _redirect(config, f"{p}.requestRedirect")
+        elif kind == "URLRewrite":
+            out.rewrite = _url_rewrite(config, f"{p}.urlRewrite")
+        else:
+            out.fault_ref = f"{namespace}/{_extension_ref(config, f'{p}.extensionRef')}"
+    if out.redirect is not None and out.rewrite is not None:
+        raise StateError(path, "RequestRedirect and URLRewrite cannot be used together (a "
+                         "Gateway API rule): a redirect answers the request, a rewrite "
+                         "forwards it")
+    return out
+
+
 def _rule(value: Any, path: str, namespace: str) -> RouteRule:
     m = mapping(value, path, ("name", "matches", "filters", "backendRefs", "timeouts",
                               "retry"), {
         "sessionPersistence": "is not supported by the waypoint yet; remove it"})
-    if m.get("name") is not None:
-        dns_name(m["name"], f"{path}.name", label=True)  # a label for status and logs; not kept
+    rule_name = "" if m.get("name") is None else dns_name(m["name"], f"{path}.name",
+                                                          label=True)
     matches = _items(m.get("matches"), f"{path}.matches", _match, MAX_MATCHES, "matches")
-    request_headers: HeaderModifier | None = None
-    response_headers: HeaderModifier | None = None
-    fault_ref = ""
-    for i, raw in enumerate(_list(m.get("filters"), f"{path}.filters", MAX_FILTERS,
-                                  "filters")):
-        p = f"{path}.filters[{i}]"
-        kind, config = _filter(raw, p)
-        if kind == "RequestHeaderModifier":
-            if request_headers is not None:
-                raise StateError(f"{p}.type", "RequestHeaderModifier may appear once per rule")
-            request_headers = _header_modifier(config, f"{p}.requestHeaderModifier")
-        elif kind == "ResponseHeaderModifier":
-            if response_headers is not None:
-                raise StateError(f"{p}.type", "ResponseHeaderModifier may appear once per "
-                                 "rule")
-            response_headers = _header_modifier(config, f"{p}.responseHeaderModifier")
-        else:
-            if fault_ref:
-                raise StateError(f"{p}.type", f"at most one {FAULT_KIND} per rule")
-            fault_ref = f"{namespace}/{_extension_ref(config, f'{p}.extensionRef')}"
+    f = _filters(m.get("filters"), f"{path}.filters", namespace, _RULE_FILTERS)
     backends = _items(m.get("backendRefs"), f"{path}.backendRefs",
                       lambda v, p: _backend(v, p, namespace), MAX_BACKENDS, "backendRefs")
+    if f.redirect is not None and backends:
+        raise StateError(f"{path}.backendRefs", "a rule with a RequestRedirect filter answers "
+                         "the request itself; remove its backendRefs (a Gateway API rule)")
+    for modifier in (f.redirect, f.rewrite):
+        if modifier is not None and modifier.path is not None and \
+                modifier.path.type is PathModifierType.REPLACE_PREFIX_MATCH:
+            _prefix_matches_only(matches, f"{path}.matches")
     timeouts = mapping(m.get("timeouts"), f"{path}.timeouts", ("request", "backendRequest"))
     request = _optional_duration(timeouts.get("request"), f"{path}.timeouts.request")
     backend = _optional_duration(timeouts.get("backendRequest"),
@@ -396,21 +448,98 @@ def _rule(value: Any, path: str, namespace: str) -> RouteRule:
     return RouteRule(
         matches=matches or (RouteMatch(),),  # none given: Gateway API matches everything
         backends=backends,
-        request_headers=request_headers,
-        response_headers=response_headers,
+        request_headers=f.request_headers,
+        response_headers=f.response_headers,
         timeout_ms=request,
         backend_timeout_ms=backend,
         retry=None if m.get("retry") is None else _retry(m["retry"], f"{path}.retry"),
-        fault_ref=fault_ref,
+        fault_ref=f.fault_ref,
+        redirect=f.redirect,
+        rewrite=f.rewrite,
+        name=rule_name,
     )
 
 
+def _prefix_matches_only(matches: tuple[RouteMatch, ...], path: str) -> None:
+    """ReplacePrefixMatch replaces the matched prefix, so every match must be a PathPrefix
+    (Gateway API's validation says exactly one; several prefixes each replace their own)."""
+    if not matches:
+        raise StateError(path, "ReplacePrefixMatch needs a PathPrefix match to replace; add "
+                         "matches: [{path: {type: PathPrefix, value: ...}}]")
+    for i, m in enumerate(matches):
+        if m.path.type is not PathMatchType.PATH_PREFIX:
+            raise StateError(f"{path}[{i}].path.type", f"{m.path.type.value}: ReplacePrefixMatch "
+                             "replaces a matched prefix, so the rule's matches must be "
+                             "PathPrefix")
+
+
+def _path_modifier(value: Any, path: str) -> PathModifier:
+    m = mapping(value, path, ("type", "replaceFullPath", "replacePrefixMatch"))
+    kind = _member(PathModifierType, m.get("type"), f"{path}.type")
+    field = "replaceFullPath" if kind is PathModifierType.REPLACE_FULL_PATH \
+        else "replacePrefixMatch"
+    other = "replacePrefixMatch" if field == "replaceFullPath" else "replaceFullPath"
+    if m.get(other) is not None:
+        raise StateError(f"{path}.{other}", f"must not be set when type is {kind.value}; "
+                         f"use {field}")
+    text = m.get(field)
+    p = f"{path}.{field}"
+    if not isinstance(text, str) or not text.startswith("/"):
+        raise StateError(p, f"is required for type {kind.value}: an absolute path starting "
+                         f"with '/', got {text!r}")
+    if len(text) > 1024 or not _PATH.fullmatch(text):
+        raise StateError(p, f"{text!r} has characters a path cannot contain unencoded (at "
+                         "most 1024)")
+    return PathModifier(kind, text)
+
+
+def _hostname(value: Any, path: str) -> str:
+    text = string(value, path).lower()
+    if "*" in text:
+        raise StateError(path, f"{text!r}: a redirect or rewrite needs a precise hostname, "
+                         "no wildcard")
+    return dns_name(text, path)
+
+
+def _redirect(value: Any, path: str) -> Redirect:
+    m = mapping(value, path, ("scheme", "hostname", "path", "port", "statusCode"))
+    scheme = m.get("scheme")
+    if scheme is not None and scheme not in REDIRECT_SCHEMES:
+        raise StateError(f"{path}.scheme", f"{scheme!r} is not one of "
+                         f"{', '.join(REDIRECT_SCHEMES)}")
+    code = 302 if m.get("statusCode") is None else m["statusCode"]
+    if code not in REDIRECT_CODES or isinstance(code, bool):
+        raise StateError(f"{path}.statusCode", f"{code!r} is not one of "
+                         f"{', '.join(map(str, REDIRECT_CODES))}")
+    return Redirect(
+        scheme=scheme,
+        hostname=None if m.get("hostname") is None else _hostname(m["hostname"],
+                                                                  f"{path}.hostname"),
+        path=None if m.get("path") is None else _path_modifier(m["path"], f"{path}.path"),
+        port=None if m.get("port") is None else _port(m["port"], f"{path}.port"),
+        status_code=code,
+    )
+
+
+def _url_rewrite(value: Any, path: str) -> URLRewrite:
+    m = mapping(value, path, ("hostname", "path"))
+    if m.get("hostname") is None and m.get("path") is None:
+        raise StateError(path, "needs hostname, path or both")
+    return URLRewrite(
+        hostname=None if m.get("hostname") is None else _hostname(m["hostname"],
+                                                                  f"{path}.hostname"),
+        path=None if m.get("path") is None else _path_modifier(m["path"], f"{path}.path"))
+
+
 def _match(value: Any, path: str) -> RouteMatch:
-    m = mapping(value, path, ("path", "headers", "method"), {
-        "queryParams": "is not supported by the waypoint yet; remove it"})
+    m = mapping(value, path, ("path", "headers", "method", "queryParams"))
     headers = _items(m.get("headers"), f"{path}.headers", _header_match, MAX_HEADERS,
                      "headers")
     _unique((h.name.lower() for h in headers), f"{path}.headers", "header name")
+    query = _items(m.get("queryParams"), f"{path}.queryParams", _query_match, MAX_HEADERS,
+                   "queryParams")
+    # Query parameter names are case-sensitive (RFC 3986), unlike header names.
+    _unique((q.name for q in query), f"{path}.queryParams", "parameter name")
     method = m.get("method")
     if method is not None and method not in METHODS:
         raise StateError(f"{path}.method", f"{method!r} is not one of {', '.join(METHODS)}")
@@ -418,7 +547,23 @@ def _match(value: Any, path: str) -> RouteMatch:
         path=RouteMatch().path if m.get("path") is None else _path(m["path"], f"{path}.path"),
         headers=headers,
         method=method,
+        query_params=query,
     )
+
+
+def _query_match(value: Any, path: str) -> QueryParamMatch:
+    m = mapping(value, path, ("type", "name", "value"))
+    kind = _member(HeaderMatchType, m.get("type", HeaderMatchType.EXACT.value), f"{path}.type")
+    name = string(m.get("name"), f"{path}.name")
+    if len(name) > 256 or not _HEADER_NAME.fullmatch(name):
+        raise StateError(f"{path}.name", f"{name!r} is not a query parameter name (at most "
+                         "256 letters, digits and !#$%&'*+-.^_`|~)")
+    text = string(m.get("value"), f"{path}.value")
+    if len(text) > 1024:
+        raise StateError(f"{path}.value", "at most 1024 characters")
+    if kind is HeaderMatchType.REGULAR_EXPRESSION:
+        _regex(text, f"{path}.value")
+    return QueryParamMatch(name, text, kind)
 
 
 def _member(values: type[_E], raw: Any, path: str) -> _E:
@@ -462,19 +607,22 @@ def _header_match(value: Any, path: str) -> HeaderMatch:
     return HeaderMatch(_header_name(m.get("name"), f"{path}.name"), text, kind)
 
 
-def _filter(value: Any, path: str) -> tuple[str, Any]:
+def _filter(value: Any, path: str, allowed: tuple[str, ...]) -> tuple[str, Any]:
     if not isinstance(value, Mapping):
         raise StateError(path, f"expected a mapping, got {type(value).__name__}")
     kind = string(value.get("type"), f"{path}.type")
-    supported = "RequestHeaderModifier, ResponseHeaderModifier and ExtensionRef (to an " \
-                f"{FAULT_KIND})"
+    supported = ", ".join(k if k != "ExtensionRef" else f"ExtensionRef (to an {FAULT_KIND})"
+                          for k in allowed)
     if kind in _UNSUPPORTED_FILTERS:
         raise StateError(f"{path}.type", f"{kind} is not supported by the waypoint yet; "
-                         f"supported filters: {supported}")
+                         f"supported filters here: {supported}")
     field = _SUPPORTED_FILTERS.get(kind)
     if field is None:
-        raise StateError(f"{path}.type", f"{kind!r} is not a filter type; supported filters: "
-                         f"{supported}")
+        raise StateError(f"{path}.type", f"{kind!r} is not a filter type; supported filters "
+                         f"here: {supported}")
+    if kind not in allowed:
+        raise StateError(f"{path}.type", f"{kind} cannot be used here; supported filters "
+                         f"here: {supported}")
     for key in value:
         if key not in ("type", field):
             raise StateError(f"{path}.{key}", f"must not be set on a {kind} filter; "
@@ -512,9 +660,8 @@ def _extension_ref(value: Any, path: str) -> str:
 
 
 def _backend(value: Any, path: str, namespace: str) -> BackendRef:
-    m = mapping(value, path, ("group", "kind", "name", "namespace", "port", "weight"), {
-        "filters": "per-backend filters are not supported by the waypoint yet; put them on "
-                   "the rule"})
+    m = mapping(value, path, ("group", "kind", "name", "namespace", "port", "weight",
+                              "filters"))
     if m.get("group", "") not in _CORE_GROUPS:
         raise StateError(f"{path}.group", f"{m['group']!r}: backends are Services (group "
                          '"")')
@@ -522,13 +669,111 @@ def _backend(value: Any, path: str, namespace: str) -> BackendRef:
         raise StateError(f"{path}.kind", f"{m['kind']!r}: backends are Services")
     if m.get("port") is None:
         raise StateError(f"{path}.port", "is required for a Service backend")
+    f = _filters(m.get("filters"), f"{path}.filters", namespace, _BACKEND_FILTERS)
     return BackendRef(
         name=dns_name(m.get("name"), f"{path}.name", label=True),
         namespace=dns_name(m.get("namespace", namespace), f"{path}.namespace", label=True),
         port=_port(m["port"], f"{path}.port"),
         weight=1 if m.get("weight") is None else _int(m["weight"], f"{path}.weight", 0,
                                                       MAX_WEIGHT),
+        request_headers=f.request_headers,
+        response_headers=f.response_headers,
     )
+
+
+# --- GRPCRoute and TCPRoute ----------------------------------------------------------------
+
+
+def parse_grpc_route(name: str, namespace: str, spec: Any, path: str = "spec",
+                     creation_index: int = 0) -> HTTPRoute:
+    """A ``GRPCRoute``, as the HTTP/2 route it is (``HTTPRoute`` with kind GRPCRoute): method
+    matches become ``:path`` matches, the rest is shared with HTTPRoute."""
+    m = mapping(spec, path, ("parentRefs", "rules"), {"hostnames": _NO_HOSTNAMES})
+    parents = _parents(m, path, namespace)
+    if m.get("rules") is None:
+        rules: tuple[RouteRule, ...] = (RouteRule(),)
+    else:
+        rules = _items(m.get("rules"), f"{path}.rules",
+                       lambda v, p: _grpc_rule(v, p, namespace), MAX_RULES, "rules")
+    _count_matches(rules, path)
+    return HTTPRoute(name=name, namespace=namespace, parents=parents, rules=rules,
+                     creation_index=creation_index, kind=GRPC_ROUTE)
+
+
+def _grpc_rule(value: Any, path: str, namespace: str) -> RouteRule:
+    m = mapping(value, path, ("name", "matches", "filters", "backendRefs"), {
+        "sessionPersistence": "is not supported by the waypoint yet; remove it"})
+    rule_name = "" if m.get("name") is None else dns_name(m["name"], f"{path}.name",
+                                                          label=True)
+    matches = _items(m.get("matches"), f"{path}.matches", _grpc_match, MAX_MATCHES, "matches")
+    f = _filters(m.get("filters"), f"{path}.filters", namespace, _GRPC_FILTERS)
+    backends = _items(m.get("backendRefs"), f"{path}.backendRefs",
+                      lambda v, p: _backend(v, p, namespace), MAX_BACKENDS, "backendRefs")
+    return RouteRule(matches=matches or (RouteMatch(),), backends=backends,
+                     request_headers=f.request_headers, response_headers=f.response_headers,
+                     fault_ref=f.fault_ref, name=rule_name)
+
+
+def _grpc_match(value: Any, path: str) -> RouteMatch:
+    m = mapping(value, path, ("method", "headers"))
+    headers = _items(m.get("headers"), f"{path}.headers", _header_match, MAX_HEADERS,
+                     "headers")
+    _unique((h.name.lower() for h in headers), f"{path}.headers", "header name")
+    if m.get("method") is None:
+        return RouteMatch(headers=headers)
+    p = f"{path}.method"
+    mm = mapping(m["method"], p, ("type", "service", "method"))
+    kind = _member(HeaderMatchType, mm.get("type", HeaderMatchType.EXACT.value), f"{p}.type")
+    service = None if mm.get("service") is None else string(mm["service"], f"{p}.service")
+    method = None if mm.get("method") is None else string(mm["method"], f"{p}.method")
+    if service is None and method is None:
+        raise StateError(p, "needs service, method or both")
+    for text, field, pattern in ((service, "service", _GRPC_SERVICE),
+                                 (method, "method", _GRPC_METHOD)):
+        if text is None:
+            continue
+        if len(text) > 1024:
+            raise StateError(f"{p}.{field}", "at most 1024 characters")
+        if kind is HeaderMatchType.EXACT and not pattern.fullmatch(text):
+            raise StateError(f"{p}.{field}", f"{text!r} is not a gRPC {field} name")
+        if kind is HeaderMatchType.REGULAR_EXPRESSION:
+            _regex(text, f"{p}.{field}")
+    grpc = GRPCMethodMatch(service=service, method=method, type=kind)
+    return RouteMatch(path=grpc.path(), headers=headers, grpc=grpc)
+
+
+def parse_tcp_route(name: str, namespace: str, spec: Any, path: str = "spec",
+                    creation_index: int = 0) -> TCPRoute:
+    """A ``TCPRoute`` on a Service's TCP port: one rule, its backendRefs and weights."""
+    m = mapping(spec, path, ("parentRefs", "rules"))
+    parents = _parents(m, path, namespace)
+    for i, parent in enumerate(parents):
+        if parent.kind != "Service":
+            raise StateError(f"{path}.parentRefs[{i}].kind", "a TCPRoute attaches to a "
+                             "Service port (kind: Service, group: \"\")")
+        if parent.namespace != namespace:
+            raise StateError(f"{path}.parentRefs[{i}].namespace", "a TCPRoute attaches to "
+                             f"Services of its own namespace ({namespace}) only")
+    rules = _list(m.get("rules"), f"{path}.rules", 1, "rule (one rule per TCPRoute: its "
+                  "connections cannot be told apart)")
+    if not rules:
+        raise StateError(f"{path}.rules", "needs one rule with backendRefs")
+    r = mapping(rules[0], f"{path}.rules[0]", ("name", "backendRefs"))
+    if r.get("name") is not None:
+        dns_name(r["name"], f"{path}.rules[0].name", label=True)
+    backends = _items(r.get("backendRefs"), f"{path}.rules[0].backendRefs",
+                      lambda v, p: _tcp_backend(v, p, namespace), MAX_BACKENDS, "backendRefs")
+    if not backends:
+        raise StateError(f"{path}.rules[0].backendRefs", "needs at least one backend")
+    return TCPRoute(name=name, namespace=namespace, parents=parents, backends=backends,
+                    creation_index=creation_index)
+
+
+def _tcp_backend(value: Any, path: str, namespace: str) -> BackendRef:
+    if isinstance(value, Mapping) and value.get("filters") is not None:
+        raise StateError(f"{path}.filters", "a TCP connection has no headers to modify; "
+                         "remove it")
+    return _backend(value, path, namespace)
 
 
 def _retry(value: Any, path: str) -> Retry:
@@ -547,36 +792,86 @@ def _retry(value: Any, path: str) -> Retry:
     return Retry(attempts=attempts, codes=codes, backoff_ms=backoff)
 
 
-def http_route_spec(route: HTTPRoute) -> dict[str, Any]:
-    """The canonical spec of a route (``fault_ref`` as an ExtensionRef; a resolved ``fault``
-    and ``invalid`` are not part of it)."""
-    parents: list[dict[str, Any]] = []
-    for p in route.parents:
+def _parents_spec(parents: Iterable[ParentRef]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for p in parents:
         group = "" if p.kind == "Service" else GATEWAY_GROUP
         parent: dict[str, Any] = {"group": group, "kind": p.kind, "namespace": p.namespace,
                                   "name": p.name}
         if p.port is not None:
             parent["port"] = p.port
-        parents.append(parent)
-    return {"parentRefs": parents, "rules": [_rule_spec(r) for r in route.rules]}
+        out.append(parent)
+    return out
 
 
-def _rule_spec(rule: RouteRule) -> dict[str, Any]:
-    out: dict[str, Any] = {"matches": [_match_spec(m) for m in rule.matches]}
+def http_route_spec(route: HTTPRoute) -> dict[str, Any]:
+    """The canonical spec of a route, HTTPRoute or GRPCRoute (``fault_ref`` as an
+    ExtensionRef; a resolved ``fault`` and ``invalid`` are not part of it)."""
+    grpc = route.kind == GRPC_ROUTE
+    return {"parentRefs": _parents_spec(route.parents),
+            "rules": [_rule_spec(r, grpc) for r in route.rules]}
+
+
+def tcp_route_spec(route: TCPRoute) -> dict[str, Any]:
+    return {"parentRefs": _parents_spec(route.parents),
+            "rules": [{"backendRefs": [_backend_spec(b) for b in route.backends]}]}
+
+
+def _modifier_filters(request: HeaderModifier | None,
+                      response: HeaderModifier | None) -> list[dict[str, Any]]:
     filters: list[dict[str, Any]] = []
-    for kind, modifier in (("RequestHeaderModifier", rule.request_headers),
-                           ("ResponseHeaderModifier", rule.response_headers)):
+    for kind, modifier in (("RequestHeaderModifier", request),
+                           ("ResponseHeaderModifier", response)):
         if modifier is not None:
             filters.append({"type": kind, _SUPPORTED_FILTERS[kind]: _modifier_spec(modifier)})
+    return filters
+
+
+def _backend_spec(b: BackendRef) -> dict[str, Any]:
+    out: dict[str, Any] = {"group": "", "kind": "Service", "name": b.name,
+                           "namespace": b.namespace, "port": b.port, "weight": b.weight}
+    filters = _modifier_filters(b.request_headers, b.response_headers)
+    if filters:
+        out["filters"] = filters
+    return out
+
+
+def _path_modifier_spec(modifier: PathModifier) -> dict[str, Any]:
+    field = "replaceFullPath" if modifier.type is PathModifierType.REPLACE_FULL_PATH \
+        else "replacePrefixMatch"
+    return {"type": modifier.type.value, field: modifier.value}
+
+
+def _rule_spec(rule: RouteRule, grpc: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": rule.name} if rule.name else {}
+    out["matches"] = [_grpc_match_spec(m) if grpc else _match_spec(m) for m in rule.matches]
+    filters = _modifier_filters(rule.request_headers, rule.response_headers)
+    if rule.redirect is not None:
+        r = rule.redirect
+        redirect: dict[str, Any] = {"statusCode": r.status_code}
+        if r.scheme is not None:
+            redirect["scheme"] = r.scheme
+        if r.hostname is not None:
+            redirect["hostname"] = r.hostname
+        if r.path is not None:
+            redirect["path"] = _path_modifier_spec(r.path)
+        if r.port is not None:
+            redirect["port"] = r.port
+        filters.append({"type": "RequestRedirect", "requestRedirect": redirect})
+    if rule.rewrite is not None:
+        rewrite: dict[str, Any] = {}
+        if rule.rewrite.hostname is not None:
+            rewrite["hostname"] = rule.rewrite.hostname
+        if rule.rewrite.path is not None:
+            rewrite["path"] = _path_modifier_spec(rule.rewrite.path)
+        filters.append({"type": "URLRewrite", "urlRewrite": rewrite})
     if rule.fault_ref:
         filters.append({"type": "ExtensionRef", "extensionRef": {
             "group": FAULT_GROUP, "kind": FAULT_KIND,
             "name": rule.fault_ref.partition("/")[2]}})
     if filters:
         out["filters"] = filters
-    out["backendRefs"] = [{"group": "", "kind": "Service", "name": b.name,
-                           "namespace": b.namespace, "port": b.port, "weight": b.weight}
-                          for b in rule.backends]
+    out["backendRefs"] = [_backend_spec(b) for b in rule.backends]
     timeouts: dict[str, str] = {}
     if rule.timeout_ms is not None:
         timeouts["request"] = format_duration(rule.timeout_ms)
@@ -593,13 +888,33 @@ def _rule_spec(rule: RouteRule) -> dict[str, Any]:
     return out
 
 
+def _headers_spec(headers: Iterable[HeaderMatch]) -> list[dict[str, Any]]:
+    return [{"type": h.type.value, "name": h.name, "value": h.value} for h in headers]
+
+
 def _match_spec(match: RouteMatch) -> dict[str, Any]:
     out: dict[str, Any] = {"path": {"type": match.path.type.value, "value": match.path.value}}
     if match.headers:
-        out["headers"] = [{"type": h.type.value, "name": h.name, "value": h.value}
-                          for h in match.headers]
+        out["headers"] = _headers_spec(match.headers)
+    if match.query_params:
+        out["queryParams"] = [{"type": q.type.value, "name": q.name, "value": q.value}
+                              for q in match.query_params]
     if match.method is not None:
         out["method"] = match.method
+    return out
+
+
+def _grpc_match_spec(match: RouteMatch) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if match.grpc is not None:
+        method: dict[str, Any] = {"type": match.grpc.type.value}
+        if match.grpc.service is not None:
+            method["service"] = match.grpc.service
+        if match.grpc.method is not None:
+            method["method"] = match.grpc.method
+        out["method"] = method
+    if match.headers:
+        out["headers"] = _headers_spec(match.headers)
     return out
 
 

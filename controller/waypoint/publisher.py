@@ -24,6 +24,7 @@ from controller.waypoint.envoy_config import (
 )
 from controller.waypoint.model import WAYPOINT_CLASS
 from controller.waypoint.parse import resolve_faults, waypoint_policies
+from controller.waypoint.protocol import service_port_protocols
 from controller.waypoint.view import build_view
 from controller.xds.authz import decide_waypoint
 from controller.xds.server import XdsCache, XdsDenied
@@ -64,12 +65,14 @@ class WaypointPublisher:
                 log.warning("%s", p)
             self._problems = tuple(problems)
         state = StateSnapshot.build(config)
+        protocols = service_port_protocols(snapshot.services)
         seen: set[str] = set()
         for gw in snapshot.gateways:
             if gw.gateway_class != WAYPOINT_CLASS:
                 continue
             seen.add(gw.key)
-            res = resources(build_view(gw, config, routes, policies, state))
+            res = resources(build_view(gw, config, routes, policies, state,
+                                       protocols=protocols, tcp_routes=snapshot.tcp_routes))
             version = content_version(res)
             if self._versions.get(gw.key) != version:
                 self.cache.set(gw.key, version, res)

@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from controller.waypoint.model import (
     Gateway,
     HTTPRoute,
+    ParentRef,
     TargetRef,
+    TCPRoute,
     WaypointPolicy,
 )
+from controller.waypoint.protocol import PortProtocol, port_key
 from mesh.state.model import MeshConfig, Service, Workload
 from mesh.state.store import StateSnapshot
 
@@ -31,24 +34,43 @@ class WaypointView:
     services: Mapping[str, Service] = field(default_factory=dict)
     # Endpoints (selected workloads) by service key, healthy or not.
     endpoints: Mapping[str, tuple[Workload, ...]] = field(default_factory=dict)
-    # Routes attached to a bound service (faults resolved), in Gateway API precedence order.
+    # HTTP and gRPC routes attached to a bound service (faults resolved), consumer routes
+    # (GEP-1294) included, in Gateway API precedence order (oldest first).
     routes: tuple[HTTPRoute, ...] = ()
+    # TCPRoutes attached to a bound service's port, oldest first.
+    tcp_routes: tuple[TCPRoute, ...] = ()
     # Authorization policies targeting this gateway or one of its bound services.
     policies: tuple[WaypointPolicy, ...] = ()
+    # The protocol of each port of ``services`` (``protocol.port_key``); a port not listed
+    # is TCP (bytes passed through, never parsed as HTTP).
+    protocols: Mapping[str, PortProtocol] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
         return self.gateway.key
 
+    def protocol(self, service: Service, port: int) -> PortProtocol:
+        return self.protocols.get(port_key(service.namespace, service.name, port),
+                                  PortProtocol.TCP)
+
     def routes_for(self, service: Service, port: int) -> tuple[HTTPRoute, ...]:
         """Routes whose parentRefs name ``service`` (on ``port``, or on every port)."""
-        return tuple(r for r in self.routes if any(
-            p.kind == "Service" and p.name == service.name and p.namespace == service.namespace
-            and (p.port is None or p.port == port) for p in r.parents))
+        return tuple(r for r in self.routes if any(_names(p, service, port)
+                                                   for p in r.parents))
+
+    def tcp_routes_for(self, service: Service, port: int) -> tuple[TCPRoute, ...]:
+        return tuple(r for r in self.tcp_routes if any(_names(p, service, port)
+                                                       for p in r.parents))
 
     def policies_for(self, service: Service) -> tuple[WaypointPolicy, ...]:
         return tuple(p for p in self.policies
                      if any(_aims_at(t, self.gateway, {service.key}) for t in p.targets))
+
+
+def _names(parent: ParentRef, service: Service, port: int) -> bool:
+    return (parent.kind == "Service" and parent.name == service.name
+            and parent.namespace == service.namespace
+            and (parent.port is None or parent.port == port))
 
 
 def _aims_at(target: TargetRef, gateway: Gateway, service_keys: set[str]) -> bool:
@@ -60,10 +82,14 @@ def _aims_at(target: TargetRef, gateway: Gateway, service_keys: set[str]) -> boo
 
 def build_view(gateway: Gateway, config: MeshConfig, routes: tuple[HTTPRoute, ...],
                policies: tuple[WaypointPolicy, ...],
-               snapshot: StateSnapshot | None = None) -> WaypointView:
+               snapshot: StateSnapshot | None = None, *,
+               protocols: Mapping[str, PortProtocol],
+               tcp_routes: tuple[TCPRoute, ...] = ()) -> WaypointView:
     """The view of ``gateway``: ``config`` is the translated mesh state (services carry their
     waypoint binding), ``routes`` have their faults resolved, ``policies`` are all waypoint
-    policies of the registry."""
+    policies of the registry, ``protocols`` every service port's protocol
+    (``protocol.service_port_protocols`` of the registry's Services); ``routes`` holds
+    HTTPRoutes and GRPCRoutes alike."""
     snap = snapshot if snapshot is not None else StateSnapshot.build(config)
     bound = tuple(sorted((s for s in config.services
                           if s.waypoint is not None and s.waypoint.key == gateway.key),
@@ -74,13 +100,22 @@ def build_view(gateway: Gateway, config: MeshConfig, routes: tuple[HTTPRoute, ..
         (r for r in routes if any(p.kind == "Service" and f"{p.namespace}/{p.name}" in bound_keys
                                   for p in r.parents)),
         key=lambda r: (r.creation_index, r.namespace, r.name)))
+    attached_tcp = tuple(sorted(
+        (r for r in tcp_routes if any(f"{p.namespace}/{p.name}" in bound_keys
+                                      for p in r.parents)),
+        key=lambda r: (r.creation_index, r.namespace, r.name)))
     wanted = set(bound_keys)
     for r in attached:
         for rule in r.rules:
             wanted.update(f"{b.namespace}/{b.name}" for b in rule.backends)
+    for t in attached_tcp:
+        wanted.update(f"{b.namespace}/{b.name}" for b in t.backends)
     endpoints = {k: snap.service_endpoints(services[k]) for k in sorted(wanted) if k in services}
     mine = tuple(p for p in sorted(policies, key=lambda p: p.key)
                  if any(_aims_at(t, gateway, bound_keys) for t in p.targets))
     return WaypointView(gateway=gateway, trust_domain=config.trust_domain, bound=bound,
                         services={k: services[k] for k in sorted(wanted) if k in services},
-                        endpoints=endpoints, routes=attached, policies=mine)
+                        endpoints=endpoints, routes=attached, tcp_routes=attached_tcp,
+                        policies=mine,
+                        protocols={k: v for k, v in protocols.items()
+                                   if k.rpartition(":")[0] in wanted})

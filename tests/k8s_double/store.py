@@ -51,6 +51,8 @@ KINDS: dict[str, Kind] = {
         Kind("security.ambit.dev", "v1", "peerauthentications", "PeerAuthentication"),
         Kind("gateway.networking.k8s.io", "v1", "gateways", "Gateway"),
         Kind("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute"),
+        Kind("gateway.networking.k8s.io", "v1", "grpcroutes", "GRPCRoute"),
+        Kind("gateway.networking.k8s.io", "v1alpha2", "tcproutes", "TCPRoute"),
         Kind("networking.ambit.dev", "v1alpha1", "httpfaults", "HTTPFault"),
         # Written by the waypoint deployer (controller/waypoint/k8s_deployer.py).
         Kind("apps", "v1", "deployments", "Deployment"),
@@ -78,7 +80,7 @@ KINDS: dict[str, Kind] = {
 # to ``.../status`` change only the status (as for the real kinds and the Gateway API CRDs).
 STATUS_SUBRESOURCE = frozenset({"namespaces", "pods", "services", "deployments", "daemonsets",
                                 "gateways", "gatewayclasses", "customresourcedefinitions",
-                                "httproutes"})
+                                "httproutes", "grpcroutes", "tcproutes"})
 
 Key = tuple[str, str]  # (namespace or "", name)
 

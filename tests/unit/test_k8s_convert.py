@@ -198,16 +198,18 @@ def test_routes_precedence_relevance_and_problems() -> None:
                                          "hostnames": ["shop.example"]}),
         # Ours, but invalid: left out with the field named.
         o.http_route("bad", "shop", {"parentRefs": [SERVICE_PARENT],
-                                     "rules": [{"filters": [{"type": "URLRewrite"}]}]}),
+                                     "rules": [{"filters": [{"type": "RequestMirror",
+                                                             "requestMirror": {}}]}]}),
     ]
     out = http_route_records(routes, [Gateway("waypoint", "shop")], report)
     by_index = [r.name for r in sorted(out, key=lambda r: r.creation_index)]
     assert by_index == ["older", "a-same", "b-same", "newer", "to-waypoint"]
     assert [r.name for r in out] == sorted(by_index)  # listed by key
-    assert problems == ["HTTPRoute shop/bad: spec.rules[0].filters[0].type: URLRewrite is not "
-                        "supported by the waypoint yet; supported filters: "
-                        "RequestHeaderModifier, ResponseHeaderModifier and ExtensionRef (to "
-                        "an HTTPFault); the route is not applied until fixed"]
+    assert problems == ["HTTPRoute shop/bad: spec.rules[0].filters[0].type: RequestMirror is "
+                        "not supported by the waypoint yet; supported filters here: "
+                        "RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, "
+                        "URLRewrite, ExtensionRef (to an HTTPFault); the route is not applied "
+                        "until fixed"]
 
 
 def test_snapshot_carries_waypoint_kinds_and_checks_target_ref_policies() -> None:
@@ -255,3 +257,45 @@ def test_a_route_with_a_wrong_service_group_is_reported_not_skipped() -> None:
     assert http_route_records([obj], [], report) == ()
     assert problems[0].startswith("HTTPRoute shop/r: spec.parentRefs[0].group: "
                                   "'gateway.networking.k8s.io': a Service is in the core group")
+
+
+# --- issue 18: appProtocol, GRPCRoute, TCPRoute -----------------------------------------------
+
+def test_service_app_protocol_is_kept() -> None:
+    s = service_record(o.service("echo", "shop", "10.96.0.1", {}, [
+        {"name": "grpc", "port": 7070, "appProtocol": "kubernetes.io/h2c"},
+        {"name": "tcp", "port": 9090}]), [], [], collect()[1])
+    assert s is not None
+    assert [(p.name, p.app_protocol) for p in s.ports] == [("grpc", "kubernetes.io/h2c"),
+                                                           ("tcp", "")]
+
+
+def test_snapshot_carries_grpc_and_tcp_routes() -> None:
+    problems, report = collect()
+    grpc_parent = {"group": "", "kind": "Service", "name": "echo", "port": 7070}
+    caches = {
+        "httproutes": {"shop/h": o.http_route("h", "shop", {"parentRefs": [SERVICE_PARENT]},
+                                              created="2026-01-02T00:00:00Z")},
+        "grpcroutes": {
+            "shop/g": o.http_route("g", "shop", {"parentRefs": [grpc_parent], "rules": [
+                {"matches": [{"method": {"service": "grpc.Echo"}}],
+                 "backendRefs": [{"name": "echo-v1", "port": 7070}]}]},
+                created="2026-01-01T00:00:00Z"),
+            "shop/bad": o.http_route("bad", "shop", {"parentRefs": [grpc_parent], "rules": [
+                {"matches": [{"method": {}}]}]})},
+        "tcproutes": {
+            "shop/t": o.http_route("t", "shop", {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "db", "port": 5432}],
+                "rules": [{"backendRefs": [{"name": "db-a", "port": 5432}]}]}),
+            # An ingress Gateway's TCPRoute: not ours.
+            "shop/ingress": o.http_route("ingress", "shop", {
+                "parentRefs": [{"name": "public"}], "rules": [{"backendRefs": []}]})},
+    }
+    snap = build_snapshot(caches, 1, report)
+    # One precedence order for HTTP and gRPC routes: the GRPCRoute is older (index 0 went
+    # to "bad", which has no timestamp and sorts first).
+    assert [(r.kind, r.name, r.creation_index) for r in snap.http_routes] == [
+        ("GRPCRoute", "g", 1), ("HTTPRoute", "h", 2)]
+    assert [r.key for r in snap.tcp_routes] == ["shop/t"]
+    assert problems == ["GRPCRoute shop/bad: spec.rules[0].matches[0].method: needs service, "
+                        "method or both; the route is not applied until fixed"]

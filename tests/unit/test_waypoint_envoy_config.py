@@ -28,6 +28,7 @@ from controller.waypoint.model import (
     TargetRef,
     WaypointPolicy,
 )
+from controller.waypoint.protocol import PortProtocol, port_key
 from controller.waypoint.view import WaypointView, build_view
 from mesh.state.model import (
     MeshConfig,
@@ -72,9 +73,14 @@ CONFIG = MeshConfig(workloads=WORKLOADS, services=SERVICES, version="7")
 ECHO = ParentRef("Service", "echo", "default")
 
 
+# Every port of these services is HTTP (named http-... in the registry).
+HTTP_PORTS = {port_key(s.namespace, s.name, p.port): PortProtocol.HTTP
+              for s in SERVICES for p in s.ports}
+
+
 def view(routes: tuple[HTTPRoute, ...] = (),
          policies: tuple[WaypointPolicy, ...] = ()) -> WaypointView:
-    return build_view(GW, CONFIG, routes, policies)
+    return build_view(GW, CONFIG, routes, policies, protocols=HTTP_PORTS)
 
 
 def routes_of(v: WaypointView) -> list[object]:
@@ -85,7 +91,7 @@ def routes_of(v: WaypointView) -> list[object]:
 def test_view_binds_only_services_labelled_for_this_waypoint() -> None:
     v = view()
     assert [s.name for s in v.bound] == ["echo"]
-    other = build_view(Gateway("other-wp", "default"), CONFIG, (), ())
+    other = build_view(Gateway("other-wp", "default"), CONFIG, (), (), protocols=HTTP_PORTS)
     assert other.bound == ()
 
 

@@ -193,7 +193,7 @@ def test_full_route() -> None:
                               BackendRef("reviews-v2", "beta", 9080, 10))
     assert (first.timeout_ms, first.backend_timeout_ms) == (10_000, 2000)
     assert first.retry == Retry(3, (503,), 100)
-    assert second == RouteRule(backends=(BackendRef("reviews-v1", "shop", 9080),))
+    assert second == RouteRule(backends=(BackendRef("reviews-v1", "shop", 9080),), name="default")
 
 
 def test_route_defaults() -> None:
@@ -246,10 +246,8 @@ def _backend(**kw: Any) -> dict[str, Any]:
      "spec.parentRefs[0].kind: 'Pod': a route attaches to a Service"),
     ({"parentRefs": [{"name": "w", "port": 15008}]},
      "spec.parentRefs[0].port: a waypoint Gateway has one listener"),
-    ({"parentRefs": [{"group": "", "kind": "Service", "name": "s", "namespace": "prod"}]},
-     "spec.parentRefs[0].namespace: 'prod': a route may attach to Services of its own "
-     "namespace (shop) only; consumer routes for another namespace's Service are not "
-     "supported yet"),
+    ({"parentRefs": [{"group": "", "kind": "Service", "name": "s", "namespace": "Prod"}]},
+     "spec.parentRefs[0].namespace: 'Prod' is not a valid DNS label"),
     ({"parentRefs": [{"name": "w", "sectionName": "mesh"}]},
      "spec.parentRefs[0].sectionName: is not supported"),
     ({"parentRefs": [{"group": "", "kind": "Service", "name": "s", "port": 0}]},
@@ -268,8 +266,16 @@ def _backend(**kw: Any) -> dict[str, Any]:
     (_route({"sessionPersistence": {}}),
      "spec.rules[0].sessionPersistence: is not supported by the waypoint yet"),
     (_route({"name": "Bad_Name"}), "spec.rules[0].name: 'Bad_Name' is not a valid DNS label"),
-    (_route({"matches": [{"queryParams": []}]}),
-     "spec.rules[0].matches[0].queryParams: is not supported by the waypoint yet"),
+    (_route({"matches": [{"queryParams": [{"name": "a b", "value": "x"}]}]}),
+     "spec.rules[0].matches[0].queryParams[0].name: 'a b' is not a query parameter name"),
+    (_route({"matches": [{"queryParams": [{"name": "a", "value": "x"},
+                                          {"name": "a", "value": "y"}]}]}),
+     "spec.rules[0].matches[0].queryParams[1]: duplicate parameter name 'a' (first at [0])"),
+    (_route({"matches": [{"queryParams": [{"name": "a", "value": "(?=x)",
+                                           "type": "RegularExpression"}]}]}),
+     "spec.rules[0].matches[0].queryParams[0].value: '(?=x)': '(?=' is not supported by RE2"),
+    (_route({"matches": [{"queryParams": [{"name": "a"}]}]}),
+     "spec.rules[0].matches[0].queryParams[0].value: is required"),
     (_route({"matches": [{"method": "get"}]}),
      "spec.rules[0].matches[0].method: 'get' is not one of GET, HEAD, POST"),
     (_route({"matches": [{"path": {"type": "Prefix", "value": "/"}}]}),
@@ -310,11 +316,49 @@ def _backend(**kw: Any) -> dict[str, Any]:
      "spec.rules[0].matches[0].headers[1]: duplicate header name 'x-a' (first at [0])"),
     (_route({"matches": [{"headers": [{"name": f"h{i}", "value": "v"} for i in range(17)]}]}),
      "spec.rules[0].matches[0].headers: at most 16 headers"),
-    (_route({"filters": [{"type": "RequestRedirect", "requestRedirect": {"port": 8080}}]}),
-     "spec.rules[0].filters[0].type: RequestRedirect is not supported by the waypoint yet; "
-     "supported filters: RequestHeaderModifier, ResponseHeaderModifier and ExtensionRef"),
+    (_route({"filters": [{"type": "RequestRedirect", "requestRedirect": {"statusCode": 304}}]}),
+     "spec.rules[0].filters[0].requestRedirect.statusCode: 304 is not one of 301, 302, 303, "
+     "307, 308"),
+    (_route({"filters": [{"type": "RequestRedirect", "requestRedirect": {"scheme": "ftp"}}]}),
+     "spec.rules[0].filters[0].requestRedirect.scheme: 'ftp' is not one of http, https"),
+    (_route({"filters": [{"type": "RequestRedirect",
+                          "requestRedirect": {"hostname": "*.example.org"}}]}),
+     "spec.rules[0].filters[0].requestRedirect.hostname: '*.example.org': a redirect or "
+     "rewrite needs a precise hostname"),
+    (_route({"filters": [{"type": "RequestRedirect", "requestRedirect": {"port": 0}}]}),
+     "spec.rules[0].filters[0].requestRedirect.port: must be an integer 1..65535, got 0"),
+    (_route({"filters": [{"type": "RequestRedirect", "requestRedirect": {}}],
+             "backendRefs": [{"name": "b", "port": 80}]}),
+     "spec.rules[0].backendRefs: a rule with a RequestRedirect filter answers the request "
+     "itself; remove its backendRefs"),
+    (_route({"filters": [{"type": "RequestRedirect", "requestRedirect": {}},
+                         {"type": "URLRewrite", "urlRewrite": {"hostname": "a"}}]}),
+     "spec.rules[0].filters: RequestRedirect and URLRewrite cannot be used together"),
+    (_route({"matches": [{"path": {"type": "Exact", "value": "/a"}}],
+             "filters": [{"type": "URLRewrite", "urlRewrite": {"path": {
+                 "type": "ReplacePrefixMatch", "replacePrefixMatch": "/b"}}}]}),
+     "spec.rules[0].matches[0].path.type: Exact: ReplacePrefixMatch replaces a matched "
+     "prefix, so the rule's matches must be PathPrefix"),
+    (_route({"filters": [{"type": "URLRewrite", "urlRewrite": {"path": {
+        "type": "ReplaceFullPath", "replacePrefixMatch": "/b"}}}]}),
+     "spec.rules[0].filters[0].urlRewrite.path.replacePrefixMatch: must not be set when type "
+     "is ReplaceFullPath; use replaceFullPath"),
+    (_route({"filters": [{"type": "URLRewrite", "urlRewrite": {"path": {
+        "type": "ReplaceFullPath", "replaceFullPath": "b"}}}]}),
+     "spec.rules[0].filters[0].urlRewrite.path.replaceFullPath: is required for type "
+     "ReplaceFullPath: an absolute path starting with '/', got 'b'"),
+    (_route({"filters": [{"type": "URLRewrite", "urlRewrite": {"path": {
+        "type": "ReplaceAll", "replaceFullPath": "/b"}}}]}),
+     "spec.rules[0].filters[0].urlRewrite.path.type: 'ReplaceAll' is not one of "
+     "ReplaceFullPath, ReplacePrefixMatch"),
+    (_route({"filters": [{"type": "URLRewrite", "urlRewrite": {}}]}),
+     "spec.rules[0].filters[0].urlRewrite: needs hostname, path or both"),
     (_route({"filters": [{"type": "URLRewrite"}]}),
-     "spec.rules[0].filters[0].type: URLRewrite is not supported by the waypoint yet"),
+     "spec.rules[0].filters[0].urlRewrite: is required for type URLRewrite"),
+    (_route({"filters": [{"type": "RequestMirror", "requestMirror": {}}]}),
+     "spec.rules[0].filters[0].type: RequestMirror is not supported by the waypoint yet; "
+     "supported filters here: RequestHeaderModifier, ResponseHeaderModifier, "
+     "RequestRedirect, URLRewrite, ExtensionRef (to an HTTPFault)"),
     (_route({"filters": [{"type": "Teleport"}]}),
      "spec.rules[0].filters[0].type: 'Teleport' is not a filter type"),
     (_route({"filters": [{"requestHeaderModifier": {}}]}),
@@ -327,9 +371,11 @@ def _backend(**kw: Any) -> dict[str, Any]:
      "spec.rules[0].filters[0].extensionRef: must not be set on a RequestHeaderModifier "
      "filter"),
     (_route({"filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {}}] * 2}),
-     "spec.rules[0].filters[1].type: RequestHeaderModifier may appear once per rule"),
+     "spec.rules[0].filters[1].type: RequestHeaderModifier may appear once per filters "
+     "list (first at [0])"),
     (_route({"filters": [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {}}] * 2}),
-     "spec.rules[0].filters[1].type: ResponseHeaderModifier may appear once per rule"),
+     "spec.rules[0].filters[1].type: ResponseHeaderModifier may appear once per filters "
+     "list (first at [0])"),
     (_route({"filters": [{"type": "RequestHeaderModifier",
                           "requestHeaderModifier": {"set": [{"name": "a"}]}}]}),
      "spec.rules[0].filters[0].requestHeaderModifier.set[0].value: is required"),
@@ -350,7 +396,7 @@ def _backend(**kw: Any) -> dict[str, Any]:
      "supported; the waypoint's extension is group: networking.ambit.dev, kind: HTTPFault"),
     (_route({"filters": [{"type": "ExtensionRef", "extensionRef": {
         "group": "networking.ambit.dev", "kind": "HTTPFault", "name": "f"}}] * 2}),
-     "spec.rules[0].filters[1].type: at most one HTTPFault per rule"),
+     "spec.rules[0].filters[1].type: ExtensionRef may appear once per filters list"),
     (_route({"filters": [{"type": "ExtensionRef", "extensionRef": {
         "group": "networking.ambit.dev", "kind": "HTTPFault"}}]}),
      "spec.rules[0].filters[0].extensionRef.name: is required"),
@@ -370,8 +416,9 @@ def _backend(**kw: Any) -> dict[str, Any]:
      "spec.rules[0].backendRefs[1].kind: 'ServiceImport': backends are Services"),
     (_route(**_backend(group="multicluster.x-k8s.io")),
      "spec.rules[0].backendRefs[1].group: 'multicluster.x-k8s.io': backends are Services"),
-    (_route(**_backend(filters=[])),
-     "spec.rules[0].backendRefs[1].filters: per-backend filters are not supported"),
+    (_route(**_backend(filters=[{"type": "URLRewrite", "urlRewrite": {"hostname": "a"}}])),
+     "spec.rules[0].backendRefs[1].filters[0].type: URLRewrite cannot be used here; "
+     "supported filters here: RequestHeaderModifier, ResponseHeaderModifier"),
     (_route(**_backend(namespace="Other")),
      "spec.rules[0].backendRefs[1].namespace: 'Other' is not a valid DNS label"),
     (_route({"backendRefs": [{"name": f"b{i}", "port": 80} for i in range(17)]}),
