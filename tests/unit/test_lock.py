@@ -141,3 +141,14 @@ def test_the_closure_follows_via_edges() -> None:
     assert lock.closure(pins, ["a"]) == {"a", "b"}
     assert lock.closure(pins, ["c"]) == {"b", "c", "d"}
     assert lock.closure(pins, ["<project>", "<build-system>"]) >= set(pins)
+
+
+def test_each_image_names_what_it_needs_only_to_build() -> None:
+    for component in lock.COMPONENTS:
+        text = (ROOT / "requirements" / f"{component}.txt").read_text()
+        gone = set(lock.build_only(text))
+        assert {"setuptools", "wheel"} <= gone, component
+        # Nothing the component imports (or what that needs) is uninstalled.
+        runtime = lock.parse((ROOT / "requirements" / "runtime.txt").read_text())
+        assert not gone & lock.closure(runtime, lock.COMPONENTS[component]), component
+    assert lock.build_only("a==1 \\\n") == []
