@@ -9,6 +9,11 @@ one ``HTTPAccessLogEntry`` per request over ALS to this agent (log name ``ambit-
 * ``source_principal``: filter state ``io.istio.peer_principal`` (a string accessor, which Envoy
   serializes as ``google.protobuf.StringValue`` in ``filter_state_objects``), else the downstream
   TLS peer's URI SAN, else ``unknown``; ``source_workload_namespace`` is parsed from it;
+* ``source_workload``/``source_app``: the CONNECT's ``baggage`` header (the ztunnel's peer
+  metadata, Istio's keys ``k8s.<kind>.name``, ``service.name``; filter state
+  ``ambit.peer_baggage``), parsed by ``parse_baggage``; trusted only when its
+  ``k8s.namespace.name`` is the namespace the peer's certificate proves (the header is the
+  client side's claim, the certificate is not), else ``unknown``;
 * ``destination_workload``/``_namespace``/``_principal``/``_app``: the entry's ``custom_tags``
   of those names (read by the HCM from the upstream host's ``ambit`` metadata);
 * ``destination_service``: the hostname of the upstream cluster ``outbound|<port>||<host>``,
@@ -31,6 +36,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
@@ -45,6 +51,12 @@ log = logging.getLogger("waypoint.als")
 REPORTER = "waypoint"
 LOG_NAME = "ambit-waypoint"
 PEER_PRINCIPAL_KEY = "io.istio.peer_principal"
+PEER_BAGGAGE_KEY = "ambit.peer_baggage"  # controller/waypoint/peer_baggage.py sets it
+MAX_BAGGAGE_LENGTH = 4096
+MAX_BAGGAGE_ENTRIES = 32
+# Istio's ztunnel names the workload by its kind (baggage.rs accepts these four).
+WORKLOAD_KEYS = frozenset({"k8s.deployment.name", "k8s.cronjob.name", "k8s.pod.name",
+                           "k8s.job.name"})
 UNKNOWN = "unknown"
 OVERFLOW = "overflow"
 MAX_LABEL_LENGTH = 256
@@ -152,6 +164,50 @@ def source_principal(common: Any) -> str:
     return UNKNOWN
 
 
+@dataclass(frozen=True)
+class PeerBaggage:
+    """What a ``baggage`` header says about the source workload (None: not said)."""
+
+    namespace: str | None = None
+    workload: str | None = None
+    app: str | None = None
+    version: str | None = None
+    cluster: str | None = None
+
+
+def parse_baggage(text: str | None) -> PeerBaggage:
+    """The peer metadata in a W3C ``baggage`` value (``k=v,k=v;prop``), as Istio's ztunnel
+    writes it. Never raises: a value longer than ``MAX_BAGGAGE_LENGTH``, entries past
+    ``MAX_BAGGAGE_ENTRIES``, entries without ``=``, unknown keys and empty or oversized values
+    are ignored; values are percent-decoded."""
+    if not text or len(text) > MAX_BAGGAGE_LENGTH:
+        return PeerBaggage()
+    found: dict[str, str] = {}
+    for entry in text.split(",")[:MAX_BAGGAGE_ENTRIES]:
+        key, sep, value = entry.split(";", 1)[0].partition("=")
+        key, value = key.strip(), unquote(value.strip(), errors="replace")
+        if not sep or not value or len(value) > MAX_LABEL_LENGTH or "\ufffd" in value:
+            continue
+        if key in WORKLOAD_KEYS:
+            key = "workload"
+        found[key] = value
+    return PeerBaggage(namespace=found.get("k8s.namespace.name"), workload=found.get("workload"),
+                       app=found.get("service.name"), version=found.get("service.version"),
+                       cluster=found.get("k8s.cluster.name"))
+
+
+def source_baggage(common: Any, principal_ns: str) -> PeerBaggage:
+    """The CONNECT's baggage from the access log, if it names the namespace the peer's
+    certificate proves; else nothing (a claim the identity contradicts is not a label)."""
+    objects = common.filter_state_objects
+    if PEER_BAGGAGE_KEY not in objects:
+        return PeerBaggage()
+    bag = parse_baggage(filter_state_string(objects[PEER_BAGGAGE_KEY]))
+    if principal_ns == UNKNOWN or bag.namespace != principal_ns:
+        return PeerBaggage()
+    return bag
+
+
 def principal_namespace(principal: str) -> str:
     try:
         return SpiffeId.parse(principal).namespace
@@ -191,6 +247,8 @@ def request_record(entry: Any) -> RequestRecord:
     common = entry.common_properties
     tags = dict(common.custom_tags)
     principal = source_principal(common)
+    principal_ns = principal_namespace(principal)
+    peer = source_baggage(common, principal_ns)
     service, service_name, service_namespace = service_from_cluster(common.upstream_cluster)
     if service == UNKNOWN:
         # No upstream (denied, no route, fault stage): the backend's service from the host
@@ -203,10 +261,10 @@ def request_record(entry: Any) -> RequestRecord:
         else 0
     labels = {
         "reporter": REPORTER,
-        "source_workload": _clean(tags.get("source_workload")),
-        "source_workload_namespace": principal_namespace(principal),
+        "source_workload": _clean(peer.workload),
+        "source_workload_namespace": principal_ns,
         "source_principal": principal,
-        "source_app": _clean(tags.get("source_app")),
+        "source_app": _clean(peer.app),
         **{tag: _clean(tags.get(tag)) for tag in DESTINATION_TAGS},
         "destination_service": service,
         "destination_service_name": service_name,

@@ -96,6 +96,7 @@ from controller.waypoint.model import (
     URLRewrite,
     WaypointPolicy,
 )
+from controller.waypoint.peer_baggage import BAGGAGE_FORMAT, PEER_BAGGAGE_KEY
 from controller.waypoint.protocol import PortProtocol
 from controller.waypoint.view import WaypointView
 from mesh.ports import HBONE_PORT
@@ -262,6 +263,8 @@ def connect_terminate(trust_domain: str, bind: str = "0.0.0.0",
         state("envoy.filters.listener.original_dst.local_ip", "%REQ(:AUTHORITY)%"),
         # The client's SPIFFE ID, for authorization and metrics in main_internal.
         state(PEER_PRINCIPAL_KEY, "%DOWNSTREAM_PEER_URI_SAN%", "envoy.string"),
+        # The source's peer metadata (the ztunnel's baggage header), for the request metrics.
+        state(PEER_BAGGAGE_KEY, BAGGAGE_FORMAT, "envoy.string"),
     ])
     route = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(
@@ -325,7 +328,7 @@ def _access_log(addressed: Service) -> accesslog_pb2.AccessLog:
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=AGENT_CLUSTER)),
         transport_api_version=config_source_pb2.V3,
         buffer_flush_interval=_ms(250),
-        filter_state_objects_to_log=[PEER_PRINCIPAL_KEY],
+        filter_state_objects_to_log=[PEER_PRINCIPAL_KEY, PEER_BAGGAGE_KEY],
         custom_tags=[tag("destination_workload", "workload"),
                      tag("destination_workload_namespace", "namespace"),
                      tag("destination_principal", "principal"),

@@ -5,17 +5,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
 from prometheus_client import CollectorRegistry
 
+from controller.waypoint import peer_baggage
+from mesh.state.model import Workload
 from waypoint.als import (
     LABELS,
+    MAX_BAGGAGE_LENGTH,
+    PEER_BAGGAGE_KEY,
     PEER_PRINCIPAL_KEY,
     RESPONSE_FLAGS,
     AlsServer,
     IstioMetrics,
+    PeerBaggage,
+    parse_baggage,
     request_record,
     response_flags,
     service_from_cluster,
@@ -33,12 +40,14 @@ def string_state(text: str) -> Any:
 def entry(principal: str | None = CLIENT,
           cluster: str = "outbound|80||echo.default.svc.cluster.local", code: int | None = 200,
           tags: dict[str, str] | None = None, headers: dict[str, str] | None = None,
-          **flags: bool) -> Any:
+          baggage: str | None = None, **flags: bool) -> Any:
     e = accesslog_pb2.HTTPAccessLogEntry()
     c = e.common_properties
     c.upstream_cluster = cluster
     if principal is not None:
         c.filter_state_objects[PEER_PRINCIPAL_KEY].CopyFrom(string_state(principal))
+    if baggage is not None:
+        c.filter_state_objects[PEER_BAGGAGE_KEY].CopyFrom(string_state(baggage))
     for k, v in (tags if tags is not None else {
             "destination_workload": "echo-v1", "destination_workload_namespace": "default",
             "destination_principal": "spiffe://cluster.local/ns/default/sa/echo",
@@ -210,3 +219,71 @@ async def test_als_stream_records_http_entries_and_ignores_tcp() -> None:
                  outcome="recorded") == 2
     assert value(registry, "ambit_waypoint_access_log_entries_total", kind="tcp",
                  outcome="ignored") == 1
+
+
+# --- the source's peer metadata (baggage on the CONNECT) ------------------------------------
+
+ISTIO_BAGGAGE = ("k8s.cluster.name=K1,k8s.namespace.name=client-ns,k8s.deployment.name=client,"
+                 "service.name=client-app,service.version=v1")
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    (ISTIO_BAGGAGE, PeerBaggage("client-ns", "client", "client-app", "v1", "K1")),
+    # every workload kind Istio's ztunnel writes
+    ("k8s.namespace.name=n,k8s.pod.name=p", PeerBaggage("n", "p")),
+    ("k8s.namespace.name=n,k8s.cronjob.name=c", PeerBaggage("n", "c")),
+    # properties, spaces and percent-encoding (W3C baggage)
+    ("k8s.namespace.name = n ;prop=1, service.name=a%2Cb", PeerBaggage("n", app="a,b")),
+    # empty values, entries without '=', unknown keys: ignored
+    ("k8s.namespace.name=,service.name,foo=bar,=x", PeerBaggage()),
+    # nothing, junk, "-" (Envoy's empty %REQ%), undecodable bytes
+    (None, PeerBaggage()), ("", PeerBaggage()), ("-", PeerBaggage()),
+    (",,,;;;===", PeerBaggage()), ("service.name=%FF%FE", PeerBaggage()),
+    # too long as a whole, or one value longer than a label may be
+    ("service.name=a," + "x" * MAX_BAGGAGE_LENGTH, PeerBaggage()),
+    ("service.name=" + "a" * 300 + ",k8s.pod.name=p", PeerBaggage(workload="p")),
+    # entries past the cap are not read
+    (",".join(["foo=1"] * 40) + ",k8s.pod.name=p", PeerBaggage()),
+])
+def test_parse_baggage(text: str | None, want: PeerBaggage) -> None:
+    assert parse_baggage(text) == want
+
+
+def test_baggage_names_the_source_workload_and_app() -> None:
+    r = request_record(entry(baggage=ISTIO_BAGGAGE))
+    assert r.labels["source_workload"] == "client"
+    assert r.labels["source_app"] == "client-app"
+    assert r.labels["source_workload_namespace"] == "client-ns"
+
+
+@pytest.mark.parametrize(("principal", "baggage"), [
+    # the baggage claims another namespace than the certificate proves
+    (CLIENT, "k8s.namespace.name=other,k8s.pod.name=spoof,service.name=spoof"),
+    # no verified identity at all: a claim alone is not a label
+    (None, ISTIO_BAGGAGE),
+    # bad baggage is ignored, never fatal
+    (CLIENT, "\x00\xff garbage ;;; ,,"),
+])
+def test_baggage_that_cannot_be_trusted_is_ignored(principal: str | None, baggage: str) -> None:
+    r = request_record(entry(principal=principal, baggage=baggage))
+    assert r.labels["source_workload"] == "unknown" and r.labels["source_app"] == "unknown"
+
+
+def test_what_the_ztunnel_sends_the_waypoint_reads() -> None:
+    from ipaddress import ip_address
+
+    from ztunnel.peer_metadata import BAGGAGE_HEADER, baggage_headers
+
+    w = Workload(uid="client-ns/client-7d9f", name="client-7d9f", namespace="client-ns",
+                 service_account="client", node="node-1", addresses=(ip_address("10.0.0.1"),),
+                 trust_domain="cluster.local", workload_name="client",
+                 labels=(("app", "client-app"), ("version", "v2")))
+    ((name, value),) = baggage_headers(w)
+    assert name == BAGGAGE_HEADER
+    assert value == ("k8s.namespace.name=client-ns,k8s.deployment.name=client,"
+                     "service.name=client-app,service.version=v2")
+    assert parse_baggage(value) == PeerBaggage("client-ns", "client", "client-app", "v2")
+    r = request_record(entry(baggage=value))
+    assert (r.labels["source_workload"], r.labels["source_app"]) == ("client", "client-app")
+    # the Envoy side stores the header under the key the agent reads
+    assert peer_baggage.PEER_BAGGAGE_KEY == PEER_BAGGAGE_KEY

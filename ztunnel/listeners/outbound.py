@@ -23,6 +23,7 @@ from ztunnel.authz import ConnectionInfo
 from ztunnel.hbone.conn import StreamError
 from ztunnel.hbone.core import format_authority, forwarded_for
 from ztunnel.hbone.pool import PoolKey, UpstreamConnectError
+from ztunnel.peer_metadata import baggage_headers
 from ztunnel.proxy import (
     Answer,
     ConnectionRecord,
@@ -153,7 +154,7 @@ async def _via_hbone(ctx: ProxyContext, plan: HbonePlan | WaypointPlan,
     key = PoolKey(plan.source.identity, plan.expected_identity,
                   (str(plan.address[0]), plan.address[1]))
     authority = format_authority(*plan.target)
-    headers = [("forwarded", forwarded_for(rec.source_ip))]
+    headers = [("forwarded", forwarded_for(rec.source_ip)), *baggage_headers(plan.source)]
     for attempt in (1, 2):
         try:
             stream = await ctx.pool.open_stream(key, authority, headers)
