@@ -30,9 +30,10 @@ lock-upgrade:
 	.venv/bin/python hack/lock.py update --upgrade
 
 # A 2-node dev cluster in network namespaces (controller, agents, ztunnels, CNI-wired pods):
-# cross-node HBONE, a denied client, node metrics; torn down at the end.
+# cross-node HBONE, a denied client, node metrics; torn down at the end. KEEP=1 leaves it
+# running with `ambit dashboard` on http://127.0.0.1:15090/ (docs/dashboard.md).
 demo: setup
-	.venv/bin/ambit dev demo
+	.venv/bin/ambit dev demo $(if $(KEEP),--keep)
 
 # bench: direct, two Envoy pairs (TLS TCP and HBONE) and the ztunnels (TPROXY and eBPF capture)
 # side by side, goals P1-P7 of docs/performance.md (about 14 minutes); bench.push: state push latency over TLS (about a

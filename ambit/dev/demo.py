@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ambit.dashboard import launch as dashboard_launch
 from ambit.dev import mesh, netns
 from ambit.dev.cluster import STATE_ROOT, ClusterError, DevCluster
 from mesh.ports import NODE_METRICS_PORT
@@ -206,6 +207,8 @@ def run(workdir: Path, keep: bool = False, out: Out = _print, redirect_mode: str
             out("")
             out("[7/7] --keep: the mesh is still running. Try:")
             for line in cluster.status_lines()[1:]:
+                out(f"  {line}")
+            for line in dashboard_launch.announce(cluster):
                 out(f"  {line}")
             out(f"remove it with: ambit dev cluster down --name {name}"
                 + (f"  (state in {workdir})" if workdir != STATE_ROOT else ""))
