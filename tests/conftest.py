@@ -47,7 +47,8 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
     # A whole module skipped at import (pytest.importorskip, allow_module_level) has no items
     # to carry the marker, so judge it by where it lives.
     where = report.nodeid.replace(os.sep, "/")
-    if report.skipped and where.startswith(("tests/netns/", "tests/e2e/", "tests/hostile/")):
+    if report.skipped and where.startswith(("tests/netns/", "tests/e2e/", "tests/hostile/",
+                                            "tests/conformance/")):
         _skipped_netns.append(report.nodeid)
 
 
