@@ -110,6 +110,24 @@ def workload_id(namespace: str, owner: str) -> str:
 # --- workloads -----------------------------------------------------------------------------
 
 
+DATAPLANE_MODE_LABEL = "ambit.dev/dataplane-mode"
+
+
+def capture_reason(agent_pod: Mapping[str, Any] | None, protocol: str,
+                   labels: Mapping[str, str]) -> str | None:
+    """Why a pod is (not) captured. The agent's reason is the one it had when it enrolled the
+    pod; a pod the mesh state lists as plain TCP is out of the mesh, and the state says why
+    (the registry's rule: the pod's own label, else its namespace)."""
+    if agent_pod is None:
+        return None
+    reason = str(agent_pod.get("reason", ""))
+    if agent_pod.get("captured") or protocol == "HBONE":
+        return reason
+    if labels.get(DATAPLANE_MODE_LABEL) == "none":
+        return f"out of the mesh: the pod is labelled {DATAPLANE_MODE_LABEL}=none"
+    return "out of the mesh: its namespace is not ambient" if protocol == "TCP" else reason
+
+
 def workloads(nodes: Sequence[NodeRaw]) -> dict[str, dict[str, Any]]:
     """Graph nodes by id (``namespace/owner``), with their pods and capture state."""
     capture: dict[str, Mapping[str, Any]] = {}
@@ -142,7 +160,7 @@ def workloads(nodes: Sequence[NodeRaw]) -> dict[str, dict[str, Any]]:
                 "name": name, "node": node, "ips": list(w.get("addresses") or []),
                 "captured": None if cap is None else bool(cap.get("captured")),
                 "shouldCapture": None if cap is None else bool(cap.get("shouldCapture")),
-                "reason": None if cap is None else str(cap.get("reason", "")),
+                "reason": capture_reason(cap, str(w.get("protocol", "")), labels),
                 "raw": f"/raw/node/{node}/pods"}
             if node and node not in entry["nodes"]:
                 entry["nodes"].append(node)

@@ -38,8 +38,12 @@ STATIC = {
                          "text/javascript"),
 }
 MAX_SUBSCRIBERS = 64
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-       "connect-src 'self'; frame-ancestors 'none'")
+# cytoscape injects one fixed stylesheet for its container; its hash (for the version pinned in
+# web/package-lock.json) is allowed, nothing else inline. The browser tests fail on any CSP
+# violation, so a new version with another stylesheet is noticed.
+CYTOSCAPE_STYLE = "'sha256-pgvDUBa4IjFA2yuSJ2cqcyxmNYJMborsd0ORcRv9vw8='"
+CSP = (f"default-src 'self'; script-src 'self'; style-src 'self' {CYTOSCAPE_STYLE}; "
+       "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'")
 
 
 class Hub:

@@ -118,6 +118,24 @@ def test_workloads_group_pods_by_owner_and_join_capture() -> None:
     assert got["default/wp"]["captured"] is None  # no agent reported it
 
 
+@pytest.mark.parametrize(("agent_pod", "protocol", "labels", "want"), [
+    (None, "HBONE", {}, None),
+    ({"captured": True, "reason": "namespace default is ambient"}, "HBONE", {},
+     "namespace default is ambient"),
+    # taken out of the mesh after enrollment: the agent still says why it once captured it
+    ({"captured": False, "reason": "namespace default is ambient"}, "TCP",
+     {"ambit.dev/dataplane-mode": "none"},
+     "out of the mesh: the pod is labelled ambit.dev/dataplane-mode=none"),
+    ({"captured": False, "reason": "namespace default is ambient"}, "TCP", {},
+     "out of the mesh: its namespace is not ambient"),
+    # in the mesh but not captured (a capture failure): the agent's reason is the one
+    ({"captured": False, "reason": "no host interface"}, "HBONE", {}, "no host interface"),
+])
+def test_capture_reason(agent_pod: dict[str, Any] | None, protocol: str,
+                        labels: dict[str, str], want: str | None) -> None:
+    assert model.capture_reason(agent_pod, protocol, labels) == want
+
+
 def req(dst: str, code: str, src: str = "unknown", service: str = "web.default.svc") \
         -> Sample:
     return Sample("istio_requests_total", {

@@ -9,7 +9,6 @@
 (function () {
   const cy = cytoscape({
     container: document.getElementById("cy"),
-    wheelSensitivity: 0.3,
     style: [
       { selector: "node", style: {
         "label": "data(label)", "text-wrap": "wrap", "font-size": 11,
@@ -89,7 +88,7 @@
 
   function edgeLabel(e) {
     const parts = [];
-    if (e.mtls) parts.push("\u{1F512}");
+    if (e.mtls) parts.push("mTLS");
     if (e.kind === "tcp") parts.push(fmt(e.connections) + " conn");
     else parts.push(fmt(e.requests) + " req");
     if (e.rate) parts.push(fmt(e.rate) + "/s");
@@ -182,7 +181,7 @@
 
   function updateTables(m) {
     fill("edges", m.edges.map((e) => row([
-      e.source, e.target, e.kind === "tcp" ? "L4" : "L7 via " + e.waypoint, e.mtls ? "\u{1F512} mTLS" : "plaintext",
+      e.source, e.target, e.kind === "tcp" ? "L4" : "L7 via " + e.waypoint, e.mtls ? "mTLS" : "plaintext",
       e.kind === "tcp" ? fmt(e.connections) + " conn" : fmt(e.requests) + " req",
       e.rate === null ? "–" : fmt(e.rate), e.kind === "tcp" ? bytes(e.bytes) : "–", pct(e.errorShare),
       fmt(e.denied), (e.deniedBy || []).join(", ") || (e.denied > 0 ? "(waypoint policy)" : ""),
