@@ -123,7 +123,8 @@ class Agent:
         uids = allowed_uids(config.socket_uids)
         self.cni = CniServer(config.cni_socket, self.handle_cni, uids=uids)
         self.link = ZtunnelLinkServer(config.ztunnel_socket, self._on_listeners, uids=uids,
-                                      peer_check=config.ztunnel_peer_check)
+                                      peer_check=config.ztunnel_peer_check,
+                                      hold_seconds=config.listener_hold)
         # container id -> pod uid of the pods handed to the ztunnel at ADD (for DEL, which
         # may come without the pod's name).
         self._added_uids: dict[str, str] = {}
@@ -285,6 +286,9 @@ class Agent:
             "ready": self.ready()[1],
             "registryVersion": self.store.current.version if self.store.ready else None,
             "ztunnelPid": self.link.ztunnel_pid,
+            # The capture listeners the agent keeps for the next ztunnel (restarts).
+            "heldListeners": self.link.held_status(),
+            "ztunnelTakeovers": self.link.takeovers,
             "refusedPeers": {"cni": self.cni.refusals.total,
                              "ztunnel": self.link.refusals.total},
             "lastReconcile": self.last_reconcile,

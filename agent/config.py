@@ -15,7 +15,7 @@ from pathlib import Path
 
 from agent.capture.base import MODE_EBPF, MODE_IPTABLES
 from agent.uplinks import AUTO as UPLINKS_AUTO
-from agent.ztunnel_link import PEER_CHECK_CMDLINE, PEER_CHECKS
+from agent.ztunnel_link import DEFAULT_HOLD_SECONDS, PEER_CHECK_CMDLINE, PEER_CHECKS
 from mesh.ports import METRICS_PORT, NODE_METRICS_PORT
 
 # The node's ztunnel shares the node's network namespace (hostNetwork), so loopback reaches it.
@@ -66,6 +66,9 @@ class AgentConfig:
     # the plugin's default timeoutSeconds (10), so ADD fails with the agent's reason rather
     # than the plugin's timeout.
     ztunnel_handoff_timeout: float = 4.0
+    # How long the agent keeps the capture listeners once no ztunnel is linked, for the next
+    # ztunnel to take over (``--listener-hold``, agent/ztunnel_link.py).
+    listener_hold: float = DEFAULT_HOLD_SECONDS
     resync_interval: float = 10.0
     log_level: str = "info"
     # The host's CNI directories as mounted in the pod, and the plugin binary to keep
@@ -137,6 +140,9 @@ class AgentConfig:
         if self.membership_timeout <= 0 or self.resync_interval <= 0 or \
                 self.ztunnel_handoff_timeout <= 0:
             raise AgentConfigError("timeouts and intervals must be positive")
+        if not 0 <= self.listener_hold <= 3600:
+            raise AgentConfigError(f"--listener-hold: {self.listener_hold:g} is not between 0 "
+                                   "and 3600 seconds")
         if (self.cni_bin_dir is None) != (self.cni_conf_dir is None):
             raise AgentConfigError("--cni-bin-dir and --cni-conf-dir go together (the host's "
                                    "/opt/cni/bin and /etc/cni/net.d as mounted in the pod)")

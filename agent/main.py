@@ -35,7 +35,7 @@ from agent.config import (
     parse_uplinks,
 )
 from agent.uplinks import AUTO as UPLINKS_AUTO
-from agent.ztunnel_link import PEER_CHECK_CMDLINE, PEER_CHECKS
+from agent.ztunnel_link import DEFAULT_HOLD_SECONDS, PEER_CHECK_CMDLINE, PEER_CHECKS
 from mesh.ports import NODE_METRICS_PORT
 
 if TYPE_CHECKING:
@@ -88,6 +88,11 @@ def add_parser(sub: SubParsers) -> None:
                      help="cmdline (default): only an `ambit ztunnel` process (its /proc "
                      "command line) may register capture listeners on ztunnel.sock; off: any "
                      "allowed uid may")
+    run.add_argument("--listener-hold", type=float, default=DEFAULT_HOLD_SECONDS,
+                     metavar="SECONDS",
+                     help="keep the ztunnel's capture listeners this long after it went, so "
+                     "its successor takes them over and no queued connection is refused "
+                     f"(default {DEFAULT_HOLD_SECONDS:g}; 0 lets them go at once)")
     run.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"])
     _cni_dirs(run, required=False)
@@ -194,6 +199,7 @@ def _run(args: argparse.Namespace) -> int:
             cni_binary=args.binary, daemonset=args.daemonset,
             daemonset_namespace=os.environ.get("POD_NAMESPACE", ""),
             socket_uids=tuple(args.socket_uid), ztunnel_peer_check=args.ztunnel_peer_check,
+            listener_hold=args.listener_hold,
         ).validate()
         links = uplinks.read_links() if config.uplinks_auto else []
         found = uplinks.resolve(config.uplinks, links)

@@ -42,6 +42,14 @@ def agent_lines(doc: Mapping[str, Any], *, pods: bool = True) -> list[str]:
         lines.append(f"  uplinks: {', '.join(str(u) for u in doc.get('uplinks') or []) or 'none'}")
     if "cni" in doc:
         lines.append(f"  cni: {doc['cni']}")
+    held = doc.get("heldListeners")
+    if isinstance(held, Mapping) and isinstance(held.get("listeners"), Mapping):
+        kept = ", ".join(f"{n} x{c}" for n, c in held["listeners"].items())
+        gone = held.get("unlinkedFor")
+        lines.append(f"  ztunnel listeners kept for restarts: {kept}" +
+                     (f" (no ztunnel linked for {gone}s)" if gone is not None else
+                      f" (ztunnel pid {doc.get('ztunnelPid')}; "
+                      f"{doc.get('ztunnelTakeovers', 0)} takeover(s))"))
     capture = doc.get("capture") or {}
     if isinstance(capture, Mapping):
         for key, value in sorted(capture.items()):

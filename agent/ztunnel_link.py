@@ -6,19 +6,32 @@ sockets can put them there. The ztunnel connects to ``<run dir>/ztunnel.sock`` a
 and sends one JSON line naming its capture listeners, with their descriptors attached
 (SCM_RIGHTS); the agent stores them in the pinned SOCKMAP and answers ``{"ok": true}``. The
 connection stays open: the ztunnel re-sends after a restart of either side, and the agent
-learns the ztunnel's pid (SO_PEERCRED) for the node metrics. The SOCKMAP holds its own
-reference, so the agent closes its copies right away; when the ztunnel exits, the kernel
-drops its sockets from the map and new captured connections fail closed until it is back.
+learns the ztunnel's pid (SO_PEERCRED) for the node metrics.
 
-What it accepts: exactly the capture listeners (``LISTENER_SLOTS``: outbound, inbound,
-inbound_plaintext), each a listening TCP socket (``registration_problem``); anything else is
-answered with the reason and leaves the SOCKMAP as it was.
+Lossless ztunnel restarts (issue 15): the agent is the keeper of the node's capture listeners.
+It keeps its copies of the registered sockets (``HeldListeners``) after the ztunnel that
+registered them goes, so the listening sockets (and the SOCKMAP entries, and the ports TPROXY
+finds) outlive any one ztunnel: connections that arrive while no ztunnel accepts wait in the
+kernel's accept queue instead of being refused. A starting ztunnel first asks for them
+(``{"op": "take"}``, answered with the same sockets attached) and serves those instead of
+binding new ones, so the next ztunnel accepts from the very queue the last one left. When a
+ztunnel registers while another is linked (a restart that overlaps: the new one is ready), the
+agent tells the old one ``superseded``: it stops accepting (the new one already does, on the
+same sockets) and drains its established connections. With no ztunnel linked for
+``hold_seconds`` the agent lets them go, and capture fails closed again as before.
+
+What it accepts: the capture listeners (``LISTENER_SLOTS``: outbound, inbound,
+inbound_plaintext), each a listening TCP socket, each name at least once and at most
+``MAX_GROUP`` times (a ztunnel with worker processes registers every member of each
+SO_REUSEPORT group; the SOCKMAP gets the first, the kernel picks the member), all members of
+one name on one address (``registration_problem``); anything else is answered with the reason
+and leaves the SOCKMAP as it was.
 
 Who may register: the socket is 0600 and the agent serves only peers whose uid it allows
 (``SO_PEERCRED``: root and its own user, ``--socket-uid`` for more), and, unless
 ``--ztunnel-peer-check off``, only a peer that is an ``ambit ztunnel`` process
 (``ztunnel_problem``). Anyone else is answered with the reason, closed, logged (rate limited)
-and counted (``refusals``); the SOCKMAP is not touched.
+and counted (``refusals``); the SOCKMAP is not touched and nothing held is handed out.
 
 Pod start: once registered, the link also carries the agent's requests the other way
 (``pod_added`` at CNI ADD, ``pod_deleted`` at DEL), one JSON line each, answered by the ztunnel
@@ -39,6 +52,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +64,17 @@ from mesh.unix import PeerCred, RefusalLog, allowed_uids, bind_unix, peer_cred, 
 
 log = logging.getLogger("agent.ztunnel_link")
 
-MAX_MESSAGE = 4096
 # The longest request line (ztunnel/agent_link.py has the same limit; layers never import each
-# other) and answer line read back.
+# other) and answer line read back; a registration line is read in one message of this size.
 MAX_REQUEST = 16384
-MAX_FDS = 8
+MAX_MESSAGE = MAX_REQUEST
+# Members of one listener's SO_REUSEPORT group the agent takes (the ztunnel's --workers limit).
+MAX_GROUP = 64
+MAX_FDS = MAX_GROUP * 3
+# How long the agent keeps the capture listeners with no ztunnel linked (``--listener-hold``).
+DEFAULT_HOLD_SECONDS = 60.0
+OP_TAKE = "take"
+OP_SUPERSEDED = "superseded"
 SOCKET_MODE = 0o600
 PEER_CHECK_CMDLINE = "cmdline"
 PEER_CHECK_OFF = "off"
@@ -80,12 +100,13 @@ def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
 @dataclass(frozen=True)
 class SocketKind:
     """What the kernel says a received descriptor is (``SO_DOMAIN``, ``SO_TYPE``,
-    ``SO_PROTOCOL``, ``SO_ACCEPTCONN``)."""
+    ``SO_PROTOCOL``, ``SO_ACCEPTCONN``) and where it is bound (``getsockname``)."""
 
     family: int
     type: int
     protocol: int
     listening: bool
+    address: str = ""
 
 
 TCP_LISTENER = SocketKind(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, True)
@@ -103,10 +124,13 @@ def socket_kind(fd: int) -> SocketKind | None:
         return None
     with sock:
         try:
-            return SocketKind(sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN),
+            family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+            name = sock.getsockname() if family in (socket.AF_INET, socket.AF_INET6) else ""
+            return SocketKind(family,
                               sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE),
                               sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL),
-                              sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1)
+                              sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1,
+                              f"{name[0]}:{name[1]}" if name else "")
         except OSError:  # ENOTSOCK: a pipe, a file, ...
             return None
 
@@ -114,20 +138,22 @@ def socket_kind(fd: int) -> SocketKind | None:
 def listener_names_problem(names: Sequence[str]) -> str | None:
     """Why ``names`` is not a listener set the agent accepts (None: it is).
 
-    Exactly the capture listeners (``LISTENER_SLOTS``), each once: the backend empties the slot
-    of a name it is not given, so a partial or empty set would quietly stop capture for the
-    missing listeners, and an unknown name has no slot.
+    Every capture listener (``LISTENER_SLOTS``), each at least once and at most ``MAX_GROUP``
+    times (the members of a ztunnel's SO_REUSEPORT group, one per worker): the backend empties
+    the slot of a name it is not given, so a partial or empty set would quietly stop capture
+    for the missing listeners, and an unknown name has no slot.
     """
     expected = ", ".join(LISTENER_SLOTS)
     fix = (f"the ztunnel must hand over exactly its capture listeners ({expected}), one "
            "descriptor each: run it with --inbound-bind shared, at the agent's version")
     if not names:
         return f"no listeners (it would empty every SOCKMAP slot); {fix}"
-    twice = sorted({n for n in names if names.count(n) > 1})
+    many = sorted({n for n in names if names.count(n) > MAX_GROUP})
     missing = [n for n in LISTENER_SLOTS if n not in names]
     unknown = sorted({n for n in names if n not in LISTENER_SLOTS})
     wrong = [f"{what}: {', '.join(which)}" for what, which in
-             (("missing", missing), ("unknown", unknown), ("named twice", twice)) if which]
+             (("missing", missing), ("unknown", unknown),
+              (f"named more than {MAX_GROUP} times", many)) if which]
     return f"{'; '.join(wrong)}; {fix}" if wrong else None
 
 
@@ -155,7 +181,18 @@ def registration_problem(names: Sequence[str], kinds: Sequence[SocketKind | None
                 "descriptor per name, in the same order (SCM_RIGHTS)")
     fd_problems = [p for n, k in zip(names, kinds, strict=True)
                    if (p := listener_fd_problem(n, k)) is not None]
-    return "; ".join(fd_problems) or None
+    if fd_problems:
+        return "; ".join(fd_problems)
+    # The members of one name are one SO_REUSEPORT group: one address.
+    addresses: dict[str, set[str]] = {}
+    for n, k in zip(names, kinds, strict=True):
+        assert k is not None
+        addresses.setdefault(n, set()).add(k.address)
+    split = [f"{n} ({', '.join(sorted(a))})" for n, a in addresses.items() if len(a) > 1]
+    if split:
+        return ("the descriptors of one listener must share its address (one SO_REUSEPORT "
+                f"group): {'; '.join(split)}")
+    return None
 
 
 def is_ztunnel_argv(argv: Sequence[str]) -> bool:
@@ -230,6 +267,34 @@ class _Session:
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+@dataclass
+class HeldListeners:
+    """The agent's copies of the capture listeners last registered: ``(name, fd)`` in the
+    order the ztunnel sent them (a name repeats for each member of its SO_REUSEPORT group).
+    ``unlinked_at`` is when the last ztunnel went (monotonic; None while one is linked)."""
+
+    fds: list[tuple[str, int]]
+    pid: int
+    unlinked_at: float | None = None
+
+    def close(self) -> None:
+        for _, fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+    def alive(self) -> bool:
+        """Every held socket is still a listening socket (nobody shut one down)."""
+        return bool(self.fds) and all(
+            (k := socket_kind(fd)) is not None and k.listening for _, fd in self.fds)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name, _ in self.fds:
+            out[name] = out.get(name, 0) + 1
+        return out
+
+
 def parse_answer(line: bytes) -> tuple[int, str | None]:
     """A ztunnel's answer line: (request id, None if ok else the reason it refused)."""
     doc = json.loads(line)
@@ -243,21 +308,26 @@ def parse_answer(line: bytes) -> tuple[int, str | None]:
 class ZtunnelLinkServer:
     def __init__(self, path: Path, on_listeners: OnListeners, *,
                  uids: Set[int] | None = None,
-                 peer_check: str = PEER_CHECK_CMDLINE) -> None:
+                 peer_check: str = PEER_CHECK_CMDLINE,
+                 hold_seconds: float = DEFAULT_HOLD_SECONDS) -> None:
         if peer_check not in PEER_CHECKS:
             raise ValueError(f"peer_check: {peer_check!r} is not one of {', '.join(PEER_CHECKS)}")
         self.path = path
         self.on_listeners = on_listeners
         self.uids = allowed_uids() if uids is None else frozenset(uids)
         self.peer_check = peer_check
+        self.hold_seconds = hold_seconds
         self.refusals = RefusalLog(log)
         # Bad registrations and lines: a process that passes the peer check can still send
         # rubbish as fast as it likes; one line per kind every 10 s, the rest counted.
         self.bad_messages = RateLimitedLog(log, what="refused")
         self.ztunnel_pid: int | None = None
         self.registrations = 0
+        self.takeovers = 0  # listener sets handed to a starting ztunnel
+        self.held: HeldListeners | None = None
         self._server: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
+        self._release: asyncio.Task[None] | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self._session: _Session | None = None
         self._linked = asyncio.Event()
@@ -277,12 +347,7 @@ class ZtunnelLinkServer:
                 "shared)?") from None
         session = self._session
         assert session is not None
-        self._next_id += 1
-        request_id = self._next_id
-        line = json.dumps({**message, "id": request_id}).encode() + b"\n"
-        if len(line) > MAX_REQUEST:
-            raise LinkUnavailable(f"{message.get('op')} request of {len(line)} bytes is over "
-                                  f"the link's {MAX_REQUEST}-byte limit (too many labels?)")
+        line, request_id = self._line(message)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         session.pending[request_id] = fut
         loop = asyncio.get_running_loop()
@@ -302,6 +367,22 @@ class ZtunnelLinkServer:
             session.pending.pop(request_id, None)
         if reply.get("error") is not None:
             raise LinkUnavailable(f"the ztunnel refused {message.get('op')}: {reply['error']}")
+
+    def _line(self, message: Mapping[str, Any]) -> tuple[bytes, int]:
+        self._next_id += 1
+        line = json.dumps({**message, "id": self._next_id}).encode() + b"\n"
+        if len(line) > MAX_REQUEST:
+            raise LinkUnavailable(f"{message.get('op')} request of {len(line)} bytes is over "
+                                  f"the link's {MAX_REQUEST}-byte limit (too many labels?)")
+        return line, self._next_id
+
+    async def _tell(self, session: _Session, message: Mapping[str, Any]) -> None:
+        """Send ``message`` on ``session`` without waiting for its answer (best effort)."""
+        line, _ = self._line(message)
+        with contextlib.suppress(OSError, TimeoutError):
+            async with session.write_lock:
+                await asyncio.wait_for(
+                    asyncio.get_running_loop().sock_sendall(session.conn, line), 2)
 
     async def start(self) -> None:
         # 0600 from creation (mesh/unix.py): the ztunnel runs as root, like the agent.
@@ -337,6 +418,69 @@ class ZtunnelLinkServer:
             problem = ztunnel_problem(peer, read_cmdline(peer.pid) if peer.pid else None)
         return problem
 
+    # -- the listeners the agent keeps -----------------------------------------------------
+
+    def _hand_over(self, conn: socket.socket, pid: int) -> None:
+        """Answer a starting ztunnel's ``take``: the held listeners (their names, the
+        descriptors attached), or none (it binds its own)."""
+        held = self.held
+        if held is not None and not held.alive():
+            log.warning("the held capture listeners are no longer listening; letting them go")
+            self._let_go()
+            held = None
+        names = [n for n, _ in held.fds] if held is not None else []
+        payload = json.dumps({"ok": True, "listeners": names}).encode() + b"\n"
+        # A fresh connection whose peer waits for this answer: the buffer is empty and the
+        # message small, so sendmsg completes at once.
+        socket.send_fds(conn, [payload], [fd for _, fd in held.fds] if held else [])
+        if held is not None:
+            self.takeovers += 1
+            log.info("handed the capture listeners (%s) to the starting ztunnel pid %d",
+                     ", ".join(f"{n} x{c}" for n, c in held.counts().items()), pid)
+
+    def _hold(self, fds: list[tuple[str, int]], pid: int) -> None:
+        """Keep ``fds`` (a registration just put in place) instead of the set held so far."""
+        previous = self.held
+        self.held = HeldListeners(fds, pid)
+        if previous is not None:
+            previous.close()  # the same sockets, when the ztunnel took them over: still open
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+
+    def _let_go(self) -> None:
+        if self.held is not None:
+            self.held.close()
+            self.held = None
+
+    async def _release_later(self) -> None:
+        await asyncio.sleep(self.hold_seconds)
+        if self._session is None and self.held is not None:
+            log.warning("no ztunnel linked for %gs: letting the capture listeners go (new "
+                        "connections of mesh pods fail closed until a ztunnel registers)",
+                        self.hold_seconds)
+            self._let_go()
+        self._release = None
+
+    def _unlinked(self) -> None:
+        """The linked ztunnel went and no other is linked: keep its listeners for
+        ``hold_seconds`` (its successor takes them), then let them go."""
+        if self.held is not None:
+            self.held.unlinked_at = time.monotonic()
+            if self._release is None:
+                self._release = asyncio.create_task(self._release_later())
+
+    def held_status(self) -> dict[str, Any] | None:
+        """For ``ambit agent status``: what the agent keeps and since when it has no ztunnel."""
+        if self.held is None:
+            return None
+        unlinked = self.held.unlinked_at
+        return {"listeners": self.held.counts(), "registeredBy": self.held.pid,
+                "unlinkedFor": None if unlinked is None else
+                round(time.monotonic() - unlinked, 1)}
+
+    # -- one connection --------------------------------------------------------------------
+
     async def _serve(self, conn: socket.socket, pid: int) -> None:
         loop = asyncio.get_running_loop()
         fds: list[int] = []
@@ -346,6 +490,9 @@ class ZtunnelLinkServer:
             await asyncio.wait_for(_readable(conn), 10)
             msg, fds = _recv_with_fds(conn)
             request = json.loads(msg.decode().strip() or "null")
+            if isinstance(request, dict) and request.get("op") == OP_TAKE and not fds:
+                self._hand_over(conn, pid)
+                return
             names = request.get("listeners") if isinstance(request, dict) else None
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise ValueError(f"expected {{\"listeners\": [names]}} with one descriptor "
@@ -355,17 +502,31 @@ class ZtunnelLinkServer:
             problem = registration_problem(names, [socket_kind(fd) for fd in fds])
             if problem is not None:
                 raise ValueError(f"registration from pid {pid} refused: {problem}")
-            await self.on_listeners(dict(zip(names, fds, strict=True)), pid)
+            first: dict[str, int] = {}
+            for name, fd in zip(names, fds, strict=True):
+                first.setdefault(name, fd)
+            await self.on_listeners(first, pid)
+            self._hold(list(zip(names, fds, strict=True)), pid)
+            fds = []  # held now: closed when replaced or let go, not with this connection
+            previous = self._session
             self.ztunnel_pid = pid
             registered = True
             self.registrations += 1
-            log.info("ztunnel pid %d registered its listeners: %s", pid, ", ".join(names))
+            log.info("ztunnel pid %d registered its listeners: %s", pid,
+                     ", ".join(f"{n} x{c}" for n, c in Counter(names).items()))
             await loop.sock_sendall(conn, b'{"ok": true}\n')
             # Keep the link open until the ztunnel goes away, so its pid stays current; it
             # carries the requests (pod start) and their answers from now on.
             session = _Session(conn, pid)
             self._session = session
             self._linked.set()
+            if previous is not None:
+                # A restart that overlapped: the new ztunnel serves the same sockets now, so
+                # the old one stops accepting and drains. (A ztunnel that reconnected before
+                # the agent saw its old link close is told on that dead link: nobody hears.)
+                log.info("ztunnel pid %d superseded by pid %d: telling it to drain",
+                         previous.pid, pid)
+                await self._tell(previous, {"op": OP_SUPERSEDED, "by": pid})
             try:
                 await self._read_answers(session)
             finally:
@@ -375,6 +536,7 @@ class ZtunnelLinkServer:
                 if self._session is session:
                     self._session = None
                     self._linked.clear()
+                    self._unlinked()
             log.info("ztunnel pid %d closed the link", pid)
         except Exception as e:  # a bad message, or the SOCKMAP update failed: keep serving
             bad_input = isinstance(e, TimeoutError | OSError | ValueError)
@@ -386,8 +548,8 @@ class ZtunnelLinkServer:
                 await loop.sock_sendall(conn, json.dumps({"ok": False, "error": str(e)})
                                         .encode() + b"\n")
         finally:
-            if registered and self.ztunnel_pid == pid:  # its link is gone, so is it
-                self.ztunnel_pid = None
+            if registered and self.ztunnel_pid == pid and self._session is None:
+                self.ztunnel_pid = None  # its link is gone, so is it
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -416,10 +578,13 @@ class ZtunnelLinkServer:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._release is not None:
+            self._release.cancel()
         for t in list(self._conns):
             t.cancel()
         if self._server is not None:
             self._server.close()
+        self._let_go()
         self.path.unlink(missing_ok=True)
 
 

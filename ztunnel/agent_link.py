@@ -17,7 +17,15 @@ its ``id``:
   to its store's provisional overlay (``OverlayStateStore``), which starts the fetch of its
   certificate, then answers ``{"id": N, "ok": true}``; the agent lets ADD return only then, so
   the pod's first connection finds its source known;
-- ``{"op": "pod_deleted", "id": N, "uid": "ns/name"}`` at CNI DEL: the provisional entry goes.
+- ``{"op": "pod_deleted", "id": N, "uid": "ns/name"}`` at CNI DEL: the provisional entry goes;
+- ``{"op": "superseded", "id": N, "by": PID}``: another ztunnel (a restart that overlapped)
+  registered the same listeners and accepts on them now; this one stops accepting and drains.
+
+Restarts (issue 15): the agent keeps the capture listeners after the ztunnel that registered
+them goes. A starting ztunnel first asks for them (``take_listeners``: ``{"op": "take"}`` on a
+connection of its own, answered ``{"ok": true, "listeners": [names]}`` with the sockets
+attached, or none) and serves those instead of binding new ones, so connections queued while
+no ztunnel accepted are served by the next one and none is refused.
 
 A refused request is answered ``{"id": N, "ok": false, "error": "<reason>"}``. Every field is
 checked as strictly as the state file's (``parse_link_request``): the link is input from
@@ -32,7 +40,7 @@ import logging
 import random
 import re
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +56,10 @@ log = logging.getLogger("ztunnel.agent_link")
 MAX_REQUEST = 16384
 OP_POD_ADDED = "pod_added"
 OP_POD_DELETED = "pod_deleted"
+OP_SUPERSEDED = "superseded"
+OP_TAKE = "take"
+TAKE_TIMEOUT = 2.0  # a starting ztunnel waits this long for the agent's listeners
+MAX_TAKEN = 3 * 64  # descriptors in a take answer: three listeners, 64 members each at most
 MAX_LABELS = 64
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
@@ -65,7 +77,12 @@ class PodDeleted:
     uid: str
 
 
-LinkRequest = PodAdded | PodDeleted
+@dataclass(frozen=True)
+class Superseded:
+    by: int  # the pid of the ztunnel that took over
+
+
+LinkRequest = PodAdded | PodDeleted | Superseded
 
 
 class LinkRequestError(ValueError):
@@ -162,10 +179,16 @@ def parse_link_request(line: bytes, node: str, trust_domain: str) -> tuple[int, 
             _dns(namespace, "uid (namespace)", _DNS_LABEL, 63)
             _dns(name, "uid (name)", _DNS_SUBDOMAIN, 253)
             return request_id, PodDeleted(f"{namespace}/{name}")
+        if op == OP_SUPERSEDED:
+            m = mapping(doc, "", ("op", "id", "by"))
+            by = m.get("by")
+            if not isinstance(by, int) or isinstance(by, bool) or not 0 < by < 2**22:
+                raise StateError("by", f"expected a pid, got {by!r:.80}")
+            return request_id, Superseded(by)
     except StateError as e:
         raise LinkRequestError(str(e), request_id) from None
-    raise LinkRequestError(f"op: {op!r:.80} is not one of {OP_POD_ADDED}, {OP_POD_DELETED}",
-                           request_id)
+    raise LinkRequestError(f"op: {op!r:.80} is not one of {OP_POD_ADDED}, {OP_POD_DELETED}, "
+                           f"{OP_SUPERSEDED}", request_id)
 
 
 # Carries out a request (adds or removes the provisional workload); raises ValueError with the
@@ -180,8 +203,95 @@ def answer(request_id: int | None, problem: str | None) -> bytes:
     return json.dumps(reply).encode() + b"\n"
 
 
+Listeners = Mapping[str, socket.socket | Sequence[socket.socket]]
+
+
+def _members(listeners: Listeners) -> list[tuple[str, socket.socket]]:
+    """(name, socket) for every member of every listener's group, in order."""
+    out: list[tuple[str, socket.socket]] = []
+    for name, socks in listeners.items():
+        out += [(name, s) for s in ([socks] if isinstance(socks, socket.socket) else socks)]
+    return out
+
+
+def taken_problem(names: Sequence[str], socks: Sequence[socket.socket],
+                  ports: Mapping[str, int]) -> str | None:
+    """Why the listeners the agent handed over cannot be served (None: they can): each a
+    listening TCP socket on the port this ztunnel is configured with for its name, every name
+    of ``ports`` present."""
+    if len(names) != len(socks):
+        return f"{len(names)} name(s) but {len(socks)} descriptor(s)"
+    for name, sock in zip(names, socks, strict=True):
+        if name not in ports:
+            return f"unknown listener {name!r:.80}"
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM or \
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1 or \
+                    sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return f"{name}: not a listening TCP socket"
+            port = sock.getsockname()[1]
+        except OSError as e:
+            return f"{name}: {e}"
+        if port != ports[name]:
+            return f"{name}: on port {port}, this ztunnel's is {ports[name]}"
+    missing = [n for n in ports if n not in names]
+    return f"missing: {', '.join(missing)}" if missing else None
+
+
+async def take_listeners(path: Path, ports: Mapping[str, int],
+                         within: float = TAKE_TIMEOUT) -> dict[str, list[socket.socket]]:
+    """The capture listeners the agent keeps from the previous ztunnel (name -> the members of
+    its group), to serve instead of binding new ones; empty when the agent holds none, cannot
+    be reached within ``within`` seconds or hands over something unusable (then this ztunnel
+    binds its own; logged)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    received: list[socket.socket] = []
+    try:
+        async with asyncio.timeout(within):
+            await loop.sock_connect(sock, str(path))
+            await loop.sock_sendall(sock, json.dumps({"op": OP_TAKE}).encode() + b"\n")
+            readable = asyncio.Event()
+            loop.add_reader(sock.fileno(), readable.set)
+            try:
+                await readable.wait()
+            finally:
+                loop.remove_reader(sock.fileno())
+            msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, MAX_TAKEN)
+            received = [socket.socket(fileno=fd) for fd in fds]
+        reply = json.loads(msg)
+        if not isinstance(reply, dict) or reply.get("ok") is not True:
+            raise ValueError(f"the agent refused: {str(reply)[:300]}")
+        names = reply.get("listeners")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"not a listener list: {str(names)[:300]}")
+        if not names and not received:
+            return {}
+        problem = taken_problem(names, received, ports)
+        if problem is not None:
+            raise ValueError(f"unusable listeners from the agent: {problem}")
+        out: dict[str, list[socket.socket]] = {}
+        for name, s in zip(names, received, strict=True):
+            s.setblocking(False)
+            out.setdefault(name, []).append(s)
+        received = []
+        return out
+    except (FileNotFoundError, ConnectionRefusedError):
+        log.info("no node agent at %s yet: binding the capture listeners", path)
+        return {}  # a fresh start (the agent comes up later and gets them registered)
+    except (OSError, TimeoutError, ValueError) as e:
+        log.warning("could not take the capture listeners from the node agent at %s (%s); "
+                    "binding new ones", path, e)
+        return {}
+    finally:
+        sock.close()
+        for s in received:
+            s.close()
+
+
 class AgentLink:
-    def __init__(self, path: Path, listeners: Mapping[str, socket.socket],
+    def __init__(self, path: Path, listeners: Listeners,
                  backoff_initial: float = 0.2, backoff_max: float = 5.0, *,
                  node: str = "", trust_domain: str | Callable[[], str] = "cluster.local",
                  on_request: OnRequest | None = None,
@@ -208,9 +318,10 @@ class AgentLink:
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, str(self.path))
-            names = list(self.listeners)
+            members = _members(self.listeners)
+            names = [n for n, _ in members]
             payload = json.dumps({"listeners": names}).encode() + b"\n"
-            fds = [self.listeners[n].fileno() for n in names]
+            fds = [s.fileno() for _, s in members]
             # Small and the socket is fresh: sendmsg completes at once.
             socket.send_fds(sock, [payload], fds)
             answer = b""
@@ -225,7 +336,7 @@ class AgentLink:
             self.registered.set()
             self.last_error = ""
             log.info("handed the capture listeners (%s) to the node agent at %s",
-                     ", ".join(names), self.path)
+                     ", ".join(dict.fromkeys(names)), self.path)
             await self._serve_requests(sock)
             log.warning("the node agent closed the link; reconnecting")
         finally:

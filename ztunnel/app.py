@@ -6,6 +6,15 @@ plaintext and HBONE inbound listeners on each local pod IP, reconciled whenever 
 changes). On SIGTERM it drains:
 readiness fails, listeners stop accepting, inbound HBONE peers get GOAWAY, open connections get
 ``drain_seconds`` to finish, then the rest are closed.
+
+Restarts lose nothing (issue 15): with the node agent (``--agent-socket``), a starting ztunnel
+first takes the capture listeners the agent keeps from its predecessor
+(``agent_link.take_listeners``) and serves those very sockets, so connections the kernel queued
+while no ztunnel accepted are not refused. It starts accepting on them, and registers with the
+agent, only once it is ready (state loaded, every worker ready); a predecessor still running
+is then told it is superseded and drains: it stops accepting (its successor accepts from the
+same queues), releases its admin, metrics and readiness ports for the successor, and gives its
+established connections ``drain_seconds``.
 """
 
 from __future__ import annotations
@@ -95,6 +104,16 @@ class Ztunnel:
         self.listeners: dict[str, Listener] = {}
         self._workload_listeners: dict[IPAddress, list[Listener]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Restarts: the capture sockets taken over from the node agent (its predecessor's;
+        # empty on a fresh start), the capture sockets served (name -> group members), and
+        # the listeners that start accepting only once this ztunnel is ready.
+        self.taken: dict[str, list[socket.socket]] = {}
+        self.capture: dict[str, list[socket.socket]] = {}
+        self._deferred: list[Listener] = []
+        self._agent_task: asyncio.Task[None] | None = None
+        # Set when the agent says another ztunnel took over (``serve`` then drains).
+        self.superseded_by: int | None = None
+        self.on_superseded: Callable[[], None] | None = None
         self.draining = False
         self.started = False
         # Listeners this process opens itself share their port with the other workers' (only
@@ -121,6 +140,54 @@ class Ztunnel:
         log.info("listening: %s on %s:%d", name, host, port)
         return listener
 
+    def _open_port(self, name: str, host: str, port: int,
+                   handler: Callable[[socket.socket], Awaitable[None]]) -> None:
+        """Open a port that is not captured (admin, metrics, readiness, SOCKS5). After a
+        takeover the ztunnel being replaced may still hold it for a moment (until it is told
+        it is superseded): then wait for it instead of failing."""
+        try:
+            self.listeners[name] = self._open(name, host, port, False, handler)
+        except BindError:
+            if not self.taken:
+                raise
+            log.info("%s port %s:%d is still the previous ztunnel's: opening it once it lets "
+                     "go", name, host, port)
+            self._tasks.append(asyncio.create_task(self._open_later(name, host, port, handler)))
+
+    async def _open_later(self, name: str, host: str, port: int,
+                          handler: Callable[[socket.socket], Awaitable[None]]) -> None:
+        while not self.draining:
+            await asyncio.sleep(0.1)
+            try:
+                self.listeners[name] = self._open(name, host, port, False, handler)
+                return
+            except BindError:
+                continue
+
+    def _serve_capture(self, name: str, port: int,
+                       handler: Callable[[socket.socket], Awaitable[None]]) -> None:
+        """A capture listener: the sockets taken over from the agent, else one bound here.
+        Taken-over ones accept only once this ztunnel is ready (``_take_over``)."""
+        c = self.config
+        socks = self.taken.get(name) or [
+            bind_socket(c.bind_host, port, c.transparent, reuseport=self.reuseport)]
+        self.capture[name] = socks
+        self._serve_sockets(name, socks, handler, defer=bool(self.taken))
+        log.info("listening: %s on %s:%d%s", name, c.bind_host, port,
+                 f" ({len(socks)} socket(s) taken over from the previous ztunnel)"
+                 if self.taken else "")
+
+    def _serve_sockets(self, name: str, socks: list[socket.socket],
+                       handler: Callable[[socket.socket], Awaitable[None]], defer: bool) -> None:
+        for i, sock in enumerate(socks):
+            sock.setblocking(False)
+            listener = Listener(name, sock, handler, self._on_error)
+            self.listeners[name if i == 0 else f"{name}#{i}"] = listener
+            if defer:
+                self._deferred.append(listener)
+            else:
+                listener.start()
+
     def add_listener(self, name: str, sock: socket.socket) -> Listener:
         """Serve an already-bound socket (e.g. opened in a pod's network namespace) as one of
         the capture listeners: ``outbound``, ``inbound_plaintext`` or ``inbound``."""
@@ -142,30 +209,24 @@ class Ztunnel:
     def _open_static(self) -> None:
         c = self.config
         h = self._capture_handlers()
-        shared = c.inbound_bind != BIND_WORKLOAD
-        specs: list[tuple[str, str, int, bool, Callable[[socket.socket], Awaitable[None]]]] = [
-            ("outbound", c.bind_host, c.outbound_port, c.transparent, h["outbound"]),
-        ]
-        if shared:
-            specs += [
-                ("inbound_plaintext", c.bind_host, c.inbound_plaintext_port, c.transparent,
-                 h["inbound_plaintext"]),
-                ("inbound", c.bind_host, c.inbound_port, c.transparent, h["inbound"]),
-            ]
-        specs += [
-            ("socks5", c.socks5_host, c.socks5_port, False,
-             functools.partial(socks5.handle, self.ctx)),
-            ("admin", c.admin_host, c.admin_port, False,
-             serve_http(admin_routes(self.ctx))),
-            ("metrics", c.stats_host, c.metrics_port, False,
-             serve_http(stats_routes(self.ctx, self.readiness))),
+        capture = [("outbound", c.outbound_port)]
+        if c.inbound_bind != BIND_WORKLOAD:
+            capture += [("inbound_plaintext", c.inbound_plaintext_port),
+                        ("inbound", c.inbound_port)]
+        for name, port in capture:
+            if port:
+                self._serve_capture(name, port, h[name])
+        stats = serve_http(stats_routes(self.ctx, self.readiness))
+        specs: list[tuple[str, str, int, Callable[[socket.socket], Awaitable[None]]]] = [
+            ("socks5", c.socks5_host, c.socks5_port, functools.partial(socks5.handle, self.ctx)),
+            ("admin", c.admin_host, c.admin_port, serve_http(admin_routes(self.ctx))),
+            ("metrics", c.stats_host, c.metrics_port, stats),
         ]
         if c.readiness_port != c.metrics_port:
-            specs.append(("readiness", c.stats_host, c.readiness_port, False,
-                          serve_http(stats_routes(self.ctx, self.readiness))))
-        for name, host, port, transparent, handler in specs:
+            specs.append(("readiness", c.stats_host, c.readiness_port, stats))
+        for name, host, port, handler in specs:
             if port:
-                self.listeners[name] = self._open(name, host, port, transparent, handler)
+                self._open_port(name, host, port, handler)
 
     def _reconcile_workload_listeners(self, _old: StateSnapshot, new: StateSnapshot) -> None:
         """Per-workload mode: plaintext and HBONE inbound on every local mesh pod IP, no more."""
@@ -247,9 +308,17 @@ class Ztunnel:
         self.refresh_node_addresses()
         self.store.subscribe(self._after_state)
         self.store.subscribe(self._reconcile_workload_listeners)
+        if self._links_agent():
+            from ztunnel.agent_link import take_listeners
+
+            assert self.config.agent_socket is not None
+            self.taken = await take_listeners(self.config.agent_socket, self._capture_ports())
         self._open_static()
         self._start_sources()
-        self._start_agent_link()
+        if self.taken or self._deferred:
+            self._tasks.append(asyncio.create_task(self._take_over()))
+        else:
+            self._start_agent_link()
         self._tasks.append(asyncio.create_task(self._gauges()))
         self._tasks.append(asyncio.create_task(self._watch_node_addresses()))
         self.started = True
@@ -274,19 +343,52 @@ class Ztunnel:
             self.metrics.xds_connected.set(0)
             self._tasks.append(asyncio.create_task(self.controller_source.run()))
 
-    def _capture_sockets(self) -> dict[str, socket.socket]:
-        """The capture listeners' sockets the node agent gets (eBPF SOCKMAP)."""
-        return {n: self.listeners[n].sock for n in CAPTURE_LISTENERS if n in self.listeners}
+    def _links_agent(self) -> bool:
+        """The ztunnel hands its capture listeners to a node agent (and takes them back)."""
+        return self.config.agent_socket is not None and \
+            self.config.inbound_bind != BIND_WORKLOAD
+
+    def _capture_ports(self) -> dict[str, int]:
+        c = self.config
+        ports = {"outbound": c.outbound_port, "inbound_plaintext": c.inbound_plaintext_port,
+                 "inbound": c.inbound_port}
+        return {n: p for n, p in ports.items() if p}
+
+    def _capture_sockets(self) -> dict[str, list[socket.socket]]:
+        """The capture listeners' sockets the node agent gets (eBPF SOCKMAP), every member of
+        each one's group (the agent keeps them for the next ztunnel)."""
+        return {n: self.capture[n] for n in CAPTURE_LISTENERS if n in self.capture}
+
+    def _ready_to_serve(self) -> bool:
+        return self.readiness()[0]
+
+    async def _take_over(self) -> None:
+        """After a takeover: accept on the sockets taken over, and register with the agent
+        (which then tells the previous ztunnel it is superseded), once ready. Until then the
+        previous ztunnel, if it still runs, serves them, or the kernel queues connections."""
+        while not self._ready_to_serve():
+            if self.draining:
+                return
+            await asyncio.sleep(0.05)
+        for listener in self._deferred:
+            listener.start()
+        if self._deferred:
+            log.info("ready: accepting on the %d capture socket(s) taken over",
+                     len(self._deferred))
+        self._deferred = []
+        self._start_agent_link()
 
     def _start_agent_link(self, barrier: Callable[[], Awaitable[None]] | None = None) -> None:
-        if self.config.agent_socket is not None and self.config.inbound_bind != BIND_WORKLOAD:
+        if self._links_agent():
             from ztunnel.agent_link import AgentLink
 
+            assert self.config.agent_socket is not None
             self.agent_link = AgentLink(self.config.agent_socket, self._capture_sockets(),
                                         node=self.config.node,
                                         trust_domain=self._trust_domain,
                                         on_request=self.on_agent_request, barrier=barrier)
-            self._tasks.append(asyncio.create_task(self.agent_link.run()))
+            self._agent_task = asyncio.create_task(self.agent_link.run())
+            self._tasks.append(self._agent_task)
 
     def _trust_domain(self) -> str:
         return (self.store.base.config.trust_domain if self.store.ready
@@ -297,8 +399,16 @@ class Ztunnel:
         into the store's provisional overlay; the store's listeners run before this returns,
         so its certificate fetch has started (``_after_state``) and held connections from its
         IP are released. Raises ValueError (the reason) to refuse it."""
-        from ztunnel.agent_link import PodDeleted
+        from ztunnel.agent_link import PodDeleted, Superseded
 
+        if isinstance(request, Superseded):
+            if self.superseded_by is None:
+                log.info("superseded by the ztunnel pid %d (it accepts on the same listeners "
+                         "now): draining", request.by)
+                self.superseded_by = request.by
+                if self.on_superseded is not None:
+                    self.on_superseded()
+            return
         if isinstance(request, PodDeleted):
             if self.store.remove_provisional(request.uid):
                 log.info("pod %s deleted (CNI DEL): provisional workload removed", request.uid)
@@ -329,12 +439,26 @@ class Ztunnel:
                 self.metrics.state_age.set(max(0.0, time.time() - confirmed))
             await asyncio.sleep(1)
 
+    def _begin_drain(self) -> None:
+        """The first steps of a drain: leave the node agent (it keeps the capture listeners
+        for the next ztunnel, and sends new pods to it), and, when superseded, let the
+        successor have the admin, metrics and readiness ports at once."""
+        if self._agent_task is not None:
+            self._agent_task.cancel()
+            self._agent_task = None
+        if self.superseded_by is not None:
+            for name in ("admin", "metrics", "readiness"):
+                listener = self.listeners.get(name)
+                if listener is not None:
+                    listener.close()
+
     async def shutdown(self) -> None:
         """Drain: stop accepting, GOAWAY inbound peers, let connections finish, then close."""
         if self.draining:
             return
         self.draining = True
         log.info("draining for up to %.1fs", self.config.drain_seconds)
+        self._begin_drain()
         capture = [x for x in self.all_listeners()
                    if x.name not in ("admin", "metrics", "readiness")]
         for listener in capture:
@@ -384,6 +508,7 @@ async def serve(config: ZtunnelConfig, stop: asyncio.Event | None = None,
     Supervisor) until SIGTERM, SIGINT or ``stop``, then shut it down."""
     zt = zt or Ztunnel(config)
     stop = stop or asyncio.Event()
+    zt.on_superseded = stop.set
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):

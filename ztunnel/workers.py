@@ -7,7 +7,9 @@ Python's threads share one interpreter lock, so Ambit runs processes instead:
 * **The parent** (``Supervisor``) creates every data-path listener before any worker starts:
   for each of outbound, inbound plaintext, inbound HBONE (with ``--inbound-bind
   shared``) and SOCKS5, one SO_REUSEPORT socket per worker, all in one
-  reuseport group (``mesh.listener.bind_group``). The parent keeps its copies, so a group
+  reuseport group (``mesh.listener.bind_group``), or, after a restart, the capture groups the
+  node agent kept from the previous ztunnel (``Ztunnel.taken``; every member is served by
+  some worker, ``members_for``). The parent keeps its copies, so a group
   outlives any one worker: connections the kernel hashes to a crashed worker's socket wait in
   its accept queue for the restarted worker instead of being refused. The kernel spreads new
   connections over a group by a hash of the 4-tuple; TPROXY's listener lookup does the same,
@@ -64,7 +66,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.http_server import Response, serve_http
-from mesh.listener import BindError, Listener, bind_group
+from mesh.listener import BindError, bind_group
 from mesh.spiffe import SpiffeError, SpiffeId
 from mesh.state.model import MeshConfig
 from mesh.state.store import StateSnapshot
@@ -127,6 +129,14 @@ def worker_config(config: ZtunnelConfig) -> ZtunnelConfig:
     if config.hbone_peer_buffer:
         shared.hbone_peer_buffer = max(256 * 1024, config.hbone_peer_buffer // n)
     return shared
+
+
+def members_for(size: int, index: int, workers: int) -> list[int]:
+    """The members of a listener group of ``size`` sockets that worker ``index`` (of
+    ``workers``) serves: member i by worker i when the counts match (a group this ztunnel
+    bound); otherwise every member by at least one worker and every worker at least one
+    member (a group taken over from a ztunnel that ran another number of workers)."""
+    return list(range(index, size, workers)) or [index % size]
 
 
 def _combine(how: str, a: float, b: float) -> float:
@@ -367,7 +377,7 @@ class WorkerHandle:
     """One worker slot: its process (replaced on restart) and what the parent knows of it."""
 
     index: int
-    sockets: dict[str, socket.socket]
+    sockets: dict[str, list[socket.socket]]
     proc: asyncio.subprocess.Process | None = None
     writer: asyncio.StreamWriter | None = None
     started_at: float = 0.0
@@ -451,10 +461,21 @@ class Supervisor(Ztunnel):
                       ("inbound", c.bind_host, c.inbound_port, c.transparent)]
         try:
             for name, host, port, transparent in specs:
-                if port:
-                    self.groups[name] = bind_group(host, port, c.workers, transparent)
-                    log.info("listening: %s on %s:%d (%d workers, SO_REUSEPORT)", name, host,
-                             port, c.workers)
+                if not port:
+                    continue
+                taken = self.taken.get(name)
+                if taken:
+                    self.groups[name] = taken
+                    self.capture[name] = taken
+                    log.info("serving %s on %s:%d: the %d socket(s) taken over from the "
+                             "previous ztunnel (%d workers)", name, host, port, len(taken),
+                             c.workers)
+                    continue
+                self.groups[name] = bind_group(host, port, c.workers, transparent)
+                if name != "socks5":
+                    self.capture[name] = self.groups[name]
+                log.info("listening: %s on %s:%d (%d workers, SO_REUSEPORT)", name, host,
+                         port, c.workers)
         except BindError:
             self._close_groups()
             raise
@@ -475,12 +496,7 @@ class Supervisor(Ztunnel):
             specs.append(("readiness", c.stats_host, c.readiness_port, stats))
         for name, host, port, handler in specs:
             if port:
-                self.listeners[name] = self._open(name, host, port, False, handler)
-
-    def _capture_sockets(self) -> dict[str, socket.socket]:
-        # One member of each group: the kernel selects within the group (bpf_sk_assign since
-        # Linux 6.5, TPROXY always).
-        return {n: g[0] for n, g in self.groups.items() if n != "socks5"}
+                self._open_port(name, host, port, handler)
 
     def _reconcile_workload_listeners(self, _old: StateSnapshot, new: StateSnapshot) -> None:
         return  # each worker opens its own per-workload listeners
@@ -531,8 +547,10 @@ class Supervisor(Ztunnel):
         self.metrics.workers.set(self.config.workers)
         self.store.subscribe(self._fan_out)
         await super().start()
-        for i in range(self.config.workers):
-            handle = WorkerHandle(i, {n: g[i] for n, g in self.groups.items()})
+        n = self.config.workers
+        for i in range(n):
+            handle = WorkerHandle(i, {name: [g[j] for j in members_for(len(g), i, n)]
+                                      for name, g in self.groups.items()})
             self.workers.append(handle)
             self.worker_tasks.append(asyncio.create_task(self._keep_running(handle)))
 
@@ -558,11 +576,12 @@ class Supervisor(Ztunnel):
         """Start worker ``w``, serve its control channel until it exits; returns how long it
         ran."""
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = {name: sock.fileno() for name, sock in w.sockets.items()}
+        fds = {name: [sock.fileno() for sock in socks] for name, socks in w.sockets.items()}
         try:
             w.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ztunnel.workers", str(child_end.fileno()),
-                pass_fds=[child_end.fileno(), *fds.values()], start_new_session=False)
+                pass_fds=[child_end.fileno(), *(fd for group in fds.values() for fd in group)],
+                start_new_session=False)
         except OSError as e:
             parent_end.close()
             child_end.close()
@@ -577,7 +596,7 @@ class Supervisor(Ztunnel):
         w.writer = writer
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
         writer.write(to_worker({"op": "init", "index": w.index, "config": self.worker_config,
-                                "listeners": fds}))
+                                "listeners": fds, "defer": bool(self.taken)}))
         if self.store.ready or self.store.overlay:
             writer.write(self._state_message(self.store.current))
         for pem in self.issued.values():
@@ -714,8 +733,13 @@ class Supervisor(Ztunnel):
         self.draining = True
         log.info("draining %d worker(s) for up to %.1fs", len(self.workers),
                  self.config.drain_seconds)
+        self._begin_drain()
         for w in self.workers:
             w.send(to_worker({"op": "drain"}))
+        # The workers stop accepting now; the parent's copies must not keep the listening
+        # sockets open meanwhile (connections would queue where nobody accepts, and be reset
+        # at exit): the node agent keeps them for the next ztunnel, or they close.
+        self._close_groups()
         procs = [w.proc for w in self.workers if w.proc is not None and w.writer is not None]
         waits = [asyncio.create_task(p.wait()) for p in procs]
         if waits:
@@ -747,10 +771,12 @@ class Worker(Ztunnel):
     sends; it opens no admin/metrics port and subscribes to nothing."""
 
     def __init__(self, config: ZtunnelConfig, index: int,
-                 sockets: Mapping[str, socket.socket]) -> None:
+                 sockets: Mapping[str, Sequence[socket.socket]], defer: bool = False) -> None:
         super().__init__(config)
         self.index = index
-        self.sockets = dict(sockets)
+        self.sockets = {name: list(socks) for name, socks in sockets.items()}
+        # Sockets taken over from a previous ztunnel: accepted on once this worker is ready.
+        self.defer = defer
         self.reuseport = True  # per-workload listeners: one per worker, in a group
 
     def _make_secrets(self) -> Secrets:
@@ -765,14 +791,17 @@ class Worker(Ztunnel):
         from ztunnel.listeners import socks5
 
         handlers["socks5"] = partial(socks5.handle, self.ctx)
-        for name, sock in self.sockets.items():
-            sock.setblocking(False)
-            listener = Listener(name, sock, handlers[name], self._on_error)
-            listener.start()
-            self.listeners[name] = listener
+        for name, socks in self.sockets.items():
+            self._serve_sockets(name, socks, handlers[name], defer=self.defer)
+
+    def _ready_to_serve(self) -> bool:
+        return self.store.ready
 
     def _start_sources(self) -> None:
         return  # the parent's store feeds this one
+
+    def _links_agent(self) -> bool:
+        return False  # the parent holds the link (and took the listeners over)
 
     def _start_agent_link(self, barrier: Callable[[], Awaitable[None]] | None = None) -> None:
         return  # the parent holds the link
@@ -782,10 +811,11 @@ class Worker(Ztunnel):
         self.store.ready = ready
 
 
-async def _worker_main(index: int, config: ZtunnelConfig, fds: Mapping[str, int],
-                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    sockets = {name: socket.socket(fileno=fd) for name, fd in fds.items()}
-    zt = Worker(config, index, sockets)
+async def _worker_main(index: int, config: ZtunnelConfig, fds: Mapping[str, Sequence[int]],
+                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       defer: bool = False) -> None:
+    sockets = {name: [socket.socket(fileno=fd) for fd in group] for name, group in fds.items()}
+    zt = Worker(config, index, sockets, defer)
     if isinstance(zt.secrets, ParentSecrets):
         zt.secrets.send = writer.write
     stop = asyncio.Event()
@@ -851,7 +881,8 @@ def worker_main(argv: Sequence[str]) -> int:
 
     async def main() -> None:
         reader, writer = await asyncio.open_connection(sock=ctl)
-        await _worker_main(index, config, init["listeners"], reader, writer)
+        await _worker_main(index, config, init["listeners"], reader, writer,
+                           bool(init.get("defer")))
 
     uvloop.run(main())
     return 0

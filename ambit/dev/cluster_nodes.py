@@ -11,13 +11,14 @@ redirect mode, the node metrics) lives here; how a process is started and watche
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from ambit.dev import mesh, netns
 from ambit.dev.cluster_procs import ClusterProcesses
 from ambit.dev.cluster_registry import ClusterRegistry
-from ambit.dev.cluster_state import CONTROL_PLANE_IP, ClusterError, NodeInfo, Out
+from ambit.dev.cluster_state import CONTROL_PLANE_IP, ClusterError, NodeInfo, Out, Process
 from ambit.dev.cni_runner import CniRunner, conflist_for_node, prepare_plugin_dir
 from mesh.ports import GRPC_PORT, NODE_METRICS_PORT
 from mesh.ports import MONITORING_PORT as CONTROLLER_MONITORING_PORT
@@ -76,17 +77,57 @@ class ClusterNodes(ClusterProcesses, ClusterRegistry):
         self.start_ztunnel(node, timeout)
         self.start_agent(node, timeout)
 
-    def start_ztunnel(self, node: NodeInfo, timeout: float = 60.0) -> None:
+    def _spawn_ztunnel(self, node: NodeInfo) -> Process:
         run_dir = Path(node.run_dir)
-        role = f"ztunnel/{node.name}"
-        self.spawn(role, node.netns, self._ambit(
+        return self.spawn(f"ztunnel/{node.name}", node.netns, self._ambit(
             "ztunnel", "--node", node.name, "--controller", self.controller_address,
             "--node-token-file", str(run_dir / "node.token"),
             "--ca-root-cert", str(self.trust_bundle), "--inbound-bind", "shared",
             "--agent-socket", str(run_dir / "ztunnel.sock"),
             "--access-log", str(run_dir / "access.jsonl")))
-        self._wait_http(role, node.netns,
+
+    def start_ztunnel(self, node: NodeInfo, timeout: float = 60.0) -> None:
+        self._spawn_ztunnel(node)
+        self._wait_http(f"ztunnel/{node.name}", node.netns,
                         f"http://127.0.0.1:{ZTUNNEL_READY_PORT}/healthz/ready", timeout)
+
+    def restart_ztunnel(self, node: NodeInfo, timeout: float = 60.0,
+                        overlap: bool = True) -> Process:
+        """Replace the node's ztunnel; returns the new one's process.
+
+        ``overlap`` (the default, as a rolling update with surge does): the new ztunnel starts
+        beside the old one, takes the capture listeners over from the node agent and, once
+        ready, registers; the agent then tells the old one it is superseded, and it drains (its
+        established connections get its drain period) and exits on its own, recorded as
+        ``ztunnel/<node>/draining-<pid>`` until then. Otherwise the old one is stopped first
+        (SIGTERM, drain) and the new one started after, as a container restart does: the agent
+        keeps the listeners meanwhile and connections wait in their queues.
+        """
+        role = f"ztunnel/{node.name}"
+        self._forget_drained(node)
+        if not overlap:
+            self.stop(role, timeout=timeout)
+            self.start_ztunnel(node, timeout)
+            return self.process(role)
+        old = self.process(role)
+        old.role = f"{role}/draining-{old.pid}"
+        self.save()
+        new = self._spawn_ztunnel(node)
+        deadline = time.monotonic() + timeout
+        while True:  # registered = ready (it registers only then) and the old one superseded
+            if not self.alive(role):
+                raise ClusterError(f"the new ztunnel of {node.name} exited; log:\n"
+                                   f"{self.log_tail(role)}")
+            try:
+                if self.agent_status(node).get("ztunnelPid") == new.pid:
+                    return new
+            except ClusterError:
+                pass  # the agent answers again in a moment
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the new ztunnel of {node.name} (pid {new.pid}) did not "
+                                   f"register with the agent within {timeout:g}s; log:\n"
+                                   f"{self.log_tail(role)}")
+            time.sleep(0.1)
 
     def start_agent(self, node: NodeInfo, timeout: float = 60.0) -> None:
         run_dir = Path(node.run_dir)
@@ -99,6 +140,16 @@ class ClusterNodes(ClusterProcesses, ClusterRegistry):
             "--metrics-port", str(NODE_METRICS_PORT)))
         self._wait_http(role, node.netns,
                         f"http://127.0.0.1:{NODE_METRICS_PORT}/healthz/ready", timeout)
+
+    def _forget_drained(self, node: NodeInfo) -> None:
+        """Drop the records of this node's superseded ztunnels that have exited."""
+        prefix = f"ztunnel/{node.name}/draining-"
+        gone = [p for p in self.processes if p.role.startswith(prefix) and not self.alive(p.role)]
+        for p in gone:
+            self.processes.remove(p)
+            self._popen.pop(p.pid, None)
+        if gone:
+            self.save()
 
     def restart_agent(self, node: NodeInfo, timeout: float = 60.0) -> None:
         self.stop(f"agent/{node.name}")

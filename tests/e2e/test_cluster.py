@@ -24,6 +24,7 @@ import pytest
 from ambit.dev import mesh, netns
 from ambit.dev.cluster import DevCluster, PodInfo, node_snapshot
 from tests.e2e.clusters import dev_cluster
+from tests.e2e.restarts import LONG, RATE, restart_under_load
 from tests.e2e.waiting import until
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
@@ -321,6 +322,30 @@ def test_captured_pods_never_reach_the_nodes_own_ports(cluster: DevCluster) -> N
     assert until(denied, timeout=5, what="the denials in the access log") == {
         f"{node.ip}:{port}" for port in (15022, 15008, 15000)}
     ok_probe(c, pod, server)  # the pod's other traffic is untouched
+
+
+def test_ztunnel_restart_loses_no_connection(cluster: DevCluster) -> None:
+    """Issue 15: each node's ztunnel replaced under 50 new connections a second and 5
+    long-lived ones (client on node-1, server on node-2): no new connection refused or failed,
+    the long-lived ones survive (they end within the old ztunnel's drain period), the
+    replacement took the listeners over from the agent, and no stream was lost on the way
+    (the HBONE pool keeps to the peer's stream limit when it reconnects)."""
+    c = cluster
+    client, server = add(c, "zrclient", 1), add(c, "zrserver", 2, echo=True)
+    ok_probe(c, client, server)
+    for node in (c.node(1), c.node(2)):  # the client's side, then the server's
+        before = c.agent_status(node)["ztunnelTakeovers"]
+        r = restart_under_load(c, client, server, node, PORT)
+        new = r.load["new"]
+        print(f"\n{c.redirect_mode} {node.name}: restart {r.took_s:.1f}s; new connections "
+              f"{new['ok']} ok, {new['failed']} failed, p99 {new['p99_ms']} ms, max "
+              f"{new['max_ms']} ms; long-lived {r.load['long']['ok']}/{LONG} kept")
+        assert not r.problems(), "\n".join(r.problems())
+        assert new["ok"] >= RATE * 10 and r.load["long"]["ok"] == LONG, r.load
+        status = c.agent_status(node)
+        assert status["ztunnelTakeovers"] == before + 1, status
+        assert status["ztunnelPid"] == c.process(f"ztunnel/{node.name}").pid, status
+    ok_probe(c, client, server)
 
 
 def test_uninstall_leaves_the_node_as_it_was(cluster: DevCluster) -> None:

@@ -4,6 +4,7 @@ sets the ztunnel may register."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -187,7 +188,10 @@ CONNECTED = SocketKind(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, F
     ([], ["no listeners (it would empty every SOCKMAP slot)", FIX]),
     (["outbound"], ["missing: inbound, inbound_plaintext;", FIX]),
     ([*ALL, "socks5"], ["unknown: socks5;", FIX]),
-    (["outbound", "outbound", "inbound", "inbound_plaintext"], ["named twice: outbound;"]),
+    # A name repeats for each member of its SO_REUSEPORT group (one per ztunnel worker).
+    (["outbound", "outbound", "inbound", "inbound_plaintext"], None),
+    ([*ALL * 64], None),
+    ([*ALL * 64, "inbound"], ["named more than 64 times: inbound;"]),
     (["outbound", "admin"], ["missing: inbound, inbound_plaintext; unknown: admin;"]),
 ])
 def test_listener_names_problem(names: list[str], fragments: list[str] | None) -> None:
@@ -221,6 +225,12 @@ def test_listener_fd_problem(kind: SocketKind | None, problem: str | None) -> No
     (ALL, [TCP_LISTENER, CONNECTED, None],
      "inbound: a TCP socket that is not listening (listen() before handing it over); "
      "inbound_plaintext: the descriptor is not a socket"),
+    # The members of one name are one group: one address.
+    ([*ALL, "outbound"], [TCP_LISTENER] * 4, None),
+    ([*ALL, "outbound"], [TCP_LISTENER, TCP_LISTENER, TCP_LISTENER,
+                          dataclasses.replace(TCP_LISTENER, address="0.0.0.0:15002")],
+     "the descriptors of one listener must share its address (one SO_REUSEPORT group): "
+     "outbound (, 0.0.0.0:15002)"),
 ])
 def test_registration_problem(names: list[str], kinds: list[SocketKind | None],
                               problem: str | None) -> None:
@@ -236,9 +246,13 @@ def test_socket_kind_of_real_descriptors() -> None:
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         listening.bind(("127.0.0.1", 0))
         listening.listen()
-        assert socket_kind(listening.fileno()) == TCP_LISTENER
-        assert socket_kind(fresh.fileno()) == CONNECTED  # bound nowhere, not listening
-        assert socket_kind(udp.fileno()) == UDP
+        port = listening.getsockname()[1]
+        assert socket_kind(listening.fileno()) == dataclasses.replace(
+            TCP_LISTENER, address=f"127.0.0.1:{port}")
+        # bound nowhere, not listening
+        assert socket_kind(fresh.fileno()) == dataclasses.replace(CONNECTED,
+                                                                   address="0.0.0.0:0")
+        assert socket_kind(udp.fileno()) == dataclasses.replace(UDP, address="0.0.0.0:0")
         fileno = listening.fileno()
         socket_kind(fileno)
         assert listening.fileno() == fileno and listening.getsockname()  # still ours, open

@@ -22,6 +22,7 @@ from ztunnel.agent_link import (
     LinkRequestError,
     PodAdded,
     PodDeleted,
+    Superseded,
     parse_link_request,
 )
 from ztunnel.cli import POD_START
@@ -178,6 +179,9 @@ def test_a_good_pod_added_becomes_an_enrolled_not_ready_workload() -> None:
     request_id, deleted = parse_link_request(
         line({"op": "pod_deleted", "id": 8, "uid": "default/web"}), NODE, TD)
     assert request_id == 8 and deleted == PodDeleted("default/web")
+    request_id, superseded = parse_link_request(
+        line({"op": "superseded", "id": 9, "by": 4242}), NODE, TD)
+    assert request_id == 9 and superseded == Superseded(4242)
 
 
 @pytest.mark.parametrize("d, problem", [
@@ -210,6 +214,10 @@ def test_a_good_pod_added_becomes_an_enrolled_not_ready_workload() -> None:
     ({"op": "pod_added", "id": 1}, "workload.uid: is required"),
     ({"op": "pod_deleted", "id": 1, "uid": "no-slash"}, "uid (name)"),
     ({"op": "pod_deleted", "id": 1, "uid": 5}, "uid (namespace)"),
+    ({"op": "superseded", "id": 1}, "by: expected a pid"),
+    ({"op": "superseded", "id": 1, "by": 0}, "by: expected a pid"),
+    ({"op": "superseded", "id": 1, "by": True}, "by: expected a pid"),
+    ({"op": "superseded", "id": 1, "by": 1, "x": 1}, "unknown field"),
     ([1, 2], "expected a JSON object"),
 ])
 def test_bad_requests_are_refused_with_the_reason(d: Any, problem: str) -> None:

@@ -31,6 +31,7 @@ from ztunnel.workers import (
     RESTART_BACKOFF,
     ParentSecrets,
     frame,
+    members_for,
     merge_metrics,
     opened_connections,
     read_frame,
@@ -38,6 +39,17 @@ from ztunnel.workers import (
     restart_delay,
     worker_config,
 )
+
+
+@pytest.mark.parametrize(("size", "workers", "served"), [
+    (2, 2, [[0], [1]]),  # a group this ztunnel bound: member i to worker i
+    (4, 2, [[0, 2], [1, 3]]),  # taken over from a ztunnel with more workers: none left out
+    (2, 3, [[0], [1], [0]]),  # ... with fewer: every worker serves one
+    (1, 4, [[0], [0], [0], [0]]),
+    (3, 1, [[0, 1, 2]]),
+])
+def test_members_for(size: int, workers: int, served: list[list[int]]) -> None:
+    assert [members_for(size, i, workers) for i in range(workers)] == served
 
 
 @pytest.mark.parametrize(("cpus", "workers"), [
