@@ -103,9 +103,11 @@ async def _static(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers={"Content-Type": ctype})
 
 
+HUB = web.AppKey("hub", Hub)
+
+
 def _hub(request: web.Request) -> Hub:
-    hub: Hub = request.app["hub"]
-    return hub
+    return request.app[HUB]
 
 
 async def _model(request: web.Request) -> web.StreamResponse:
@@ -156,7 +158,7 @@ async def _healthz(request: web.Request) -> web.StreamResponse:
 
 def make_app(hub: Hub) -> web.Application:
     app = web.Application()
-    app["hub"] = hub
+    app[HUB] = hub
     app.router.add_get("/", _index)
     app.router.add_get("/static/{name}", _static)
     app.router.add_get("/api/model", _model)

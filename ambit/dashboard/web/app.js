@@ -29,7 +29,7 @@
       { selector: "edge", style: {
         "curve-style": "bezier", "target-arrow-shape": "triangle", "label": "data(label)",
         "font-size": 10, "text-background-color": "#fff", "text-background-opacity": 0.85,
-        "text-rotation": "autorotate", "line-color": "#4a79c9",
+        "text-rotation": "autorotate", "text-margin-y": -8, "line-color": "#4a79c9",
         "target-arrow-color": "#4a79c9", "width": "data(width)" } },
       { selector: "edge.http", style: { "line-style": "dashed", "line-color": "#7a4ac9",
         "target-arrow-color": "#7a4ac9" } },
@@ -144,8 +144,8 @@
     const key = want.filter((x) => x.group === "nodes").map((x) => x.data.id).sort().join("|");
     if (key !== layoutKey) {
       layoutKey = key;
-      cy.layout({ name: "cose", animate: false, randomize: false, nodeRepulsion: 9000,
-                  idealEdgeLength: 120, padding: 30, fit: true }).run();
+      cy.layout({ name: "cose", animate: false, randomize: false, nodeRepulsion: 40000,
+                  idealEdgeLength: 180, nodeOverlap: 40, padding: 30, fit: true }).run();
     }
   }
 
