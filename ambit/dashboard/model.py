@@ -515,10 +515,15 @@ def build(g: Gathered) -> dict[str, Any]:
     for e in edges.values():
         for end in (e["source"], e["target"]):
             if end not in graph_ids and end not in extra:
-                kind = "service" if end.startswith("service:") else "external"
-                extra[end] = {"id": end, "kind": kind, "name": end.removeprefix("service:"),
-                              "namespace": None, "pods": [], "nodes": [], "node": None,
-                              "captured": None, "labels": {}}
+                # A service (an L7 request no workload answered), a source the ztunnels do
+                # not know ("unknown"), or a workload gone from the state since.
+                kind, ns, name = "service", None, end.removeprefix("service:")
+                if not end.startswith("service:"):
+                    ns, _, name = end.rpartition("/")
+                    kind = "workload" if ns else "external"
+                extra[end] = {"id": end, "kind": kind, "name": name, "namespace": ns or None,
+                              "pods": [], "nodes": [], "node": None, "captured": None,
+                              "labels": {}, "inState": False}
     services: list[dict[str, Any]] = []
     for n in g.nodes[:1]:  # every ztunnel holds the same services
         for svc in (n.config or {}).get("services") or []:

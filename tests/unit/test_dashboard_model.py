@@ -283,3 +283,14 @@ def test_fetch_is_bounded(local_server: int) -> None:
         netns_http.get(None, "127.0.0.1", local_server, "/missing")
     with pytest.raises(netns_http.FetchError, match="cannot enter network namespace"):
         netns_http.get("/nonexistent/netns", "127.0.0.1", local_server, "/ok")
+
+
+def test_edge_ends_outside_the_state_become_graph_nodes() -> None:
+    g = model.Gathered(at=1.0, nodes=[model.NodeRaw("node-1", metrics=(
+        "# TYPE istio_tcp_connections_opened_total counter\n"
+        'istio_tcp_connections_opened_total{reporter="destination",source_workload="unknown",'
+        'destination_workload="gone",destination_workload_namespace="shop"} 1.0\n'))])
+    m = model.build(g)
+    ends = {w["id"]: (w["kind"], w["namespace"], w["name"]) for w in m["workloads"]}
+    assert ends == {"unknown": ("external", None, "unknown"),
+                    "shop/gone": ("workload", "shop", "gone")}
