@@ -1,11 +1,13 @@
 """The Containerfile, checked without building it.
 
-Why: no container engine runs on the machines this project is built and tested on, so the
-image is first built by a user. What can be checked from the text is checked here, so the
-first build does not fail on a typo: every instruction is a real one, every file it copies
-exists in the repository and is not excluded by .containerignore, it installs what the node
-agent needs at run time (the same Debian packages hack/setup.sh installs for it), puts the
-pieces where the manifests and the code look for them, and carries the tag the manifests use.
+Why: tests/images builds the images and runs them, which takes podman, root and minutes; what
+can be checked from the text is checked here, in milliseconds, so a typo fails before any
+build: every instruction is a real one, every file it copies exists in the repository and is
+not excluded by .containerignore, every stage it builds from exists, every Debian package it
+installs is pinned, the node agent's image installs what it needs at run time (the packages
+hack/setup.sh installs for it) and no final image carries a compiler, each image puts its
+pieces where the manifests and the code look for them, runs as its manifest's user, and
+carries the names and tag the manifests use (one image per component).
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ KEYWORDS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTR
 # and packet-filter tools for capture.
 AGENT_RUNTIME = {"python3-bpfcc", "linux-headers-amd64", "iproute2", "iptables", "nftables"}
 CNI_BINARY = "/opt/ambit/cni/ambit-cni"
+# The images (Containerfile targets) and the users they run as ("" = root: the node pods need
+# it, their manifest grants only the capabilities they use).
+TARGETS = {"ztunnel": "", "agent": "", "controller": "65532:65532", "waypoint": "65532:65532"}
+BUILD_TOOLS = {"gcc", "libc6-dev", "make", "binutils", "python3-venv"}
+PINS = ROOT / "containers" / "debian-packages.txt"
 
 
 @dataclass(frozen=True)
@@ -111,8 +118,24 @@ def stages() -> list[Stage]:
     return out
 
 
-def final() -> Stage:
-    return stages()[-1]
+def stage(name: str) -> Stage:
+    (found,) = [s for s in stages() if s.name == name]
+    return found
+
+
+def chain(name: str) -> list[Stage]:
+    """The stage and the stages it is built from, down to its base image: FROM, or for a
+    flattened stage (FROM scratch, then COPY --from=X / /) X."""
+    names = {s.name for s in stages()}
+    out = [stage(name)]
+    while True:
+        base = out[-1].base
+        if base == "scratch":
+            whole = [src for src, paths, dest in copies(out[-1]) if paths == ["/"] and dest == "/"]
+            base = whole[0] if whole and whole[0] is not None else base
+        if base not in names:
+            return out
+        out.append(stage(base))
 
 
 def copies(stage: Stage) -> list[tuple[str | None, list[str], str]]:
@@ -133,7 +156,7 @@ def copies(stage: Stage) -> list[tuple[str | None, list[str], str]]:
 
 
 def apt_packages(stage: Stage) -> set[str]:
-    """The packages of every ``apt-get install`` in the stage's RUN instructions."""
+    """The packages of every ``apt-install`` (containers/apt-install) in the stage's RUNs."""
     out: set[str] = set()
     for ins in stage.body:
         if ins.keyword != "RUN":
@@ -141,14 +164,23 @@ def apt_packages(stage: Stage) -> set[str]:
         lexer = shlex.shlex(ins.rest, posix=True, punctuation_chars=True)
         lexer.whitespace_split = True
         words = list(lexer)
-        for i in range(len(words) - 1):
-            if words[i:i + 2] != ["apt-get", "install"]:
+        for i, word in enumerate(words):
+            if not word.endswith("/apt-install"):
                 continue
-            for w in words[i + 2:]:
+            for w in words[i + 1:]:
                 if w in ("&&", "||", ";", "|", "&"):
                     break
-                if not w.startswith("-"):
+                if not w.startswith(("-", '"', "$")):
                     out.add(w)
+    return out
+
+
+def pins() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in PINS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("=")
+            out[name] = version
     return out
 
 
@@ -223,11 +255,13 @@ def test_the_parser_sees_continuations_and_rejects_junk() -> None:
 
 def test_stages() -> None:
     s = stages()
-    assert [x.name for x in s[:-1]] == ["cni", "venv"]
-    assert all(x.base == "debian:bookworm-slim" for x in s), [x.base for x in s]
     names = [x.name for x in s]
-    for i, stage in enumerate(s):
-        for source_stage, _, _ in copies(stage):
+    assert len(set(names)) == len(names), "stage names are unique"
+    assert set(TARGETS) <= set(names), "one target per component image"
+    for i, st in enumerate(s):
+        assert st.base in ("docker.io/library/debian:bookworm-slim", "scratch", *names[:i]), \
+            f"FROM {st.base}: neither the Debian base, scratch nor an earlier stage"
+        for source_stage, _, _ in copies(st):
             if source_stage is not None:
                 assert source_stage in names[:i], f"COPY --from={source_stage}: no such " \
                     "earlier stage"
@@ -266,53 +300,77 @@ def test_the_context_leaves_out_local_state() -> None:
 def test_the_agent_runtime_packages_are_installed() -> None:
     assert setup_packages() >= AGENT_RUNTIME, "hack/setup.sh no longer installs the agent's " \
         "runtime packages under these names: update both"
-    installed = apt_packages(final())
-    assert installed >= AGENT_RUNTIME, f"missing: {AGENT_RUNTIME - installed}"
-    assert {"python3", "python3-venv", "ca-certificates"} <= installed
-    assert {"gcc", "libc6-dev", "make"} <= apt_packages(stages()[0]), "the CNI stage builds C"
-    assert not {"gcc", "libc6-dev", "make"} & installed, "no build tools in the final image"
+    installed = set().union(*(apt_packages(x) for x in chain("agent")))
+    fetched = apt_packages(stage("headers"))  # unpacked into the image, not installed
+    assert installed | fetched >= AGENT_RUNTIME, f"missing: {AGENT_RUNTIME - installed}"
+    assert "python3" in installed
+    assert {"gcc", "libc6-dev", "make"} <= apt_packages(stage("cni")), "the CNI stage builds C"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_no_build_tools_in_an_image(target: str) -> None:
+    installed = set().union(*(apt_packages(x) for x in chain(target)))
+    assert not BUILD_TOOLS & installed, f"{target} installs {BUILD_TOOLS & installed}"
+    assert installed <= {"python3", "python3-bpfcc", "iproute2", "iptables", "nftables"}
+
+
+def test_every_debian_package_is_pinned() -> None:
+    pinned = pins()
+    used = set().union(*(apt_packages(x) for x in stages()))
+    assert used, "the parser found no apt-install"
+    assert used <= set(pinned), f"not in containers/debian-packages.txt: {used - set(pinned)}"
+    assert all(re.fullmatch(r"[0-9][\w.:~+-]*", v) for v in pinned.values()), pinned
+    assert set(pinned) <= used, f"pinned but never installed: {set(pinned) - used}"
 
 
 def test_the_apt_parser() -> None:
-    stage = Stage("t", "x", instructions(
-        "RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y -q a b"
-        " && rm -rf x; echo 'apt-get install c; d'\n"))
-    assert apt_packages(stage) == {"a", "b"}
+    st = Stage("t", "x", instructions(
+        "RUN /b/apt-install a b && rm -rf x; echo '/b/apt-install c; d'\n"
+        "RUN /b/apt-install --download e && /b/apt-install --download \"$f\"\n"))
+    assert apt_packages(st) == {"a", "b", "e"}
 
 
-def test_the_tag_matches_the_manifests() -> None:
+def test_the_tags_match_the_manifests() -> None:
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert version == ambit.__version__
-    assert labels(final())["org.opencontainers.image.version"] == version
-    header = re.search(r"build -t (\S+) -f Containerfile \.", CONTAINERFILE.read_text())
-    assert header is not None, "the header says how to build the image, with its tag"
-    tag = header.group(1)
-    assert tag == f"localhost/ambit:{version}"
-    assert manifest_images() == {tag}, "the manifests run the image the build makes"
+    for target in TARGETS:
+        assert labels(stage(target))["org.opencontainers.image.version"] == version, target
+        assert labels(stage(target))["org.opencontainers.image.title"] == f"ambit-{target}"
+    header = re.search(r"--target (\w+) -t (\S+) -f Containerfile \.", CONTAINERFILE.read_text())
+    assert header is not None, "the header says how to build an image, with its tag"
+    assert header.group(2) == f"localhost/ambit-{header.group(1)}:{version}"
+    assert 'prefix="${IMAGE_PREFIX:-localhost/ambit-}"' in (ROOT / "hack" / "images.sh"
+                                                            ).read_text()
+    assert manifest_images() == {f"localhost/ambit-{c}:{version}"
+                                 for c in ("agent", "ztunnel", "controller")}, \
+        "the manifests run the images hack/images.sh makes"
 
 
-def test_the_entrypoint_is_ambit() -> None:
-    entry = [i for i in final().body if i.keyword == "ENTRYPOINT"]
+@pytest.mark.parametrize(("target", "user"), TARGETS.items())
+def test_the_entrypoint_and_the_user(target: str, user: str) -> None:
+    body = [i for st in chain(target) for i in st.body]
+    entry = [i for i in stage(target).body if i.keyword == "ENTRYPOINT"]
     assert len(entry) == 1
     assert json.loads(entry[0].rest) == ["ambit"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert "ambit" in scripts
-    env = " ".join(i.rest for i in final().body if i.keyword == "ENV")
+    env = " ".join(i.rest for i in body if i.keyword == "ENV")
     assert re.search(r"PATH=/opt/ambit/venv/bin:", env), "ambit on PATH"
-    assert not [i for i in final().body if i.keyword == "USER"], \
-        "no USER: the node pods need root; the controller's manifest sets its own"
+    assert "PYTHONDONTWRITEBYTECODE=1" in env, "read-only roots: Python must not try to write"
+    users = [i.rest for i in stage(target).body if i.keyword == "USER"]
+    assert users == ([user] if user else []), f"{target} runs as {users or 'root'}"
 
 
 def test_the_pieces_are_where_the_manifests_and_the_code_look() -> None:
-    cf = final()
-    dests = {(source_stage, tuple(sources), dest) for source_stage, sources, dest in copies(cf)}
-    assert ("cni", ("/src/agent/cni/shim/ambit-cni",), CNI_BINARY) in dests
-    assert ("venv", ("/opt/ambit/venv",), "/opt/ambit/venv") in dests
-    assert (None, ("deploy/",), "/opt/ambit/deploy/") in dests
+    for target in TARGETS:
+        assert (f"venv-{target}", ["/opt/ambit/venv"], "/opt/ambit/venv") in copies(
+            stage(target)), f"{target} gets its own venv"
+        assert (None, [f"requirements/{target}.txt"], "/src/requirements/") in copies(
+            stage(f"deps-{target}")), f"{target}'s venv installs its own lock subset"
+    assert ("cni", ["/src/agent/cni/shim/ambit-cni"], CNI_BINARY) in copies(stage("agent"))
+    assert (None, ["deploy/"], "/opt/ambit/deploy/") in copies(stage("controller"))
     assert Path("/opt/ambit/deploy") / "daemonset" == IMAGE_MANIFESTS_DIR, \
-        "`ambit install` in the image reads the copied manifests"
-    text = "\n".join(f"{k} {v}" for k, v in ((i.keyword, i.rest) for s in stages()
-                                              for i in s.body))
+        "`ambit install` in the controller image reads the copied manifests"
     node = yaml.safe_load((BASE / "node.yaml").read_text())
     for c in [*node["spec"]["template"]["spec"]["initContainers"],
               *node["spec"]["template"]["spec"]["containers"]]:
@@ -320,5 +378,6 @@ def test_the_pieces_are_where_the_manifests_and_the_code_look() -> None:
             assert c["args"][c["args"].index("--binary") + 1] == CNI_BINARY, c["name"]
     # The agent compiles ebpf/*.c found beside its packages; pip does not install them.
     assert Path(agent.__file__).resolve().parents[1] / "ebpf" == DEFAULT_SOURCE_DIR
-    assert 'cp -r ebpf "$site/ebpf"' in text
+    assert 'cp -r "$src/ebpf" "$site/ebpf"' in (ROOT / "containers" / "build-venv").read_text()
+    text = "\n".join(i.rest for i in stage("agent").body)
     assert "ln -s /usr/lib/python3/dist-packages/bcc \"$site/bcc\"" in text
