@@ -2,7 +2,7 @@
 # missing Debian packages and (re)builds .venv only when pyproject.toml or requirements/lock.txt
 # changed.
 
-.PHONY: setup test lint demo bench fuzz lock lock-upgrade
+.PHONY: setup test lint demo bench fuzz lock lock-upgrade images
 
 setup:
 	hack/setup.sh
@@ -28,6 +28,13 @@ lock:
 
 lock-upgrade:
 	.venv/bin/python hack/lock.py update --upgrade
+
+# One image per component (the Containerfile's targets: ztunnel, agent, controller, waypoint),
+# tagged localhost/ambit-<component>:<version>: IMAGE_PREFIX, TAG and DEBIAN_IMAGE change that
+# (hack/images.sh). Bootstraps the Debian base with debootstrap when it cannot be pulled; builds
+# use the host's network and create none. tests/images (in make test) builds and smoke-runs them.
+images: setup
+	hack/images.sh
 
 # A 2-node dev cluster in network namespaces (controller, agents, ztunnels, CNI-wired pods):
 # cross-node HBONE, a denied client, node metrics; torn down at the end. KEEP=1 leaves it

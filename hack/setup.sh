@@ -16,9 +16,12 @@ cd "$(dirname "$0")/.."
 # clang/libclang-rt-dev: the C shim's fuzz target (fuzz/cni_shim.c: libFuzzer and the
 # sanitizer runtimes ship in libclang-rt-dev, which clang only recommends).
 # chromium: the headless browser tests/browser drives against `ambit dashboard`.
+# podman/runc/debootstrap: make images and tests/images (runc: crun refuses hosts with cgroup v1
+# beside a cgroup2 holding a controller; debootstrap: the Debian base when none can be pulled).
 PACKAGES=(iproute2 iptables nftables iperf3 wrk tshark procps psmisc python3 python3-venv
           python3-bpfcc linux-headers-amd64 bpftool containernetworking-plugins
-          gcc libc6-dev make ruby shellcheck clang libclang-rt-dev chromium)
+          gcc libc6-dev make ruby shellcheck clang libclang-rt-dev chromium
+          podman runc debootstrap)
 # nodejs/npm: the dashboard's graph library and the browser tests' driver come from npm
 # (pinned lock files, `npm ci` below). Only when no npm is on the PATH: a machine may have
 # Node.js from elsewhere (NodeSource ships npm inside its nodejs, which Debian's npm conflicts

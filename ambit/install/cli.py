@@ -58,9 +58,17 @@ def add_parsers(sub: SubParsers) -> None:
     p.set_defaults(func=_reported(_install))
     _connection(p)
     _manifests(p)
-    p.add_argument("--image", help="the Ambit image for every component and for waypoints "
-                   "(default: the manifests', localhost/ambit:0.1.0; build it from the "
-                   "Containerfile and push it where the nodes can pull it)")
+    p.add_argument("--image-prefix", metavar="PREFIX",
+                   help="where the component images are: PREFIX + component + ':' + tag, e.g. "
+                   "registry.example.com/ambit- gives registry.example.com/ambit-ztunnel:TAG "
+                   "(default: the manifests', localhost/ambit-; `make images` builds them, "
+                   "push them where the nodes can pull them)")
+    p.add_argument("--tag", help="the tag of every component image (default: the manifests', "
+                   "this version)")
+    p.add_argument("--image", action="append", default=[], metavar="COMPONENT=IMAGE",
+                   help="one component's image, over --image-prefix/--tag; components: "
+                   "ztunnel, agent (also the install-cni init container), controller, waypoint "
+                   "(the controller's --waypoint-image); repeatable")
     p.add_argument("--trust-domain", metavar="DOMAIN",
                    help="SPIFFE trust domain of workload identities "
                    "(default cluster.local)")
@@ -164,12 +172,18 @@ def _reported(command: Handler) -> Handler:
 
 def _install(args: argparse.Namespace) -> int:
     from ambit.install.apply import install
+    from ambit.install.images import ImageError, parse_image_flags
     from ambit.install.render import Overrides, render_dir, to_json, to_yaml
 
     if args.timeout <= 0:
         return _err("install", "--timeout must be more than 0 seconds", 2)
-    overrides = Overrides(image=args.image, trust_domain=args.trust_domain,
-                          redirect_mode=args.redirect_mode, uplinks=args.uplinks)
+    try:
+        per_component = parse_image_flags(args.image)
+    except ImageError as e:
+        return _err("install", str(e), 2)
+    overrides = Overrides(images=per_component, image_prefix=args.image_prefix, tag=args.tag,
+                          trust_domain=args.trust_domain, redirect_mode=args.redirect_mode,
+                          uplinks=args.uplinks)
     rendered = render_dir(args.manifests, overrides)
     if args.dry_run:
         sys.stdout.write(to_json(rendered) + "\n" if args.output == "json" else to_yaml(rendered))

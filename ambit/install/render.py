@@ -10,9 +10,10 @@ What it does, in order:
   list order (each a multi-document YAML file, or a directory with its own kustomization);
   any other kustomize feature is refused, because the contract is "a resources list only" and
   silently ignoring a patch would install something else than ``kubectl apply -k``;
-* applies the user's overrides. ``--image`` replaces the image of every container and init
-  container of every workload in the manifests (they are all Ambit's, one image for all
-  components) and the value of the controller's ``--waypoint-image`` flag. ``--trust-domain``,
+* applies the user's overrides. ``--image-prefix``/``--tag`` change the images of every
+  container and init container (each matched to its component by its name: one image per
+  component, ``ambit.install.images``) and the controller's ``--waypoint-image`` flag;
+  ``--image COMPONENT=IMAGE`` replaces one component's. ``--trust-domain``,
   ``--redirect-mode`` and ``--uplinks`` are written into the ``ambit-config`` ConfigMap, which
   the containers read as environment variables;
 * stamps ``ambit.dev/config-hash`` (sha256 of the ConfigMap's data, first 16 hex digits) on the
@@ -39,6 +40,7 @@ import yaml
 
 import ambit
 from agent.config import REDIRECT_MODES
+from ambit.install import images
 from ambit.install.names import (
     CONFIG_HASH_ANNOTATION,
     CONFIG_MAP,
@@ -87,7 +89,9 @@ class RenderError(Exception):
 class Overrides:
     """What the user changes; None keeps the manifests' value."""
 
-    image: str | None = None
+    images: Mapping[str, str] = field(default_factory=dict)  # component -> reference
+    image_prefix: str | None = None
+    tag: str | None = None
     trust_domain: str | None = None
     redirect_mode: str | None = None
     uplinks: str | None = None
@@ -104,7 +108,9 @@ class Overrides:
         return out
 
     def describe(self) -> str:
-        parts = [f"image {self.image}"] if self.image is not None else []
+        parts = [f"image prefix {self.image_prefix}"] if self.image_prefix is not None else []
+        parts += [f"tag {self.tag}"] if self.tag is not None else []
+        parts += [f"image {k}={v}" for k, v in sorted(self.images.items())]
         parts += [f"{k} {v}" for k, v in self.config_data().items()]
         return ", ".join(parts) or "none"
 
@@ -304,13 +310,6 @@ def _check_uplinks(value: str, what: str) -> None:
                               "eth0,eth1")
 
 
-def _check_image(value: str) -> None:
-    if not _IMAGE.match(value):
-        raise RenderError(f"--image {value!r}: not an image reference; expected "
-                          "[REGISTRY/]REPOSITORY[:TAG][@DIGEST] with a lower-case repository, "
-                          "e.g. registry.example.com/ambit:0.1.0")
-
-
 _CONFIG_CHECKS = {"trustDomain": _check_trust_domain, "redirectMode": _check_redirect_mode,
                   "uplinks": _check_uplinks}
 _CONFIG_FLAGS = {"trustDomain": "--trust-domain", "redirectMode": "--redirect-mode",
@@ -319,8 +318,10 @@ _CONFIG_FLAGS = {"trustDomain": "--trust-domain", "redirectMode": "--redirect-mo
 
 def validate_overrides(o: Overrides) -> None:
     """Raise ``RenderError`` naming the flag for a value the components would refuse."""
-    if o.image is not None:
-        _check_image(o.image)
+    try:
+        images.check(o.images, o.image_prefix, o.tag, _IMAGE)
+    except images.ImageError as e:
+        raise RenderError(str(e)) from None
     for key, value in o.config_data().items():
         _CONFIG_CHECKS[key](value, _CONFIG_FLAGS[key])
 
@@ -352,6 +353,36 @@ def _containers(pod_spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         for c in pod_spec.get(key) or []:
             if isinstance(c, dict):
                 yield c
+
+
+def _override_images(c: dict[str, Any], o: Overrides, source: str) -> None:
+    """Apply the image flags to one container: its own image by its component, and the
+    waypoint image it passes on (the controller's ``--waypoint-image``)."""
+    if not o.images and o.image_prefix is None and o.tag is None:
+        return
+    component = images.CONTAINER_COMPONENT.get(str(c.get("name")))
+    if component is None:
+        raise RenderError(f"{source}: container {c.get('name')!r} runs no Ambit component "
+                          f"known to the image flags ({', '.join(images.CONTAINER_COMPONENT)})")
+    new = images.image_for(component, str(c.get("image", "")), o.images, o.image_prefix, o.tag)
+    if new is not None:
+        c["image"] = new
+    for key in ("args", "command"):
+        argv = c.get(key)
+        if not isinstance(argv, list):
+            continue
+        for i, arg in enumerate(argv):
+            current = None
+            if isinstance(arg, str) and arg.startswith(WAYPOINT_IMAGE_FLAG + "="):
+                current = arg.partition("=")[2]
+            elif arg == WAYPOINT_IMAGE_FLAG and i + 1 < len(argv):
+                current = str(argv[i + 1])
+            if current is None:
+                continue
+            waypoint = images.image_for("waypoint", current, o.images, o.image_prefix, o.tag)
+            if waypoint is not None:
+                _set_flag(argv, WAYPOINT_IMAGE_FLAG, waypoint)
+            break
 
 
 def _set_flag(argv: list[Any], flag: str, value: str) -> bool:
@@ -416,11 +447,7 @@ def render(manifests: list[Manifest], overrides: Overrides,
             if not isinstance(pod_spec, dict):
                 continue
             for c in _containers(pod_spec):
-                if overrides.image is not None:
-                    c["image"] = overrides.image
-                    for key in ("args", "command"):
-                        if isinstance(c.get(key), list):
-                            _set_flag(c[key], WAYPOINT_IMAGE_FLAG, overrides.image)
+                _override_images(c, overrides, m.source)
             if m.kind != "Pod" and _reads_config_map(pod_spec):
                 tmeta = template.setdefault("metadata", {})
                 tmeta["annotations"] = {**(tmeta.get("annotations") or {}),

@@ -11,6 +11,7 @@ namespace controller remove dependents and namespace contents (``gc_delay``). Th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -41,7 +42,9 @@ from tests.k8s_double.manifests import REPO, write_manifests
 from tests.k8s_double.server import ApiServerDouble
 
 NS = "ambit-system"
-NEW_IMAGE = "registry.example.com/ambit:0.2.0"
+# An upgrade: every component image moved to a registry and a new tag (one image per component).
+UPGRADE = Overrides(image_prefix="registry.example.com/ambit-", tag="0.2.0")
+NEW = {c: f"registry.example.com/ambit-{c}:0.2.0" for c in ("agent", "ztunnel", "waypoint")}
 REAL_MANIFESTS = (REPO / "deploy" / "daemonset" / "kustomization.yaml").is_file()
 FAST: dict[str, Any] = {"poll": 0.02, "heartbeat": 60.0}
 
@@ -159,7 +162,7 @@ async def test_the_repository_manifests_install_and_uninstall(
     directory = REPO / "deploy" / "daemonset"
     if not REAL_MANIFESTS:
         pytest.skip("deploy/daemonset/kustomization.yaml is not written yet")
-    real = render_dir(directory, Overrides(image=NEW_IMAGE))
+    real = render_dir(directory, UPGRADE)
     lines = Lines()
     task = asyncio.create_task(install(cluster, real, wait_timeout=20, out=lines, **FAST))
     await eventually(lambda: lines.has("to roll out"))
@@ -186,7 +189,7 @@ async def test_upgrade_with_a_new_image_and_settings_rolls_the_workloads(
     await quick_install(cluster, rendered)
     ip = get(double, "services", "ambit-controller")["spec"]["clusterIP"]
     ds_generation = get(double, "daemonsets", "ambit-node")["metadata"]["generation"]
-    upgrade = render_dir(manifests, Overrides(image=NEW_IMAGE, trust_domain="prod.example.com"))
+    upgrade = render_dir(manifests, dataclasses.replace(UPGRADE, trust_domain="prod.example.com"))
     result = await quick_install(cluster, upgrade)
     outcomes = dict(result.applied)
     assert outcomes["daemonset.apps/ambit-node"] == "configured"
@@ -196,13 +199,14 @@ async def test_upgrade_with_a_new_image_and_settings_rolls_the_workloads(
     assert outcomes["namespace/ambit-system"] == "unchanged"
     ds = get(double, "daemonsets", "ambit-node")
     spec = ds["spec"]["template"]["spec"]
-    assert {c["image"] for c in spec["containers"] + spec["initContainers"]} == {NEW_IMAGE}
+    assert {c["image"] for c in spec["containers"] + spec["initContainers"]} \
+        == {NEW["agent"], NEW["ztunnel"]}
     assert ds["metadata"]["generation"] == ds_generation + 1
     assert ds["spec"]["template"]["metadata"]["annotations"]["ambit.dev/config-hash"] \
         == upgrade.config_hash != ""
     args = get(double, "deployments", "ambit-controller")["spec"]["template"]["spec"][
         "containers"][0]["args"]
-    assert args[args.index("--waypoint-image") + 1] == NEW_IMAGE
+    assert args[args.index("--waypoint-image") + 1] == NEW["waypoint"]
     assert get(double, "configmaps", "ambit-config")["data"]["trustDomain"] == "prod.example.com"
     # server-side apply kept what the API server allocated
     assert get(double, "services", "ambit-controller")["spec"]["clusterIP"] == ip

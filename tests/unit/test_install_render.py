@@ -15,6 +15,7 @@ import yaml
 from agent.config import REDIRECT_MODES
 from ambit import cli
 from ambit.install import render
+from ambit.install.images import ImageError, image_for, parse_image_flags
 from ambit.install.names import CONFIG_HASH_ANNOTATION, DEFAULT_CONFIG, INSTALL_LABELS
 from ambit.install.render import (
     Manifest,
@@ -29,7 +30,11 @@ from ambit.install.render import (
 )
 from tests.k8s_double.manifests import DEFAULT_IMAGE, REPO, write_manifests
 
-NEW_IMAGE = "registry.example.com:5000/team/ambit:0.2.0"
+NEW_PREFIX = "registry.example.com:5000/team/ambit-"
+NEW_TAG = "0.2.0"
+# One image per component (ambit/install/images.py), with --image-prefix NEW_PREFIX --tag NEW_TAG.
+NEW = {c: f"{NEW_PREFIX}{c}:{NEW_TAG}" for c in ("ztunnel", "agent", "controller", "waypoint")}
+MOVED = Overrides(image_prefix=NEW_PREFIX, tag=NEW_TAG)
 
 
 @pytest.fixture
@@ -95,16 +100,16 @@ def test_image_override_reaches_every_container_and_the_waypoint_image(
         manifests: Path) -> None:
     original = load_manifests(manifests)
     before = copy.deepcopy([m.obj for m in original])
-    r = render.render(original, Overrides(image=NEW_IMAGE), manifests)
+    r = render.render(original, MOVED, manifests)
     assert [m.obj for m in original] == before  # inputs untouched
     node = find(r, "DaemonSet", "ambit-node")
-    assert [c["name"] for c in containers(node)] == ["install-cni", "agent", "ztunnel"]
-    assert {c["image"] for c in containers(node)} == {NEW_IMAGE}
+    assert [(c["name"], c["image"]) for c in containers(node)] == [
+        ("install-cni", NEW["agent"]), ("agent", NEW["agent"]), ("ztunnel", NEW["ztunnel"])]
     controller = find(r, "Deployment", "ambit-controller")
     (c,) = containers(controller)
-    assert c["image"] == NEW_IMAGE
+    assert c["image"] == NEW["controller"]
     args = c["args"]
-    assert args[args.index("--waypoint-image") + 1] == NEW_IMAGE
+    assert args[args.index("--waypoint-image") + 1] == NEW["waypoint"]
     assert DEFAULT_IMAGE not in json.dumps([m.obj for m in r.manifests])
     # the image is not a setting: the ConfigMap and so the hash stay as they were
     assert r.config_hash == config_hash(DEFAULT_CONFIG)
@@ -164,7 +169,8 @@ def test_config_hash_is_order_independent_and_sensitive_to_values() -> None:
 # ----- output -----
 
 def test_dry_run_yaml_parses_round_trips_and_is_valid_for_kubernetes(manifests: Path) -> None:
-    r = render_dir(manifests, Overrides(image=NEW_IMAGE, trust_domain="prod.example.com"))
+    r = render_dir(manifests, Overrides(image_prefix=NEW_PREFIX, tag=NEW_TAG,
+                                        trust_domain="prod.example.com"))
     text = to_yaml(r)
     assert text.startswith("# Ambit ")
     assert "GatewayClass ambit-waypoint" in text.splitlines()[2]
@@ -193,19 +199,26 @@ def test_the_repository_manifests_render_with_every_override() -> None:
     directory = REPO / "deploy" / "daemonset"
     if not (directory / "kustomization.yaml").is_file():
         pytest.skip("deploy/daemonset/kustomization.yaml is not written yet")
-    r = render_dir(directory, Overrides(image=NEW_IMAGE, trust_domain="prod.example.com",
+    r = render_dir(directory, Overrides(image_prefix=NEW_PREFIX, tag=NEW_TAG,
+                                        trust_domain="prod.example.com",
                                         redirect_mode="iptables", uplinks="eth1"))
     assert r.config == {"trustDomain": "prod.example.com", "redirectMode": "iptables",
                         "uplinks": "eth1"}
     node, controller = find(r, "DaemonSet", "ambit-node"), find(r, "Deployment",
                                                                 "ambit-controller")
+    assert {c["image"] for c in containers(node)} == {NEW["agent"], NEW["ztunnel"]}
+    assert {c["image"] for c in containers(controller)} == {NEW["controller"]}
     for obj in (node, controller):
-        assert {c["image"] for c in containers(obj)} == {NEW_IMAGE}
         assert template_hash(obj) == r.config_hash
     args = next(c for c in containers(controller) if "--waypoint-image" in
                 " ".join(c.get("args") or []))["args"]
     flat = " ".join(args)
-    assert f"--waypoint-image {NEW_IMAGE}" in flat or f"--waypoint-image={NEW_IMAGE}" in flat
+    assert f"--waypoint-image {NEW['waypoint']}" in flat \
+        or f"--waypoint-image={NEW['waypoint']}" in flat
+    # The shipped references are the ones hack/images.sh tags: only the tag changes with --tag.
+    r = render_dir(directory, Overrides(tag=NEW_TAG))
+    assert {c["image"] for c in containers(find(r, "DaemonSet", "ambit-node"))} == {
+        f"localhost/ambit-agent:{NEW_TAG}", f"localhost/ambit-ztunnel:{NEW_TAG}"}
     assert render.default_manifests_dirs()[0] == directory
     assert render.find_manifests_dir() == directory
 
@@ -249,17 +262,54 @@ def test_bad_uplinks_are_refused(manifests: Path, value: str) -> None:
         render_dir(manifests, Overrides(uplinks=value))
 
 
-@pytest.mark.parametrize("value", ["Ambit:1", "ambit:", "reg.example.com/ambit:1 x", "",
-                                   "reg.example.com//ambit"])
-def test_bad_image_is_refused(manifests: Path, value: str) -> None:
-    with pytest.raises(RenderError, match="--image"):
-        render_dir(manifests, Overrides(image=value))
+@pytest.mark.parametrize("overrides, flag", [
+    (Overrides(images={"ztunnel": v}), "--image ztunnel=") for v in
+    ["Ambit:1", "ambit:", "reg.example.com/ambit:1 x", "", "reg.example.com//ambit"]] + [
+    (Overrides(image_prefix="Registry/Ambit-"), "--image-prefix"),
+    (Overrides(image_prefix="reg.example.com//"), "--image-prefix"),
+    (Overrides(tag="-1"), "--tag"),
+    (Overrides(tag="a b"), "--tag"),
+])
+def test_bad_image_flags_are_refused(manifests: Path, overrides: Overrides, flag: str) -> None:
+    with pytest.raises(RenderError, match=flag):
+        render_dir(manifests, overrides)
 
 
 @pytest.mark.parametrize("value", ["ambit", "localhost/ambit:0.1.0", "registry:5000/a/b:c",
                                    "ghcr.io/org/ambit@sha256:" + "a" * 64])
 def test_good_images_pass(manifests: Path, value: str) -> None:
-    render_dir(manifests, Overrides(image=value))
+    r = render_dir(manifests, Overrides(images={"waypoint": value}))
+    args = containers(find(r, "Deployment", "ambit-controller"))[0]["args"]
+    assert args[args.index("--waypoint-image") + 1] == value
+    # One component's override leaves the others as the manifests have them.
+    assert {c["image"] for c in containers(find(r, "DaemonSet", "ambit-node"))} \
+        == {DEFAULT_IMAGE}
+
+
+@pytest.mark.parametrize("current, images, prefix, tag, expected", [
+    ("localhost/ambit-ztunnel:0.1.0", {}, None, None, None),
+    ("localhost/ambit-ztunnel:0.1.0", {}, None, "0.2.0", "localhost/ambit-ztunnel:0.2.0"),
+    ("localhost/ambit-ztunnel:0.1.0", {}, "reg:5000/x/ambit-", None,
+     "reg:5000/x/ambit-ztunnel:0.1.0"),
+    ("localhost/ambit-ztunnel", {}, "r.io/ambit-", None, "r.io/ambit-ztunnel"),
+    ("reg:5000/ambit-ztunnel@sha256:" + "a" * 64, {}, None, "1", "reg:5000/ambit-ztunnel:1"),
+    ("localhost/ambit-ztunnel:0.1.0", {"ztunnel": "a/b:c"}, "r.io/", "9", "a/b:c"),
+    ("localhost/ambit-ztunnel:0.1.0", {"agent": "a/b:c"}, None, None, None),
+])
+def test_image_for(current: str, images: dict[str, str], prefix: str | None, tag: str | None,
+                   expected: str | None) -> None:
+    assert image_for("ztunnel", current, images, prefix, tag) == expected
+
+
+@pytest.mark.parametrize("values, message", [
+    (["registry.example.com/ambit:0.1.0"], "--image takes COMPONENT=IMAGE"),
+    (["proxy=a/b:1"], "no component 'proxy'"),
+    (["agent=a:1", "agent=b:1"], "--image agent= given twice"),
+])
+def test_image_flags_parse_with_clear_errors(values: list[str], message: str) -> None:
+    with pytest.raises(ImageError, match=message):
+        parse_image_flags(values)
+    assert parse_image_flags(["agent=a:1", "waypoint=w:2"]) == {"agent": "a:1", "waypoint": "w:2"}
 
 
 def test_a_bad_value_in_the_manifests_is_reported_with_its_file(manifests: Path) -> None:
@@ -313,9 +363,14 @@ def test_broken_manifests_are_clear_errors(manifests: Path, edit: Any, fragment:
 
 def test_cli_dry_run_prints_yaml_and_json(manifests: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["install", "--dry-run", "--manifests", str(manifests), "--image",
-                     NEW_IMAGE, "--redirect-mode", "iptables"]) == 0
+    assert cli.main(["install", "--dry-run", "--manifests", str(manifests), "--image-prefix",
+                     NEW_PREFIX, "--tag", NEW_TAG, "--image", "waypoint=w.example.com/wp:3",
+                     "--redirect-mode", "iptables"]) == 0
     docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    node = next(d for d in docs if d["kind"] == "DaemonSet")
+    assert {c["image"] for c in containers(node)} == {NEW["agent"], NEW["ztunnel"]}
+    args = containers(next(d for d in docs if d["kind"] == "Deployment"))[0]["args"]
+    assert args[args.index("--waypoint-image") + 1] == "w.example.com/wp:3"
     assert next(d for d in docs if d["kind"] == "ConfigMap")["data"]["redirectMode"] \
         == "iptables"
     assert cli.main(["install", "--dry-run", "-o", "json", "--manifests", str(manifests)]) == 0
@@ -326,6 +381,8 @@ def test_cli_dry_run_prints_yaml_and_json(manifests: Path,
     (["--trust-domain", "BAD"], "--trust-domain 'BAD': not a trust domain"),
     (["--redirect-mode", "x"], "--redirect-mode 'x': not one of"),
     (["--timeout", "0"], "--timeout must be more than 0"),
+    (["--image", "registry.example.com/ambit:0.1.0"], "--image takes COMPONENT=IMAGE"),
+    (["--tag", "a b"], "--tag 'a b': not a tag"),
 ])
 def test_cli_usage_errors_exit_2_with_one_line(manifests: Path, argv: list[str], message: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:

@@ -35,6 +35,7 @@ import yaml
 
 from agent.config import DEFAULT_RUN_DIR, NODE_METRICS_PORT
 from ambit.cli import build_parser
+from ambit.install.images import CONTAINER_COMPONENT
 from controller.app import ControllerConfig
 from controller.k8s_ca import CA_SECRET, SECRETS
 from controller.leader import LEASES
@@ -55,7 +56,8 @@ from ztunnel.config import ZtunnelConfig
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "daemonset"
 NAMESPACE = "ambit-system"
-IMAGE = "localhost/ambit:0.1.0"
+# One image per component, as hack/images.sh tags them (ambit/install/images.py maps containers).
+TAG = "0.1.0"
 LABELS = {"app.kubernetes.io/part-of": "ambit", "app.kubernetes.io/managed-by": "ambit"}
 CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
 CONFIG_MAP = "ambit-config"
@@ -283,17 +285,18 @@ def test_controller_service_and_pdb_select_the_controller_pods() -> None:
 
 
 @pytest.mark.parametrize("cid", CONTAINER_IDS)
-def test_one_image_run_as_ambit(cid: str) -> None:
+def test_each_container_runs_its_component_image(cid: str) -> None:
     _, c = container_by_id(cid)
-    assert c["image"] == IMAGE
+    component = CONTAINER_COMPONENT[c["name"]]
+    assert c["image"] == f"localhost/ambit-{component}:{TAG}"
     assert c["imagePullPolicy"] == "IfNotPresent"
     assert c["command"] == ["ambit"], "the image's entry point, spelt out"
     assert "resources" in c and c["resources"]["requests"] and c["resources"]["limits"]
 
 
-def test_the_waypoint_image_is_the_install_image() -> None:
+def test_the_waypoint_image_is_the_waypoint_component_image() -> None:
     args = container(controller_pod(), "controller")["args"]
-    assert args[args.index("--waypoint-image") + 1] == IMAGE
+    assert args[args.index("--waypoint-image") + 1] == f"localhost/ambit-waypoint:{TAG}"
 
 
 # --- environment variables and flags ------------------------------------------------------------

@@ -437,16 +437,17 @@ def _manifest_images() -> set[str]:
 
 
 def test_scripts_use_the_manifests_default_image(recorded: dict[str, Any]) -> None:
-    manifest_images = _manifest_images()
-    # Before the manifests exist (issue 6 in progress) the contract's name is the reference.
-    expected = manifest_images or {CONTRACT_IMAGE}
-    assert len(expected) == 1, f"the manifests name several images: {expected}"
-    (image,) = expected
-    used = {str(e["kw"]["env"]["AMBIT_IMAGE"]) for m in machines(recorded)
-            for e in m.provisioners if "AMBIT_IMAGE" in e["kw"].get("env", {})}
-    assert used == {image}
-    for script in ("install.sh",):
-        assert f"AMBIT_IMAGE=${{AMBIT_IMAGE:-{image}}}" in (SCRIPTS / script).read_text()
+    # One image per component (issue 17): PREFIX + component + ":" + TAG, as the manifests name
+    # them; the Vagrantfile passes PREFIX and TAG, install.sh defaults to the same.
+    images = _manifest_images()
+    found = {re.fullmatch(r"(.*?)(agent|ztunnel|controller):([^:/]+)", i) for i in images}
+    assert None not in found, f"not PREFIX-COMPONENT:TAG: {images}"
+    ((prefix, tag),) = {(m.group(1), m.group(3)) for m in found if m is not None}
+    for key, value in (("AMBIT_IMAGE_PREFIX", prefix), ("AMBIT_TAG", tag)):
+        used = {str(e["kw"]["env"][key]) for m in machines(recorded)
+                for e in m.provisioners if key in e["kw"].get("env", {})}
+        assert used == {value}, key
+        assert f"{key}=${{{key}:-{value}}}" in (SCRIPTS / "install.sh").read_text()
 
 
 def test_pinned_downloads() -> None:
@@ -1020,7 +1021,7 @@ def _ambit_commands(script: Path) -> Iterator[list[str]]:
 def test_scripts_call_ambit_with_flags_it_has() -> None:
     from ambit.cli import build_parser
 
-    values = {"AMBIT_SRC": "/ambit", "AMBIT_IMAGE": CONTRACT_IMAGE,
+    values = {"AMBIT_SRC": "/ambit", "AMBIT_IMAGE_PREFIX": "localhost/ambit-", "AMBIT_TAG": "0.1.0",
               "AMBIT_TRUST_DOMAIN": TRUST_DOMAIN, "AMBIT_REDIRECT_MODE": "auto"}
     seen = []
     for script in (SCRIPTS / "install.sh", SMOKE):

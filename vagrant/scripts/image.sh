@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The Ambit image on every node, built once.
+# Ambit's images (one per component) on every node, built once.
 #
-#   image.sh build   (cp1) podman builds $AMBIT_IMAGE from $AMBIT_SRC/Containerfile, saves it
-#                    as an OCI archive, imports it into containerd's k8s.io namespace (where the
+#   image.sh build   (cp1) hack/images.sh builds ${AMBIT_IMAGE_PREFIX}{ztunnel,agent,controller,
+#                    waypoint}:$AMBIT_TAG from $AMBIT_SRC/Containerfile, podman saves them as
+#                    one archive, imports it into containerd's k8s.io namespace (where the
 #                    kubelet looks; the manifests use imagePullPolicy IfNotPresent), and serves
 #                    the archive on the private network (python3 http.server, a systemd unit
 #                    with DynamicUser) together with its HMAC-SHA256 under SHARE_KEY.
@@ -12,16 +13,21 @@
 #                    in another image), and imports it.
 #
 # Why not a synced folder: synced folders are rsync, one way, host to machine.
-# Environment (from the Vagrantfile): AMBIT_IMAGE, SHARE_PORT, SHARE_KEY; build: AMBIT_SRC,
-# NODE_IP; fetch: CP_IP.
+# Environment (from the Vagrantfile): AMBIT_IMAGE_PREFIX, AMBIT_TAG, SHARE_PORT, SHARE_KEY;
+# build: AMBIT_SRC, NODE_IP; fetch: CP_IP.
 set -euo pipefail
 
 mode=${1:-}
-: "${AMBIT_IMAGE:?AMBIT_IMAGE is not set (the Vagrantfile sets it)}"
+: "${AMBIT_IMAGE_PREFIX:?AMBIT_IMAGE_PREFIX is not set (the Vagrantfile sets it)}"
+: "${AMBIT_TAG:?AMBIT_TAG is not set (the Vagrantfile sets it)}"
 : "${SHARE_PORT:?SHARE_PORT is not set (the Vagrantfile sets it)}"
 : "${SHARE_KEY:?SHARE_KEY is not set (the Vagrantfile sets it)}"
 
-ARCHIVE=ambit-image.tar
+ARCHIVE=ambit-images.tar
+IMAGES=()
+for component in ztunnel agent controller waypoint; do
+    IMAGES+=("$AMBIT_IMAGE_PREFIX$component:$AMBIT_TAG")
+done
 SHARE_DIR=/var/lib/ambit-vagrant/share
 WORK_DIR=/var/lib/ambit-vagrant
 
@@ -32,16 +38,18 @@ hmac_of() {
     openssl dgst -sha256 -hmac "$SHARE_KEY" -r "$1" | cut -d' ' -f1
 }
 
-# ctr names an OCI archive's image after its org.opencontainers.image.ref.name annotation only
-# when it starts with --base-name; podman writes the full name there.
+# A docker-archive holding the four images with their full names (podman save -m), which ctr
+# imports under those names.
 import_archive() {
-    local archive=$1 repo=${AMBIT_IMAGE%:*}
+    local archive=$1 image
     log "importing into containerd (namespace k8s.io)"
-    ctr -n k8s.io images import --base-name "$repo" "$archive"
-    ctr -n k8s.io images ls -q | grep -qxF "$AMBIT_IMAGE" \
-        || die "the archive imported, but containerd has no image named $AMBIT_IMAGE" \
-               "(ctr -n k8s.io images ls)"
-    log "containerd has $AMBIT_IMAGE"
+    ctr -n k8s.io images import "$archive"
+    for image in "${IMAGES[@]}"; do
+        ctr -n k8s.io images ls -q | grep -qxF "$image" \
+            || die "the archive imported, but containerd has no image named $image" \
+                   "(ctr -n k8s.io images ls)"
+    done
+    log "containerd has ${IMAGES[*]}"
 }
 
 build() {
@@ -50,23 +58,20 @@ build() {
     [[ -f $AMBIT_SRC/Containerfile ]] || die "no $AMBIT_SRC/Containerfile: is the repository" \
         "synced? (vagrant rsync cp1)"
     export DEBIAN_FRONTEND=noninteractive
-    log "installing podman"
+    log "installing podman, runc and debootstrap"
     apt-get update -q
-    apt-get install -y -q podman
-    # The Containerfile names its base images by short name (debian:bookworm-slim); Debian's
-    # podman resolves short names only from this list.
-    mkdir -p /etc/containers/registries.conf.d
-    printf 'unqualified-search-registries = ["docker.io"]\n' \
-        > /etc/containers/registries.conf.d/50-ambit-vagrant.conf
+    apt-get install -y -q podman runc debootstrap
 
-    log "building $AMBIT_IMAGE from $AMBIT_SRC/Containerfile (first time: several minutes)"
-    # Host network for the build's RUN steps: no netavark bridge next to the node's CNI.
-    podman build --network=host -t "$AMBIT_IMAGE" -f "$AMBIT_SRC/Containerfile" "$AMBIT_SRC"
+    # hack/images.sh: the Debian base (pulled, or bootstrapped when it cannot be), host network
+    # for the builds' RUN steps (no podman bridge next to the node's CNI), pinned packages.
+    log "building ${IMAGES[*]} from $AMBIT_SRC/Containerfile (first time: several minutes)"
+    IMAGE_PREFIX="$AMBIT_IMAGE_PREFIX" TAG="$AMBIT_TAG" "$AMBIT_SRC/hack/images.sh"
 
     install -d -m 0755 "$WORK_DIR" "$SHARE_DIR"
     local tmp="$SHARE_DIR/.$ARCHIVE.tmp"
     rm -f "$tmp"
-    podman save --format oci-archive -o "$tmp" "$AMBIT_IMAGE"
+    CONTAINERS_CONF="$AMBIT_SRC/containers/containers.conf" \
+        podman save -m --format docker-archive -o "$tmp" "${IMAGES[@]}"
     chmod 0644 "$tmp"
     import_archive "$tmp"
     hmac_of "$tmp" > "$SHARE_DIR/.$ARCHIVE.hmac.tmp"
@@ -77,7 +82,7 @@ build() {
     log "serving $SHARE_DIR on $NODE_IP:$SHARE_PORT for the workers"
     cat > /etc/systemd/system/ambit-image-share.service <<EOF
 [Unit]
-Description=Ambit image archive for the other Vagrant nodes (private network only)
+Description=Ambit images archive for the other Vagrant nodes (private network only)
 After=network-online.target
 Wants=network-online.target
 

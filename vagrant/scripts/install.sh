@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # cp1, once every node has joined: Ambit and the sample app.
 #
-#   1. wait until $AMBIT_EXPECTED_NODES nodes are Ready and report $AMBIT_IMAGE;
+#   1. wait until $AMBIT_EXPECTED_NODES nodes are Ready and report the agent's image (the four
+#      images come in one archive: image.sh);
 #   2. the ambit CLI in a venv (/opt/ambit-cli, an editable install of $AMBIT_SRC: after
 #      `vagrant rsync cp1` the CLI runs the new code);
 #   3. the upstream Gateway API standard CRDs (pinned release; waypoints are Gateways, and
 #      `ambit install` adds the GatewayClass ambit-waypoint only when the Gateway API is served);
-#   4. ambit install --image $AMBIT_IMAGE, then wait for the controller and the node DaemonSet;
+#   4. ambit install --image-prefix $AMBIT_IMAGE_PREFIX --tag $AMBIT_TAG, then wait for the
+#      controller and the node DaemonSet;
 #   5. the sample app (vagrant/sample: namespace demo, server behind the waypoint, client,
 #      intruder, policies), then wait for it and for the waypoint the controller deploys.
 #
-# Environment (from the Vagrantfile, all with defaults): AMBIT_SRC, AMBIT_IMAGE,
+# Environment (from the Vagrantfile, all with defaults): AMBIT_SRC, AMBIT_IMAGE_PREFIX, AMBIT_TAG,
 # AMBIT_TRUST_DOMAIN, AMBIT_REDIRECT_MODE, AMBIT_EXPECTED_NODES, GATEWAY_API_VERSION.
 # Idempotent: `ambit install` applies server-side, and so does kubectl here.
 set -euo pipefail
 
 AMBIT_SRC=${AMBIT_SRC:-/ambit}
-AMBIT_IMAGE=${AMBIT_IMAGE:-localhost/ambit:0.1.0}
+AMBIT_IMAGE_PREFIX=${AMBIT_IMAGE_PREFIX:-localhost/ambit-}
+AMBIT_TAG=${AMBIT_TAG:-0.1.0}
+AGENT_IMAGE="${AMBIT_IMAGE_PREFIX}agent:$AMBIT_TAG"
 AMBIT_TRUST_DOMAIN=${AMBIT_TRUST_DOMAIN:-cluster.local}
 AMBIT_REDIRECT_MODE=${AMBIT_REDIRECT_MODE:-auto}
 AMBIT_EXPECTED_NODES=${AMBIT_EXPECTED_NODES:-3}
@@ -45,15 +49,15 @@ mapfile -t nodes < <(ready_nodes)
 log "nodes: ${nodes[*]}"
 
 # The kubelet lists a node's images in its status (refreshed every few seconds to a minute).
-log "waiting for every node to report $AMBIT_IMAGE"
+log "waiting for every node to report $AGENT_IMAGE"
 for node in "${nodes[@]}"; do
     for _ in $(seq 1 30); do
-        kubectl get node "$node" -o jsonpath='{.status.images[*].names}' | grep -qF "\"$AMBIT_IMAGE\"" \
+        kubectl get node "$node" -o jsonpath='{.status.images[*].names}' | grep -qF "\"$AGENT_IMAGE\"" \
             && break
         sleep 10
     done
-    kubectl get node "$node" -o jsonpath='{.status.images[*].names}' | grep -qF "\"$AMBIT_IMAGE\"" \
-        || log "warning: $node does not report $AMBIT_IMAGE yet; its pods may fail with" \
+    kubectl get node "$node" -o jsonpath='{.status.images[*].names}' | grep -qF "\"$AGENT_IMAGE\"" \
+        || log "warning: $node does not report $AGENT_IMAGE yet; its pods may fail with" \
                "ErrImagePull (fix: vagrant provision $node --provision-with image)"
 done
 
@@ -71,10 +75,11 @@ kubectl wait --for=condition=Established --timeout=2m \
     crd/gatewayclasses.gateway.networking.k8s.io crd/gateways.gateway.networking.k8s.io \
     crd/httproutes.gateway.networking.k8s.io
 
-log "ambit install --image $AMBIT_IMAGE"
+log "ambit install --image-prefix $AMBIT_IMAGE_PREFIX --tag $AMBIT_TAG"
 # It waits until the controller and every node pod run (the agents compile their eBPF
 # programs on first start: give slow machines time).
-ambit install --manifests "$AMBIT_SRC/deploy/daemonset" --image "$AMBIT_IMAGE" \
+ambit install --manifests "$AMBIT_SRC/deploy/daemonset" --image-prefix "$AMBIT_IMAGE_PREFIX" \
+    --tag "$AMBIT_TAG" \
     --trust-domain "$AMBIT_TRUST_DOMAIN" --redirect-mode "$AMBIT_REDIRECT_MODE" --timeout 900
 kubectl -n ambit-system rollout status deployment/ambit-controller --timeout=10m
 kubectl -n ambit-system rollout status daemonset/ambit-node --timeout=10m
