@@ -421,6 +421,31 @@ async def test_waypoint_kinds_are_watched_and_translated(
     await snaps.until(lambda c: c.services[0].waypoint is None)
 
 
+async def test_grpc_and_tcp_routes_and_app_protocol_come_from_the_api(
+        double: ApiServerDouble, registry: KubernetesRegistry, snaps: Snapshots) -> None:
+    """Issue 18: GRPCRoutes (v1) and TCPRoutes (v1alpha2) are watched; appProtocol is kept."""
+    double.apply("namespaces", o.namespace("shop"))
+    double.apply("services", o.service("echo", "shop", "10.96.0.31", {"app": "echo"}, [
+        {"name": "grpc", "port": 7070, "protocol": "TCP", "appProtocol": "kubernetes.io/h2c"},
+        {"name": "db", "port": 5432, "protocol": "TCP"}]))
+    double.apply("grpcroutes", o.http_route("echo-grpc", "shop", {
+        "parentRefs": [{"group": "", "kind": "Service", "name": "echo", "port": 7070}],
+        "rules": [{"matches": [{"method": {"service": "grpc.Echo"}}],
+                   "backendRefs": [{"name": "echo", "port": 7070}]}]}))
+    double.apply("tcproutes", o.http_route("echo-db", "shop", {
+        "parentRefs": [{"group": "", "kind": "Service", "name": "echo", "port": 5432}],
+        "rules": [{"backendRefs": [{"name": "echo", "port": 5432}]}]}))
+    await snaps.until(lambda c: bool(snaps.last and snaps.last.http_routes
+                                     and snaps.last.tcp_routes), within=3)
+    snap = snaps.last
+    assert snap is not None
+    (grpc,) = snap.http_routes
+    assert grpc.kind == "GRPCRoute" and grpc.rules[0].matches[0].grpc is not None
+    assert [r.key for r in snap.tcp_routes] == ["shop/echo-db"]
+    (svc,) = snap.services
+    assert [p.app_protocol for p in svc.ports] == ["kubernetes.io/h2c", ""]
+
+
 async def test_missing_gateway_api_crds_do_not_break_the_mesh_and_are_logged_once(
         double: ApiServerDouble, api: client.ApiClient,
         caplog: pytest.LogCaptureFixture) -> None:
