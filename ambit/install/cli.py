@@ -40,7 +40,7 @@ def _manifests(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifests", type=Path, metavar="DIR",
                    help="the manifests directory (a kustomization with a resources list; "
                    "default: deploy/daemonset of this checkout, or /opt/ambit/deploy/daemonset "
-                   "in the image)")
+                   "in the controller image)")
 
 
 def add_parsers(sub: SubParsers) -> None:

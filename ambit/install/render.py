@@ -56,7 +56,7 @@ __all__ = [
     "load_manifests", "pod_templates", "render", "render_dir", "to_json", "to_yaml",
 ]
 
-# Where the container image keeps the manifests (the Containerfile copies deploy/ there).
+# Where the controller image keeps the manifests (the Containerfile copies deploy/ there).
 IMAGE_MANIFESTS_DIR = Path("/opt/ambit/deploy/daemonset")
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 _KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources"}
