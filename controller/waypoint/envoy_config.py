@@ -59,6 +59,7 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.internal_upstream.v3 import internal_upstream_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
@@ -361,9 +362,10 @@ def _http_chain_filter(view: WaypointView, service: Service,
     return _hcm_filter(hcm)
 
 
-def _tcp_chain_filter(view: WaypointView, service: Service,
-                      port: int) -> listener_components_pb2.Filter:
-    """A port that is not HTTP: its bytes go to the service's endpoints as they are (a
+def _tcp_chain_filters(view: WaypointView, service: Service,
+                       port: int) -> list[listener_components_pb2.Filter]:
+    """A port that is not HTTP: the waypoint's authorization as it applies to connections
+    (``network_rbac_filters``), then its bytes go to the service's endpoints as they are (a
     TCPRoute's backends and weights, when one is attached), never parsed."""
     clusters = tcp_clusters(view, service, port)
     proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=f"{service.namespace}_{service.name}_{port}")
@@ -376,8 +378,9 @@ def _tcp_chain_filter(view: WaypointView, service: Service,
         proxy.weighted_clusters.CopyFrom(tcp_proxy_pb2.TcpProxy.WeightedCluster(clusters=[
             tcp_proxy_pb2.TcpProxy.WeightedCluster.ClusterWeight(name=name, weight=weight)
             for name, weight in clusters]))
-    return listener_components_pb2.Filter(name="envoy.filters.network.tcp_proxy",
-                                          typed_config=_any(proxy))
+    return [*network_rbac_filters(view.policies_for(service)),
+            listener_components_pb2.Filter(name="envoy.filters.network.tcp_proxy",
+                                           typed_config=_any(proxy))]
 
 
 def tcp_clusters(view: WaypointView, service: Service, port: int) -> list[tuple[str, int]]:
@@ -394,9 +397,9 @@ def main_internal(view: WaypointView) -> listener_pb2.Listener:
     for service in view.bound:
         for sp in service.ports:
             if view.protocol(service, sp.port).is_http:
-                chain_filter = _http_chain_filter(view, service, sp.port)
+                chain_filters = [_http_chain_filter(view, service, sp.port)]
             else:
-                chain_filter = _tcp_chain_filter(view, service, sp.port)
+                chain_filters = _tcp_chain_filters(view, service, sp.port)
             chains.append(listener_components_pb2.FilterChain(
                 name=f"{service.key}:{sp.port}",
                 filter_chain_match=listener_components_pb2.FilterChainMatch(
@@ -404,7 +407,7 @@ def main_internal(view: WaypointView) -> listener_pb2.Listener:
                         address_prefix=str(vip), prefix_len=wrappers_pb2.UInt32Value(
                             value=vip.max_prefixlen)) for vip in service.vips],
                     destination_port=wrappers_pb2.UInt32Value(value=sp.port)),
-                filters=[chain_filter]))
+                filters=chain_filters))
     return listener_pb2.Listener(
         name=MAIN_INTERNAL, internal_listener=listener_pb2.Listener.InternalListenerConfig(),
         listener_filters=[listener_components_pb2.ListenerFilter(
@@ -524,6 +527,52 @@ def rbac_filters(policies: Sequence[WaypointPolicy]) -> list[hcm_pb2.HttpFilter]
             policies=rules)
         filters.append(_http_filter(f"envoy.filters.http.rbac.{name}",
                                     http_rbac_pb2.RBAC(rules=rbac)))
+    return filters
+
+
+def tcp_operation(op: L7Operation, action: PolicyAction) -> L7Operation | None:
+    """An operation as it applies to a TCP connection, Istio's rule: methods and paths
+    cannot be evaluated without HTTP. In an ALLOW policy such an operation matches no
+    connection (None); in a DENY policy they are dropped and the rest (ports) decides, so a
+    policy never lets through on a TCP port what it would stop on an HTTP one."""
+    if not (op.methods or op.not_methods or op.paths or op.not_paths):
+        return op
+    if action is PolicyAction.ALLOW:
+        return None
+    return L7Operation(ports=op.ports, not_ports=op.not_ports)
+
+
+def _tcp_rbac_policy(rule: L7Rule, action: PolicyAction) -> rbac_pb2.Policy | None:
+    """``_rbac_policy`` for a TCP port; None: the rule can never match a connection."""
+    principals = [_source(s) for s in rule.sources] or [rbac_pb2.Principal(any=True)]
+    if not rule.operations:
+        return rbac_pb2.Policy(permissions=[rbac_pb2.Permission(any=True)],
+                               principals=principals)
+    kept = [o for o in (tcp_operation(op, action) for op in rule.operations) if o is not None]
+    if not kept:
+        return None
+    return rbac_pb2.Policy(permissions=[_operation(o) for o in kept], principals=principals)
+
+
+def network_rbac_filters(policies: Sequence[WaypointPolicy]) \
+        -> list[listener_components_pb2.Filter]:
+    """The same authorization for a TCP port (network RBAC, before the TCP proxy): DENY
+    first, then, when ALLOW policies exist, one must match; rules over methods or paths as
+    ``tcp_operation`` says (an ALLOW with nothing left for TCP denies every connection)."""
+    filters = []
+    for action, name in ((PolicyAction.DENY, "deny"), (PolicyAction.ALLOW, "allow")):
+        chosen = [p for p in policies if p.action is action]
+        if not chosen:
+            continue
+        rules = {f"ns[{p.namespace}]-policy[{p.name}]-rule[{i}]": policy
+                 for p in chosen for i, r in enumerate(p.rules)
+                 if (policy := _tcp_rbac_policy(r, action)) is not None}
+        rbac = rbac_pb2.RBAC(
+            action=rbac_pb2.RBAC.DENY if action is PolicyAction.DENY else rbac_pb2.RBAC.ALLOW,
+            policies=rules)
+        filters.append(listener_components_pb2.Filter(
+            name=f"envoy.filters.network.rbac.{name}",
+            typed_config=_any(network_rbac_pb2.RBAC(rules=rbac, stat_prefix=f"tcp_{name}_"))))
     return filters
 
 

@@ -1,6 +1,7 @@
 """The upstream MESH-HTTP conformance tests (kubernetes-sigs/gateway-api
-``conformance/tests/mesh/*.go`` and their manifests), one test each, named after them, with
-the upstream expectations; run against the dev cluster's waypoint (see conftest.py).
+``conformance/tests/mesh/*.go`` and their manifests), one test each, named after them
+(``test_mesh_httproute_303_redirect`` is MeshHTTPRoute303Redirect), with the upstream
+expectations; run against the dev cluster's waypoint (see conftest.py).
 
 Where upstream's mesh client checks less than the issue asks (it ignores the path the backend
 saw and the redirect's Location), these cases check them too, with the values the upstream
@@ -305,12 +306,22 @@ def test_mesh_consumer_route(mesh: Mesh) -> None:
 # --- redirects ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", [303, 307, 308])
-def test_mesh_httproute_30x_redirect(mesh: Mesh, code: int) -> None:
-    """MeshHTTPRoute303Redirect, MeshHTTPRoute307Redirect, MeshHTTPRoute308Redirect."""
+def _status_redirect(mesh: Mesh, code: int) -> None:
     docs = [route(f"mesh-{code}-redirect", svc("echo"),
                   [redirect_rule("/redirect", statusCode=code)])]
     mesh.check(docs, [redirect_case("/redirect", code, path="/redirect")])
+
+
+def test_mesh_httproute_303_redirect(mesh: Mesh) -> None:
+    _status_redirect(mesh, 303)
+
+
+def test_mesh_httproute_307_redirect(mesh: Mesh) -> None:
+    _status_redirect(mesh, 307)
+
+
+def test_mesh_httproute_308_redirect(mesh: Mesh) -> None:
+    _status_redirect(mesh, 308)
 
 
 def test_mesh_httproute_redirect_host_and_status(mesh: Mesh) -> None:
@@ -360,7 +371,7 @@ def test_mesh_httproute_redirect_port(mesh: Mesh) -> None:
         redirect_case("/port-and-host-and-status", 302, host="example.org", port="8083")])
 
 
-def test_mesh_httproute_redirect_scheme(mesh: Mesh) -> None:
+def test_mesh_httproute_scheme_redirect(mesh: Mesh) -> None:
     docs = [route("mesh-redirect-scheme", svc("echo"), [
         redirect_rule("/scheme", scheme="https"),
         redirect_rule("/scheme-and-host", hostname="example.org", scheme="https"),

@@ -14,17 +14,23 @@ from controller.waypoint.model import (
     BackendRef,
     HeaderModifier,
     HTTPRoute,
+    L7Operation,
+    L7Rule,
+    Match,
     ParentRef,
     PathMatch,
     PathMatchType,
     PathModifier,
     PathModifierType,
+    PolicyAction,
     QueryParamMatch,
     Redirect,
     RouteMatch,
     RouteRule,
+    TargetRef,
     TCPRoute,
     URLRewrite,
+    WaypointPolicy,
 )
 from controller.waypoint.protocol import PortProtocol, port_key
 from controller.waypoint.view import WaypointView, build_view
@@ -286,3 +292,52 @@ def test_grpc_route_is_served_on_its_port() -> None:
     (r,) = routes_of(v, port=7070)
     assert r.match.path == "/grpc.Echo/Ping"
     assert [c.weight.value for c in r.route.weighted_clusters.clusters] == [7, 3]
+
+
+# --- authorization on TCP ports ------------------------------------------------------------
+
+GET_ONLY = L7Operation(methods=(Match("GET"),), ports=(9090,))
+
+
+@pytest.mark.parametrize(("op", "action", "expected"), [
+    (L7Operation(ports=(9090,)), PolicyAction.ALLOW, L7Operation(ports=(9090,))),
+    (L7Operation(ports=(9090,)), PolicyAction.DENY, L7Operation(ports=(9090,))),
+    # Methods or paths cannot be judged on a connection: an ALLOW never matches it ...
+    (GET_ONLY, PolicyAction.ALLOW, None),
+    (L7Operation(not_paths=(Match("/a"),)), PolicyAction.ALLOW, None),
+    # ... and a DENY judges on what is left (fail closed).
+    (GET_ONLY, PolicyAction.DENY, L7Operation(ports=(9090,))),
+    (L7Operation(paths=(Match("/admin*"),)), PolicyAction.DENY, L7Operation()),
+])
+def test_tcp_operation(op: L7Operation, action: PolicyAction,
+                       expected: L7Operation | None) -> None:
+    assert ec.tcp_operation(op, action) == expected
+
+
+def _tcp_chain(policies: tuple[WaypointPolicy, ...]) -> list[str]:
+    v = build_view(GW, CONFIG, (), policies, protocols=PROTOCOLS)
+    chain = next(c for c in ec.main_internal(v).filter_chains if c.name.endswith(":9090"))
+    return [f.name for f in chain.filters]
+
+
+def _policy(action: PolicyAction, *ops: L7Operation) -> WaypointPolicy:
+    return WaypointPolicy("p", "default", action, (L7Rule(operations=ops),),
+                          (TargetRef("Gateway", "wp", "default"),))
+
+
+def test_tcp_ports_get_the_waypoint_authorization() -> None:
+    assert _tcp_chain(()) == ["envoy.filters.network.tcp_proxy"]
+    deny = _policy(PolicyAction.DENY, GET_ONLY)
+    assert _tcp_chain((deny,)) == ["envoy.filters.network.rbac.deny",
+                                   "envoy.filters.network.tcp_proxy"]
+    # An ALLOW whose only rule is about methods leaves nothing a connection can match:
+    # the filter is there, with no policy, so it denies every connection.
+    allow = _policy(PolicyAction.ALLOW, GET_ONLY)
+    v = build_view(GW, CONFIG, (), (allow,), protocols=PROTOCOLS)
+    chain = next(c for c in ec.main_internal(v).filter_chains if c.name.endswith(":9090"))
+    from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
+
+    config = network_rbac_pb2.RBAC()
+    chain.filters[0].typed_config.Unpack(config)
+    assert chain.filters[0].name == "envoy.filters.network.rbac.allow"
+    assert config.rules.action == config.rules.ALLOW and not config.rules.policies
