@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from agent import uplinks
-from agent.capture.base import CaptureBackend, CaptureError, PodCapture
+from agent.capture.base import MODE_INPOD, CaptureBackend, CaptureError, PodCapture
 from agent.cni.installer import ChainWatcher
 from agent.cni_server import CniRequest, CniServer
 from agent.config import AgentConfig
@@ -196,6 +196,12 @@ class Agent:
                 log.warning("pod %s: %s; forgetting it (CNI DEL missed?)", pod.uid, e)
                 self.table.remove(pod.uid)
         self._enrolled = await self._kernel(self.backend.enrolled)
+        if self.inpod:
+            # Their rules stayed in them: the ztunnel gets their namespaces when it links.
+            for pod in self.table.pods.values():
+                if set(pod.ips) & self._enrolled:
+                    with contextlib.suppress(OSError, CaptureError):
+                        self.link.remember_pod(pod.uid, pod.ips, await self._open_netns(pod))
         root = self.config.ca_root_cert
         creds = (None if root is None
                  else grpc.ssl_channel_credentials(root_certificates=root.read_bytes()))
@@ -302,11 +308,22 @@ class Agent:
             "capture": self._backend_status,
             "pods": [
                 {"pod": p.uid, "ips": list(p.ips), "hostIface": p.host_iface, "netns": p.netns,
+                 "mode": self.backend.mode,
                  "captured": bool(set(p.ips) & self._enrolled),
+                 **({"listeners": self._pod_listeners(p.uid)} if self.inpod else {}),
                  "shouldCapture": desired(p, mesh), "reason": p.reason}
                 for p in sorted(self.table.pods.values(), key=lambda p: p.uid)
             ],
         }
+
+    def _pod_listeners(self, uid: str) -> str:
+        """In-pod mode: whether the ztunnel serves the pod's listeners (for status)."""
+        record = self.link.pods.get(uid)
+        if record is None:
+            return "none: its namespace is not handed to the ztunnel"
+        if not record.listeners:
+            return "none yet: the ztunnel has not answered"
+        return ", ".join(sorted({n for n, _ in record.listeners}))
 
     # -- the ztunnel's listeners -----------------------------------------------------------
 
@@ -365,9 +382,14 @@ class Agent:
         capture = pod.capture()
         await self._kernel(self.backend.watch_interface, capture)
         if answer.in_mesh:
+            if self.inpod:
+                problem = await self._hand_netns(pod)
+                if problem is not None:
+                    return {"ok": False, "error": problem}
             await self._kernel(self.backend.enroll, capture)
         else:
             await self._kernel(self.backend.unenroll, capture)  # a reused IP, say
+            await self.link.pod_gone(pod.uid)
         self.table.put(pod)
         self._note_capture(ips, answer.in_mesh)
         log.info("pod %s (%s on %s): %s", req.uid, ", ".join(ips), iface,
@@ -420,6 +442,37 @@ class Agent:
         except LinkUnavailable as e:
             log.info("pod %s: could not tell the ztunnel it is deleted: %s", uid, e)
 
+    # -- in-pod mode ------------------------------------------------------------------------
+
+    @property
+    def inpod(self) -> bool:
+        return self.backend.mode == MODE_INPOD
+
+    async def _open_netns(self, pod: LocalPod) -> int:
+        """A descriptor of ``pod``'s network namespace (its CNI path, or the one found with
+        its address)."""
+        from agent.capture.inpod import InpodCapture
+
+        assert isinstance(self.backend, InpodCapture)
+        path = await self._kernel(self.backend.netns_path, pod.capture())
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    async def _hand_netns(self, pod: LocalPod) -> str | None:
+        """In-pod mode: the ztunnel serves ``pod``'s listeners inside its namespace before
+        the rules that redirect to them go in; the reason it does not (None: it does)."""
+        try:
+            netns = await self._open_netns(pod)
+        except (OSError, CaptureError) as e:
+            return f"pod {pod.uid}: cannot open its network namespace: {e}"
+        try:
+            await self.link.hand_pod(pod.uid, pod.ips, netns,
+                                     self.config.ztunnel_handoff_timeout)
+        except LinkUnavailable as e:
+            await self.link.pod_gone(pod.uid)
+            return (f"pod {pod.uid}: the node's ztunnel does not serve its network namespace: "
+                    f"{e}; not redirecting it (its connections would be refused)")
+        return None
+
     async def _cni_del(self, req: CniRequest) -> dict[str, Any]:
         """A CNI DEL is final: capture of the pod's IPs is removed before the answer, and the
         pod is remembered as deleted (a tombstone), so a reconcile never adopts it back from a
@@ -434,6 +487,7 @@ class Agent:
             capture = pod.capture()
             await self._kernel(self.backend.unenroll, capture)
             await self._kernel(self.backend.forget_interface, capture)
+            await self.link.pod_gone(pod.uid)
             self._note_capture(pod.ips, False)
         log.info("pod %s removed", pod.uid)
         return {"ok": True, "captured": False, "reason": "removed"}
@@ -521,6 +575,7 @@ class Agent:
         self.table.bury(pod, time.time(), MAX_TOMBSTONES, reason=why)
         capture = pod.capture()
         await self._kernel(self.backend.unenroll, capture)
+        await self.link.pod_gone(pod.uid)
         self._enrolled.difference_update(pod.ips)
         with contextlib.suppress(CaptureError):  # nothing left to detach from
             await self._kernel(self.backend.forget_interface, capture)
@@ -576,6 +631,11 @@ class Agent:
         for pod in todo.enroll:
             if not self._current(pod):
                 continue  # a CNI ADD replaced the record while this pass ran
+            if self.inpod:
+                problem = await self._hand_netns(pod)
+                if problem is not None:
+                    log.warning("%s; trying again at the next pass", problem)
+                    continue
             try:
                 await self._kernel(self.backend.watch_interface, pod.capture())
                 await self._kernel(self.backend.enroll, pod.capture())
@@ -593,6 +653,7 @@ class Agent:
             log.info("capturing pod %s (%s)", pod.uid, ", ".join(pod.ips))
         for pod in todo.unenroll:
             await self._kernel(self.backend.unenroll, pod.capture())
+            await self.link.pod_gone(pod.uid)
             self._enrolled.difference_update(pod.ips)
             log.info("no longer capturing pod %s (%s)", pod.uid, ", ".join(pod.ips))
         if self.store.ready:  # never release on a registry view we have not received

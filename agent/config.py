@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.capture.base import MODE_EBPF, MODE_IPTABLES
+from agent.capture.base import MODE_EBPF, MODE_INPOD, MODE_IPTABLES
 from agent.uplinks import AUTO as UPLINKS_AUTO
 from agent.ztunnel_link import DEFAULT_HOLD_SECONDS, PEER_CHECK_CMDLINE, PEER_CHECKS
 from mesh.ports import METRICS_PORT, NODE_METRICS_PORT
@@ -21,7 +21,7 @@ from mesh.ports import METRICS_PORT, NODE_METRICS_PORT
 # The node's ztunnel shares the node's network namespace (hostNetwork), so loopback reaches it.
 ZTUNNEL_METRICS_URL = f"http://127.0.0.1:{METRICS_PORT}/metrics"
 MODE_AUTO = "auto"
-REDIRECT_MODES = (MODE_AUTO, MODE_EBPF, MODE_IPTABLES)
+REDIRECT_MODES = (MODE_AUTO, MODE_EBPF, MODE_IPTABLES, MODE_INPOD)
 DEFAULT_RUN_DIR = Path("/var/run/ambit")
 DEFAULT_BPF_DIR = Path("/sys/fs/bpf/ambit")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")

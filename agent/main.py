@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.capture.base import MODE_EBPF, MODE_IPTABLES, CaptureError
+from agent.capture.base import MODE_EBPF, MODE_INPOD, MODE_IPTABLES, CaptureError
 from agent.cni.spec import DEFAULT_AGENT_SOCKET
 from agent.config import (
     DEFAULT_BPF_DIR,
@@ -67,7 +67,8 @@ def add_parser(sub: SubParsers) -> None:
                      help="mesh root that verifies the controller's TLS (plaintext without)")
     run.add_argument("--redirect-mode", choices=REDIRECT_MODES, default=MODE_AUTO,
                      help="auto (default): eBPF when the kernel allows, else iptables, saying "
-                     "why")
+                     "why; inpod: rules inside each pod's network namespace, nothing on the "
+                     "node, the client's IP kept (never chosen by auto)")
     _paths(run)
     run.add_argument("--uplink", action="append", default=[],
                      help="the node's uplink interface(s) for inbound capture: names, "
@@ -165,6 +166,10 @@ def choose_backend(config: AgentConfig,
 
     if config.redirect_mode == MODE_IPTABLES:
         return IptablesCapture(), "requested with --redirect-mode iptables"
+    if config.redirect_mode == MODE_INPOD:
+        from agent.capture.inpod import InpodCapture
+
+        return InpodCapture(), "requested with --redirect-mode inpod"
     from agent.capture import ebpf, ebpf_support
 
     reason = ebpf_support.ebpf_unavailable_reason()
@@ -289,6 +294,17 @@ def uninstall(run_dir: Path, bpf_dir: Path,
         done.append("iptables chains and policy routing")
     except CaptureError as e:
         failed.append(f"iptables: {e}")
+    try:
+        from agent.capture.inpod import uninstall_pods
+        from agent.pods import PodTable
+
+        table = PodTable(run_dir / "pods.json")
+        table.load()
+        cleaned = uninstall_pods([p.netns for p in table.pods.values()])
+        if cleaned:
+            done.append(f"in-pod rules of {len(cleaned)} pod(s)")
+    except (CaptureError, OSError) as e:
+        failed.append(f"inpod: {e}")
     for name in ("cni.sock", "ztunnel.sock", "pods.json", "pods.json.tmp", "pods.corrupt"):
         (run_dir / name).unlink(missing_ok=True)
     done.append(f"agent files in {run_dir}")

@@ -58,7 +58,7 @@ def agent_lines(doc: Mapping[str, Any], *, pods: bool = True) -> list[str]:
         lines.append(f"  last reconcile error: {doc['lastError']}")
     if not pods:
         return lines
-    lines.append(f"{'POD':<32} {'IPS':<16} {'IFACE':<16} {'CAPTURED':<9} REASON")
+    lines.append(f"{'POD':<32} {'IPS':<16} {'IFACE':<16} {'CAPTURED':<9} {'MODE':<9} REASON")
     for p in doc.get("pods") or []:
         if not isinstance(p, Mapping):
             continue
@@ -66,6 +66,10 @@ def agent_lines(doc: Mapping[str, Any], *, pods: bool = True) -> list[str]:
         if bool(p.get("captured")) != bool(p.get("shouldCapture")):
             flag += "!"
         ips = ",".join(str(i) for i in p.get("ips") or [])
+        mode = str(p.get("mode") or doc.get("redirectMode") or "-")
+        reason = str(p.get("reason", ""))
+        if p.get("shouldCapture") and not p.get("captured") and p.get("listeners"):
+            reason += f"; ztunnel listeners in the pod: {p['listeners']}"
         lines.append(f"{p.get('pod')!s:<32} {ips:<16} {p.get('hostIface')!s:<16} {flag:<9} "
-                     f"{p.get('reason', '')}")
+                     f"{mode:<9} {reason}")
     return lines

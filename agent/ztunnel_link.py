@@ -60,7 +60,16 @@ from typing import Any
 
 from agent.capture.base import LISTENER_SLOTS
 from mesh.ratelimit import RateLimitedLog
-from mesh.unix import PeerCred, RefusalLog, allowed_uids, bind_unix, peer_cred, uid_problem
+from mesh.unix import (
+    LineReader,
+    PeerCred,
+    RefusalLog,
+    allowed_uids,
+    bind_unix,
+    peer_cred,
+    send_line,
+    uid_problem,
+)
 
 log = logging.getLogger("agent.ztunnel_link")
 
@@ -295,6 +304,34 @@ class HeldListeners:
         return out
 
 
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@dataclass
+class PodHandoff:
+    """In-pod mode: a pod's network namespace as the agent hands it to each ztunnel (its own
+    descriptor) and the listener sockets the ztunnel serves inside it, kept for the next."""
+
+    uid: str
+    ips: tuple[str, ...]
+    netns: int
+    listeners: list[tuple[str, int]] = field(default_factory=list)
+
+    def let_go_of_listeners(self) -> None:
+        for _, fd in self.listeners:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.listeners = []
+
+    def close(self) -> None:
+        self.let_go_of_listeners()
+        with contextlib.suppress(OSError):
+            os.close(self.netns)
+
+
 def parse_answer(line: bytes) -> tuple[int, str | None]:
     """A ztunnel's answer line: (request id, None if ok else the reason it refused)."""
     doc = json.loads(line)
@@ -325,6 +362,9 @@ class ZtunnelLinkServer:
         self.registrations = 0
         self.takeovers = 0  # listener sets handed to a starting ztunnel
         self.held: HeldListeners | None = None
+        # In-pod mode: the pods handed to the ztunnel (uid -> namespace and its listeners),
+        # handed again to every ztunnel that registers.
+        self.pods: dict[str, PodHandoff] = {}
         self._server: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._release: asyncio.Task[None] | None = None
@@ -333,10 +373,13 @@ class ZtunnelLinkServer:
         self._linked = asyncio.Event()
         self._next_id = 0
 
-    async def request(self, message: Mapping[str, Any], within: float) -> None:
-        """Send ``message`` (an ``op`` and its fields; the id is added here) to the registered
-        ztunnel and wait for its answer, for at most ``within`` seconds in all, including the
-        wait for a ztunnel to register. Raises ``LinkUnavailable`` with the reason."""
+    async def request(self, message: Mapping[str, Any], within: float,
+                      fds: Sequence[int] = ()) -> dict[str, Any]:
+        """Send ``message`` (an ``op`` and its fields; the id is added here; ``fds``
+        attached) to the registered ztunnel and wait for its answer, for at most ``within``
+        seconds in all, including the wait for a ztunnel to register. Raises
+        ``LinkUnavailable`` with the reason. The answer's ``listeners`` and ``fds`` (the
+        caller owns those) are in the result."""
         deadline = time.monotonic() + within
         try:
             await asyncio.wait_for(self._linked.wait(), within)
@@ -347,13 +390,19 @@ class ZtunnelLinkServer:
                 "shared)?") from None
         session = self._session
         assert session is not None
+        return await self._ask(session, message, within, fds, deadline)
+
+    async def _ask(self, session: _Session, message: Mapping[str, Any], within: float,
+                   fds: Sequence[int] = (), deadline: float | None = None) -> dict[str, Any]:
+        """One request on ``session``, answered within ``within`` seconds (or by
+        ``deadline``, a monotonic time, when the caller already spent some)."""
+        deadline = time.monotonic() + within if deadline is None else deadline
         line, request_id = self._line(message)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         session.pending[request_id] = fut
-        loop = asyncio.get_running_loop()
         try:
             async with session.write_lock:  # one line at a time, never interleaved
-                await asyncio.wait_for(loop.sock_sendall(session.conn, line),
+                await asyncio.wait_for(send_line(session.conn, line, fds),
                                        max(0.0, deadline - time.monotonic()))
             reply = await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
         except TimeoutError:
@@ -366,7 +415,72 @@ class ZtunnelLinkServer:
         finally:
             session.pending.pop(request_id, None)
         if reply.get("error") is not None:
+            _close_all(reply.get("fds", ()))
             raise LinkUnavailable(f"the ztunnel refused {message.get('op')}: {reply['error']}")
+        return reply
+
+    # -- in-pod mode: pods' network namespaces ----------------------------------------------
+
+    def remember_pod(self, uid: str, ips: Sequence[str], netns: int) -> PodHandoff:
+        """Keep pod ``uid``'s namespace (this takes ``netns``) to hand to every ztunnel that
+        registers; a different namespace than the one known (a new sandbox) replaces it."""
+        from mesh.netns import same_netns
+
+        known = self.pods.get(uid)
+        if known is not None and same_netns(known.netns, netns):
+            os.close(netns)
+            known.ips = tuple(ips)
+            return known
+        if known is not None:
+            known.close()
+        record = self.pods[uid] = PodHandoff(uid, tuple(ips), netns)
+        return record
+
+    async def hand_pod(self, uid: str, ips: Sequence[str], netns: int, within: float) -> None:
+        """Hand pod ``uid``'s namespace (this takes ``netns``) to the ztunnel and wait until
+        it serves its listeners there. Raises ``LinkUnavailable``."""
+        record = self.remember_pod(uid, ips, netns)
+        await self._hand(None, record, within)
+
+    async def _hand(self, session: _Session | None, record: PodHandoff, within: float) -> None:
+        names = [n for n, _ in record.listeners]
+        message = {"op": "pod_netns", "uid": record.uid, "ips": list(record.ips),
+                   "listeners": names, "fds": 1 + len(names)}
+        fds = [record.netns, *(fd for _, fd in record.listeners)]
+        reply = (await self.request(message, within, fds) if session is None
+                 else await self._ask(session, message, within, fds))
+        got = list(reply.get("fds", ()))
+        served = reply.get("listeners") or []
+        if not isinstance(served, list) or len(served) != len(got):
+            _close_all(got)
+            raise LinkUnavailable(f"pod {record.uid}: the ztunnel answered with "
+                                  f"{len(got)} descriptor(s) for listeners {served!r:.200}")
+        if self.pods.get(record.uid) is not record:  # deleted meanwhile
+            _close_all(got)
+            return
+        record.let_go_of_listeners()
+        record.listeners = list(zip((str(n) for n in served), got, strict=True))
+
+    async def pod_gone(self, uid: str) -> None:
+        """Pod ``uid`` went (or is no longer captured): forget it, tell the ztunnel (best
+        effort)."""
+        record = self.pods.pop(uid, None)
+        if record is None:
+            return
+        record.close()
+        if self._session is not None:
+            with contextlib.suppress(LinkUnavailable):
+                await self.request({"op": "pod_netns_gone", "uid": uid}, 1.0)
+
+    async def _hand_all(self, session: _Session) -> None:
+        """Every known pod's namespace to a ztunnel that just registered (a restart: it takes
+        the listeners the previous one served)."""
+        for record in list(self.pods.values()):
+            try:
+                await self._hand(session, record, 5.0)
+            except LinkUnavailable as e:
+                log.warning("pod %s: could not hand its network namespace to the ztunnel "
+                            "pid %d: %s", record.uid, session.pid, e)
 
     def _line(self, message: Mapping[str, Any]) -> tuple[bytes, int]:
         self._next_id += 1
@@ -381,8 +495,7 @@ class ZtunnelLinkServer:
         line, _ = self._line(message)
         with contextlib.suppress(OSError, TimeoutError):
             async with session.write_lock:
-                await asyncio.wait_for(
-                    asyncio.get_running_loop().sock_sendall(session.conn, line), 2)
+                await asyncio.wait_for(send_line(session.conn, line), 2)
 
     async def start(self) -> None:
         # 0600 from creation (mesh/unix.py): the ztunnel runs as root, like the agent.
@@ -452,6 +565,8 @@ class ZtunnelLinkServer:
         if self.held is not None:
             self.held.close()
             self.held = None
+        for record in self.pods.values():
+            record.let_go_of_listeners()
 
     async def _release_later(self) -> None:
         await asyncio.sleep(self.hold_seconds)
@@ -476,6 +591,7 @@ class ZtunnelLinkServer:
             return None
         unlinked = self.held.unlinked_at
         return {"listeners": self.held.counts(), "registeredBy": self.held.pid,
+                "pods": sum(1 for r in self.pods.values() if r.listeners),
                 "unlinkedFor": None if unlinked is None else
                 round(time.monotonic() - unlinked, 1)}
 
@@ -520,6 +636,9 @@ class ZtunnelLinkServer:
             session = _Session(conn, pid)
             self._session = session
             self._linked.set()
+            answers = asyncio.create_task(self._read_answers(session))
+            if self.pods:
+                await self._hand_all(session)
             if previous is not None:
                 # A restart that overlapped: the new ztunnel serves the same sockets now, so
                 # the old one stops accepting and drains. (A ztunnel that reconnected before
@@ -528,7 +647,7 @@ class ZtunnelLinkServer:
                          previous.pid, pid)
                 await self._tell(previous, {"op": OP_SUPERSEDED, "by": pid})
             try:
-                await self._read_answers(session)
+                await answers
             finally:
                 for fut in session.pending.values():
                     if not fut.done():
@@ -556,24 +675,32 @@ class ZtunnelLinkServer:
             conn.close()
 
     async def _read_answers(self, session: _Session) -> None:
-        loop = asyncio.get_running_loop()
-        buffer = b""
-        while chunk := await loop.sock_recv(session.conn, 65536):
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
+        reader = LineReader(session.conn, MAX_REQUEST)
+        try:
+            while True:
+                try:
+                    got = await reader.readline()
+                except ValueError:
+                    raise ValueError(f"the ztunnel (pid {session.pid}) sent a line over "
+                                     f"{MAX_REQUEST} bytes") from None
+                if got is None:
+                    return
+                line, fds = got
                 try:
                     request_id, problem = parse_answer(line)
+                    listeners = json.loads(line).get("listeners")
                 except ValueError as e:
+                    _close_all(fds)
                     self.bad_messages.log("answer", "ztunnel link: ignoring a line from pid %d: "
                                           "%s", session.pid, e)
                     continue
                 fut = session.pending.get(request_id)
                 if fut is not None and not fut.done():
-                    fut.set_result({"error": problem})
-            if len(buffer) > MAX_REQUEST:
-                raise ValueError(f"the ztunnel (pid {session.pid}) sent a line over "
-                                 f"{MAX_REQUEST} bytes")
+                    fut.set_result({"error": problem, "listeners": listeners, "fds": fds})
+                else:
+                    _close_all(fds)
+        finally:
+            reader.close()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -585,6 +712,9 @@ class ZtunnelLinkServer:
         if self._server is not None:
             self._server.close()
         self._let_go()
+        for record in self.pods.values():
+            record.close()
+        self.pods.clear()
         self.path.unlink(missing_ok=True)
 
 

@@ -19,7 +19,15 @@ its ``id``:
   the pod's first connection finds its source known;
 - ``{"op": "pod_deleted", "id": N, "uid": "ns/name"}`` at CNI DEL: the provisional entry goes;
 - ``{"op": "superseded", "id": N, "by": PID}``: another ztunnel (a restart that overlapped)
-  registered the same listeners and accepts on them now; this one stops accepting and drains.
+  registered the same listeners and accepts on them now; this one stops accepting and drains;
+- ``{"op": "pod_netns", "id": N, "uid": "ns/name", "ips": [...], "listeners": [names],
+  "fds": K}`` (in-pod redirect mode, ``ztunnel/inpod.py``): the pod's network namespace is the
+  first of the K descriptors that come with the line, then the pod's listener sockets a
+  previous ztunnel served (named by ``listeners``, kept by the agent; none at a pod's first
+  hand-off). The ztunnel serves them, or opens its own inside the namespace, and answers
+  ``{"id": N, "ok": true, "listeners": [names]}`` with those sockets attached for the agent
+  to keep;
+- ``{"op": "pod_netns_gone", "id": N, "uid": "ns/name"}``: the pod went; its listeners close.
 
 Restarts (issue 15): the agent keeps the capture listeners after the ztunnel that registered
 them goes. A starting ztunnel first asks for them (``take_listeners``: ``{"op": "take"}`` on a
@@ -35,8 +43,12 @@ another process. A line longer than ``MAX_REQUEST`` ends the session (the agent 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import ipaddress
 import json
 import logging
+import os
 import random
 import re
 import socket
@@ -48,6 +60,7 @@ from typing import Any
 from mesh.jsonline import decode_json
 from mesh.state.model import IPAddress, Protocol, Workload
 from mesh.state.parse import StateError, mapping, parse_workload
+from mesh.unix import LineReader, send_line
 
 log = logging.getLogger("ztunnel.agent_link")
 
@@ -57,7 +70,10 @@ MAX_REQUEST = 16384
 OP_POD_ADDED = "pod_added"
 OP_POD_DELETED = "pod_deleted"
 OP_SUPERSEDED = "superseded"
+OP_POD_NETNS = "pod_netns"
+OP_POD_NETNS_GONE = "pod_netns_gone"
 OP_TAKE = "take"
+POD_LISTENER_NAMES = ("outbound", "inbound_plaintext", "inbound")
 TAKE_TIMEOUT = 2.0  # a starting ztunnel waits this long for the agent's listeners
 MAX_TAKEN = 3 * 64  # descriptors in a take answer: three listeners, 64 members each at most
 MAX_LABELS = 64
@@ -82,7 +98,28 @@ class Superseded:
     by: int  # the pid of the ztunnel that took over
 
 
-LinkRequest = PodAdded | PodDeleted | Superseded
+@dataclass(frozen=True)
+class PodNetns:
+    """A pod's network namespace (in-pod mode). ``netns`` and ``listeners`` (name, socket)
+    are the descriptors that came with the line, set by the link once it has them."""
+
+    uid: str
+    ips: tuple[IPAddress, ...]
+    listener_names: tuple[str, ...] = ()
+    netns: int = -1
+    listeners: tuple[tuple[str, socket.socket], ...] = ()
+
+    @property
+    def fd_count(self) -> int:
+        return 1 + len(self.listener_names)
+
+
+@dataclass(frozen=True)
+class PodNetnsGone:
+    uid: str
+
+
+LinkRequest = PodAdded | PodDeleted | Superseded | PodNetns | PodNetnsGone
 
 
 class LinkRequestError(ValueError):
@@ -174,33 +211,98 @@ def parse_link_request(line: bytes, node: str, trust_domain: str) -> tuple[int, 
                                                                trust_domain))
         if op == OP_POD_DELETED:
             m = mapping(doc, "", ("op", "id", "uid"))
-            uid = m.get("uid")
-            namespace, _, name = uid.partition("/") if isinstance(uid, str) else ("", "", "")
-            _dns(namespace, "uid (namespace)", _DNS_LABEL, 63)
-            _dns(name, "uid (name)", _DNS_SUBDOMAIN, 253)
-            return request_id, PodDeleted(f"{namespace}/{name}")
+            return request_id, PodDeleted(_pod_uid(m.get("uid")))
         if op == OP_SUPERSEDED:
             m = mapping(doc, "", ("op", "id", "by"))
             by = m.get("by")
             if not isinstance(by, int) or isinstance(by, bool) or not 0 < by < 2**22:
                 raise StateError("by", f"expected a pid, got {by!r:.80}")
             return request_id, Superseded(by)
+        if op == OP_POD_NETNS:
+            m = mapping(doc, "", ("op", "id", "uid", "ips", "listeners", "fds"))
+            uid = _pod_uid(m.get("uid"))
+            ips = m.get("ips")
+            if not isinstance(ips, list) or not 1 <= len(ips) <= 2:
+                raise StateError("ips", "expected 1 or 2 pod addresses")
+            addresses = []
+            for i, text in enumerate(ips):
+                try:
+                    ip = ipaddress.ip_address(text if isinstance(text, str) else "")
+                except ValueError:
+                    raise StateError(f"ips[{i}]", f"{text!r:.80} is not an IP address") \
+                        from None
+                _pod_address(ip, f"ips[{i}]")
+                addresses.append(ip)
+            names = m.get("listeners", [])
+            if not isinstance(names, list) or len(names) > 3 * 64 or \
+                    any(n not in POD_LISTENER_NAMES for n in names):
+                raise StateError("listeners", f"expected names of {', '.join(POD_LISTENER_NAMES)}"
+                                 " (at most 192)")
+            request = PodNetns(uid, tuple(addresses), tuple(names))
+            if m.get("fds") != request.fd_count:
+                raise StateError("fds", f"expected {request.fd_count} (the namespace and the "
+                                 f"listeners named), got {m.get('fds')!r:.80}")
+            return request_id, request
+        if op == OP_POD_NETNS_GONE:
+            m = mapping(doc, "", ("op", "id", "uid"))
+            return request_id, PodNetnsGone(_pod_uid(m.get("uid")))
     except StateError as e:
         raise LinkRequestError(str(e), request_id) from None
     raise LinkRequestError(f"op: {op!r:.80} is not one of {OP_POD_ADDED}, {OP_POD_DELETED}, "
-                           f"{OP_SUPERSEDED}", request_id)
+                           f"{OP_SUPERSEDED}, {OP_POD_NETNS}, {OP_POD_NETNS_GONE}", request_id)
 
 
-# Carries out a request (adds or removes the provisional workload); raises ValueError with the
-# reason to refuse it.
-OnRequest = Callable[[LinkRequest], None]
+def _pod_uid(uid: Any) -> str:
+    namespace, _, name = uid.partition("/") if isinstance(uid, str) else ("", "", "")
+    _dns(namespace, "uid (namespace)", _DNS_LABEL, 63)
+    _dns(name, "uid (name)", _DNS_SUBDOMAIN, 253)
+    return f"{namespace}/{name}"
 
 
-def answer(request_id: int | None, problem: str | None) -> bytes:
+# Carries out a request (adds or removes the provisional workload, a pod's namespace, ...);
+# raises ValueError with the reason to refuse it. May return sockets to send back with the
+# answer (a pod's listeners, for the agent to keep).
+OnRequest = Callable[[LinkRequest], Sequence[tuple[str, socket.socket]] | None]
+
+
+def answer(request_id: int | None, problem: str | None,
+           listeners: Sequence[str] = ()) -> bytes:
     reply: dict[str, Any] = {"id": request_id, "ok": problem is None}
     if problem is not None:
         reply["error"] = problem
+    if listeners:
+        reply["listeners"] = list(listeners)
     return json.dumps(reply).encode() + b"\n"
+
+
+def _close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _with_fds(request: LinkRequest, fds: list[int]) -> LinkRequest:
+    """``request`` with the descriptors that came with its line (they are its now)."""
+    if not isinstance(request, PodNetns):
+        return request
+    if len(fds) != request.fd_count:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"pod_netns for {request.uid}: {len(fds)} descriptor(s) came, "
+                         f"{request.fd_count} expected")
+    socks = []
+    try:
+        for name, fd in zip(request.listener_names, fds[1:], strict=True):
+            socks.append((name, socket.socket(fileno=fd)))
+    except OSError as e:  # not a socket
+        for fd in fds[1 + len(socks):]:
+            os.close(fd)
+        for _, s in socks:
+            s.close()
+        os.close(fds[0])
+        raise ValueError(f"pod_netns for {request.uid}: a listener descriptor is not a "
+                         f"socket ({e})") from None
+    return dataclasses.replace(request, netns=fds[0], listeners=tuple(socks))
 
 
 Listeners = Mapping[str, socket.socket | Sequence[socket.socket]]
@@ -324,72 +426,98 @@ class AgentLink:
             fds = [s.fileno() for _, s in members]
             # Small and the socket is fresh: sendmsg completes at once.
             socket.send_fds(sock, [payload], fds)
-            answer = b""
-            while not answer.endswith(b"\n"):
-                chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
-                if not chunk:
-                    raise ConnectionError("the agent closed the link before answering")
-                answer += chunk
-            reply = json.loads(answer)
+            # One reader for the whole session: the agent's first requests may come in the
+            # same read as this answer.
+            reader = LineReader(sock, MAX_REQUEST)
+            got = await asyncio.wait_for(reader.readline(), 10)
+            if got is None:
+                raise ConnectionError("the agent closed the link before answering")
+            _close_fds(got[1])
+            reply = json.loads(got[0])
             if not reply.get("ok"):
                 raise ConnectionError(f"the agent refused the listeners: {reply.get('error')}")
             self.registered.set()
             self.last_error = ""
             log.info("handed the capture listeners (%s) to the node agent at %s",
                      ", ".join(dict.fromkeys(names)), self.path)
-            await self._serve_requests(sock)
+            await self._serve_requests(sock, reader)
             log.warning("the node agent closed the link; reconnecting")
         finally:
             self.registered.clear()
             sock.close()
 
-    def handle_line(self, line: bytes) -> bytes:
-        """The answer to one request line (sans-I/O: the session only moves bytes)."""
+    def handle_line(self, line: bytes, fds: Sequence[int] = ()) -> bytes:
+        """The answer to one request line (sans-I/O: the session only moves bytes); ``fds``
+        came with it (this takes them: used or closed)."""
+        return self._handle(line, list(fds))[0]
+
+    def _handle(self, line: bytes, fds: list[int]) -> tuple[bytes, list[socket.socket]]:
         td = self.trust_domain() if callable(self.trust_domain) else self.trust_domain
         request_id: int | None = None
         try:
-            request_id, request = parse_link_request(line, self.node, td)
+            try:
+                request_id, request = parse_link_request(line, self.node, td)
+            except ValueError:
+                _close_fds(fds)
+                raise
+            if isinstance(request, PodNetns):
+                request = _with_fds(request, fds)
+            else:
+                _close_fds(fds)
             if self.on_request is None:
+                if isinstance(request, PodNetns):
+                    _close_fds([request.netns, *(s.detach() for _, s in request.listeners)])
                 raise ValueError("this ztunnel does not take pods from the agent")
-            self.on_request(request)
+            sent = list(self.on_request(request) or ())
         except ValueError as e:
             request_id = e.request_id if isinstance(e, LinkRequestError) else request_id
             self.refused += 1
             log.warning("node agent request refused: %s", e)
-            return answer(request_id, str(e))
+            return answer(request_id, str(e)), []
         self.requests += 1
-        return answer(request_id, None)
+        return answer(request_id, None, [n for n, _ in sent]), [s for _, s in sent]
 
-    async def _answer(self, line: bytes) -> bytes:
+    async def _answer(self, line: bytes, fds: Sequence[int] = ()) -> bytes:
         """``handle_line``, then, for a request carried out, the barrier."""
-        reply = self.handle_line(line)
+        return (await self._answer_with(line, list(fds)))[0]
+
+    async def _answer_with(self, line: bytes, fds: list[int]) \
+            -> tuple[bytes, list[socket.socket]]:
+        reply, socks = self._handle(line, fds)
         if self.barrier is None:
-            return reply
+            return reply, socks
         doc = json.loads(reply)
         if not doc.get("ok"):
-            return reply
+            return reply, socks
         try:
             await self.barrier()
         except ValueError as e:
             self.requests -= 1
             self.refused += 1
             log.warning("node agent request not confirmed: %s", e)
-            return answer(doc.get("id"), str(e))
-        return reply
+            return answer(doc.get("id"), str(e)), []
+        return reply, socks
 
-    async def _serve_requests(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        buffer = b""
-        while chunk := await loop.sock_recv(sock, 65536):
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
+    async def _serve_requests(self, sock: socket.socket, reader: LineReader) -> None:
+        try:
+            while True:
+                try:
+                    got = await reader.readline()
+                except ValueError:
+                    await send_line(sock, answer(None, f"request line over {MAX_REQUEST} "
+                                                 "bytes; closing the link"))
+                    raise ValueError(f"the node agent sent a line over {MAX_REQUEST} bytes") \
+                        from None
+                if got is None:
+                    return
+                line, fds = got
                 if line.strip():
-                    await loop.sock_sendall(sock, await self._answer(line))
-            if len(buffer) > MAX_REQUEST:
-                await loop.sock_sendall(sock, answer(None, f"request line over {MAX_REQUEST} "
-                                                     "bytes; closing the link"))
-                raise ValueError(f"the node agent sent a line over {MAX_REQUEST} bytes")
+                    reply, socks = await self._answer_with(line, fds)
+                    await send_line(sock, reply, [s.fileno() for s in socks])
+                else:
+                    _close_fds(fds)
+        finally:
+            reader.close()
 
     async def run(self) -> None:
         delay = self.backoff_initial

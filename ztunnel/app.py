@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import signal
 import socket
 import time
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from mesh.http_server import serve_http
 from mesh.listener import BindError, Listener, bind_socket
+from mesh.netns import is_netns, same_netns
 from mesh.ports import NODE_OWN_PORTS
 from mesh.state.file_source import FileSource
 from mesh.state.model import IPAddress
@@ -40,6 +42,7 @@ from ztunnel.accesslog import AccessLog
 from ztunnel.config import BIND_WORKLOAD, ZtunnelConfig
 from ztunnel.hbone.pool import HbonePool
 from ztunnel.identity import SecretManager, Secrets
+from ztunnel.inpod import POD_LISTENERS, InpodPod, listener_port_problem, open_pod_listeners
 from ztunnel.listeners import inbound_plaintext, outbound, socks5
 from ztunnel.listeners.admin import admin_routes, stats_routes
 from ztunnel.listeners.inbound import InboundServer
@@ -53,7 +56,7 @@ if TYPE_CHECKING:
     import grpc
 
     from mesh.state.controller_source import ControllerSource
-    from ztunnel.agent_link import AgentLink, LinkRequest
+    from ztunnel.agent_link import AgentLink, LinkRequest, PodNetns
 
 log = logging.getLogger("ztunnel")
 
@@ -257,7 +260,8 @@ class Ztunnel:
 
     def all_listeners(self) -> list[Listener]:
         return [*self.listeners.values(),
-                *(x for ls in self._workload_listeners.values() for x in ls)]
+                *(x for ls in self._workload_listeners.values() for x in ls),
+                *(x for pod in self.ctx.pods.by_uid.values() for x in pod.listeners)]
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -394,13 +398,20 @@ class Ztunnel:
         return (self.store.base.config.trust_domain if self.store.ready
                 else self.config.trust_domain)
 
-    def on_agent_request(self, request: LinkRequest) -> None:
+    def on_agent_request(self, request: LinkRequest) -> list[tuple[str, socket.socket]] | None:
         """Carry out the agent's pod-start request (ztunnel/agent_link.py). A pod added goes
         into the store's provisional overlay; the store's listeners run before this returns,
         so its certificate fetch has started (``_after_state``) and held connections from its
         IP are released. Raises ValueError (the reason) to refuse it."""
-        from ztunnel.agent_link import PodDeleted, Superseded
+        from ztunnel.agent_link import PodDeleted, PodNetns, PodNetnsGone, Superseded
 
+        if isinstance(request, PodNetns):
+            return self._pod_netns(request)
+        if isinstance(request, PodNetnsGone):
+            if self.ctx.pods.remove(request.uid):
+                log.info("pod %s gone: its in-pod listeners closed", request.uid)
+            self._pods_changed()
+            return None
         if isinstance(request, Superseded):
             if self.superseded_by is None:
                 log.info("superseded by the ztunnel pid %d (it accepts on the same listeners "
@@ -408,12 +419,12 @@ class Ztunnel:
                 self.superseded_by = request.by
                 if self.on_superseded is not None:
                     self.on_superseded()
-            return
+            return None
         if isinstance(request, PodDeleted):
             if self.store.remove_provisional(request.uid):
                 log.info("pod %s deleted (CNI DEL): provisional workload removed", request.uid)
             self.metrics.provisional.set(len(self.store.overlay))
-            return
+            return None
         w = request.workload
         if self.ctx.own.addresses & set(w.addresses):
             raise ValueError(f"pod {w.uid}: {', '.join(map(str, w.addresses))} is an address "
@@ -423,6 +434,89 @@ class Ztunnel:
         log.info("pod %s (%s, %s) added by the node agent at CNI ADD; provisional until the "
                  "state lists it%s", w.uid, ", ".join(map(str, w.addresses)), w.identity,
                  f" (replaces {', '.join(displaced)}: same address)" if displaced else "")
+        return None
+
+    # -- in-pod mode (ztunnel/inpod.py) ----------------------------------------------------
+
+    def _pod_group_size(self) -> int:
+        """Members of each in-pod listener group this process opens. One: with ``--workers``
+        the parent serves the pods' listeners itself (it is a whole ztunnel: state, secrets,
+        pool), so in-pod traffic does not spread over the workers yet."""
+        return 1
+
+    def _pod_netns(self, request: PodNetns) -> list[tuple[str, socket.socket]]:
+        """Serve a pod's listeners inside its network namespace: the ones the agent kept (a
+        previous ztunnel's), else new ones. Returns them, for the agent to keep."""
+        handed = [request.netns, *(s.detach() for _, s in request.listeners)]
+        names = [n for n, _ in request.listeners]
+        try:
+            pod = self._pod_from(request.uid, request.ips, handed[0], names, handed[1:])
+        except (OSError, ValueError) as e:
+            raise ValueError(f"pod {request.uid}: cannot serve its network namespace: "
+                             f"{e}") from None
+        return [(n, s) for n, socks in pod.sockets.items() for s in socks]
+
+    def _pod_from(self, uid: str, ips: tuple[IPAddress, ...], netns: int, names: list[str],
+                  fds: list[int]) -> InpodPod:
+        """Take ownership of a pod's namespace and handed-over listener descriptors (closed
+        on failure) and serve the pod."""
+        socks: list[socket.socket] = []
+        try:
+            socks = [socket.socket(fileno=fd) for fd in fds]
+            fds = []
+            if not is_netns(netns):
+                raise ValueError("the descriptor is not a network namespace")
+            known = self.ctx.pods.by_uid.get(uid)
+            if known is not None and same_netns(known.netns, netns):
+                # Already served (the agent restarted and hands its pods over again).
+                for s in socks:
+                    s.close()
+                os.close(netns)
+                return known
+            sockets: dict[str, list[socket.socket]] = {}
+            problems = [p for n, s in zip(names, socks, strict=True)
+                        if (p := listener_port_problem(n, s)) is not None]
+            for n, s in zip(names, socks, strict=True):
+                sockets.setdefault(n, []).append(s)
+            if problems or set(sockets) != set(POD_LISTENERS):
+                if socks:
+                    log.warning("pod %s: the listeners handed over are not usable (%s); "
+                                "opening new ones", uid, "; ".join(problems) or "incomplete")
+                for s in socks:
+                    s.close()
+                socks = []
+                sockets = open_pod_listeners(netns, self._pod_group_size())
+            pod = InpodPod(uid, ips, netns, sockets)
+        except BaseException:
+            for s in socks:
+                s.close()
+            for fd in (netns, *fds):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        self._serve_pod(pod)
+        self.ctx.pods.put(pod)
+        self._pods_changed()
+        log.info("pod %s (%s): serving its listeners inside its network namespace%s", uid,
+                 ", ".join(map(str, ips)), " (taken over)" if socks else "")
+        return pod
+
+    def _serve_pod(self, pod: InpodPod) -> None:
+        handlers: dict[str, Callable[[socket.socket], Awaitable[None]]] = {
+            "outbound": functools.partial(outbound.handle_captured, self.ctx, via=pod),
+            "inbound_plaintext": functools.partial(inbound_plaintext.handle, self.ctx,
+                                                   redirected=True),
+            "inbound": self.inbound.handle,
+        }
+        for name, socks in pod.sockets.items():
+            for sock in socks:
+                sock.setblocking(False)
+                listener = Listener(name, sock, handlers[name], self._on_error)
+                listener.start()
+                pod.listeners.append(listener)
+
+    def _pods_changed(self) -> None:
+        """The in-pod pods changed (workers: tell them)."""
 
     async def _gauges(self) -> None:
         while True:
@@ -446,6 +540,9 @@ class Ztunnel:
         if self._agent_task is not None:
             self._agent_task.cancel()
             self._agent_task = None
+        for pod in self.ctx.pods.by_uid.values():  # stop accepting in the pods too
+            for in_pod in pod.listeners:
+                in_pod.close()
         if self.superseded_by is not None:
             for name in ("admin", "metrics", "readiness"):
                 listener = self.listeners.get(name)
@@ -478,6 +575,7 @@ class Ztunnel:
             listener.close()
         for t in self._tasks:
             t.cancel()
+        self.ctx.pods.close()
         if self.ctx.pool is not None:
             await self.ctx.pool.close()
         await self.secrets.close()

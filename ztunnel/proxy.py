@@ -29,6 +29,7 @@ from ztunnel.authz import ConnectionInfo, authorize
 from ztunnel.config import ZtunnelConfig
 from ztunnel.hbone.pool import HbonePool
 from ztunnel.identity import Secrets
+from ztunnel.inpod import IP_TRANSPARENT, InpodPod, InpodPods, socket_in
 from ztunnel.metrics import ConnectionLabels, Metrics
 from ztunnel.relay import relay_tcp
 from ztunnel.routing import OwnEndpoints
@@ -72,6 +73,10 @@ class ProxyContext:
     # Every connection still gets its access-log line and its metrics.
     failure_log: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(
         log, 10.0, level=logging.INFO, what="such connections"))
+    # In-pod mode (ztunnel/inpod.py): the pods whose network namespace the agent handed over.
+    # A connection to one of their addresses is made from inside its namespace, one for a pod
+    # (``via``) from inside the pod's.
+    pods: InpodPods = field(default_factory=InpodPods)
 
     def __post_init__(self) -> None:
         self.limits = ConnectionLimits(self.config, self.metrics)
@@ -83,10 +88,13 @@ class ProxyContext:
     def pick(self, n: int) -> int:
         return self.rng.randrange(n) if n > 1 else 0
 
-    def make_socket(self, family: int) -> socket.socket:
+    def make_socket(self, family: int, via: str = "") -> socket.socket:
         """A socket for the ztunnel's own outgoing connections, marked so that capture rules
-        never steer them back into the ztunnel."""
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        never steer them back into the ztunnel; inside pod ``via``'s network namespace when it
+        is an in-pod pod (its connections leave with its address)."""
+        pod = self.pods.by_uid.get(via) if via else None
+        sock = (socket_in(pod.netns, family) if pod is not None
+                else socket.socket(family, socket.SOCK_STREAM))
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.config.socket_mark and self._mark_ok:
@@ -98,10 +106,23 @@ class ProxyContext:
                             "unmarked and must not be captured by other means")
         return sock
 
-    async def connect_tcp(self, address: tuple[IPAddress, int]) \
+    async def connect_tcp(self, address: tuple[IPAddress, int], *,
+                          source: IPAddress | None = None, via: InpodPod | None = None) \
             -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to ``address``. In-pod mode: to a pod of this node, from inside its
+        namespace with ``source`` (the original client) as the source address; else, for pod
+        ``via``, from inside that pod's namespace."""
         ip, port = address
-        sock = self.make_socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        local = self.pods.by_ip.get(ip)
+        sock = self.make_socket(family, local.uid if local else via.uid if via else "")
+        if local is not None and source is not None and source != ip:
+            try:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.bind((str(source), 0))
+            except OSError:
+                sock.close()
+                raise
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 await asyncio.get_running_loop().sock_connect(sock, (str(ip), port))
@@ -282,11 +303,15 @@ async def connect_and_relay(
     address: tuple[IPAddress, int],
     client_to_upstream: Callable[[int], None],
     upstream_to_client: Callable[[int], None],
+    *,
+    source: IPAddress | None = None,
+    via: InpodPod | None = None,
 ) -> None:
     """Plain-TCP delivery: connect to ``address`` and relay both ways. A refused connect
-    (``UF``) or a mid-stream failure (``UC``) is recorded on ``rec`` and closes the client."""
+    (``UF``) or a mid-stream failure (``UC``) is recorded on ``rec`` and closes the client.
+    ``source`` and ``via``: ``ProxyContext.connect_tcp``."""
     try:
-        up_reader, up_writer = await ctx.connect_tcp(address)
+        up_reader, up_writer = await ctx.connect_tcp(address, source=source, via=via)
     except OSError as e:
         rec.fail("connect_failed", f"{address[0]}:{address[1]}: {e.strerror or e}", "UF")
         rec.refuse(writer, e)

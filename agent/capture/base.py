@@ -34,6 +34,7 @@ LISTENER_SLOTS = {LISTENER_OUTBOUND: 0, LISTENER_INBOUND: 1, LISTENER_INBOUND_PL
 
 MODE_EBPF = "ebpf"
 MODE_IPTABLES = "iptables"
+MODE_INPOD = "inpod"  # rules inside each pod's network namespace (agent/capture/inpod.py)
 
 
 class CaptureError(RuntimeError):

@@ -31,7 +31,8 @@ def add_parser(dsub: SubParsers) -> None:
     csub = p.add_subparsers(dest="cluster_command", required=True)
     up = csub.add_parser("up", help="create the cluster and leave it running")
     up.add_argument("--nodes", type=int, default=2)
-    up.add_argument("--redirect-mode", choices=["auto", "ebpf", "iptables"], default="auto")
+    up.add_argument("--redirect-mode", choices=["auto", "ebpf", "iptables", "inpod"],
+                    default="auto")
     for name in ("down", "status"):
         csub.add_parser(name, help=f"{name} the cluster")
     pod = csub.add_parser("pod", help="add or delete a pod")

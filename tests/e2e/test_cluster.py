@@ -1,4 +1,5 @@
-"""End to end in the local multi-node cluster, once per redirect mode (eBPF and iptables).
+"""End to end in the local multi-node cluster, once per redirect mode (eBPF, iptables and
+inpod).
 
 Everything is the real thing: pods wired by Debian's CNI plugins with ``ambit-cni`` chained,
 a node agent and a ztunnel per node, the controller in embedded mode, all inside network
@@ -32,7 +33,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 PORT = 8080
 
 
-@pytest.fixture(scope="module", params=["ebpf", "iptables"])
+@pytest.fixture(scope="module", params=["ebpf", "iptables", "inpod"])
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) \
         -> Iterator[DevCluster]:
     with dev_cluster("e2e", request.param, tmp_path_factory, plain=("plain",)) as c:
@@ -123,6 +124,8 @@ def test_cross_node_is_hbone_mtls_on_the_wire(cluster: DevCluster) -> None:
     rec = until(lambda: inbound_records(c, server, client), 5, "the inbound access record")[-1]
     assert rec["mtls"] is True
     assert rec["src_identity"] == "spiffe://cluster.local/ns/default/sa/xclient"
+    # The server's view of its peer: the client pod in-pod (issue 15), the node otherwise.
+    assert (res.peer_ip == client.ip) == (c.redirect_mode == "inpod"), res
 
 
 def test_same_node_goes_through_the_ztunnel_with_policy(cluster: DevCluster) -> None:
@@ -139,8 +142,9 @@ def test_same_node_goes_through_the_ztunnel_with_policy(cluster: DevCluster) -> 
                            "cluster.local/ns/default/sa/sb"]}}]}]}}])
     res = ok_probe(c, a, srv)
     # Same node: the outbound listener enforces the destination's policy and delivers
-    # directly (Istio's local fast path); the server sees the node, not the client.
-    assert res.peer_ip != a.ip
+    # directly (Istio's local fast path); the server sees the node, not the client, except
+    # in-pod, where the ztunnel connects from inside the server's pod as the client.
+    assert (res.peer_ip == a.ip) == (c.redirect_mode == "inpod"), res
     rec = until(lambda: [r for r in records(c, srv, a, "outbound") if r["outcome"] == "ok"],
                 5, "a same-node outbound record")[-1]
     assert rec["plan"] == "local"
@@ -197,7 +201,8 @@ def test_opt_out_label_and_namespace_enabled_later(cluster: DevCluster) -> None:
     c.set_pod_labels("optout", {"app": "optout"})
     until(lambda: captured(c, out), 10, "the agent to capture the pod after the label change")
     res = ok_probe(c, out, target)
-    assert res.peer_ip != out.ip  # passthrough through the node's ztunnel
+    # Passthrough through the node's ztunnel: it leaves from the node, in-pod from the pod.
+    assert (res.peer_ip == out.ip) == (c.redirect_mode == "inpod"), res
     assert until(lambda: [r for r in access(c, out.node) if r.get("src") == out.ip], 5,
                  "an outbound access record")
     # A namespace enabled later: its running pod is captured without a restart.

@@ -696,7 +696,7 @@ def test_install_cni_args() -> None:
 @pytest.mark.parametrize("name,added", [
     ("install-cni", set()),
     ("agent", {"NET_ADMIN", "SYS_ADMIN", "BPF", "NET_RAW"}),
-    ("ztunnel", {"NET_ADMIN", "NET_RAW"}),
+    ("ztunnel", {"NET_ADMIN", "NET_RAW", "SYS_ADMIN"}),  # SYS_ADMIN: setns, inpod mode
 ])
 def test_node_capabilities(name: str, added: set[str]) -> None:
     sc = container(node_pod(), name)["securityContext"]
@@ -736,6 +736,7 @@ HOST_PATHS = {
     "/lib/modules": ("Directory", "/host/lib/modules", True),
     "/usr/src": ("Directory", "/host/usr/src", True),
     "/sys/kernel/btf": ("Directory", "/sys/kernel/btf", True),
+    "/var/run/netns": ("DirectoryOrCreate", "/var/run/netns", True),  # inpod: pod netns
 }
 
 

@@ -31,6 +31,9 @@ class PoolKey:
     source: SpiffeId
     destination: SpiffeId
     address: tuple[str, int]
+    # In-pod mode: the pod whose network namespace the connection leaves from (it carries
+    # that pod's address, so it is not shared with another pod of the same identity).
+    via: str = ""
 
 
 class UpstreamConnectError(Exception):
@@ -41,7 +44,9 @@ class UpstreamConnectError(Exception):
         self.flag = flag
 
 
-SocketFactory = Callable[[int], socket.socket]
+# (address family, ``PoolKey.via``) -> a socket to connect; called with the family alone when
+# the key has no ``via``.
+SocketFactory = Callable[..., socket.socket]
 
 
 class HbonePool:
@@ -86,7 +91,7 @@ class HbonePool:
         except IdentityError as e:
             raise UpstreamConnectError(str(e), "NO_IDENTITY") from None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = self._make_socket(family)
+        sock = self._make_socket(family, key.via) if key.via else self._make_socket(family)
 
         def closed(proto: HboneProtocol) -> None:
             # The connection knows nothing of pooling; its key is kept here, by the closure.

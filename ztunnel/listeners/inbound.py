@@ -193,7 +193,8 @@ class InboundServer:
                 stream.reject(403)
                 return
             try:
-                reader, writer = await ctx.connect_tcp(target.address)
+                # In-pod mode: from inside the pod, as the client (ProxyContext.connect_tcp).
+                reader, writer = await ctx.connect_tcp(target.address, source=source_ip)
             except OSError as e:
                 stream.reject(503)
                 rec.fail("connect_failed", f"{dest[0]}:{dest[1]}: {e.strerror or e}", "UF")

@@ -12,13 +12,15 @@ import socket
 
 from mesh.state.model import MtlsMode
 from ztunnel.authz import ConnectionInfo
+from ztunnel.inpod import original_dst
 from ztunnel.proxy import ConnectionRecord, ProxyContext, connect_and_relay, reset, sock_addr
 from ztunnel.routing import NODE_PROTECTION, resolve_inbound
 
 LISTENER = "inbound_plaintext"
 
 
-async def handle(ctx: ProxyContext, sock: socket.socket) -> None:
+async def handle(ctx: ProxyContext, sock: socket.socket, redirected: bool = False) -> None:
+    """``redirected``: in-pod mode, the original destination is the REDIRECT's."""
     src, _ = sock_addr(sock.getpeername())
     # Connection limits per source IP and in total: beyond them, a reset before anything else
     # (counted and logged at a bounded rate by the limits, no access-log line: a flood from
@@ -27,13 +29,16 @@ async def handle(ctx: ProxyContext, sock: socket.socket) -> None:
         if not slot.admitted:
             reset(sock)
             return
-        await _serve(ctx, sock, src)
+        await _serve(ctx, sock, src, redirected)
 
 
-async def _serve(ctx: ProxyContext, sock: socket.socket, src: str) -> None:
-    dst_ip, dst_port = sock_addr(sock.getsockname())
+async def _serve(ctx: ProxyContext, sock: socket.socket, src: str, redirected: bool) -> None:
     source_ip = ipaddress.ip_address(src)
-    dest = (ipaddress.ip_address(dst_ip), dst_port)
+    if redirected:
+        dest = original_dst(sock)
+    else:
+        dst_ip, dst_port = sock_addr(sock.getsockname())
+        dest = (ipaddress.ip_address(dst_ip), dst_port)
     reader, writer = await asyncio.open_connection(sock=sock, limit=256 * 1024)
     state = ctx.store.current
     rec = ConnectionRecord(ctx, "destination", LISTENER, source_ip, dest)
@@ -64,7 +69,7 @@ async def _serve(ctx: ProxyContext, sock: socket.socket, src: str) -> None:
             writer.transport.abort()
             return
         await connect_and_relay(ctx, rec, reader, writer, target.address, rec.count_received,
-                                rec.count_sent)
+                                rec.count_sent, source=source_ip)
     finally:
         rec.finish()
         writer.close()

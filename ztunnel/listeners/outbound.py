@@ -4,7 +4,8 @@ instance for a service bound to one, policy-checked direct delivery to a pod on 
 passthrough for destinations outside the mesh.
 
 Under capture, the original destination is ``getsockname()`` of the accepted socket (TPROXY
-and eBPF ``sk_assign`` both preserve it).
+and eBPF ``sk_assign`` both preserve it); in in-pod mode (``via``, the pod whose listener it
+is) the REDIRECT's ``SO_ORIGINAL_DST``, and the connection leaves from inside the pod.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ztunnel.authz import ConnectionInfo
 from ztunnel.hbone.conn import StreamError
 from ztunnel.hbone.core import format_authority, forwarded_for
 from ztunnel.hbone.pool import PoolKey, UpstreamConnectError
+from ztunnel.inpod import InpodPod, original_dst
 from ztunnel.peer_metadata import baggage_headers
 from ztunnel.proxy import (
     Answer,
@@ -47,11 +49,15 @@ LISTENER = "outbound"
 REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
 
 
-async def handle_captured(ctx: ProxyContext, sock: socket.socket) -> None:
+async def handle_captured(ctx: ProxyContext, sock: socket.socket,
+                          via: InpodPod | None = None) -> None:
     src, _ = sock_addr(sock.getpeername())
-    dst_ip, dst_port = sock_addr(sock.getsockname())
     source_ip = ipaddress.ip_address(src)
-    dest = (ipaddress.ip_address(dst_ip), dst_port)
+    if via is not None:
+        dest = original_dst(sock)
+    else:
+        dst_ip, dst_port = sock_addr(sock.getsockname())
+        dest = (ipaddress.ip_address(dst_ip), dst_port)
     # Connection limit per local pod (by its uid; a source the state does not know, by IP):
     # the slot is held while the connection lives and released however the handler ends.
     source = ctx.store.current.workload_by_ip(source_ip)
@@ -65,7 +71,7 @@ async def handle_captured(ctx: ProxyContext, sock: socket.socket) -> None:
             _refuse_overflow(ctx, sock, source_ip, dest, source, slot.decision.message)
             return
         reader, writer = await asyncio.open_connection(sock=sock, limit=256 * 1024)
-        await proxy_outbound(ctx, reader, writer, source_ip, dest, LISTENER)
+        await proxy_outbound(ctx, reader, writer, source_ip, dest, LISTENER, via=via)
 
 
 def _refuse_overflow(ctx: ProxyContext, sock: socket.socket, source_ip: IPAddress,
@@ -89,9 +95,11 @@ async def proxy_outbound(
     dest: tuple[IPAddress, int],
     listener: str,
     answer: Answer | None = None,
+    via: InpodPod | None = None,
 ) -> None:
     """Route, check and carry one connection. A refused one is reset, unless ``answer`` is
-    given: it is then told the outcome (before any byte is relayed) and the client is closed."""
+    given: it is then told the outcome (before any byte is relayed) and the client is closed.
+    ``via``: the in-pod pod it comes from (its connections leave from inside that pod)."""
     state = ctx.store.current
     plan = plan_outbound(state, ctx.node, source_ip, dest, ctx.pick,
                          hbone_port=ctx.config.inbound_port or HBONE_PORT, own=ctx.own)
@@ -115,12 +123,12 @@ async def proxy_outbound(
                 rec.fail("no_route", plan.reason, "NR")
                 rec.refuse(writer)
             case HbonePlan() | WaypointPlan():
-                await _via_hbone(ctx, plan, reader, writer, rec)
+                await _via_hbone(ctx, plan, reader, writer, rec, via)
             case LocalPlan():
                 await _local(ctx, plan, reader, writer, rec)
             case PassthroughPlan():
                 await connect_and_relay(ctx, rec, reader, writer, plan.address, rec.count_sent,
-                                        rec.count_received)
+                                        rec.count_received, via=via)
             case _:
                 assert_never(plan)
     except (ConnectionError, OSError, StreamError) as e:
@@ -141,18 +149,20 @@ async def _local(ctx: ProxyContext, plan: LocalPlan, reader: asyncio.StreamReade
             rec.source_ip, plan.address[1], ident.principal, ident.namespace)):
         rec.refuse(writer)
         return
+    # In-pod mode: from inside the destination pod, as the client (ProxyContext.connect_tcp).
     await connect_and_relay(ctx, rec, reader, writer, plan.address, rec.count_sent,
-                            rec.count_received)
+                            rec.count_received, source=rec.source_ip)
 
 
 async def _via_hbone(ctx: ProxyContext, plan: HbonePlan | WaypointPlan,
                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     rec: ConnectionRecord) -> None:
+                     rec: ConnectionRecord, via: InpodPod | None = None) -> None:
     assert ctx.pool is not None
     rec.mtls = True
-    # A waypoint instance is pooled like a ztunnel: its address and identity are in the key.
+    # A waypoint instance is pooled like a ztunnel: its address and identity are in the key;
+    # in-pod mode, the pod it leaves from too.
     key = PoolKey(plan.source.identity, plan.expected_identity,
-                  (str(plan.address[0]), plan.address[1]))
+                  (str(plan.address[0]), plan.address[1]), via.uid if via else "")
     authority = format_authority(*plan.target)
     headers = [("forwarded", forwarded_for(rec.source_ip)), *baggage_headers(plan.source)]
     for attempt in (1, 2):
