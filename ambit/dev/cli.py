@@ -48,8 +48,10 @@ def add_parser(sub: SubParsers) -> None:
     d.add_argument("--keep", action="store_true", help="leave the mesh running at the end")
     d.add_argument("--workdir", type=Path,
                    help="where state and logs go (default /var/run/ambit-dev)")
-    d.add_argument("--redirect-mode", choices=["auto", "ebpf", "iptables"], default="auto",
-                   help="how the node agents capture pods (default auto: eBPF if possible)")
+    d.add_argument("--redirect-mode", choices=["auto", "ebpf", "iptables", "inpod"],
+                   default="inpod",
+                   help="how the node agents capture pods (default inpod: rules inside each "
+                   "pod, the server sees its client's IP; auto: eBPF if possible)")
     d.add_argument("--cleanup", action="store_true",
                    help="remove what earlier `--keep` demos left running, then exit")
     cluster_cli.add_parser(dsub)

@@ -123,7 +123,7 @@ def _probe_until_ok(ns: str, host: str, message: str, tries: int = 25) -> mesh.P
     return res
 
 
-def run(workdir: Path, keep: bool = False, out: Out = _print, redirect_mode: str = "auto",
+def run(workdir: Path, keep: bool = False, out: Out = _print, redirect_mode: str = "inpod",
         name: str = "demo") -> int:
     """Build, exercise and (unless ``keep``) tear down the demo mesh; 0 if every check passed."""
     checks = Checks(out)
@@ -152,6 +152,12 @@ def run(workdir: Path, keep: bool = False, out: Out = _print, redirect_mode: str
         if res.ok:
             out(f"    server answered: {json.dumps(res.answer)}")
         checks.add("allowed client reaches the server", res.ok, res.error or "answered")
+        if redirect_mode == "inpod":
+            # In-pod redirection: the ztunnels' connections leave from inside the pods, so the
+            # server's view of its peer is the client pod itself, not node-1.
+            seen = res.peer_ip if res.ok else "(no answer)"
+            checks.add("the server sees the client pod's IP", seen == client.ip,
+                       f"server saw {seen}, client is {client.ip}")
         access2 = Path(cluster.node("node-2").run_dir) / "access.jsonl"
         deadline = time.monotonic() + 3
         inbound: list[dict[str, Any]] = []
@@ -313,7 +319,7 @@ def cleanup(out: Out = _print) -> int:
 
 
 def main(keep: bool = False, workdir: Path | None = None, do_cleanup: bool = False,
-         redirect_mode: str = "auto") -> int:
+         redirect_mode: str = "inpod") -> int:
     """Entry point of ``ambit dev demo``; errors are one line, never a traceback."""
     try:
         netns.require_root()

@@ -16,7 +16,8 @@ def test_demo_passes_and_cleans_up(tmp_path: Path) -> None:
     status = demo.run(tmp_path, out=lines.append, name="demotest")
     text = "\n".join(lines)
     assert status == 0, text
-    assert "8/8 checks passed" in text
+    assert "9/9 checks passed" in text  # in-pod mode (the default) adds the client-IP check
+    assert "PASS  the server sees the client pod's IP" in text
     assert "PASS  denied client is refused" in text
     assert "istio_tcp_connections_opened_total{reporter=destination" in text
     assert "ambit_capture_connections_total{" in text
