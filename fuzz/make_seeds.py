@@ -299,6 +299,14 @@ def link_request() -> dict[str, bytes]:
         "not-json": b"pod_added default/web-0",
         "not-utf8": b'{"op": "pod_deleted", "id": 1, "uid": "default/web-' + bytes([0xFF]) + b'"}',
         "deep-nesting": b"[" * DEEP + b"]" * DEEP,
+        # issue 15: a restart's superseded ztunnel, in-pod namespaces
+        "superseded": line({"op": "superseded", "id": 10, "by": 4242}),
+        "pod-netns": line({"op": "pod_netns", "id": 11, "uid": "default/web-0",
+                           "ips": ["10.244.1.5"], "listeners": [], "fds": 1}),
+        "pod-netns-listeners": line({"op": "pod_netns", "id": 12, "uid": "default/web-0",
+                                     "ips": ["10.244.1.5"], "listeners": [
+                                         "outbound", "inbound_plaintext", "inbound"], "fds": 4}),
+        "pod-netns-gone": line({"op": "pod_netns_gone", "id": 13, "uid": "default/web-0"}),
     }
     return out
 
