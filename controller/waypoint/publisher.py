@@ -59,11 +59,8 @@ class WaypointPublisher:
         translated mesh state; store what changed, drop waypoints that are gone."""
         self.snapshot = snapshot
         routes = resolve_faults(snapshot.http_routes, snapshot.http_faults)
-        policies, problems = waypoint_policies(snapshot.authorization_policies)
-        if tuple(problems) != self._problems:
-            for p in problems:
-                log.warning("%s", p)
-            self._problems = tuple(problems)
+        policies, policy_problems = waypoint_policies(snapshot.authorization_policies)
+        problems = tuple(policy_problems)
         state = StateSnapshot.build(config)
         protocols = service_port_protocols(snapshot.services)
         seen: set[str] = set()
@@ -71,14 +68,21 @@ class WaypointPublisher:
             if gw.gateway_class != WAYPOINT_CLASS:
                 continue
             seen.add(gw.key)
-            res = resources(build_view(gw, config, routes, policies, state,
-                                       protocols=protocols, tcp_routes=snapshot.tcp_routes))
+            view = build_view(gw, config, routes, policies, state, protocols=protocols,
+                              tcp_routes=snapshot.tcp_routes)
+            problems += view.problems()
+            res = resources(view)
             version = content_version(res)
             if self._versions.get(gw.key) != version:
                 self.cache.set(gw.key, version, res)
                 self._versions[gw.key] = version
                 log.info("waypoint %s: config version %s (%d listeners, %d clusters)",
                          gw.key, version, len(res[LISTENER_TYPE]), len(res[CLUSTER_TYPE]))
+        if problems != self._problems:
+            # Logged once per change, not on every registry revision.
+            for p in problems:
+                log.warning("%s", p)
+            self._problems = problems
         for key in set(self._versions) - seen:
             self.cache.remove(key)
             del self._versions[key]

@@ -58,6 +58,28 @@ class WaypointView:
         return tuple(r for r in self.routes if any(_names(p, service, port)
                                                    for p in r.parents))
 
+    def problems(self) -> tuple[str, ...]:
+        """Routes attached to a bound service port of the wrong protocol, which therefore do
+        nothing there (Gateway API would not accept them): one sentence each, with the fix.
+        A parentRef without a port attaches to the ports of its kind only, silently."""
+        out: list[str] = []
+        for svc in self.bound:
+            for sp in svc.ports:
+                protocol = self.protocol(svc, sp.port)
+                attached: list[tuple[str, str, tuple[ParentRef, ...]]] = []
+                if not protocol.is_http:
+                    attached += [(r.kind, r.key, r.parents) for r in self.routes]
+                else:
+                    attached += [("TCPRoute", r.key, r.parents) for r in self.tcp_routes]
+                for kind, key, parents in attached:
+                    if not any(p.port == sp.port and _names(p, svc, sp.port) for p in parents):
+                        continue
+                    fix = ("attach a TCPRoute, or name the port http-* (grpc-*) or set its "
+                           "appProtocol" if kind != "TCPRoute" else "attach an HTTPRoute")
+                    out.append(f"{kind} {key} attaches to port {sp.port} of service {svc.key}, "
+                               f"which is {protocol.value}, so it does not apply there; {fix}")
+        return tuple(out)
+
     def tcp_routes_for(self, service: Service, port: int) -> tuple[TCPRoute, ...]:
         return tuple(r for r in self.tcp_routes if any(_names(p, service, port)
                                                        for p in r.parents))

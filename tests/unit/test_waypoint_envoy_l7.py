@@ -341,3 +341,23 @@ def test_tcp_ports_get_the_waypoint_authorization() -> None:
     chain.filters[0].typed_config.Unpack(config)
     assert chain.filters[0].name == "envoy.filters.network.rbac.allow"
     assert config.rules.action == config.rules.ALLOW and not config.rules.policies
+
+
+def test_routes_on_a_port_of_the_wrong_protocol_are_reported() -> None:
+    http_on_tcp = HTTPRoute("h", "default", (ParentRef("Service", "echo", "default", 9090),),
+                            (RouteRule(),))
+    tcp_on_http = TCPRoute("t", "default", (ParentRef("Service", "echo", "default", 80),),
+                           (BackendRef("echo-v1", "default", 80),))
+    # Without a port, a route attaches to the ports of its kind: nothing to report.
+    everywhere = HTTPRoute("all", "default", (ECHO,), (RouteRule(),))
+    v = view((http_on_tcp, everywhere), (tcp_on_http,))
+    assert v.problems() == (
+        "TCPRoute default/t attaches to port 80 of service default/echo, which is HTTP, so "
+        "it does not apply there; attach an HTTPRoute",
+        "HTTPRoute default/h attaches to port 9090 of service default/echo, which is TCP, so "
+        "it does not apply there; attach a TCPRoute, or name the port http-* (grpc-*) or set "
+        "its appProtocol")
+    # And they change nothing there: port 9090 stays a TCP proxy to the service.
+    assert ec.tcp_clusters(v, MULTI, 9090) == [
+        ("outbound|9090||echo.default.svc.cluster.local", 1)]
+    assert view().problems() == ()
