@@ -347,6 +347,12 @@ class EbpfCapture:
                 ),
                 "excluded": ", ".join(map(str, self.exclusions)) or "none",
             }
+            ahead = tc.preempted()
+            if ahead:
+                detail["preempted"] = (
+                    "another tc filter runs before ours, so capture may never see these "
+                    "pods' packets (a CNI that owns the host veths? --redirect-mode inpod is "
+                    "not affected): " + "; ".join(f"{i}: {w}" for i, w in sorted(ahead.items())))
             return BackendStatus(self.mode, detail)
 
     @_kernel_errors

@@ -99,3 +99,23 @@ def attached() -> dict[str, str]:
             if names:
                 out[str(link.get_attr("IFLA_IFNAME"))] = names[0]
     return out
+
+
+def preempted() -> dict[str, str]:
+    """Interfaces of this network namespace where another tool's tc ingress filter runs
+    before ours (a lower priority number): name -> what it is. A CNI that owns the host-side
+    veths (Cilium, Calico eBPF) attaches its own program there, and a direct-action program
+    that decides the packet's fate (TC_ACT_OK, a redirect) means ours never runs: the pod is
+    not captured (``ambit agent status`` says so; the in-pod mode is not affected)."""
+    out: dict[str, str] = {}
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            index = int(link["index"])
+            if not our_filters(ipr, index):
+                continue
+            ahead = [f"{msg.get_attr('TCA_KIND')} (prio {msg['info'] >> 16})"
+                     for msg in ipr.get_filters(index=index, parent=TC_INGRESS_PARENT)
+                     if msg["info"] >> 16 < FILTER_PRIORITY and _our_filter(msg) is None]
+            if ahead:
+                out[str(link.get_attr("IFLA_IFNAME"))] = ", ".join(sorted(set(ahead)))
+    return out

@@ -353,6 +353,41 @@ def test_ztunnel_restart_loses_no_connection(cluster: DevCluster) -> None:
     ok_probe(c, client, server)
 
 
+def test_a_cni_that_owns_the_host_veth(cluster: DevCluster) -> None:
+    """Issue 15: a stand-in for a CNI that owns the pods' host-side veths (Cilium, Calico
+    eBPF): its own direct-action tc program on the client's host veth, ahead of everything
+    (``ambit.dev.standin_cni``: prio 1, returns TC_ACT_OK, so the packet goes on and no later
+    tc filter sees it). In-pod capture lives inside the pod and iptables TPROXY runs after tc,
+    so both keep carrying the client's connections over HBONE; node-level eBPF never sees
+    them, and the agent's status says so."""
+    c = cluster
+    client, server = add(c, "vclient", 1), add(c, "vserver", 2, echo=True)
+    ok_probe(c, client, server)
+    node = c.node(1)
+    netns.ns_run(node.netns, [mesh.PYTHON, "-m", "ambit.dev.standin_cni", client.host_iface])
+    try:
+        before = len(inbound_records(c, server, client))
+        res = ok_probe(c, client, server)
+        time.sleep(1.0)  # the access log line of an HBONE tunnel, if there is one
+        over_hbone = len(inbound_records(c, server, client)) > before
+        if c.redirect_mode == "ebpf":
+            # Uncaptured at its source: it reached node-2 in plaintext (its uplink program
+            # still takes it to 15006), never over HBONE.
+            assert not over_hbone, f"the stand-in's filter should keep capture away: {res}"
+
+            def preempted() -> str:
+                return str(c.agent_status(node)["capture"].get("preempted", ""))
+
+            said = until(lambda: client.host_iface in preempted() and preempted(), 15,
+                         "the agent's status to name the preempted veth")
+            assert "bpf (prio 1)" in said and "inpod" in said
+        else:
+            assert over_hbone, f"{c.redirect_mode}: not carried over HBONE any more"
+    finally:
+        c.delete_pod(client.name)
+        c.delete_pod(server.name)
+
+
 def test_uninstall_leaves_the_node_as_it_was(cluster: DevCluster) -> None:
     """Last in the module: node-2 loses its agent and capture."""
     c = cluster
