@@ -165,7 +165,8 @@ PRESENT = {
               "/usr/src/linux-headers-*-common/include",
               "/opt/ambit/venv/lib/python3.11/site-packages/ebpf/*.c",
               "/opt/ambit/venv/lib/python3.11/site-packages/bcc", "/usr/sbin/iptables",
-              "/usr/sbin/nft", "/usr/bin/ip"],
+              "/usr/sbin/iptables-restore", "/usr/sbin/nft", "/usr/bin/ip",
+              "/usr/bin/nsenter"],  # the inpod mode: iptables in each pod's namespace
 }
 
 
@@ -252,7 +253,8 @@ def test_the_agent_has_bcc_and_its_tools() -> None:
     out = ok(run("agent", "-c", "import bcc, sys; print(bcc.__name__, sys.version_info[:2])",
                  entrypoint="python3"))
     assert out.strip() == "bcc (3, 11)"
-    for tool in (["ip", "-V"], ["iptables", "--version"], ["nft", "--version"]):
+    for tool in (["ip", "-V"], ["iptables", "--version"], ["nft", "--version"],
+                 ["nsenter", "--version"]):
         ok(run("agent", *tool[1:], entrypoint=tool[0]))
     assert "ambit agent cni install" in ok(run("agent", "agent", "cni", "install", "--help"))
 
