@@ -410,7 +410,6 @@ class Ztunnel:
         if isinstance(request, PodNetnsGone):
             if self.ctx.pods.remove(request.uid):
                 log.info("pod %s gone: its in-pod listeners closed", request.uid)
-            self._pods_changed()
             return None
         if isinstance(request, Superseded):
             if self.superseded_by is None:
@@ -438,15 +437,11 @@ class Ztunnel:
 
     # -- in-pod mode (ztunnel/inpod.py) ----------------------------------------------------
 
-    def _pod_group_size(self) -> int:
-        """Members of each in-pod listener group this process opens. One: with ``--workers``
-        the parent serves the pods' listeners itself (it is a whole ztunnel: state, secrets,
-        pool), so in-pod traffic does not spread over the workers yet."""
-        return 1
-
     def _pod_netns(self, request: PodNetns) -> list[tuple[str, socket.socket]]:
         """Serve a pod's listeners inside its network namespace: the ones the agent kept (a
-        previous ztunnel's), else new ones. Returns them, for the agent to keep."""
+        previous ztunnel's), else new ones. Returns them, for the agent to keep. With
+        ``--workers`` the parent serves them itself (it is a whole ztunnel: state, secrets,
+        pool), so in-pod traffic does not spread over the workers yet."""
         handed = [request.netns, *(s.detach() for _, s in request.listeners)]
         names = [n for n, _ in request.listeners]
         try:
@@ -485,7 +480,7 @@ class Ztunnel:
                 for s in socks:
                     s.close()
                 socks = []
-                sockets = open_pod_listeners(netns, self._pod_group_size())
+                sockets = open_pod_listeners(netns)
             pod = InpodPod(uid, ips, netns, sockets)
         except BaseException:
             for s in socks:
@@ -496,7 +491,6 @@ class Ztunnel:
             raise
         self._serve_pod(pod)
         self.ctx.pods.put(pod)
-        self._pods_changed()
         log.info("pod %s (%s): serving its listeners inside its network namespace%s", uid,
                  ", ".join(map(str, ips)), " (taken over)" if socks else "")
         return pod
@@ -515,8 +509,6 @@ class Ztunnel:
                 listener.start()
                 pod.listeners.append(listener)
 
-    def _pods_changed(self) -> None:
-        """The in-pod pods changed (workers: tell them)."""
 
     async def _gauges(self) -> None:
         while True:

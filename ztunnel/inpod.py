@@ -104,14 +104,14 @@ class InpodPod:
             os.close(self.netns)
 
 
-def open_pod_listeners(netns: int, count: int = 1) -> dict[str, list[socket.socket]]:
-    """The pod's three listeners inside its namespace, ``count`` SO_REUSEPORT members each
-    (one per worker; a restarted ztunnel's join the group the old one's are in)."""
+def open_pod_listeners(netns: int) -> dict[str, list[socket.socket]]:
+    """The pod's three listeners inside its namespace (SO_REUSEPORT, so a ztunnel that does
+    not get the agent's copies, after an agent restart say, can still join them)."""
     out: dict[str, list[socket.socket]] = {}
     try:
         with entered(netns):
             for name, (host, port) in POD_LISTENERS.items():
-                out[name] = [bind_socket(host, port, reuseport=True) for _ in range(count)]
+                out[name] = [bind_socket(host, port, reuseport=True)]
     except Exception:
         for socks in out.values():
             for s in socks:
