@@ -53,7 +53,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,6 +276,12 @@ class _Session:
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 @dataclass
 class HeldListeners:
     """The agent's copies of the capture listeners last registered: ``(name, fd)`` in the
@@ -287,9 +293,7 @@ class HeldListeners:
     unlinked_at: float | None = None
 
     def close(self) -> None:
-        for _, fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close_all(fd for _, fd in self.fds)
         self.fds = []
 
     def alive(self) -> bool:
@@ -304,12 +308,6 @@ class HeldListeners:
         return out
 
 
-def _close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
 @dataclass
 class PodHandoff:
     """In-pod mode: a pod's network namespace as the agent hands it to each ztunnel (its own
@@ -321,15 +319,12 @@ class PodHandoff:
     listeners: list[tuple[str, int]] = field(default_factory=list)
 
     def let_go_of_listeners(self) -> None:
-        for _, fd in self.listeners:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close_all(fd for _, fd in self.listeners)
         self.listeners = []
 
     def close(self) -> None:
         self.let_go_of_listeners()
-        with contextlib.suppress(OSError):
-            os.close(self.netns)
+        _close_all([self.netns])
 
 
 def parse_answer(line: bytes) -> tuple[int, str | None]:
