@@ -85,7 +85,7 @@ class Gathered:
     waypoints: list[WaypointRaw] = field(default_factory=list)
     controller_ready: bool | None = None
     controller_error: str | None = None
-    registry: list[Mapping[str, Any]] | None = None
+    registry: Sequence[Mapping[str, Any]] | None = None
     registry_revision: int | None = None
     registry_error: str | None = None
     source: str = ""
@@ -123,6 +123,8 @@ def capture_reason(agent_pod: Mapping[str, Any] | None, protocol: str,
     reason = str(agent_pod.get("reason", ""))
     if agent_pod.get("captured") or protocol == "HBONE":
         return reason
+    if GATEWAY_LABEL in labels:
+        return "a waypoint: never captured (it terminates HBONE itself)"
     if labels.get(DATAPLANE_MODE_LABEL) == "none":
         return f"out of the mesh: the pod is labelled {DATAPLANE_MODE_LABEL}=none"
     return "out of the mesh: its namespace is not ambient" if protocol == "TCP" else reason

@@ -128,6 +128,8 @@ def test_workloads_group_pods_by_owner_and_join_capture() -> None:
      "out of the mesh: the pod is labelled ambit.dev/dataplane-mode=none"),
     ({"captured": False, "reason": "namespace default is ambient"}, "TCP", {},
      "out of the mesh: its namespace is not ambient"),
+    ({"captured": False, "reason": "namespace default is ambient"}, "TCP",
+     {model.GATEWAY_LABEL: "waypoint"}, "a waypoint: never captured (it terminates HBONE itself)"),
     # in the mesh but not captured (a capture failure): the agent's reason is the one
     ({"captured": False, "reason": "no host interface"}, "HBONE", {}, "no host interface"),
 ])
