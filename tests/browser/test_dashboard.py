@@ -198,6 +198,8 @@ def test_pod_whose_capture_is_removed_shows_not_captured(dashboard: str,
     _clean(r)
     d = r["details"]
     seen_after = d["seenAt"] - changed_at
+    print(f"\nnot captured shown {seen_after:.1f} s after the label change "
+          f"(page waited {d['waitedMs']} ms)")
     assert seen_after < 8.0, f"shown as not captured {seen_after:.1f} s after the change"
     assert "not captured" in d["label"]
     assert d["why"]  # the agent's reason
