@@ -47,7 +47,7 @@ NODE_FAMILIES = (
     "istio_tcp_connections_opened", "istio_tcp_sent_bytes", "istio_tcp_received_bytes",
     "ambit_ztunnel_policy_denied", "ambit_agent_info", "ambit_process_resident_memory_bytes",
     "ambit_process_cpu_seconds", "ambit_ztunnel_active_connections", "ambit_xds_connected",
-    "ambit_state_age_seconds", "ambit_agent_registry_connected",
+    "ambit_state_age_seconds", "ambit_agent_registry_connected", "ambit_agent_ztunnel_scrape_up",
 )
 WAYPOINT_FAMILIES = ("istio_requests",)
 
@@ -332,6 +332,9 @@ def node_view(n: NodeRaw, samples: Sequence[promtext.Sample], now: float) -> dic
                       "version": config.get("version"), "loaded": config.get("loaded"),
                       "ageSeconds": config.get("state_age_seconds")},
         "registryConnected": _value(samples, "ambit_agent_registry_connected"),
+        # The agent merges the ztunnel's metrics into its own; 0: that scrape failed, so the
+        # ztunnel's families (edges, denials, state feed) are missing from this node's.
+        "ztunnelScrapeUp": _value(samples, "ambit_agent_ztunnel_scrape_up"),
         "certificates": sorted(certs.values(), key=lambda c: str(c["identity"])),
         "pods": [{"pod": p.get("pod"), "captured": p.get("captured"),
                   "shouldCapture": p.get("shouldCapture"), "reason": p.get("reason"),
@@ -469,6 +472,9 @@ def build(g: Gathered) -> dict[str, Any]:
         samples, err = promtext.parse(n.metrics or "", NODE_FAMILIES)
         if err:
             problems.append(f"node {n.name}: metrics: {err}")
+        if _value(samples, "ambit_agent_ztunnel_scrape_up") == 0:
+            problems.append(f"node {n.name}: the agent could not read the ztunnel's metrics; "
+                            "its edges, denials and state feed are missing until it can")
         node_samples[n.name] = samples
     wp_samples: dict[str, list[promtext.Sample]] = {}
     for wp in g.waypoints:

@@ -296,3 +296,14 @@ def test_edge_ends_outside_the_state_become_graph_nodes() -> None:
     ends = {w["id"]: (w["kind"], w["namespace"], w["name"]) for w in m["workloads"]}
     assert ends == {"unknown": ("external", None, "unknown"),
                     "shop/gone": ("workload", "shop", "gone")}
+
+
+def test_a_failed_ztunnel_scrape_is_a_problem() -> None:
+    text = "# TYPE ambit_agent_ztunnel_scrape_up gauge\nambit_agent_ztunnel_scrape_up 0\n"
+    m = model.build(model.Gathered(at=1.0, nodes=[model.NodeRaw("node-2", metrics=text)]))
+    assert m["nodes"][0]["ztunnelScrapeUp"] == 0
+    assert m["problems"] == ["node node-2: the agent could not read the ztunnel's metrics; "
+                             "its edges, denials and state feed are missing until it can"]
+    ok = text.replace(" 0\n", " 1\n")
+    assert model.build(model.Gathered(at=1.0, nodes=[model.NodeRaw("n", metrics=ok)]))[
+        "problems"] == []
