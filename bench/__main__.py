@@ -46,6 +46,7 @@ from bench.procs import (
     run,
 )
 from bench.report import (
+    AMBITS,
     SETUPS,
     SetupResult,
     combine,
@@ -67,6 +68,8 @@ PHASES: tuple[str, ...] = ("throughput", "latency", "many", "connrate", "workers
 # What the ztunnels' TLS 1.3 is restricted to by default: the suite BoringSSL (Envoy) picks.
 DEFAULT_TLS13 = "TLS_AES_128_GCM_SHA256"
 SPIFFE = "spiffe://cluster.local/ns/{}/sa/{}"
+# How each ztunnel setup's pods are captured (bench/mesh.py start_ztunnels); "ambit" is TPROXY.
+CAPTURE_OF = {"ambit-ebpf": "ebpf", "ambit-inpod": "inpod"}
 
 
 def _names(text: str, flag: str, kind: str, known: Sequence[str]) -> list[str]:
@@ -164,6 +167,7 @@ def _preflight(only: Sequence[str]) -> dict[str, str]:
     versions: dict[str, str] = {}
     tools = ["ip", "iperf3", "tshark"] + (["iptables-restore"] if "ambit" in only else [])
     tools += ["mount", "umount"] if "ambit-ebpf" in only else []
+    tools += ["nsenter", "iptables-restore"] if "ambit-inpod" in only else []
     for tool in tools:
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} not found: run `make bench`, which installs it")
@@ -175,6 +179,8 @@ def _preflight(only: Sequence[str]) -> dict[str, str]:
         mesh.check_runnable()
     if "ambit-ebpf" in only:
         mesh.check_runnable("ebpf")
+    if "ambit-inpod" in only:
+        mesh.check_runnable("inpod")
     return versions
 
 
@@ -327,7 +333,7 @@ def _run_setup(name: str, settings: Settings, certs: Path, work: Path, logs: Pat
                 raise BenchError(f"ztunnel has no --workers flag: cannot run {workers} workers")
             proxies = mesh.start_ztunnels(
                 procs, topo, certs, work, CLIENT_ID, SERVER_ID, workers=flag,
-                tls13_suites=tls13, capture="ebpf" if name == "ambit-ebpf" else "iptables")
+                tls13_suites=tls13, capture=CAPTURE_OF.get(name, "iptables"))
             target = (a.server, IPERF_PORT, RR_PORT)
         # P6: memory once ready, before any traffic (settled for a second).
         time.sleep(1.0)
@@ -339,7 +345,7 @@ def _run_setup(name: str, settings: Settings, certs: Path, work: Path, logs: Pat
         samples = _measure(name, topo, target, settings, proxies, result, phases)
         # Every connection the phases opened must have crossed both proxies.
         expected = expected_connections(phases, settings, result)
-        if name in ("ambit", "ambit-ebpf") and workers == 1:
+        if name in AMBITS and workers == 1:
             mesh.verify_proxied(topo, expected=expected)
         if name == "envoy-hbone":
             envoy_setup.verify_hbone(topo.ns["server-node"], expected=expected)
@@ -445,8 +451,11 @@ def _run_all(args: argparse.Namespace, settings: Settings, certs: Path, work: Pa
     if "workers" in args.phases:
         for n in args.workers_counts:
             # Not ambit-ebpf: the workers share one reuseport group either way, and the phase
-            # already costs two setups' time per count.
-            for name in [s for s in args.only if s not in ("direct", "ambit-ebpf")]:
+            # already costs two setups' time per count. Not ambit-inpod: there the ztunnel's
+            # parent process serves the pods' in-pod listeners itself (the workers serve only
+            # the node-level ones, which no pod traffic reaches), so N would not change what
+            # is measured.
+            for name in [s for s in args.only if s not in ("direct", "ambit-ebpf", "ambit-inpod")]:
                 _wait_quiet(args.wait_quiet)
                 background.append(_background_cpu(0.5))
                 print(f"== {name}, workers phase, N={n} "

@@ -1,4 +1,5 @@
-"""The system under test: one ambit ztunnel per node namespace, pods captured with TPROXY or eBPF.
+"""The system under test: one ambit ztunnel per node namespace, pods captured by TPROXY, eBPF or
+in-pod rules.
 
 Why it looks like this: it is how the mesh runs for real in node mode. The client dials the
 server pod's own IP and port, exactly as in the direct setup; the client node's TPROXY rules
@@ -9,7 +10,11 @@ the dev topology and the node agent apply (agent/capture/iptables.py via
 ambit.dev.topology), inside the benchmark's own node namespaces only. With ``capture="ebpf"``
 (the ``ambit-ebpf`` setup) the agent's eBPF programs do the steering instead: bench/ebpf_node.py
 loads them in each node namespace (pinned maps in a bpffs of the run's own) and serves the
-agent's ztunnel link, and the ztunnel hands its listeners over with ``--agent-socket``.
+agent's ztunnel link, and the ztunnel hands its listeners over with ``--agent-socket``. With
+``capture="inpod"`` (the ``ambit-inpod`` setup) nothing steers in the node namespaces at all:
+bench/inpod_node.py serves the agent's link in each node namespace, hands the node's pod
+namespace to the ztunnel (which opens that pod's listeners inside it) and puts the agent's
+REDIRECT rules inside the pod.
 
 Two knobs make the comparison with Envoy like for like, and both are stated in the table:
 ``--workers 1`` (when the ztunnel has the flag; its default is max(2, a quarter of the cores))
@@ -25,6 +30,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,7 +45,8 @@ from mesh.ports import METRICS_PORT, READINESS_PORT
 NODE_NAMES = {"client-node": "node-1", "server-node": "node-2"}
 
 
-CAPTURES = ("iptables", "ebpf")
+CAPTURES = ("iptables", "ebpf", "inpod")
+NETNS_DIR = Path("/run/netns")  # where `ip netns` keeps the bench pods' namespaces
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,6 +62,12 @@ def check_runnable(capture: str = "iptables") -> None:
         if reason is not None:
             raise BenchError(f"eBPF capture unavailable: {reason} (run `make bench`, whose "
                              "setup installs bcc and links the kernel headers)")
+    if capture == "inpod":
+        # The agent's in-pod backend runs iptables inside each pod through nsenter.
+        for tool in ("nsenter", "iptables", "iptables-restore"):
+            if shutil.which(tool) is None:
+                raise BenchError(f"in-pod capture unavailable: {tool} not found (util-linux, "
+                                 "iptables)")
 
 
 @functools.cache
@@ -142,6 +155,32 @@ def enable_ebpf_capture(procs: ProcessSet, topo: Topology, work: Path) -> dict[s
     return sockets
 
 
+def enable_inpod_capture(procs: ProcessSet, topo: Topology, work: Path,
+                         ) -> tuple[dict[str, Path], dict[str, tuple[Proc, Path]]]:
+    """The agent's in-pod part in both node namespaces (bench/inpod_node.py), listening for
+    its ztunnel; returns the link socket per node role (for ``--agent-socket``) and each
+    driver with the file it writes once its pods are handed over and enrolled. The
+    enrolment itself waits for the ztunnel (``wait_inpod_enrolled``)."""
+    sockets: dict[str, Path] = {}
+    drivers: dict[str, tuple[Proc, Path]] = {}
+    for role in ("server-node", "client-node"):
+        node = NODE_NAMES[role]
+        ready = work / f"inpod-{node}.json"
+        for stale in (ready, ready.with_suffix(".listening")):
+            stale.unlink(missing_ok=True)
+        sockets[role] = work / f"ztunnel-{node}.sock"
+        # uid as the agent names a pod (namespace/name, the state file's workload).
+        pods = [f"bench/bench-{p.name}={p.ip}={NETNS_DIR / p.netns}" for p in topo.pods_on(role)]
+        argv = [sys.executable, "-m", "bench.inpod_node", "--socket", str(sockets[role]),
+                "--ready", str(ready), *(a for spec in pods for a in ("--pod", spec))]
+        drivers[role] = (procs.start(f"inpod-{node}", in_netns(topo.ns[role], argv),
+                                     cwd=REPO_ROOT), ready)
+    for role, (proc, ready) in drivers.items():
+        wait_until(f"in-pod agent link on {NODE_NAMES[role]}", proc,
+                   ready.with_suffix(".listening").exists, timeout=30, interval=0.1)
+    return sockets, drivers
+
+
 def _registered(work: Path, node: str) -> bool:
     return (work / f"ebpf-{node}.registered").exists()
 
@@ -159,7 +198,8 @@ def start_ztunnels(procs: ProcessSet, topo: Topology, certs: Path, work: Path,
 
     ``workers``: pass ``--workers N`` (None: leave the flag out, for a ztunnel without it).
     ``tls13_suites``: restrict TLS 1.3 suites via ``OPENSSL_CONF`` (None: OpenSSL's default).
-    ``capture``: "iptables" (TPROXY rules) or "ebpf" (the agent's tc programs and SOCKMAP).
+    ``capture``: "iptables" (TPROXY rules), "ebpf" (the agent's tc programs and SOCKMAP) or
+    "inpod" (the agent's rules inside each pod, the ztunnel's listeners in the pod's namespace).
     """
     if capture not in CAPTURES:
         raise BenchError(f"capture {capture!r}: expected one of {', '.join(CAPTURES)}")
@@ -174,8 +214,11 @@ def start_ztunnels(procs: ProcessSet, topo: Topology, certs: Path, work: Path,
     state.write_text(yaml.safe_dump(state_document(a.client, a.server, client_id, server_id),
                                     sort_keys=False))
     links: dict[str, Path] = {}
+    inpod: dict[str, tuple[Proc, Path]] = {}
     if capture == "ebpf":
         links = enable_ebpf_capture(procs, topo, work)
+    elif capture == "inpod":
+        links, inpod = enable_inpod_capture(procs, topo, work)
     else:
         topo.enable_capture()
     proxies: dict[str, Proc] = {}
@@ -189,7 +232,13 @@ def start_ztunnels(procs: ProcessSet, topo: Topology, certs: Path, work: Path,
         ns = topo.ns[role]
         wait_until(f"ztunnel {NODE_NAMES[role]} /healthz/ready", proc,
                    functools.partial(_ready, ns), timeout=30, interval=0.2)
-        if role in links:
+        if role in inpod:
+            # Ready is not enough here either: the pod's listeners open in its namespace when
+            # the driver hands it over, and its REDIRECT rules go in after that.
+            driver, enrolled = inpod[role]
+            wait_until(f"pod namespaces handed to ztunnel {NODE_NAMES[role]} and enrolled",
+                       driver, enrolled.exists, timeout=60, interval=0.2)
+        elif role in links:
             # Ready is not enough here: until the listeners are in the SOCKMAP, captured
             # connections fail closed.
             wait_until(f"ztunnel {NODE_NAMES[role]} listeners in the SOCKMAP", proc,

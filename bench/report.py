@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 # Column order of the table; a setup that was not run is simply absent.
-SETUPS: tuple[str, ...] = ("direct", "envoy", "envoy-hbone", "ambit", "ambit-ebpf")
-# The ztunnel setups: the same ztunnels, captured by iptables TPROXY rules or by the agent's
-# eBPF programs (bench/ebpf_node.py). Each gets its own ratio columns.
-AMBITS: tuple[str, ...] = ("ambit", "ambit-ebpf")
+SETUPS: tuple[str, ...] = ("direct", "envoy", "envoy-hbone", "ambit", "ambit-ebpf",
+                           "ambit-inpod")
+# The ztunnel setups: the same ztunnels, captured by iptables TPROXY rules, by the agent's
+# eBPF programs (bench/ebpf_node.py) or by the agent's rules inside each pod, the ztunnel
+# serving the pod's listeners in its namespace (bench/inpod_node.py). Each gets its own ratio
+# columns.
+AMBITS: tuple[str, ...] = ("ambit", "ambit-ebpf", "ambit-inpod")
 # The yardsticks: ambit is divided by each of these in its own ratio column.
 ENVOYS: tuple[str, ...] = ("envoy", "envoy-hbone")
 ROLES: tuple[str, ...] = ("client-node", "server-node")
@@ -425,7 +428,8 @@ def write_plot(results: Mapping[str, SetupResult], path: Path,
     cols = [s for s in SETUPS if s in results] + [s for s in results if s not in SETUPS]
     proxied = [c for c in cols if c != "direct"]
     colors = {"direct": "#7f7f7f", "envoy": "#1f77b4", "envoy-hbone": "#2ca02c",
-              "ambit": "#d62728", "ambit-ebpf": "#ff7f0e"}
+              "ambit": "#d62728", "ambit-ebpf": "#ff7f0e",
+              "ambit-inpod": "#9467bd"}
     fig, axes = plt.subplots(3, 3, figsize=(15, 12))
 
     ax = axes[0][0]

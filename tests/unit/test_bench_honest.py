@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 
-from bench.__main__ import PHASES, build_parser, expected_connections
+from bench import mesh
+from bench.__main__ import CAPTURE_OF, PHASES, build_parser, expected_connections
 from bench.envoy import TlsFiles, client_side_hbone_bootstrap, server_side_hbone_bootstrap
 from bench.measure import Settings, parse_iperf
 from bench.report import (
+    AMBITS,
     SetupResult,
     cipher_name,
     combine,
@@ -175,12 +177,23 @@ def test_table_has_a_ratio_column_per_envoy_setup_and_states_the_ciphers() -> No
 def test_each_ztunnel_capture_gets_its_own_ratio_columns() -> None:
     results = _three()
     results["ambit-ebpf"] = SetupResult("ambit-ebpf", throughput_gbps=3.0, p99_ms=1.0)
+    results["ambit-inpod"] = SetupResult("ambit-inpod", throughput_gbps=6.0, p99_ms=1.0)
     lines = format_table(results).splitlines()
     assert lines[0].split() == ["metric", "envoy", "envoy-hbone", "ambit", "ambit-ebpf",
-                                "ambit/envoy", "ambit/envoy-hbone", "ambit-ebpf/envoy",
-                                "ambit-ebpf/envoy-hbone"]
+                                "ambit-inpod", "ambit/envoy", "ambit/envoy-hbone",
+                                "ambit-ebpf/envoy", "ambit-ebpf/envoy-hbone",
+                                "ambit-inpod/envoy", "ambit-inpod/envoy-hbone"]
     tp = next(x for x in lines if x.startswith("P1 throughput"))
-    assert tp.split()[-4:] == ["0.25x", "0.50x", "0.38x", "0.75x"]
+    assert tp.split()[-6:] == ["0.25x", "0.50x", "0.38x", "0.75x", "0.75x", "1.50x"]
+
+
+def test_every_ztunnel_setup_is_captured_its_own_way_and_proven_proxied() -> None:
+    # Each ztunnel setup other than plain "ambit" (TPROXY) names a capture start_ztunnels
+    # knows; _run_setup checks every AMBITS setup with verify_proxied before its numbers count.
+    assert set(CAPTURE_OF) == set(AMBITS) - {"ambit"}
+    assert set(CAPTURE_OF.values()) | {"iptables"} == set(mesh.CAPTURES)
+    assert build_parser().parse_args(["--only", "ambit-inpod,ambit"]).only == [
+        "ambit", "ambit-inpod"]
 
 
 def test_workers_table_shows_scaling() -> None:
