@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -50,12 +48,9 @@ def _write_json(path: Path, doc: object) -> None:
 
 async def _serve(cap: EbpfCapture, socket_path: Path, registered: Path) -> None:
     async def on_listeners(fds: Mapping[str, int], pid: int) -> None:
+        # As the agent does: the link server owns these descriptors (it keeps them for the
+        # next ztunnel, agent/ztunnel_link.py), so they are not ours to close.
         cap.set_listeners(fds)
-        # The SOCKMAP holds its own reference: our copies would keep a stopped ztunnel's
-        # listeners alive in the kernel.
-        for fd in fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
         _write_json(registered, {"pid": pid, "listeners": sorted(fds)})
 
     link = ZtunnelLinkServer(socket_path, on_listeners, uids=None)
