@@ -37,6 +37,12 @@ def add_parser(sub: SubParsers) -> None:
                        "'demo')")
     where.add_argument("--db", type=Path, help="an embedded registry (default $AMBIT_DB), "
                        "with its nodes given by --node")
+    where.add_argument("--kubeconfig", metavar="PATH",
+                       help="a Kubernetes cluster, read through its API server (the node "
+                       "agents, waypoints and controller through its pod proxy, as ambit "
+                       "status does)")
+    p.add_argument("--context", metavar="NAME",
+                   help="with --kubeconfig: the kubeconfig context (default: its current one)")
     p.add_argument("--cluster-root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--node", action="append", default=[], metavar="NAME=HOST",
                    help="with --db: a node whose agent (15022) and ztunnel admin (15000) "
@@ -70,13 +76,23 @@ def run(args: argparse.Namespace) -> int:
     if not 0.2 <= args.interval <= 60:
         raise UsageError(f"--interval {args.interval:g}: use 0.2 to 60 seconds")
     source: gather.Source
+    if args.context and not args.kubeconfig:
+        raise UsageError("--context goes with --kubeconfig PATH")
     if args.cluster:
         source = gather.DevClusterSource(args.cluster, args.cluster_root)
+    elif args.kubeconfig:
+        from ambit.dashboard.kube import KubernetesSource
+
+        path = Path(args.kubeconfig).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--kubeconfig {args.kubeconfig}: no such file")
+        source = KubernetesSource(str(path), args.context)
     else:
         db = args.db or (Path(os.environ["AMBIT_DB"]) if os.environ.get("AMBIT_DB") else None)
         if db is None:
-            raise UsageError("say what to show: --cluster NAME (a dev cluster) or --db PATH "
-                             "--node NAME=HOST ... (an embedded control plane)")
+            raise UsageError("say what to show: --cluster NAME (a dev cluster), --kubeconfig "
+                             "PATH (a Kubernetes cluster) or --db PATH --node NAME=HOST ... "
+                             "(an embedded control plane)")
         nodes = {}
         for item in args.node:
             name, sep, addr = item.partition("=")
@@ -85,8 +101,17 @@ def run(args: argparse.Namespace) -> int:
             nodes[name] = addr
         source = gather.EmbeddedSource(db, nodes, args.controller)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        try:
+            await server.serve(source, host, port, args.interval)
+        finally:
+            close = getattr(source, "close", None)  # the Kubernetes source's API client
+            if close is not None:
+                await close()
+
     try:
-        asyncio.run(server.serve(source, host, port, args.interval))
+        asyncio.run(main())
     except KeyboardInterrupt:
         return 0
     except OSError as e:

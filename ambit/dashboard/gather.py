@@ -11,6 +11,8 @@ where the endpoints are:
   each waypoint's agent ``/metrics`` (15020) in its pod's; the registry from its SQLite file.
 * ``EmbeddedSource`` (``--db PATH`` with ``--node NAME=HOST``): an embedded control plane run by
   hand, its endpoints on this machine's addresses.
+* ``kube.KubernetesSource`` (``--kubeconfig PATH``): a cluster through its API server and its
+  pod proxy; the node and waypoint gathers below take the GET to use (``PortGet``).
 
 Every raw answer is kept (bounded) for the page's "raw" links.
 """
@@ -18,9 +20,10 @@ Every raw answer is kept (bounded) for the page's "raw" links.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +50,11 @@ class Endpoint:
     host: str = "127.0.0.1"
 
 
+# A GET of ``path`` on one of a node's or pod's ports: a direct fetch (``at``), or the API
+# server's pod proxy (``kube``).
+PortGet = Callable[[int, str], Awaitable[bytes]]
+
+
 class Source(Protocol):
     description: str
 
@@ -67,7 +75,7 @@ async def fetch(ep: Endpoint, port: int, path: str) -> bytes:
                                     f"{FETCH_TIMEOUT + 1:g} s") from None
 
 
-async def _try(what: Awaitable[bytes]) -> tuple[bytes | None, str | None]:
+async def _try(what: Awaitable[bytes | None]) -> tuple[bytes | None, str | None]:
     try:
         return await what, None
     except netns_http.FetchError as e:
@@ -86,12 +94,23 @@ def _json(body: bytes | None, what: str) -> tuple[Mapping[str, Any] | None, str 
     return (doc, None) if isinstance(doc, Mapping) else (None, f"{what}: not a JSON object")
 
 
-async def gather_node(name: str, ep: Endpoint, raw: dict[str, bytes]) -> NodeRaw:
-    """A node's agent metrics and pods and its ztunnel's config dump, concurrently."""
+def at(ep: Endpoint) -> PortGet:
+    """``fetch`` from ``ep``, as the per-port GET the node and waypoint gathers take."""
+    return functools.partial(fetch, ep)
+
+
+async def _nothing() -> bytes | None:
+    return None
+
+
+async def gather_node(name: str, get: PortGet, raw: dict[str, bytes], *,
+                      config_dump: bool = True) -> NodeRaw:
+    """A node's agent metrics and pods and (``config_dump``) its ztunnel's config dump,
+    concurrently."""
     (metrics, m_err), (pods, p_err), (config, c_err) = await asyncio.gather(
-        _try(fetch(ep, NODE_METRICS_PORT, "/metrics")),
-        _try(fetch(ep, NODE_METRICS_PORT, "/debug/pods")),
-        _try(fetch(ep, ADMIN_PORT, "/config_dump")))
+        _try(get(NODE_METRICS_PORT, "/metrics")),
+        _try(get(NODE_METRICS_PORT, "/debug/pods")),
+        _try(get(ADMIN_PORT, "/config_dump")) if config_dump else _try(_nothing()))
     node = NodeRaw(name)
     for key, body, err in (("metrics", metrics, m_err), ("pods", pods, p_err),
                            ("config_dump", config, c_err)):
@@ -109,8 +128,8 @@ async def gather_node(name: str, ep: Endpoint, raw: dict[str, bytes]) -> NodeRaw
     return node
 
 
-async def gather_waypoint(wp: WaypointRaw, ep: Endpoint, raw: dict[str, bytes]) -> WaypointRaw:
-    body, err = await _try(fetch(ep, METRICS_PORT, "/metrics"))
+async def gather_waypoint(wp: WaypointRaw, get: PortGet, raw: dict[str, bytes]) -> WaypointRaw:
+    body, err = await _try(get(METRICS_PORT, "/metrics"))
     if body is not None:
         raw[f"/raw/waypoint/{wp.namespace}/{wp.pod}/metrics"] = body
         wp.metrics = body.decode("utf-8", "replace")
@@ -187,9 +206,9 @@ class DevClusterSource:
                      for p in c.pods.values() if GATEWAY_NAME_LABEL in p.labels]
         pod_ns = {p.name: f"/var/run/netns/{p.netns}" for p in c.pods.values()}
         nodes, wps, _, _ = await asyncio.gather(
-            asyncio.gather(*(gather_node(n.name, Endpoint(f"/var/run/netns/{n.netns}"), raw)
+            asyncio.gather(*(gather_node(n.name, at(Endpoint(f"/var/run/netns/{n.netns}")), raw)
                              for n in c.nodes)),
-            asyncio.gather(*(gather_waypoint(wp, Endpoint(pod_ns[wp.pod]), raw)
+            asyncio.gather(*(gather_waypoint(wp, at(Endpoint(pod_ns[wp.pod])), raw)
                              for wp in waypoints)),
             _controller(g, Endpoint(f"/var/run/netns/{c.cp_ns}")),
             self.registry.gather(g, raw))
@@ -211,7 +230,7 @@ class EmbeddedSource:
     async def gather(self, raw: dict[str, bytes]) -> Gathered:
         g = Gathered(at=time.time(), source=self.description)
         nodes, _, _ = await asyncio.gather(
-            asyncio.gather(*(gather_node(name, Endpoint(None, host), raw)
+            asyncio.gather(*(gather_node(name, at(Endpoint(None, host)), raw)
                              for name, host in self.nodes.items())),
             _controller(g, Endpoint(None, self.controller)),
             self.registry.gather(g, raw))

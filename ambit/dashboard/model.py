@@ -8,8 +8,10 @@ only stores and sends its result.
 
 Where each fact comes from:
 
-* workloads: the ztunnels' ``/config_dump`` (the state they act on); a graph node is a workload
-  by its owner (``workload_name``, else the pod), as Istio's metrics name it, with its pods;
+* workloads: the ztunnels' ``/config_dump`` (the state they act on), in Kubernetes the same
+  state computed from the API (``Gathered.state``: the dumps are out of reach there); a graph
+  node is a workload by its owner (``workload_name``, else the pod), as Istio's metrics name
+  it, with its pods;
 * capture: each agent's ``/debug/pods`` (captured, should be, and the reason);
 * L4 edges: ``istio_tcp_*`` from each node's ``/metrics`` (the agent's 15022 merges the
   ztunnel's); a connection is reported by both ztunnels, so per edge the larger of the two
@@ -89,6 +91,11 @@ class Gathered:
     registry_revision: int | None = None
     registry_error: str | None = None
     source: str = ""
+    # Kubernetes: the mesh state computed from the API as the controller computes it, in the
+    # config dump's shape (``workloads``, ``services``), standing in for the ztunnels' dumps
+    # that only their node can read; and what the conversion had to report.
+    state: Mapping[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -130,16 +137,22 @@ def capture_reason(agent_pod: Mapping[str, Any] | None, protocol: str,
     return "out of the mesh: its namespace is not ambient" if protocol == "TCP" else reason
 
 
-def workloads(nodes: Sequence[NodeRaw]) -> dict[str, dict[str, Any]]:
-    """Graph nodes by id (``namespace/owner``), with their pods and capture state."""
+def workloads(nodes: Sequence[NodeRaw], state: Mapping[str, Any] | None = None) \
+        -> dict[str, dict[str, Any]]:
+    """Graph nodes by id (``namespace/owner``), with their pods and capture state; the
+    workloads come from the ztunnels' config dumps, and from ``state`` (Kubernetes) when
+    given."""
     capture: dict[str, Mapping[str, Any]] = {}
     for n in nodes:
         for p in (n.pods or {}).get("pods") or []:
             if isinstance(p, Mapping) and isinstance(p.get("pod"), str):
                 capture[p["pod"]] = p
     out: dict[str, dict[str, Any]] = {}
-    for n in nodes:
-        for w in (n.config or {}).get("workloads") or []:
+    sources = [(n.config, f"/raw/node/{n.name}/config_dump") for n in nodes]
+    if state is not None:
+        sources.append((state, "/raw/state"))
+    for config, raw in sources:
+        for w in (config or {}).get("workloads") or []:
             if not isinstance(w, Mapping):
                 continue
             ns, name = str(w.get("namespace", "")), str(w.get("name", ""))
@@ -152,7 +165,8 @@ def workloads(nodes: Sequence[NodeRaw]) -> dict[str, dict[str, Any]]:
                 "gateway": labels.get(GATEWAY_LABEL),
                 "app": labels.get("app", owner), "version": labels.get("version"),
                 "serviceAccount": w.get("service_account"), "identity": w.get("identity"),
-                "protocol": w.get("protocol"), "labels": labels, "pods": {}, "nodes": []})
+                "protocol": w.get("protocol"), "labels": labels, "pods": {}, "nodes": [],
+                "raw": raw})
             pod_key = f"{ns}/{name}"
             if pod_key in entry["pods"]:
                 continue  # every ztunnel lists every workload: the first is enough
@@ -173,7 +187,10 @@ def workloads(nodes: Sequence[NodeRaw]) -> dict[str, dict[str, Any]]:
         # A workload is captured when every pod whose capture is known is.
         entry["captured"] = all(known) if known else None
         entry["node"] = entry["nodes"][0] if len(entry["nodes"]) == 1 else None
-        entry["raw"] = f"/raw/node/{entry['nodes'][0]}/config_dump" if entry["nodes"] else None
+        if entry["raw"] != "/raw/state":
+            # The dump of the ztunnel on the workload's own node, the one that acts on it.
+            entry["raw"] = f"/raw/node/{entry['nodes'][0]}/config_dump" if entry["nodes"] \
+                else None
     return out
 
 
@@ -488,8 +505,9 @@ def build(g: Gathered) -> dict[str, Any]:
         problems.append(f"controller: {g.controller_error}")
     if g.registry_error:
         problems.append(f"registry: {g.registry_error}")
+    problems += g.notes
 
-    wl = workloads(g.nodes)
+    wl = workloads(g.nodes, g.state)
     authz, peer = policies_from(g)
     edges = tcp_edges(node_samples)
     # Denials per policy on each node, destination side only (the source side says "-").
@@ -533,8 +551,10 @@ def build(g: Gathered) -> dict[str, Any]:
                               "pods": [], "nodes": [], "node": None, "captured": None,
                               "labels": {}, "inState": False}
     services: list[dict[str, Any]] = []
-    for n in g.nodes[:1]:  # every ztunnel holds the same services
-        for svc in (n.config or {}).get("services") or []:
+    # Every ztunnel holds the same services; in Kubernetes the state computed from the API.
+    configs = [g.state] if g.state is not None else [n.config for n in g.nodes[:1]]
+    for config in configs:
+        for svc in (config or {}).get("services") or []:
             if isinstance(svc, Mapping):
                 ref = svc.get("waypoint")
                 services.append({"hostname": svc.get("hostname"),
