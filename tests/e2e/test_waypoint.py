@@ -1,9 +1,11 @@
 """Waypoints end to end in the local cluster: a client pod calls a service through its waypoint.
 
 The waypoint is the real Envoy, run by ``ambit waypoint run`` in a pod of the dev cluster and
-configured by the controller over xDS; capture, ztunnels and CNI are the real ones (redirect
-mode auto: eBPF here; the capture backends are compared in test_cluster.py, and a waypoint is
-only a pod to them). Layout::
+configured by the controller over xDS; capture, ztunnels and CNI are the real ones. The module
+runs once per redirect mode, eBPF and inpod (one cluster each): a waypoint is only a pod to the
+node-level backends, whose semantics test_cluster.py compares, but in inpod mode the ztunnel
+dials the waypoint from inside the client pod's namespace and delivers the waypoint's tunnels
+to the backends from inside theirs, so the L7 path itself differs. Layout::
 
     node-1: client, echo-v1 (HTTP, answers "v1")     node-2: echo-v2 ("v2"), the waypoint "wp"
     services: echo (10.96.0.10:80, both versions; bound to wp), echo-v1, echo-v2
@@ -18,7 +20,6 @@ import functools
 import json
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import pytest
 from ambit.dev import mesh, netns
 from ambit.dev.cluster import DevCluster
 from tests.e2e import waiting
+from tests.e2e.clusters import dev_cluster
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
@@ -64,20 +66,11 @@ def backend(name: str, weight: int = 1) -> dict[str, Any]:
     return {"name": name, "port": 80, "weight": weight}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCluster]:
-    name = f"wp{uuid.uuid4().hex[:4]}"
-    c = DevCluster(name, nodes=2, root=tmp_path_factory.mktemp("waypoint"),
-                   out=lambda _line: None)
-    try:
-        c.up()
-        # The module claims eBPF capture (redirect mode auto): hold the agents to it, so a
-        # fallback to iptables cannot pass unnoticed.
-        for node in c.nodes:
-            status = c.agent_status(node)
-            assert status["redirectMode"] == "ebpf", \
-                f"{node.name}: {status['redirectMode']}: {status['redirectModeReason']}"
-        c.set_namespace("default", ambient=True)
+@pytest.fixture(scope="module", params=["ebpf", "inpod"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) \
+        -> Iterator[DevCluster]:
+    # dev_cluster holds every agent to the mode asked for, so a fallback cannot pass unnoticed.
+    with dev_cluster("wp", request.param, tmp_path_factory) as c:
         c.add_pod("client", 1)
         c.add_pod("echo-v1", 1, labels={"app": "echo", "version": "v1"})
         c.add_pod("echo-v2", 2, labels={"app": "echo", "version": "v2"})
@@ -88,9 +81,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCluster]:
         bind(c, True)
         c.add_waypoint(WAYPOINT, node_ref=2)
         yield c
-    finally:
-        c.down(quiet=True)
-        assert not [n for n in netns.list_netns() if n.startswith(c.prefix)]
 
 
 def load(c: DevCluster, path: str = "/", count: int = 1, method: str = "GET",
