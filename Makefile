@@ -45,8 +45,9 @@ demo: setup
 # bench: direct, two Envoy pairs (TLS TCP and HBONE) and the ztunnels (TPROXY, eBPF and in-pod
 # capture) side by side, goals P1-P7 of docs/performance.md (about 17 minutes); bench.push: state
 # push latency over TLS (about a minute); bench.churn: pods added to one node back to back then
-# deleted (10, 100, 250; both node-level redirect modes) in dev clusters of its own; per-pod agent/ztunnel CPU, CNI ADD/DEL latency,
-# first connection (docs/performance.md, "Pod churn"). About 5 minutes.
+# deleted (10, 100, 250; both node-level redirect modes) in dev clusters of its own; per-pod
+# agent/ztunnel CPU, CNI ADD/DEL latency, first connection (docs/performance.md, "Pod churn").
+# About 5 minutes.
 bench: setup
 	.venv/bin/python -m bench
 	.venv/bin/python -m bench.push
