@@ -2,7 +2,7 @@
 
 Why it exists: issue 15 asks for the ``inpod`` redirect mode in ``make bench``, and its path
 differs from both node-level modes: the redirect rules are inside each pod's network namespace
-(nat REDIRECT to 127.0.0.1:15001 outbound, to 15006 inbound, 15008 left to the HBONE
+(nat REDIRECT to 127.0.0.1:15001 outbound, to 15006 inbound, the HBONE port left to the HBONE
 listener), and the ztunnel serves that pod's listeners inside the pod's namespace, opening its
 own connections from there. The real agent needs a controller and CNI to learn its pods; the
 benchmark has neither, so this script does the agent's in-pod part with the agent's own code

@@ -4,12 +4,12 @@ Why it exists: with node-level capture the ztunnel's connections leave from the 
 server sees the node's address instead of its client's, and passthrough traffic carries the
 node's identity past IP allowlists. In ``inpod`` redirect mode the node agent installs the
 redirection inside each mesh pod's network namespace (``agent/capture/inpod.py``: outbound TCP
-REDIRECTed to 127.0.0.1:15001, inbound to 15006, 15008 left to the HBONE listener, the
+REDIRECTed to 127.0.0.1:15001, inbound to 15006, the HBONE port left to its listener, the
 ztunnel's own marked sockets exempt) and hands the ztunnel that namespace (a descriptor over
 the link, ``ztunnel/agent_link.py`` ``pod_netns``). The ztunnel then
 
-* opens the pod's listeners inside it (``InpodPods.add``: 15001 on 127.0.0.1, 15006 and 15008
-  on every address, SO_REUSEPORT so a restarted ztunnel joins them), or serves the very
+* opens the pod's listeners inside it (``InpodPods.add``: 15001 on 127.0.0.1, 15006 and the
+  HBONE port on every address, SO_REUSEPORT so a restarted ztunnel joins them), or serves the very
   sockets a previous ztunnel had there, which the agent kept (a restart);
 * creates the pod's outgoing sockets inside it (HBONE to other nodes, passthrough), so they
   leave with the pod's IP (``socket_in``);

@@ -8,12 +8,12 @@ enters the pod's namespace (the CNI netns path recorded at ADD; a pod found runn
 one is looked up by its address among ``/var/run/netns/*``, the runtime's namespaces, then
 ``/proc/<pid>/ns/net``) and installs, there:
 
-* nat ``AMBIT_INPOD_OUTPUT`` (from OUTPUT): the ztunnel's own sockets (mark 0x539) and
+* nat ``AMBIT_INPOD_OUTPUT`` (from OUTPUT): the ztunnel's own sockets (``ZTUNNEL_SOCKET_MARK``) and
   loopback are left alone; any other TCP is REDIRECTed to 127.0.0.1:15001 (the ztunnel's
   outbound listener in the pod; ``SO_ORIGINAL_DST`` keeps the destination);
-* nat ``AMBIT_INPOD_PREROUTING`` (from PREROUTING): 15008 goes to the ztunnel's HBONE listener
-  in the pod as is; connections from the pod's gateway (the node itself: kubelet probes) are
-  left alone; any other TCP is REDIRECTed to 15006;
+* nat ``AMBIT_INPOD_PREROUTING`` (from PREROUTING): the HBONE port goes to the ztunnel's
+  HBONE listener in the pod as is; connections from the pod's gateway (the node itself:
+  kubelet probes) are left alone; any other TCP is REDIRECTed to 15006;
 * mangle ``AMBIT_INPOD_OUTPUT``: the ztunnel connects to the application with the original
   client's address (IP_TRANSPARENT); its packets to a local address mark their connection
   (connmark 0x111) and the application's replies get that mark back, which the node-level

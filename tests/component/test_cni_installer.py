@@ -69,8 +69,13 @@ def node(tmp_path: Path) -> Iterator[tuple[CniPaths, Path]]:
 
 
 def write(path: Path, doc: dict[str, Any], mode: int = 0o644) -> None:
-    path.write_text(json.dumps(doc))
-    path.chmod(mode)
+    # Whole and with its final mode, as a CNI writes its config: the installer polls the
+    # directory, and a file seen between a write and a chmod would be read with the umask's mode
+    # (the mode the installer then, rightly, kept).
+    tmp = path.with_name(f".{path.name}.test-tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.chmod(mode)
+    tmp.replace(path)
 
 
 def read(path: Path) -> dict[str, Any]:
