@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,7 +27,7 @@ from pathlib import Path
 from agent.capture.base import CaptureError, PodCapture
 from agent.capture.ebpf import EbpfCapture
 from agent.capture.ebpf_programs import DEFAULT_SOURCE_DIR
-from agent.ztunnel_link import ZtunnelLinkServer
+from bench.link_node import serving_link, write_json
 
 
 def _pod(spec: str) -> PodCapture:
@@ -40,29 +38,15 @@ def _pod(spec: str) -> PodCapture:
     return PodCapture(f"bench/{name}", (ip,), iface)
 
 
-def _write_json(path: Path, doc: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    tmp.replace(path)  # whole or absent: the bench polls for it
-
-
 async def _serve(cap: EbpfCapture, socket_path: Path, registered: Path) -> None:
     async def on_listeners(fds: Mapping[str, int], pid: int) -> None:
         # As the agent does: the link server owns these descriptors (it keeps them for the
         # next ztunnel, agent/ztunnel_link.py), so they are not ours to close.
         cap.set_listeners(fds)
-        _write_json(registered, {"pid": pid, "listeners": sorted(fds)})
+        write_json(registered, {"pid": pid, "listeners": sorted(fds)})
 
-    link = ZtunnelLinkServer(socket_path, on_listeners, uids=None)
-    await link.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    async with serving_link(socket_path, on_listeners) as (_link, stop):
         await stop.wait()
-    finally:
-        await link.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CaptureError as e:
         print(f"eBPF capture failed: {e}", file=sys.stderr, flush=True)
         return 3
-    _write_json(args.ready, {"enrolled": sorted(cap.enrolled()),
+    write_json(args.ready, {"enrolled": sorted(cap.enrolled()),
                              "status": dict(cap.status().detail)})
     asyncio.run(_serve(cap, args.socket, args.ready.with_suffix(".registered")))
     return 0

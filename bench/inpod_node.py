@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +36,7 @@ from pathlib import Path
 from agent.capture.base import CaptureError, PodCapture
 from agent.capture.inpod import InpodCapture
 from agent.ztunnel_link import LinkUnavailable, ZtunnelLinkServer
+from bench.link_node import serving_link, write_json
 
 # How long a pod's hand-off may take, the wait for the ztunnel to start and register included
 # (the bench starts the ztunnels after this driver listens).
@@ -51,12 +50,6 @@ def _pod(spec: str) -> PodCapture:
         raise SystemExit(f"--pod {spec!r}: expected UID=IP=NETNS_PATH") from None
     # No host interface: this mode adds nothing on the host side of the veth.
     return PodCapture(uid, (ip,), "", netns)
-
-
-def _write_json(path: Path, doc: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    tmp.replace(path)  # whole or absent: the bench polls for it
 
 
 async def _enroll(cap: InpodCapture, link: ZtunnelLinkServer, pod: PodCapture) -> None:
@@ -79,13 +72,7 @@ async def _run(pods: Sequence[PodCapture], socket_path: Path, ready: Path) -> in
         # backend has nothing to do with them in this mode.
         cap.set_listeners(fds)
 
-    link = ZtunnelLinkServer(socket_path, on_listeners, uids=None)
-    await link.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    async with serving_link(socket_path, on_listeners) as (link, stop):
         ready.with_suffix(".listening").write_text(str(os.getpid()))
         try:
             for pod in pods:
@@ -95,11 +82,9 @@ async def _run(pods: Sequence[PodCapture], socket_path: Path, ready: Path) -> in
             return 3
         listeners = {uid: sorted({n for n, _ in rec.listeners})
                      for uid, rec in link.pods.items()}
-        _write_json(ready, {"enrolled": sorted(cap.enrolled()), "ztunnel": link.ztunnel_pid,
-                            "listeners": listeners, "status": dict(cap.status().detail)})
+        write_json(ready, {"enrolled": sorted(cap.enrolled()), "ztunnel": link.ztunnel_pid,
+                           "listeners": listeners, "status": dict(cap.status().detail)})
         await stop.wait()
-    finally:
-        await link.close()
     return 0
 
 
